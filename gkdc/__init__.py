@@ -1,0 +1,3 @@
+"""gkdc: composition root (CLI) over gkdlang, planner and runtime."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from gkdc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,288 @@
+"""The gkdc command line: check, fmt, plan, graph, run. The composition root over gkdlang, planner, runtime.
+
+``check``, ``fmt``, ``plan`` and ``graph`` import no torch or deepspeed (tests/test_imports.py); ``run``
+imports the runtime lazily. Every user error ends as a message and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from gkdc import __version__
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gkdc", description="A compiler for knowledge-distillation plans.")
+    p.add_argument("--version", action="version", version=f"gkdc {__version__}")
+    sub = p.add_subparsers(dest="command")
+
+    c = sub.add_parser("check", help="parse and check specs against the real architectures")
+    c.add_argument("files", nargs="+", type=Path)
+    c.add_argument("--format", choices=("text", "json", "github"), default="text")
+    c.add_argument("--no-plan", action="store_true", help="skip the memory feasibility check")
+    c.set_defaults(func=cmd_check)
+
+    f = sub.add_parser("fmt", help="format specs canonically")
+    f.add_argument("files", nargs="+", type=Path)
+    f.add_argument("--check", action="store_true", help="exit 1 if a file is not formatted, write nothing")
+    f.add_argument("--stdout", action="store_true", help="print instead of rewriting in place")
+    f.set_defaults(func=cmd_fmt)
+
+    pl = sub.add_parser("plan", help="plan a spec: signal graph, memory, placement, DeepSpeed configs")
+    pl.add_argument("file", type=Path)
+    pl.add_argument("-o", "--output", type=Path, help="write the plan JSON here")
+    pl.add_argument("--explain", action="store_true", help="say why each choice was made")
+    pl.add_argument("--format", choices=("text", "json", "github"), default="text", help="diagnostics format")
+    pl.add_argument("--schema", action="store_true", help="print the plan's JSON Schema and exit")
+    pl.set_defaults(func=cmd_plan)
+
+    g = sub.add_parser("graph", help="write the signal graph as .dot (or .svg/.png with Graphviz)")
+    g.add_argument("file", type=Path)
+    g.add_argument("-o", "--output", type=Path, required=True)
+    g.set_defaults(func=cmd_graph)
+
+    r = sub.add_parser("run", help="execute a plan (or a spec, planning it first) with DeepSpeed")
+    r.add_argument("file", type=Path, help="plan.json or spec.gkd")
+    r.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<spec name>)")
+    r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    r.add_argument("--max-steps", type=int, default=None, help="stop each stage after this many steps (smoke runs)")
+    r.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
+    r.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+# ---------------------------------------------------------------- check / fmt
+
+
+def _emit(diags, sources, fmt: str, stream=sys.stderr) -> None:
+    from gkdlang.diagnostics import render_github, render_json, render_text
+
+    if not diags:
+        return
+    if fmt == "json":
+        print(render_json(diags), file=sys.stdout)
+    elif fmt == "github":
+        print(render_github(diags), file=sys.stdout)
+    else:
+        print(render_text(diags, sources), file=stream)
+
+
+def _display(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def _check_one(path: Path, with_plan: bool):
+    """(diagnostics, sources, spec) for one file, including the planner's feasibility check."""
+    from gkdlang.diagnostics import Diagnostic
+    from gkdlang.lower import check_file
+
+    if not path.is_file():
+        return [Diagnostic("file-not-found", f"no such file: {_display(path)}", None)], {}, None
+    result = check_file(path, display_name=_display(path))
+    diags = list(result.diagnostics)
+    if result.spec is not None and with_plan:
+        plan, plan_diags = _build_plan(result.spec, path)
+        diags.extend(plan_diags)
+        return diags, result.sources, result.spec if not plan_diags else None
+    return diags, result.sources, result.spec
+
+
+def cmd_check(args) -> int:
+    all_diags, sources, failed = [], {}, 0
+    for path in args.files:
+        diags, srcs, spec = _check_one(path, not args.no_plan)
+        sources.update(srcs)
+        all_diags.extend(diags)
+        errors = sum(1 for d in diags if d.severity == "error")
+        failed += errors > 0
+        if args.format == "text":
+            _emit(diags, srcs, "text")
+            status = "ok" if not errors else f"{errors} error{'s' * (errors != 1)}"
+            print(f"{_display(path)}: {status}", file=sys.stderr)
+    if args.format != "text":
+        _emit(all_diags, sources, args.format)
+    return EXIT_ERRORS if failed else EXIT_OK
+
+
+def cmd_fmt(args) -> int:
+    from gkdlang.fmt import format_source
+    from gkdlang.parser import ParseError
+
+    changed = 0
+    for path in args.files:
+        try:
+            text = path.read_text(encoding="utf-8")
+            out = format_source(text, _display(path))
+        except OSError as exc:
+            print(f"{path}: {exc.strerror}", file=sys.stderr)
+            return EXIT_ERRORS
+        except ParseError as exc:
+            _emit([exc.diagnostic], {_display(path): text}, "text")
+            return EXIT_ERRORS
+        if args.stdout:
+            sys.stdout.write(out)
+        elif out != text:
+            changed += 1
+            if args.check:
+                print(f"{_display(path)}: would reformat", file=sys.stderr)
+            else:
+                _atomic_write(path, out)
+    return EXIT_ERRORS if args.check and changed else EXIT_OK
+
+
+# ---------------------------------------------------------------- plan / graph
+
+
+def _build_plan(spec, path: Path):
+    """(plan or None, diagnostics): the planner's failures become diagnostics with the cluster's span."""
+    from gkdlang.diagnostics import Diagnostic
+    from planner.build import PlanFailure, build_plan
+
+    result = build_plan(spec, gkdc_version=__version__, spec_path=str(path))
+    if isinstance(result, PlanFailure):
+        diags = [d if isinstance(d, Diagnostic) else Diagnostic(*d) for d in result.diagnostics]
+        return None, diags
+    return result, []
+
+
+def cmd_plan(args) -> int:
+    if args.schema:
+        from planner.schema import plan_json_schema
+
+        print(json.dumps(plan_json_schema(), indent=2))
+        return EXIT_OK
+    diags, sources, spec = _check_one(args.file, with_plan=False)
+    _emit(diags, sources, args.format)
+    if spec is None:
+        return EXIT_ERRORS
+    plan, plan_diags = _build_plan(spec, args.file.resolve())
+    _emit(plan_diags, sources, args.format)
+    if plan is None:
+        return EXIT_ERRORS
+    from planner.report import render_report
+
+    if args.format == "text":
+        print(render_report(plan, explain=args.explain))
+    if args.output:
+        _atomic_write(args.output, plan.model_dump_json(indent=2) + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_graph(args) -> int:
+    from planner.graph import GraphRenderError, build_graph, render
+
+    diags, sources, spec = _check_one(args.file, with_plan=False)
+    _emit(diags, sources, "text")
+    if spec is None:
+        return EXIT_ERRORS
+    try:
+        render(build_graph(spec), args.output)
+    except GraphRenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    print(f"wrote {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- run
+
+
+def cmd_run(args) -> int:
+    from planner.plan import Plan
+
+    path: Path = args.file
+    if not path.is_file():
+        print(f"error: no such file: {path}", file=sys.stderr)
+        return EXIT_USAGE
+    if path.suffix == ".gkd":
+        diags, sources, spec = _check_one(path, with_plan=False)
+        _emit(diags, sources, "text")
+        if spec is None:
+            return EXIT_ERRORS
+        plan, plan_diags = _build_plan(spec, path.resolve())
+        _emit(plan_diags, sources, "text")
+        if plan is None:
+            return EXIT_ERRORS
+        out = args.out or Path("runs") / path.stem
+        out.mkdir(parents=True, exist_ok=True)
+        plan_path = out / "plan.json"
+        _atomic_write(plan_path, plan.model_dump_json(indent=2) + "\n")
+    else:
+        plan_path = path
+        try:
+            plan = Plan.model_validate_json(path.read_text(encoding="utf-8"))
+        except Exception as exc:  # pydantic / JSON errors: the boundary where they become a message
+            return _plan_load_error(path, exc)
+        out = args.out or Path("runs") / Path(plan.spec_file).stem
+    from runtime.errors import RunError
+    from runtime.launch import run_plan
+
+    try:
+        run_plan(plan, plan_path, out, resume=args.resume, max_steps=args.max_steps,
+                 trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                 progress=not args.no_progress)
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    return EXIT_OK
+
+
+def _plan_load_error(path: Path, exc: Exception) -> int:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as jexc:
+        print(f"error: {path} is not a plan (invalid JSON: {jexc})", file=sys.stderr)
+        return EXIT_ERRORS
+    from planner.plan import PLAN_SCHEMA_VERSION
+
+    version = raw.get("plan_schema_version") if isinstance(raw, dict) else None
+    if version != PLAN_SCHEMA_VERSION:
+        print(f"error: {path} has plan schema version {version!r}; this gkdc reads version {PLAN_SCHEMA_VERSION}. "
+              "Re-plan the spec with this gkdc.", file=sys.stderr)
+        return EXIT_ERRORS
+    errors = getattr(exc, "errors", lambda: [])()
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:3]) or str(exc)
+    print(f"error: {path} is not a valid plan: {detail}", file=sys.stderr)
+    return EXIT_ERRORS
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so an interrupted write never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

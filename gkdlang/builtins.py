@@ -1,0 +1,120 @@
+"""The language's vocabulary: signals, losses, transforms, layer maps, schedules, masks, and block keys.
+
+Explicit ``name -> spec`` tables with did-you-mean lookup; lower.py interprets them, docs/language.md
+documents them (and a test checks that every name here appears in the docs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: signal attribute -> (layered, description)
+SIGNALS: dict[str, tuple[bool, str]] = {
+    "logits": (False, "LM head output [b, s, vocab]"),
+    "task_logits": (False, "classification head output [b, classes] (needs `head: classify(n)`)"),
+    "embeddings": (False, "embedding output [b, s, hidden]"),
+    "hidden": (True, "output of block i [b, s, hidden]"),
+    "attn_scores": (True, "pre-softmax attention scores of block i [b, heads, s, s]"),
+    "attn_probs": (True, "attention probabilities of block i [b, heads, s, s]"),
+    "query": (True, "query projection of block i [b, s, heads*head_dim]"),
+    "key": (True, "key projection of block i [b, s, kv_heads*head_dim]"),
+    "value": (True, "value projection of block i [b, s, kv_heads*head_dim]"),
+    "ffn": (True, "feed-forward inner activation of block i [b, s, intermediate]"),
+    "cls": (True, "hidden state of block i at position 0 [b, hidden] (sugar for pool(hidden[i], cls))"),
+}
+
+#: data targets usable as bare names in loss expressions
+TARGETS: dict[str, str] = {
+    "labels": "the task label column of the stage's data [b]",
+    "tokens": "next-token targets (causal LM) or masked-token targets (masked LM) [b, s]",
+}
+
+
+@dataclass(frozen=True)
+class LossDef:
+    options: dict[str, str]
+    """keyword -> kind of value: "schedule", "number", "bool", "int"."""
+    accepts: frozenset[str]
+    """Feature kinds the loss compares."""
+    doc: str
+
+
+_SHAPES = frozenset({"hidden", "qkv", "ffn", "pooled", "attn", "relation", "logits", "task_logits"})
+_DISTS = frozenset({"logits", "task_logits", "attn", "relation"})
+
+LOSSES: dict[str, LossDef] = {
+    "kl": LossDef({"T": "schedule", "scale_t2": "bool", "reverse": "bool"}, _DISTS,
+                  "KL(teacher || student) of softmax(x / T), times T^2 unless scale_t2: false"),
+    "soft_ce": LossDef({"T": "schedule", "scale_t2": "bool"}, _DISTS,
+                       "cross-entropy of the student's softmax(x/T) against the teacher's soft targets"),
+    "jsd": LossDef({"T": "schedule"}, _DISTS, "Jensen-Shannon divergence of the two softmax(x/T)"),
+    "ce": LossDef({}, frozenset({"labels", "tokens"}), "hard cross-entropy against data labels or tokens"),
+    "mse": LossDef({}, _SHAPES, "mean squared error"),
+    "sse": LossDef({}, _SHAPES, "sum of squared errors over the feature dim, mean over positions"),
+    "smooth_l1": LossDef({"beta": "number"}, _SHAPES, "smooth L1 (Huber) loss"),
+    "cos": LossDef({}, _SHAPES, "1 - cosine similarity along the feature dim"),
+    "hinge_mse": LossDef({"margin": "number"}, _SHAPES, "MSE ignoring errors below a margin (Continuation-KD)"),
+    "nce": LossDef({"tau": "number"}, frozenset({"pooled", "hidden"}),
+                   "contrastive InfoNCE across the batch: the teacher vector of the same example is the positive"),
+    "distance": LossDef({"window": "int"}, frozenset({"hidden", "pooled"}),
+                        "smooth L1 between normalised pairwise-distance matrices (CKD / MGSKD relations)"),
+    "angle": LossDef({"window": "int"}, frozenset({"hidden", "pooled"}),
+                     "smooth L1 between triplet-angle tensors within a window (CKD / MGSKD relations)"),
+}
+
+#: losses whose two sides may be distributions given as probabilities
+DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd"})
+
+#: transform -> options (keyword -> kind)
+TRANSFORMS: dict[str, dict[str, str]] = {
+    "project": {"to": "model", "dim": "int", "shared": "bool"},
+    "relation": {"heads": "int"},
+    "pool": {"how": "symbol"},
+    "normalize": {},
+    "select": {"vocab": "name"},
+    "concat": {},
+    "mean": {},
+    "attend": {},
+    "anneal": {"phi": "schedule"},
+}
+
+POOLS = ("mean", "cls", "max")
+
+#: layer maps: student block j -> teacher block
+LAYER_MAPS: dict[str, str] = {
+    "uniform": "j -> (j+1)*k - 1 with k = teacher_layers / student_layers (TinyBERT)",
+    "skip": "like uniform without the student's last block (PKD-skip)",
+    "last": "j -> teacher_layers - student_layers + j (PKD-last)",
+    "first": "j -> j",
+    "pairs": "explicit pairs: pairs((s0, t0), (s1, t1), ...)",
+}
+
+SCHEDULES = ("linear", "cosine", "step")
+MASKS = ("pad", "masked", "cls", "special")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
+DATA_FORMATS = ("text", "jsonl", "json", "parquet", "csv")
+DTYPES = ("fp32", "bf16", "fp16")
+
+#: interventions (runtime behaviour beyond signals and losses) -> options
+INTERVENTIONS: dict[str, dict[str, str]] = {}
+
+#: block keys per declaration kind -> what the value must be
+MODEL_KEYS = {
+    "layers": "int", "hidden": "int", "heads": "int", "kv_heads": "int", "intermediate": "int", "vocab": "int",
+    "embedding_size": "int", "max_positions": "int", "dtype": "symbol", "frozen": "bool", "init": "init",
+    "head": "head",
+}
+DATA_KEYS = {"seq_len": "int", "text": "column", "pair": "column", "label": "column", "split": "fraction"}
+VOCAB_KEYS = {"keep": "keep", "rank": "rank", "protect": "strings", "remap": "remap", "multiple": "int"}
+STAGE_KEYS = {
+    "data": "data", "steps": "int", "epochs": "number", "batch": "int", "micro_batch": "int", "seq_len": "int",
+    "optimizer": "optimizer", "schedule": "lr_schedule", "loss": "objective", "activation_checkpointing": "bool",
+    "eval_every": "int", "save_every": "int",
+}
+CLUSTER_KEYS = {
+    "gpus": "gpus", "gpu": "string", "nodes": "int", "cpu_memory": "bytes", "nvme": "bytes",
+    "gpu_memory": "bytes", "precision": "symbol",
+}
+OPTIMIZER_KEYS = {"lr": "number", "betas": "pair", "eps": "number", "weight_decay": "number"}
+LR_SCHEDULE_KEYS = {"warmup": "fraction", "min_lr": "number"}

@@ -1,0 +1,190 @@
+"""Diagnostics: the code registry, a collector shared by all phases, and text/json/github renderers.
+
+Every message a user can get from ``gkdc check`` or ``gkdc plan`` has a kebab-case code registered in
+``CODES`` (the docs table in docs/diagnostics.md is generated from it and tested against it). Phases report
+``(code, span, message, hint)`` and go on; only syntax errors stop a phase.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+from gkdlang.spec import Span
+
+Severity = Literal["error", "warning", "note"]
+
+#: code -> (severity, one-line description for the docs)
+CODES: dict[str, tuple[Severity, str]] = {
+    # files and syntax
+    "file-not-found": ("error", "A spec file that does not exist or cannot be read."),
+    "syntax-unexpected-token": ("error", "A token that cannot appear here; the message lists what was expected."),
+    "syntax-unexpected-char": ("error", "A character that starts no token of the language."),
+    "syntax-unexpected-eof": ("error", "The file ends inside a declaration (an unclosed brace or bracket)."),
+    "bad-number": ("error", "A number with a unit that does not fit where it is used (e.g. `40GB` as a step count)."),
+    "bad-string": ("error", "A string literal with an invalid escape."),
+    # names
+    "unknown-name": ("error", "A name that is not a declared model, data source, constant or parameter."),
+    "unknown-model": ("error", "A model name that no `teacher`/`student` declaration defines."),
+    "unknown-data": ("error", "A data source name that no `data` declaration defines."),
+    "unknown-stage": ("error", "A stage named in `after` that does not exist."),
+    "unknown-method": ("error", "A method that neither the spec nor a `use`d library defines."),
+    "unknown-function": ("error", "A function name the language does not provide."),
+    "unknown-signal": ("error", "A signal name that models do not have (e.g. `hiddens`)."),
+    "unknown-option": ("error", "A block key or keyword argument that the construct does not take."),
+    "unknown-library": ("error", "A `use`d library that gkdc's standard library does not contain."),
+    "unknown-mask": ("error", "A `where` mask that is not one of pad, masked, cls, special."),
+    "duplicate-definition": ("error", "Two declarations with the same name."),
+    "duplicate-option": ("error", "The same key twice in one block or call."),
+    "unused-definition": ("warning", "A model or data source declared but never used."),
+    # models
+    "model-source": ("error", "A model source that is neither a local directory with config.json nor a catalog model."),
+    "bad-config": ("error", "A config.json gkdc cannot read (invalid JSON or unsupported architecture)."),
+    "bad-override": ("error", "A derived model whose overrides are inconsistent (e.g. hidden not divisible by heads)."),
+    "no-student": ("error", "The spec declares no student model."),
+    "missing-option": ("error", "A required key is missing from a block (e.g. a stage without `data` or `loss`)."),
+    "conflicting-options": ("error", "Keys that exclude each other (e.g. both `steps` and `epochs`)."),
+    "bad-value": ("error", "A value of the right type outside its valid range."),
+    "type-mismatch": ("error", "A value of the wrong kind (e.g. a number where a signal is expected)."),
+    "bad-arity": ("error", "A call with missing or extra positional arguments."),
+    # signals, shapes, losses
+    "layer-out-of-range": ("error", "A layer index beyond the real architecture's layer count."),
+    "bad-index": ("error", "An index that is not an integer, a slice with step 0, or an index on a non-layered signal."),
+    "dim-mismatch": ("error", "Two sides of a loss with different widths and no projection."),
+    "head-mismatch": ("error", "Attention maps compared across different head counts with no head map."),
+    "vocab-mismatch": ("error", "Logits over different vocabularies compared with no vocabulary map."),
+    "shape-mismatch": ("error", "Two sides of a loss of different signal kinds (e.g. hidden states vs logits)."),
+    "layer-count-mismatch": ("error", "Layer lists of different lengths paired with no layer map."),
+    "bad-layer-map": ("error", "A layer map that cannot pair the two models (e.g. a teacher shallower than its student)."),
+    "relation-heads": ("error", "A relation head count that does not divide the signal's width."),
+    "no-gradient": ("error", "A loss term with no student signal: it cannot train anything."),
+    "no-teacher-signal": ("warning", "A loss term reading no teacher signal (a plain supervised term)."),
+    "bad-temperature": ("error", "A temperature that is zero or negative."),
+    "negative-weight": ("error", "A loss weight below zero."),
+    "bad-weight": ("error", "A weight expression gkdc cannot represent (e.g. a schedule times a schedule)."),
+    "no-labels": ("error", "A loss on `labels` in a stage whose data has no label column."),
+    "no-task-head": ("error", "`task_logits` of a model without a classification head."),
+    "method-recursion": ("error", "A method that calls itself."),
+    # vocab, stages, cluster
+    "vocab-too-large": ("error", "A vocabulary keep larger than the model's vocabulary."),
+    "vocab-target": ("error", "Vocabulary compression declared for a model that is not a student."),
+    "stage-cycle": ("error", "Stages whose `after` dependencies form a cycle."),
+    "no-stages": ("error", "The spec declares no stage."),
+    "bad-duration": ("error", "A stage with neither `steps` nor `epochs`, or a non-positive duration."),
+    "incompatible-methods": ("error", "Methods or options that cannot run together (named in the message)."),
+    "data-not-found": ("warning", "A data path that matches no file at check time (it must exist before `gkdc run`)."),
+    "unknown-gpu": ("error", "A device name that the hardware catalog does not contain."),
+    "plan-infeasible": ("error", "No placement fits the cluster's memory; the message shows the best attempt per rank."),
+}
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    code: str
+    message: str
+    span: Span | None
+    hint: str | None = None
+    related: tuple[tuple[Span, str], ...] = ()
+    """Other positions worth showing (e.g. the other side of a mismatched loss)."""
+
+    @property
+    def severity(self) -> Severity:
+        return CODES[self.code][0]
+
+
+@dataclass
+class Collector:
+    """Collects diagnostics from every phase; never raises."""
+
+    items: list[Diagnostic] = field(default_factory=list)
+
+    def report(self, code: str, span: Span | None, message: str, hint: str | None = None,
+               related: Iterable[tuple[Span, str]] = ()) -> None:
+        if code not in CODES:  # a programming error, not a user error
+            raise KeyError(f"unregistered diagnostic code {code!r}")
+        self.items.append(Diagnostic(code, message, span, hint, tuple(related)))
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.items if d.severity == "error"]
+
+    def has_errors(self) -> bool:
+        return any(d.severity == "error" for d in self.items)
+
+    def sorted(self) -> list[Diagnostic]:
+        def key(d: Diagnostic):
+            s = d.span
+            return (s.file, s.line, s.col) if s else ("", 0, 0)
+
+        return sorted(self.items, key=key)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    """``"did you mean 'x'?"`` for the closest candidate, or None."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"did you mean '{matches[0]}'?" if matches else None
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render_text(diags: Iterable[Diagnostic], sources: dict[str, str]) -> str:
+    """``file:line:col: error: message  [code]`` with the source line, a caret and the hint."""
+    out: list[str] = []
+    for d in diags:
+        s = d.span
+        where = f"{s.file}:{s.line}:{s.col}: " if s else ""
+        out.append(f"{where}{d.severity}: {d.message}  [{d.code}]")
+        if s is not None:
+            out.extend(_excerpt(s, sources.get(s.file)))
+        for rel_span, rel_msg in d.related:
+            out.append(f"  {rel_span.file}:{rel_span.line}:{rel_span.col}: note: {rel_msg}")
+            out.extend(_excerpt(rel_span, sources.get(rel_span.file)))
+        if d.hint:
+            out.append(f"  = help: {d.hint}")
+    return "\n".join(out)
+
+
+def _excerpt(span: Span, text: str | None) -> list[str]:
+    if text is None:
+        return []
+    lines = text.splitlines()
+    if not 1 <= span.line <= len(lines):
+        return []
+    line = lines[span.line - 1].replace("\t", " ")
+    width = span.end_col - span.col if span.end_line == span.line else len(line) - span.col + 1
+    gutter = f"{span.line:>4} | "
+    return [gutter + line, " " * (len(gutter) + span.col - 1) + "^" * max(1, width)]
+
+
+def to_json(diags: Iterable[Diagnostic]) -> list[dict]:
+    out = []
+    for d in diags:
+        item = {"code": d.code, "severity": d.severity, "message": d.message, "hint": d.hint}
+        if d.span is not None:
+            item.update(file=d.span.file, line=d.span.line, col=d.span.col,
+                        end_line=d.span.end_line, end_col=d.span.end_col)
+        item["related"] = [{"file": s.file, "line": s.line, "col": s.col, "message": m} for s, m in d.related]
+        out.append(item)
+    return out
+
+
+def render_json(diags: Iterable[Diagnostic]) -> str:
+    return json.dumps(to_json(diags), indent=2)
+
+
+def render_github(diags: Iterable[Diagnostic]) -> str:
+    """GitHub Actions workflow commands: ``::error file=F,line=L,col=C,title=code::message``."""
+    out = []
+    for d in diags:
+        level = {"error": "error", "warning": "warning", "note": "notice"}[d.severity]
+        msg = d.message + (f" ({d.hint})" if d.hint else "")
+        msg = msg.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        if d.span:
+            out.append(f"::{level} file={d.span.file},line={d.span.line},col={d.span.col},"
+                       f"endLine={d.span.end_line},endColumn={d.span.end_col},title={d.code}::{msg}")
+        else:
+            out.append(f"::{level} title={d.code}::{msg}")
+    return "\n".join(out)

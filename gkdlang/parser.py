@@ -1,0 +1,284 @@
+"""Text -> AST. The one boundary where lark's exceptions become ``syntax-*`` diagnostics."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import lark
+from lark import Lark, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
+
+from gkdlang import ast
+from gkdlang.diagnostics import Diagnostic
+from gkdlang.spec import Span
+
+GRAMMAR = Path(__file__).with_name("grammar.lark")
+
+
+class ParseError(Exception):
+    """A syntax error; carries exactly one diagnostic (parsing stops at the first syntax error)."""
+
+    def __init__(self, diagnostic: Diagnostic):
+        super().__init__(diagnostic.message)
+        self.diagnostic = diagnostic
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    # cache=True stores the LALR tables on disk: `gkdc check` then starts in milliseconds
+    return Lark(GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True,
+                cache=True)
+
+
+def parse(text: str, file: str = "<input>") -> ast.Module:
+    """Parse a whole .gkd text; raises ParseError with a positioned diagnostic."""
+    try:
+        tree = _parser().parse(text)
+    except (UnexpectedCharacters, UnexpectedToken, UnexpectedEOF) as exc:
+        raise ParseError(_syntax_diagnostic(exc, text, file)) from None
+    try:
+        return _ToAst(file).transform(tree)
+    except VisitError as exc:  # raised inside a transformer method: unwrap lark's wrapper
+        if isinstance(exc.orig_exc, ParseError):
+            raise exc.orig_exc from None
+        raise
+
+
+def parse_file(path: str | Path) -> ast.Module:
+    path = Path(path)
+    return parse(path.read_text(encoding="utf-8"), str(path))
+
+
+# ---------------------------------------------------------------- lark tree -> AST
+
+
+def _span(file: str, meta) -> Span:
+    if getattr(meta, "empty", True):
+        return Span(file=file, line=1, col=1, end_line=1, end_col=1)
+    return Span(file=file, line=meta.line, col=meta.column, end_line=meta.end_line, end_col=meta.end_column)
+
+
+def _tok_span(file: str, tok: lark.Token) -> Span:
+    return Span(file=file, line=tok.line, col=tok.column, end_line=tok.end_line, end_col=tok.end_column)
+
+
+_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    """Builds AST nodes bottom-up; every span comes from ``self.s(meta)``."""
+
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
+    def s(self, meta) -> Span:
+        return _span(self.file, meta)
+
+    # declarations
+    def start(self, meta, decls):
+        return ast.Module(self.s(meta), tuple(decls), self.file)
+
+    def use_decl(self, meta, paths):
+        return ast.Use(self.s(meta), tuple(paths))
+
+    def dotted(self, meta, idents):
+        return tuple(idents)
+
+    def role(self, meta, toks):
+        return str(toks[0])
+
+    def model_decl(self, meta, c):
+        return ast.ModelDecl(self.s(meta), c[0], c[1], c[2], c[3])
+
+    def data_decl(self, meta, c):
+        return ast.DataDecl(self.s(meta), c[0], c[1], c[2])
+
+    def vocab_decl(self, meta, c):
+        return ast.VocabDecl(self.s(meta), c[0], c[1], c[2])
+
+    def method_decl(self, meta, c):
+        name, *params, body = c
+        return ast.MethodDecl(self.s(meta), name, tuple(p for p in params if p is not None), body)
+
+    def param(self, meta, c):
+        return ast.Param(self.s(meta), c[0], c[1])
+
+    def stage_decl(self, meta, c):
+        return ast.StageDecl(self.s(meta), c[0], c[1] or (), c[2])
+
+    def after(self, meta, idents):
+        return tuple(idents)
+
+    def cluster_decl(self, meta, c):
+        return ast.ClusterDecl(self.s(meta), c[0])
+
+    def let_decl(self, meta, c):
+        return ast.LetDecl(self.s(meta), c[0], c[1])
+
+    def block(self, meta, entries):
+        return ast.Block(self.s(meta), tuple(entries))
+
+    def entry(self, meta, c):
+        return ast.Entry(self.s(meta), c[0], c[1])
+
+    def ident(self, meta, toks):
+        return ast.Ident(_tok_span(self.file, toks[0]), str(toks[0]))
+
+    # expressions
+    def number(self, meta, toks):
+        return ast.Number(self.s(meta), str(toks[0]))
+
+    def string(self, meta, toks):
+        raw = str(toks[0])[1:-1]
+
+        def unescape(m: re.Match) -> str:
+            ch = m.group(1)
+            if ch not in _ESCAPES:
+                span = _tok_span(self.file, toks[0])
+                raise ParseError(Diagnostic("bad-string", f"invalid escape '\\{ch}' in string", span,
+                                            'use \\n, \\t, \\" or \\\\'))
+            return _ESCAPES[ch]
+
+        return ast.String(self.s(meta), re.sub(r"\\(.)", unescape, raw))
+
+    def hwspec(self, meta, toks):
+        count, device = re.fullmatch(r"(\d+)\s*x\s*(.+)", str(toks[0])).groups()
+        return ast.HwSpec(self.s(meta), int(count), device)
+
+    def true(self, meta, _):
+        return ast.Bool(self.s(meta), True)
+
+    def false(self, meta, _):
+        return ast.Bool(self.s(meta), False)
+
+    def name(self, meta, c):
+        return ast.Name(self.s(meta), c[0].name)
+
+    def attr(self, meta, c):
+        return ast.Attr(self.s(meta), c[0], c[1])
+
+    def index(self, meta, c):
+        items = c[1] if isinstance(c[1], tuple) else (c[1],)
+        return ast.Index(self.s(meta), c[0], items)
+
+    def index_list(self, meta, c):
+        return tuple(c)
+
+    def star(self, meta, toks):
+        return ast.Star(self.s(meta))
+
+    def slice(self, meta, c):
+        return ast.Slice(self.s(meta), c[0], c[1], c[2])
+
+    def call(self, meta, c):
+        func, *args = c
+        args = [a for a in args if a is not None]
+        pos = tuple(a for a in args if not isinstance(a, ast.Kwarg))
+        kws = tuple(a for a in args if isinstance(a, ast.Kwarg))
+        return ast.Call(self.s(meta), func, pos, kws)
+
+    def kwarg(self, meta, c):
+        return ast.Kwarg(self.s(meta), c[0], c[1])
+
+    def _bin(op):  # noqa: N805 - helper building binary-operator methods
+        def method(self, meta, c):
+            return ast.BinOp(self.s(meta), op, c[0], c[1])
+
+        return method
+
+    add, sub, mul, div, pow = _bin("+"), _bin("-"), _bin("*"), _bin("/"), _bin("^")
+
+    def neg(self, meta, c):
+        return ast.Neg(self.s(meta), c[0])
+
+    def tuple(self, meta, c):
+        return ast.Tuple(self.s(meta), tuple(x for x in c if x is not None))
+
+    def list(self, meta, c):
+        return ast.List(self.s(meta), tuple(x for x in c if x is not None))
+
+    def where(self, meta, c):
+        return ast.Where(self.s(meta), c[0], c[1])
+
+    def mask(self, meta, atoms):
+        return tuple(atoms)
+
+    def mask_atom(self, meta, c):
+        return ast.MaskAtom(self.s(meta), c[0] is not None, c[1])
+
+
+# ---------------------------------------------------------------- syntax errors
+
+_READABLE = {
+    "$END": "end of file", "NAME": "name", "NUMBER": "number", "STRING": "string",
+    "HWSPEC": "device spec (8 x A100-40GB)", "STAR": "'*'",
+}
+
+
+def _readable(terminal: str) -> str:
+    if terminal in _READABLE:
+        return _READABLE[terminal]
+    try:
+        pattern = _parser().get_terminal(terminal).pattern
+    except KeyError:
+        return terminal
+    if isinstance(pattern, lark.lexer.PatternStr):
+        return f"'{pattern.value}'"
+    return terminal.lower()
+
+
+def _expected(names) -> str:
+    names = set(names)
+    if {"NUMBER", "STRING", "NAME"} <= names:
+        return "an expression"
+    if {"TEACHER", "STAGE"} <= names:
+        return "a declaration (use, teacher, student, data, vocab, method, stage, cluster, let)"
+    items = sorted({_readable(n) for n in names})
+    if len(items) > 8:
+        items = items[:8] + ["..."]
+    return ", ".join(items)
+
+
+def _syntax_diagnostic(exc: Exception, text: str, file: str) -> Diagnostic:
+    if isinstance(exc, UnexpectedToken) and exc.token.type == "$END" or isinstance(exc, UnexpectedEOF):
+        lines = text.splitlines() or [""]
+        line, col = len(lines), len(lines[-1]) + 1
+        span = Span(file=file, line=line, col=col, end_line=line, end_col=col + 1)
+        expected = getattr(exc, "expected", None) or []
+        return Diagnostic("syntax-unexpected-eof", f"unexpected end of file; expected {_expected(expected)}", span,
+                          "check for an unclosed '{', '(' or '['")
+    if isinstance(exc, UnexpectedToken):
+        tok = exc.token
+        if exc.interactive_parser is not None:  # exact set: LALR state merging over-approximates exc.expected
+            try:
+                exc.expected = exc.interactive_parser.accepts() or exc.expected
+            except Exception:  # noqa: BLE001 - fall back to lark's approximate set
+                pass
+        span = _tok_span(file, tok)
+        what = _readable(tok.type)
+        if not what.startswith("'"):
+            what += " '" + str(tok).replace("\n", "\\n") + "'"
+        return Diagnostic("syntax-unexpected-token",
+                          f"unexpected {what}; expected {_expected(exc.expected)}", span,
+                          _token_hint(tok, exc.expected))
+    assert isinstance(exc, UnexpectedCharacters)
+    ch = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else ""
+    span = Span(file=file, line=exc.line, col=exc.column, end_line=exc.line, end_col=exc.column + 1)
+    hint = "strings use double quotes" if ch == "'" else None
+    if ch == '"':
+        return Diagnostic("syntax-unexpected-char", "unterminated string", span, "close it with '\"' on the same line")
+    return Diagnostic("syntax-unexpected-char", f"unexpected character {ch!r}", span, hint)
+
+
+def _token_hint(tok: lark.Token, expected) -> str | None:
+    if "COLON" in expected and len(expected) <= 2:
+        return "a block entry is written 'key: value'"
+    if "EQUAL" in expected and len(expected) <= 2:
+        return "a declaration is written 'teacher name = hf(\"...\")'"
+    if "RBRACE" in expected:
+        return "check for a missing '}'"
+    return None

@@ -1,0 +1,120 @@
+"""The Plan: a complete, self-describing runtime artifact (pydantic, JSON), the planner's only output.
+
+``gkdc run`` reads nothing but this. It embeds the checked Spec, so the runtime never re-parses the
+language; it adds what the planner decided: signals to capture per model and stage, placement,
+predicted memory per rank, DeepSpeed configs and the launch command.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gkdlang.spec import Spec
+
+PLAN_SCHEMA_VERSION = 1
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CapturePoint(Frozen):
+    """One signal the runtime must capture on one model: kind and block index."""
+
+    kind: str
+    layer: int | None = None
+
+
+class ModelCapture(Frozen):
+    """What one model computes in one stage."""
+
+    model: str
+    points: list[CapturePoint]
+    stop_after_layer: int | None
+    """Deepest block needed; the forward stops after it. None = run the whole model."""
+    needs_head: bool
+    """Whether the LM / task head must run (logits needed)."""
+    eager_attention_layers: list[int] = Field(default_factory=list)
+    """Blocks that must materialise attention probabilities (no fused kernel)."""
+
+
+class MemoryItem(Frozen):
+    name: str
+    """e.g. ``student.params``, ``teacher:glm.weights``, ``activations``, ``logits.teacher``."""
+    bytes: int
+    device: Literal["gpu", "cpu", "nvme"] = "gpu"
+    note: str = ""
+
+
+class RankMemory(Frozen):
+    rank: int
+    items: list[MemoryItem]
+    total_gpu: int
+    total_cpu: int
+    capacity_gpu: int
+    headroom: float
+    """1 - total_gpu / capacity_gpu."""
+
+
+class Placement(Frozen):
+    teacher_strategy: dict[str, Literal["replicated", "sharded", "cpu_offload", "nvme_offload", "separate", "offline"]]
+    zero_stage: Literal[0, 1, 2, 3]
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    micro_batch: int
+    grad_accum: int
+    activation_checkpointing: bool
+    precision: Literal["fp32", "bf16", "fp16"]
+
+
+class Candidate(Frozen):
+    """A placement the search considered."""
+
+    placement: Placement
+    fits: bool
+    peak_gpu: int
+    step_time_s: float
+    reason: str
+    """Why it lost (or ``chosen``)."""
+
+
+class StagePlan(Frozen):
+    name: str
+    captures: list[ModelCapture]
+    placement: Placement
+    memory: list[RankMemory]
+    """Predicted memory per rank (ranks with identical figures may be listed once with rank=0)."""
+    step_time_s: float
+    step_time_parts: dict[str, float] = Field(default_factory=dict)
+    total_steps: int
+    alternatives: list[Candidate] = Field(default_factory=list)
+    deepspeed_config: dict[str, Any]
+    """Config passed to ``deepspeed.initialize`` for the student."""
+    teacher_configs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """DeepSpeed config per teacher that runs as an engine (sharded / offloaded); empty for plain replicas."""
+
+
+class ResolvedModel(Frozen):
+    name: str
+    role: str
+    family: str
+    parameters: int
+    """Exact parameter count of the model as built."""
+    trainable_parameters: int
+
+
+class Plan(Frozen):
+    plan_schema_version: int = PLAN_SCHEMA_VERSION
+    gkdc_version: str
+    spec_hash: str
+    spec_file: str
+    spec: Spec
+    models: list[ResolvedModel]
+    stages: list[StagePlan]
+    world_size: int
+    launch: list[str]
+    """argv of the launch command (``deepspeed --num_gpus N ...`` or in-process ``gkdc run``)."""
+    hostfile: str | None = None
+    notes: list[str] = Field(default_factory=list)

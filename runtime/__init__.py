@@ -1,0 +1,1 @@
+"""runtime: executes a Plan with DeepSpeed (models, hooks, losses, stages, checkpoints)."""

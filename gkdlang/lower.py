@@ -572,10 +572,12 @@ class _Lowerer:
                 if side.feat.kind == "labels" and not has_labels:
                     raise self.err("no-labels", side.span, f"loss reads labels but data '{data}' has no label "
                                    "column", "add `label: <column>` to the data block")
-            if term.pred.model and term.pred.model not in students:
-                students.append(term.pred.model)
-            if term.target.model and term.target.model not in teachers:
-                teachers.append(term.target.model)
+            for m in _node_models(term.pred.node):
+                if m not in students:
+                    students.append(m)
+            for m in _node_models(term.target.node):
+                if m not in teachers:
+                    teachers.append(m)
             base = f"{term.method + '/' if term.method else ''}{term.fn}[{_describe(term.pred)}<-{_describe(term.target)}]"
             n = ids.get(base, 0)
             ids[base] = n + 1
@@ -1409,6 +1411,16 @@ class _Lowerer:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _node_models(node) -> list[str]:
+    """Models whose signals a node tree reads, in first-use order."""
+    if isinstance(node, SignalNode):
+        return [node.model] if node.model else []
+    out: list[str] = []
+    for child in node.inputs:
+        out.extend(m for m in _node_models(child) if m not in out)
+    return out
 
 
 def _group(kind: str) -> str:

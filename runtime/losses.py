@@ -1,0 +1,615 @@
+"""Loss kernels: (target, pred, mask, options) -> 0-dim fp32 tensor, registered by name in ``LOSSES``.
+
+Every kernel has the signature ``fn(target, pred, *, mask=None, **options)``. ``target`` is the teacher side
+(or the data targets) and is always detached: gradients reach ``pred`` only. ``mask`` is a bool tensor over
+positions (``[b, s]`` for token signals, ``[b]`` for per-example ones) selecting the positions that count;
+for attention-shaped ``[b, H, s, s]`` inputs a ``[b, s]`` mask selects query rows of every head, and the
+``key_mask`` option (``[b, s]``, True = real token) excludes padded keys. All arithmetic is done in fp32,
+whatever the input dtype (bf16 logits over a large vocabulary lose too much in a bf16 softmax).
+
+Reductions (a "row" is one position: one token of ``[b, s, x]``, one example of ``[b, x]``, one
+(example, head, query) of ``[b, H, s, s]``):
+
+- distribution losses (``kl``, ``soft_ce``, ``jsd``, ``sparse_kl``): sum over the last dim, mean over rows;
+- element losses (``mse``, ``smooth_l1``, ``hinge_mse``): mean over selected elements;
+- ``sse``: sum over the last dim, mean over rows (per-example SSE, independent of batch size);
+- ``cos``: mean over rows of ``1 - cos``; ``ce``: mean over rows whose target is not ``ignore_index``;
+- ``nce``: mean over anchors; ``distance`` / ``angle``: mean over selected pairs / triplets.
+
+A mask that selects nothing gives a zero loss that is still connected to ``pred`` (no NaN).
+``topk_compress`` / ``sparse_kl`` let a teacher's logits be stored as top-k probabilities plus a tail.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from runtime.errors import RunError
+
+LossFn = Callable[..., Tensor]
+
+_NEG = torch.finfo(torch.float32).min
+"""Finite stand-in for -inf on masked logits, so a row whose keys are all masked stays finite."""
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _shape(t: Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _same_shape(name: str, target: Tensor, pred: Tensor) -> None:
+    if target.shape != pred.shape:
+        raise RunError(f"{name}: target shape {_shape(target)} and pred shape {_shape(pred)} differ")
+
+
+def _f32(target: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
+    """Detached fp32 target, fp32 pred (gradients reach pred only)."""
+    return target.detach().float(), pred.float()
+
+
+def _row_mask(name: str, mask: Tensor | None, rows: torch.Size) -> Tensor | None:
+    """The position mask as a bool tensor of shape ``rows`` (None = every row counts)."""
+    if mask is None:
+        return None
+    mask = mask.to(torch.bool)
+    if mask.shape == rows:
+        return mask
+    if len(rows) == 3 and mask.shape == (rows[0], rows[2]):  # [b, s] over [b, H, s] query rows
+        return mask[:, None, :].expand(rows)
+    raise RunError(f"{name}: mask shape {_shape(mask)} does not fit positions {list(rows)}")
+
+
+def _key_mask(name: str, key_mask: Tensor | None, shape: torch.Size) -> Tensor | None:
+    """A ``[b, s]`` key mask broadcast over an attention-shaped ``[b, H, s, s]`` tensor."""
+    if key_mask is None:
+        return None
+    if len(shape) != 4 or key_mask.shape != (shape[0], shape[3]):
+        raise RunError(
+            f"{name}: key_mask shape {_shape(key_mask)} needs an attention-shaped [b, H, s, s] input "
+            f"with matching b and s, got {list(shape)}"
+        )
+    return key_mask.to(torch.bool)[:, None, None, :]
+
+
+def _masked_mean(values: Tensor, keep: Tensor | None) -> Tensor:
+    """Mean of ``values`` where ``keep``; zero (still connected to the graph) when nothing is kept."""
+    if keep is None:
+        return values.mean() if values.numel() else values.sum()
+    keep = keep.expand_as(values)
+    total = torch.where(keep, values, values.new_zeros(())).sum()
+    return total / keep.sum().clamp_min(1)
+
+
+def _check_choice(name: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise RunError(f"{name}: option {key}={value!r} is not one of {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------- distributions
+
+
+def _log_dist(name: str, x: Tensor, inputs: str, T: float, keys: Tensor | None) -> Tensor:
+    """Log-probabilities over the last dim from logits (with temperature), probs or log-probs."""
+    _check_choice(name, "inputs", inputs, ("logits", "probs", "log_probs"))
+    if T <= 0:
+        raise RunError(f"{name}: option T must be > 0, got {T}")
+    if inputs != "logits" and T != 1:
+        raise RunError(f"{name}: option T={T} applies to inputs='logits' only (inputs={inputs!r})")
+    if inputs == "logits":
+        x = x / T
+        if keys is not None:
+            x = x.masked_fill(~keys, _NEG)
+        return F.log_softmax(x, dim=-1)
+    # clamps keep log(0) and -inf finite: their gradients would otherwise turn 0 * inf into NaN
+    if inputs == "probs":
+        return x.clamp_min(torch.finfo(torch.float32).tiny).log()
+    return x.clamp_min(_NEG)
+
+
+def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Elementwise p * (log p - log q), with 0 where p == 0 (so padded keys with p = q = 0 add nothing)."""
+    p = log_p.exp()
+    live, zero = p > 0, p.new_zeros(())
+    # the inner wheres keep the discarded branch finite, so its (zero) gradient is not 0 * inf
+    return torch.where(live, p * (torch.where(live, log_p, zero) - torch.where(live, log_q, zero)), zero)
+
+
+def _row_reduce(terms: Tensor, keys: Tensor | None, rows: Tensor | None) -> Tensor:
+    if keys is not None:
+        terms = torch.where(keys, terms, terms.new_zeros(()))
+    return _masked_mean(terms.sum(-1), rows)
+
+
+def kl(
+    target: Tensor,
+    pred: Tensor,
+    *,
+    mask: Tensor | None = None,
+    T: float = 1.0,
+    scale_t2: bool = True,
+    reverse: bool = False,
+    inputs: str = "logits",
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) per row, mean over rows, times T^2 if ``scale_t2``.
+
+    ``reverse=True`` gives KL(s || t). ``inputs`` says what both tensors hold: ``logits``, ``probs`` or
+    ``log_probs`` (attention probabilities and relation matrices, T must be 1).
+    """
+    _same_shape("kl", target, pred)
+    t, s = _f32(target, pred)
+    keys = _key_mask("kl", key_mask, t.shape)
+    rows = _row_mask("kl", mask, t.shape[:-1])
+    log_p = _log_dist("kl", t, inputs, T, keys)
+    log_q = _log_dist("kl", s, inputs, T, keys)
+    terms = _kl_terms(log_q, log_p) if reverse else _kl_terms(log_p, log_q)
+    return _row_reduce(terms, keys, rows) * (T * T if scale_t2 else 1.0)
+
+
+def soft_ce(
+    target: Tensor,
+    pred: Tensor,
+    *,
+    mask: Tensor | None = None,
+    T: float = 1.0,
+    scale_t2: bool = False,
+    inputs: str = "logits",
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    """-sum softmax(t/T) * log_softmax(s/T) per row, mean over rows (times T^2 if ``scale_t2``)."""
+    _same_shape("soft_ce", target, pred)
+    t, s = _f32(target, pred)
+    keys = _key_mask("soft_ce", key_mask, t.shape)
+    rows = _row_mask("soft_ce", mask, t.shape[:-1])
+    p = _log_dist("soft_ce", t, inputs, T, keys).exp()
+    log_q = _log_dist("soft_ce", s, inputs, T, keys)
+    live, zero = p > 0, p.new_zeros(())
+    terms = torch.where(live, -p * torch.where(live, log_q, zero), zero)
+    return _row_reduce(terms, keys, rows) * (T * T if scale_t2 else 1.0)
+
+
+def jsd(
+    target: Tensor,
+    pred: Tensor,
+    *,
+    mask: Tensor | None = None,
+    T: float = 1.0,
+    scale_t2: bool = False,
+    inputs: str = "logits",
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    """Jensen-Shannon divergence 0.5 KL(p||m) + 0.5 KL(q||m), m = (p + q) / 2, per row, mean over rows."""
+    _same_shape("jsd", target, pred)
+    t, s = _f32(target, pred)
+    keys = _key_mask("jsd", key_mask, t.shape)
+    rows = _row_mask("jsd", mask, t.shape[:-1])
+    log_p = _log_dist("jsd", t, inputs, T, keys)
+    log_q = _log_dist("jsd", s, inputs, T, keys)
+    # log m computed in log space: avoids log(0) where both p and q underflow
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    terms = 0.5 * _kl_terms(log_p, log_m) + 0.5 * _kl_terms(log_q, log_m)
+    return _row_reduce(terms, keys, rows) * (T * T if scale_t2 else 1.0)
+
+
+def ce(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+    """Hard cross-entropy of ``pred`` logits ``[b, C]`` / ``[b, s, V]`` against integer ``target``
+    ``[b]`` / ``[b, s]``; rows whose target is ``ignore_index`` (or outside ``mask``) do not count."""
+    if target.shape != pred.shape[:-1]:
+        raise RunError(
+            f"ce: target shape {_shape(target)} must equal pred shape {_shape(pred)} without its last dim"
+        )
+    if target.is_floating_point():
+        raise RunError(f"ce: target must hold integer class ids, got dtype {target.dtype}")
+    t = target.detach().long()
+    rows = t != ignore_index
+    given = _row_mask("ce", mask, t.shape)
+    if given is not None:
+        rows = rows & given
+    per_row = F.cross_entropy(
+        pred.float().reshape(-1, pred.shape[-1]), t.reshape(-1), ignore_index=ignore_index, reduction="none"
+    )
+    return _masked_mean(per_row.reshape(t.shape), rows)
+
+
+# ---------------------------------------------------------------- regression
+
+
+def _element_keep(name: str, shape: torch.Size, mask: Tensor | None, key_mask: Tensor | None) -> Tensor | None:
+    rows = _row_mask(name, mask, shape[:-1])
+    keys = _key_mask(name, key_mask, shape)
+    keep = None if rows is None else rows[..., None]
+    if keys is not None:
+        keep = keys if keep is None else keep & keys
+    return keep
+
+
+def mse(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+    """Mean squared error over the selected elements."""
+    _same_shape("mse", target, pred)
+    t, s = _f32(target, pred)
+    return _masked_mean((s - t) ** 2, _element_keep("mse", t.shape, mask, key_mask))
+
+
+def smooth_l1(
+    target: Tensor,
+    pred: Tensor,
+    *,
+    mask: Tensor | None = None,
+    beta: float = 1.0,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    """Huber-style smooth L1 (quadratic below ``beta``) over the selected elements."""
+    _same_shape("smooth_l1", target, pred)
+    t, s = _f32(target, pred)
+    values = F.smooth_l1_loss(s, t, beta=beta, reduction="none")
+    return _masked_mean(values, _element_keep("smooth_l1", t.shape, mask, key_mask))
+
+
+def hinge_mse(
+    target: Tensor,
+    pred: Tensor,
+    *,
+    mask: Tensor | None = None,
+    margin: float = 0.0,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    """Continuation-KD's margin MSE: mean of max(0, |s - t| - margin)^2 over the selected elements.
+
+    Differences inside the margin cost nothing, so early in training (large margin) the student fits
+    only the teacher's coarse shape; the margin schedule and the phi-annealed target (``anneal``) come
+    from the caller. ``margin=0`` is exactly ``mse``.
+    """
+    _same_shape("hinge_mse", target, pred)
+    if margin < 0:
+        raise RunError(f"hinge_mse: option margin must be >= 0, got {margin}")
+    t, s = _f32(target, pred)
+    values = F.relu((s - t).abs() - margin) ** 2
+    return _masked_mean(values, _element_keep("hinge_mse", t.shape, mask, key_mask))
+
+
+def sse(target: Tensor, pred: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """RAIL-KD's sum of squared errors: sum over the last dim, mean over rows."""
+    _same_shape("sse", target, pred)
+    t, s = _f32(target, pred)
+    return _masked_mean(((s - t) ** 2).sum(-1), _row_mask("sse", mask, t.shape[:-1]))
+
+
+def cos(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    """1 - cosine similarity along the last dim, mean over rows (DistilBERT's hidden-state loss)."""
+    _same_shape("cos", target, pred)
+    t, s = _f32(target, pred)
+    return _masked_mean(1 - F.cosine_similarity(s, t, dim=-1, eps=eps), _row_mask("cos", mask, t.shape[:-1]))
+
+
+# ---------------------------------------------------------------- contrastive
+
+
+def nce(
+    target: Tensor,
+    pred: Tensor,
+    *,
+    mask: Tensor | None = None,
+    tau: float = 0.1,
+    similarity: str = "cos",
+) -> Tensor:
+    """In-batch contrastive loss (InfoNCE; with ``similarity="cos"`` the COS-NCE of LRC-BERT).
+
+    Inputs ``[b, d]``. For student example i the positive is teacher example i, the negatives are the
+    other teacher examples of the batch: ``-log softmax_j(sim(s_i, t_j) / tau)[i]``, mean over anchors.
+    ``mask`` ``[b]`` drops examples both as anchors and as negatives.
+    """
+    _same_shape("nce", target, pred)
+    if pred.dim() != 2:
+        raise RunError(f"nce: inputs must be [batch, dim] (pool first), got {_shape(pred)}")
+    _check_choice("nce", "similarity", similarity, ("cos", "dot"))
+    if tau <= 0:
+        raise RunError(f"nce: option tau must be > 0, got {tau}")
+    t, s = _f32(target, pred)
+    if similarity == "cos":
+        t, s = F.normalize(t, dim=-1), F.normalize(s, dim=-1)
+    scores = s @ t.T / tau
+    rows = _row_mask("nce", mask, t.shape[:1])
+    if rows is not None:
+        scores = scores.masked_fill(~rows[None, :], _NEG)
+    per_anchor = F.cross_entropy(scores, torch.arange(len(s), device=s.device), reduction="none")
+    return _masked_mean(per_anchor, rows)
+
+
+# ---------------------------------------------------------------- relations (CKD / MGSKD)
+
+
+def _as_sets(name: str, target: Tensor, pred: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Views as ``[b, n, d]`` sets of points plus a ``[b, n]`` mask; a ``[n, d]`` input is one set.
+
+    Only the point layout must agree: teacher and student widths may differ, since relations compare
+    ``n x n`` structures.
+    """
+    if target.dim() not in (2, 3) or target.shape[:-1] != pred.shape[:-1]:
+        raise RunError(
+            f"{name}: target shape {_shape(target)} and pred shape {_shape(pred)} must be [b, s, d] or "
+            f"[n, d] with equal leading dims"
+        )
+    t, s = _f32(target, pred)
+    if t.dim() == 2:
+        t, s = t[None], s[None]
+        mask = None if mask is None else mask[None]
+    keep = _row_mask(name, mask, t.shape[:2])
+    keep = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if keep is None else keep
+    # centring changes no distance or angle but keeps the Gram-matrix identities below well conditioned
+    t = t - t.mean(dim=1, keepdim=True)
+    s = s - s.mean(dim=1, keepdim=True)
+    return t, s, keep
+
+
+def _pair_dist(x: Tensor) -> Tensor:
+    """Euclidean distances ``[b, n, n]`` from the Gram matrix (no ``[b, n, n, d]`` intermediate)."""
+    gram = x @ x.transpose(1, 2)
+    sq = gram.diagonal(dim1=1, dim2=2)
+    # clamp before sqrt: exact zeros (the diagonal) would give an infinite gradient
+    return (sq[:, :, None] + sq[:, None, :] - 2 * gram).clamp_min(1e-12).sqrt()
+
+
+def _window_pairs(keep: Tensor, window: int | None) -> Tensor:
+    """Valid (i, j) pairs ``[b, n, n]``: both kept, i != j, |i - j| <= window // 2 when a window is set."""
+    n = keep.shape[1]
+    idx = torch.arange(n, device=keep.device)
+    gap = (idx[:, None] - idx[None, :]).abs()
+    near = gap > 0
+    if window is not None:
+        near = near & (gap <= window // 2)
+    return keep[:, :, None] & keep[:, None, :] & near
+
+
+def _normalised(dist: Tensor, pairs: Tensor) -> Tensor:
+    """Distances divided by their mean over the example's valid pairs (RKD's scale invariance)."""
+    total = torch.where(pairs, dist, dist.new_zeros(())).sum(dim=(1, 2), keepdim=True)
+    mean = total / pairs.sum(dim=(1, 2), keepdim=True).clamp_min(1)
+    return dist / mean.clamp_min(1e-12)
+
+
+def _check_window(name: str, window: int | None, topk: int | None = None) -> None:
+    if window is not None and window < 2:
+        raise RunError(f"{name}: option window must be >= 2, got {window}")
+    if topk is not None and topk < 2:
+        raise RunError(f"{name}: option topk must be >= 2 (an angle needs two neighbours), got {topk}")
+    if window is not None and topk is not None:
+        raise RunError(f"{name}: options window and topk exclude each other; give one")
+
+
+def distance(
+    target: Tensor,
+    pred: Tensor,
+    *,
+    mask: Tensor | None = None,
+    window: int | None = None,
+    beta: float = 1.0,
+) -> Tensor:
+    """Pair-distance relation loss (CKD word relation, RKD distance).
+
+    Per example, the Euclidean distances between every two kept points (tokens of ``[b, s, d]``, or
+    examples of a ``[n, d]`` batch) are divided by their mean; the loss is smooth-L1 (``beta``) between
+    the teacher's and the student's normalised distances, mean over pairs. ``window`` (CKD: 21) keeps
+    only pairs at most ``window // 2`` positions apart.
+    """
+    _check_window("distance", window)
+    t, s, keep = _as_sets("distance", target, pred, mask)
+    pairs = _window_pairs(keep, window)
+    d_t = _normalised(_pair_dist(t), pairs)
+    d_s = _normalised(_pair_dist(s), pairs)
+    return _masked_mean(F.smooth_l1_loss(d_s, d_t, beta=beta, reduction="none"), pairs)
+
+
+def _neighbours(keep: Tensor, t: Tensor, window: int | None, topk: int | None) -> tuple[Tensor, Tensor]:
+    """Per anchor, the candidate neighbour ids ``[b, n, m]`` and whether each is valid.
+
+    All points by default; the ``window // 2`` positions on each side (CKD); or the ``topk`` nearest
+    points by *teacher* distance (MGSKD), so teacher and student angles are taken over the same triplets.
+    """
+    b, n = keep.shape
+    idx = torch.arange(n, device=keep.device)
+    if topk is not None:
+        dist = _pair_dist(t).masked_fill(~_window_pairs(keep, None), float("inf"))
+        near, ids = dist.topk(min(topk, n), dim=-1, largest=False)
+        return ids, near.isfinite()
+    if window is None:
+        ids = idx.expand(b, n, n)
+    else:
+        half = window // 2
+        offsets = torch.cat([torch.arange(-half, 0), torch.arange(1, half + 1)]).to(keep.device)
+        ids = idx[:, None] + offsets[None, :]
+        inside = (ids >= 0) & (ids < n)
+        ids = ids.clamp(0, n - 1).expand(b, n, len(offsets))
+    valid = torch.gather(keep[:, None, :].expand(b, n, n), 2, ids) & (ids != idx[None, :, None])
+    if window is not None:
+        valid = valid & inside[None]
+    return ids, valid
+
+
+def _angles(x: Tensor, ids: Tensor) -> Tensor:
+    """cos of the angle at anchor a between neighbours p and q, ``[b, n, m, m]``, via the Gram matrix.
+
+    (x_p - x_a).(x_q - x_a) = G_pq - G_ap - G_aq + G_aa, so no ``[b, n, m, d]`` difference tensor is built.
+    """
+    b, n, m = ids.shape
+    gram = x @ x.transpose(1, 2)
+    bi = torch.arange(b, device=x.device)[:, None, None]
+    g_aa = gram.diagonal(dim1=1, dim2=2)[:, :, None]
+    g_ap = gram[bi, torch.arange(n, device=x.device)[None, :, None], ids]
+    g_pp = gram[bi, ids, ids]
+    g_pq = gram[bi[..., None], ids[..., :, None], ids[..., None, :]]
+    dots = g_pq - g_ap[..., :, None] - g_ap[..., None, :] + g_aa[..., None]
+    sq = (g_pp - 2 * g_ap + g_aa).clamp_min(1e-12)
+    return dots / (sq[..., :, None] * sq[..., None, :]).sqrt()
+
+
+def angle(
+    target: Tensor,
+    pred: Tensor,
+    *,
+    mask: Tensor | None = None,
+    window: int | None = None,
+    topk: int | None = None,
+    beta: float = 1.0,
+) -> Tensor:
+    """Triplet-angle relation loss (CKD, MGSKD, RKD angle).
+
+    For every kept anchor a and two distinct neighbours p, q the cosine of the angle p-a-q is computed on
+    each side; the loss is smooth-L1 (``beta``) between teacher and student cosines, mean over triplets.
+    Neighbours: all kept points (O(n^3) memory per example), the points within ``window // 2`` of the
+    anchor (CKD), or the ``topk`` nearest to it in the teacher (MGSKD).
+    """
+    _check_window("angle", window, topk)
+    t, s, keep = _as_sets("angle", target, pred, mask)
+    ids, valid = _neighbours(keep, t, window, topk)
+    m = ids.shape[-1]
+    distinct = ~torch.eye(m, dtype=torch.bool, device=ids.device)
+    triplets = keep[:, :, None, None] & valid[..., :, None] & valid[..., None, :] & distinct
+    a_t, a_s = _angles(t, ids), _angles(s, ids)
+    return _masked_mean(F.smooth_l1_loss(a_s, a_t, beta=beta, reduction="none"), triplets)
+
+
+# ---------------------------------------------------------------- sparse teacher distributions
+
+
+class TopK(NamedTuple):
+    """A teacher distribution kept as its top-k probabilities (at temperature T) plus the rest's mass."""
+
+    values: Tensor
+    """``[..., k]`` fp32 probabilities, descending."""
+    indices: Tensor
+    """``[..., k]`` vocabulary ids of ``values``."""
+    tail_mass: Tensor
+    """``[...]`` 1 - sum(values): probability of every other token together."""
+
+
+def topk_compress(teacher_logits: Tensor, k: int, T: float = 1.0) -> TopK:
+    """Keep the ``k`` most probable tokens of softmax(teacher_logits / T) and the remaining mass."""
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise RunError(f"topk_compress: k must be in 1..{vocab} (the vocabulary size), got {k}")
+    probs = F.softmax(teacher_logits.detach().float() / T, dim=-1)
+    values, indices = probs.topk(k, dim=-1)
+    return TopK(values, indices, (1 - values.sum(-1)).clamp_min(0))
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012)."""
+    near = x > -math.log(2)
+    # each branch gets an input that is safe for it, so the unused branch has a finite gradient
+    a = torch.log(-torch.expm1(torch.where(near, x, x.new_full((), -1.0)).clamp_max(-1e-30)))
+    b = torch.log1p(-torch.exp(torch.where(near, x.new_full((), -1.0), x)))
+    return torch.where(near, a, b)
+
+
+def sparse_kl(
+    topk_values: Tensor,
+    topk_indices: Tensor,
+    tail_mass: Tensor,
+    pred_logits: Tensor,
+    T: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    scale_t2: bool = True,
+) -> Tensor:
+    """KL from a top-k teacher to the student's full softmax(pred_logits / T), bucket form.
+
+    The teacher is a distribution over k + 1 outcomes: its k kept tokens and one "tail" bucket holding
+    ``tail_mass``. The student's softmax is coarse-grained the same way (its tail = the mass of every
+    token outside the teacher's top k), and the KL is taken between the two (k + 1)-outcome
+    distributions: sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail). With k = V the tail is empty
+    and this is exactly the dense ``kl``; otherwise it is a lower bound on it (coarse-graining never
+    increases KL), tight when the teacher's tail is small. ``T`` must be the one given to
+    ``topk_compress``. Mean over rows, times T^2 if ``scale_t2``.
+    """
+    if topk_values.shape != topk_indices.shape or topk_values.shape[:-1] != pred_logits.shape[:-1]:
+        raise RunError(
+            f"sparse_kl: top-k values {_shape(topk_values)}, indices {_shape(topk_indices)} and pred shape "
+            f"{_shape(pred_logits)} must agree on all but the last dim"
+        )
+    if tail_mass.shape != topk_values.shape[:-1]:
+        raise RunError(f"sparse_kl: tail_mass shape {_shape(tail_mass)} must be {list(topk_values.shape[:-1])}")
+    p = topk_values.detach().float()
+    p_tail = tail_mass.detach().float()
+    log_q_all = F.log_softmax(pred_logits.float() / T, dim=-1)
+    log_q = log_q_all.gather(-1, topk_indices.detach().long())
+    live_tail = p_tail > 0
+    # with an empty tail (k = V) the student's tail is exp(-inf); keep it out of the graph
+    head_mass = torch.where(live_tail, torch.logsumexp(log_q, dim=-1), p_tail.new_full((), -1.0))
+    log_q_tail = _log1mexp(head_mass)
+    head = _kl_terms(p.clamp_min(1e-30).log().masked_fill(p <= 0, -math.inf), log_q).sum(-1)
+    tail = _kl_terms(p_tail.clamp_min(1e-30).log().masked_fill(~live_tail, -math.inf), log_q_tail)
+    rows = _row_mask("sparse_kl", mask, p.shape[:-1])
+    return _masked_mean(head + tail, rows) * (T * T if scale_t2 else 1.0)
+
+
+def _sparse_kl_entry(
+    target: TopK, pred: Tensor, *, mask: Tensor | None = None, T: float = 1.0, scale_t2: bool = True
+) -> Tensor:
+    """Registry form of ``sparse_kl``: the target is the ``TopK`` from ``topk_compress``."""
+    if not isinstance(target, tuple) or len(target) != 3:
+        raise RunError("sparse_kl: target must be the (values, indices, tail_mass) from topk_compress")
+    values, indices, tail = target
+    return sparse_kl(values, indices, tail, pred, T, mask=mask, scale_t2=scale_t2)
+
+
+# ---------------------------------------------------------------- registry
+
+LOSSES: dict[str, LossFn] = {
+    "kl": kl,
+    "soft_ce": soft_ce,
+    "ce": ce,
+    "mse": mse,
+    "smooth_l1": smooth_l1,
+    "cos": cos,
+    "jsd": jsd,
+    "nce": nce,
+    "sse": sse,
+    "hinge_mse": hinge_mse,
+    "angle": angle,
+    "distance": distance,
+    "sparse_kl": _sparse_kl_entry,
+}
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def get_loss(name: str) -> LossFn:
+    """The kernel registered as ``name``, or a RunError naming the closest known loss."""
+    if name not in LOSSES:
+        raise RunError(f"unknown loss {name!r}{_did_you_mean(name, LOSSES)} (known: {', '.join(sorted(LOSSES))})")
+    return LOSSES[name]
+
+
+def loss_options(name: str) -> frozenset[str]:
+    """Option names the kernel ``name`` accepts (besides target, pred and mask)."""
+    params = inspect.signature(get_loss(name)).parameters
+    return frozenset(p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "mask")
+
+
+def check_options(name: str, options) -> None:
+    """Fail before training if a loss term passes an option its kernel does not take."""
+    accepted = loss_options(name)
+    for key in options:
+        if key not in accepted:
+            raise RunError(
+                f"loss {name!r} has no option {key!r}{_did_you_mean(key, accepted)} "
+                f"(options: {', '.join(sorted(accepted)) or 'none'})"
+            )
+
+
+def compute_loss(name: str, target, pred: Tensor, *, mask: Tensor | None = None, **options) -> Tensor:
+    """Look up ``name``, check ``options`` and run the kernel."""
+    check_options(name, options)
+    return get_loss(name)(target, pred, mask=mask, **options)

@@ -142,6 +142,27 @@ OVERRIDE_KEYS: dict[str, dict[str, str]] = {
 }
 
 
+#: Other spellings of an override's key that real configs use. A config holding one of them (BLOOM-176B's
+#: ``n_embed`` and ``num_attention_heads``) must get the new value there too, or readers that prefer that
+#: spelling (arch_from_config, transformers' BloomConfig) silently keep the base value.
+_OVERRIDE_ALIASES: dict[str, tuple[str, ...]] = {
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "hidden": ("hidden_size", "n_embd", "n_embed", "d_model"),
+    "heads": ("num_attention_heads", "n_head"),
+    "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"),
+    "max_positions": ("max_position_embeddings", "n_positions", "max_sequence_length"),
+}
+
+
+def _set_override(cfg: dict[str, Any], family: str, key: str, value: int) -> None:
+    """Set one user-facing override in a raw config: its family key plus every alias the config already sets."""
+    table = OVERRIDE_KEYS[key]
+    cfg[table.get(family, table["*"])] = value
+    for alias in _OVERRIDE_ALIASES.get(key, ()):
+        if cfg.get(alias) is not None:
+            cfg[alias] = value
+
+
 def derive_config(base: ArchInfo, overrides: dict[str, int]) -> dict[str, Any]:
     """A student config: the base config with user-facing overrides applied (keys of OVERRIDE_KEYS).
 
@@ -150,15 +171,13 @@ def derive_config(base: ArchInfo, overrides: dict[str, int]) -> dict[str, Any]:
     """
     cfg = dict(base.config)
     for key, value in overrides.items():
-        table = OVERRIDE_KEYS[key]
-        cfg[table.get(base.family, table["*"])] = value
+        _set_override(cfg, base.family, key, value)
     if "hidden" in overrides and "intermediate" not in overrides:
         # keep the base FFN ratio, rounded to a multiple of 64 as real model families do
         ratio = base.intermediate_size / base.hidden_size
         inter = int(round(overrides["hidden"] * ratio / 64)) * 64 or overrides["hidden"] * 4
-        table = OVERRIDE_KEYS["intermediate"]
         if base.family != "gpt2" or base.config.get("n_inner") is not None:
-            cfg[table.get(base.family, table["*"])] = inter
+            _set_override(cfg, base.family, "intermediate", inter)
     if "head_dim" in cfg and ("hidden" in overrides or "heads" in overrides):
         heads = overrides.get("heads", base.num_heads)
         hidden = overrides.get("hidden", base.hidden_size)

@@ -1,0 +1,214 @@
+"""Spec -> Plan (or PlanFailure): composes graph, parameter counts, placement search and DeepSpeed configs.
+
+Order: signal graph -> captures per stage -> exact parameter counts per model -> placement search per stage
+-> DeepSpeed configs -> ``planner.plan.Plan``. Nothing here reads weights, imports torch, or depends on the
+clock or the machine, so the same spec gives a byte-identical plan.
+
+Decisions made here (documented in the plan's ``notes``):
+
+- ``total_steps``: a stage's ``steps``; for ``epochs`` over a jsonl source whose files exist at plan time,
+  ``ceil(epochs * train_rows / batch)`` (one example per non-empty line, less the ``split`` fraction);
+  otherwise -1: the size is unknown until the runtime tokenises the data, and a note says so.
+- launch: one rank runs in-process (``gkdc run PLAN``); several use the ``deepspeed`` launcher with
+  ``--module runtime.worker PLAN`` (the runtime appends its own arguments); more than one node adds
+  ``--hostfile`` next to the plan, whose text (placeholder host names) is ``Plan.hostfile``.
+- master port: 29500 + (spec hash mod 1000), so concurrent plans of different specs rarely collide.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from gkdlang.diagnostics import Diagnostic
+from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
+from planner import dsconfig, placement
+from planner.graph import SignalGraph, build_graph
+from planner.params import ParamCounts, count_params_for
+from planner.plan import ModelCapture, Plan, ResolvedModel, StagePlan
+from planner.report import describe_capture, fmt_bytes
+
+#: jsonl files larger than this are not counted at plan time (planning must stay fast)
+MAX_COUNTED_BYTES = 256 * 2**20
+BASE_PORT = 29500
+
+
+@dataclass(frozen=True)
+class PlanFailure:
+    """No plan: one ``plan-infeasible`` diagnostic per stage that fits nowhere (span: the cluster block)."""
+
+    diagnostics: list[Diagnostic]
+
+    def __str__(self) -> str:
+        return "\n".join(d.message for d in self.diagnostics)
+
+
+def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str = "plan.json") -> Plan | PlanFailure:
+    """The plan of a checked spec; ``plan_path`` is where the caller will write it (it appears in ``launch``)."""
+    graph = build_graph(spec)
+    params = {name: model_params(m) for name, m in spec.models.items()}
+    world = world_size(spec.cluster)
+    spec_dir = Path(spec_path).parent
+    stages, failures, notes = [], [], []
+    for st in spec.stages:
+        result = _plan_stage(spec, graph, st, params, world, spec_dir)
+        if isinstance(result, Diagnostic):
+            failures.append(result)
+            continue
+        stages.append(result)
+        notes += stage_notes(spec, graph, st, spec_dir)
+    if failures:
+        return PlanFailure(failures)
+    launch, hostfile = launch_command(spec.cluster, plan_path, master_port(spec.source_hash))
+    if hostfile is not None:
+        notes.append(f"multi-node: write Plan.hostfile to {_hostfile_path(plan_path)} and replace the "
+                     f"placeholder host names (worker-0 ...) with the real ones")
+    return Plan(gkdc_version=gkdc_version, spec_hash=spec.source_hash, spec_file=spec_path, spec=spec,
+                models=[resolved_model(m, params[m.name]) for m in spec.models.values()], stages=stages,
+                world_size=world, launch=launch, hostfile=hostfile, notes=notes)
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_params(model: ModelSpec) -> ParamCounts:
+    """Exact counts of the model class gkdc builds for this model's head (vocab compression already in arch)."""
+    return count_params_for(model.arch, model.head.kind, model.head.num_labels or 2)
+
+
+def resolved_model(model: ModelSpec, counts: ParamCounts) -> ResolvedModel:
+    # students and assistants train in some stage; a teacher trains only if declared `frozen: false`
+    trainable = model.role != "teacher" or not model.frozen
+    return ResolvedModel(name=model.name, role=model.role, family=model.arch.family, parameters=counts.total,
+                         trainable_parameters=counts.total if trainable else 0)
+
+
+def world_size(cluster: ClusterSpec) -> int:
+    return cluster.nodes * cluster.gpus_per_node
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str, ParamCounts],
+                world: int, spec_dir: Path) -> StagePlan | Diagnostic:
+    captures = graph.captures(st)
+    # teachers that no term reads are not loaded, so the search must not count them
+    loaded = {c.model for c in captures}
+    result = placement.search(spec, st, captures, {m: p for m, p in params.items() if m in loaded}, world)
+    if result.chosen is None:
+        return infeasible(spec, st, result)
+    chosen = result.chosen.placement
+    return StagePlan(
+        name=st.name, captures=captures, placement=chosen, memory=result.memory, step_time_s=result.step_time_s,
+        step_time_parts=dict(result.step_time_parts), total_steps=total_steps(spec, st, spec_dir)[0],
+        alternatives=result.alternatives, deepspeed_config=dsconfig.student_ds_config(chosen, st, world),
+        teacher_configs=_teacher_configs(spec, captures, st, chosen, world))
+
+
+def _teacher_configs(spec: Spec, captures: list[ModelCapture], st: StageSpec, chosen, world: int) -> dict:
+    out = {}
+    for cap in captures:
+        if cap.model in st.students:
+            continue
+        cfg = dsconfig.teacher_ds_config(chosen, spec.models[cap.model], world)
+        if cfg is not None:
+            out[cap.model] = cfg
+    return out
+
+
+def infeasible(spec: Spec, st: StageSpec, result) -> Diagnostic:
+    """The ``plan-infeasible`` diagnostic: the best attempt's per-rank breakdown and the search's advice."""
+    c = spec.cluster
+    capacity = f" ({fmt_bytes(result.memory[0].capacity_gpu)} each)" if result.memory else ""
+    lines = [f"stage '{st.name}' fits no placement on {world_size(c)} x {c.gpu}{capacity}"]
+    best = min(result.alternatives, key=lambda cand: cand.peak_gpu, default=None)
+    if best is not None:
+        p = best.placement
+        lines.append(f"best attempt: ZeRO-{p.zero_stage}, micro-batch {p.micro_batch}, teachers "
+                     f"{_strategies(p.teacher_strategy)}, peak {fmt_bytes(best.peak_gpu)} per GPU")
+    for rank in result.memory:
+        items = ", ".join(f"{i.name} {fmt_bytes(i.bytes)}" for i in rank.items if i.device == "gpu")
+        lines.append(f"rank {rank.rank}: {fmt_bytes(rank.total_gpu)} of {fmt_bytes(rank.capacity_gpu)} ({items})")
+    hint = "; ".join(result.advice) if result.advice else "use more or larger GPUs, or a smaller teacher or batch"
+    return Diagnostic("plan-infeasible", "\n  ".join(lines), c.span, hint)
+
+
+def _strategies(strategy: dict[str, str]) -> str:
+    return ", ".join(f"{m}={s}" for m, s in sorted(strategy.items())) or "none"
+
+
+def total_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str | None]:
+    """(optimizer steps, note or None); -1 when ``epochs`` meet a data size unknown at plan time."""
+    if st.steps is not None:
+        return st.steps, None
+    data = spec.data[st.data]
+    rows = count_rows(data, spec_dir)
+    if rows is None:
+        return -1, (f"stage '{st.name}': {st.epochs:g} epochs of '{data.name}' ({data.format}); its size is known "
+                    f"only after tokenisation, so total_steps is -1 and the runtime counts it")
+    train_rows = math.floor(rows * (1 - (data.split or 0.0)))
+    steps = max(1, math.ceil(st.epochs * train_rows / st.batch))
+    return steps, (f"stage '{st.name}': {steps} steps = ceil({st.epochs:g} epochs x {train_rows} training rows "
+                   f"of '{data.name}' / batch {st.batch})")
+
+
+def count_rows(data: DataSpec, spec_dir: Path) -> int | None:
+    """Examples in a jsonl source (non-empty lines) when its files exist and are small enough to count."""
+    if data.format != "jsonl":
+        return None
+    files = sorted({f for pattern in data.paths for f in _glob(pattern, spec_dir)})
+    if not files or sum(f.stat().st_size for f in files) > MAX_COUNTED_BYTES:
+        return None
+    return sum(sum(1 for line in f.open("rb") if line.strip()) for f in files)
+
+
+def _glob(pattern: str, base: Path) -> list[Path]:
+    path = Path(pattern)
+    if path.is_absolute():
+        return [p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file()]
+    return [p for p in base.glob(pattern) if p.is_file()]
+
+
+def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path) -> list[str]:
+    """What the planner pruned or decided for a stage, in words."""
+    notes = [f"stage '{st.name}': teacher '{t}' is not read by any term and is not loaded"
+             for t in graph.unused_teachers(st)]
+    for cap in graph.captures(st):
+        if cap.model not in st.students:
+            notes.append(f"stage '{st.name}': {describe_capture(cap, spec.models[cap.model])}")
+    modules = graph.learned_modules(st)
+    if modules:
+        notes.append(f"stage '{st.name}': learned transforms {', '.join(modules)} add "
+                     f"{sum(modules.values()):,} trainable parameters (trained with the student, not saved in it)")
+    note = total_steps(spec, st, spec_dir)[1]
+    if note is not None:
+        notes.append(note)
+    return notes
+
+
+# ---------------------------------------------------------------- launch
+
+
+def master_port(spec_hash: str) -> int:
+    return BASE_PORT + int(spec_hash[:8] or "0", 16) % 1000
+
+
+def launch_command(cluster: ClusterSpec, plan_path: str, port: int) -> tuple[list[str], str | None]:
+    """(argv, hostfile text or None) for the cluster's ranks."""
+    if world_size(cluster) == 1:
+        return ["gkdc", "run", plan_path], None
+    argv, hostfile = ["deepspeed"], None
+    if cluster.nodes > 1:
+        argv += ["--hostfile", _hostfile_path(plan_path), "--num_nodes", str(cluster.nodes)]
+        hostfile = "".join(f"worker-{i} slots={cluster.gpus_per_node}\n" for i in range(cluster.nodes))
+    # --num_gpus is per node for the deepspeed launcher; --module runs runtime.worker like `python -m`
+    argv += ["--num_gpus", str(cluster.gpus_per_node), "--master_port", str(port),
+             "--module", "runtime.worker", plan_path]
+    return argv, hostfile
+
+
+def _hostfile_path(plan_path: str) -> str:
+    return str(Path(plan_path).with_name("hostfile"))
+

@@ -1,0 +1,258 @@
+"""Plan -> human report (rich tables): models, and per stage captures, placement, memory per rank, alternatives.
+
+``render_report(plan, explain)`` returns the text; colours only when stdout is a terminal, plain text otherwise
+(fixed width, so reports in files and tests are stable). ``explain`` adds why each choice was made: why a model
+stops where it does, what each loss term reads and when its signals are freed, why the alternatives lost.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gkdlang.spec import ModelSpec, StageSpec
+from planner.plan import Candidate, ModelCapture, Placement, Plan, RankMemory, StagePlan
+
+PLAIN_WIDTH = 120
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def fmt_bytes(n: int | float) -> str:
+    """Binary units with 3 significant digits: ``1.50 GiB``; negative sizes keep their sign."""
+    value, unit = float(abs(n)), 0
+    while value >= 1024 and unit < len(_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    sign = "-" if n < 0 else ""
+    return f"{sign}{int(value)} B" if unit == 0 else f"{sign}{value:.3g} {_UNITS[unit]}"
+
+
+def fmt_count(n: int) -> str:
+    """``124.4M`` style parameter counts."""
+    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.1f}{suffix}"
+    return str(n)
+
+
+def ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0..2, 5``."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        start = layer if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}..{layer}")
+            start = None
+    return ", ".join(parts)
+
+
+def describe_capture(cap: ModelCapture, model: ModelSpec) -> str:
+    """e.g. ``teacher 'bert' runs blocks 0..5 of 12, LM head skipped, eager attention in blocks 5``."""
+    n = model.arch.num_layers
+    runs = f"runs all {n} blocks" if cap.stop_after_layer is None else f"runs blocks 0..{cap.stop_after_layer} of {n}"
+    head_name = "LM" if model.head.kind == "lm" else model.head.kind
+    head = "head runs" if cap.needs_head else f"{head_name} head skipped"
+    eager = f", eager attention in {_blocks(cap.eager_attention_layers)}" if cap.eager_attention_layers else ""
+    return f"{model.role} '{model.name}' {runs}, {head}{eager}"
+
+
+def _blocks(layers: list[int]) -> str:
+    return f"block{'s' if len(layers) > 1 else ''} {ranges(layers)}"
+
+
+def describe_points(cap: ModelCapture) -> str:
+    """``hidden[2, 5] attn_scores[5] logits``: capture points grouped by kind."""
+    kinds: dict[str, list[int]] = {}
+    for p in cap.points:
+        kinds.setdefault(p.kind, [])
+        if p.layer is not None:
+            kinds[p.kind].append(p.layer)
+    out = [kind if not layers else f"{kind}[{ranges(sorted(layers))}]" for kind, layers in kinds.items()]
+    return " ".join(out) or "(no signals: used by an intervention)"
+
+
+def describe_placement(p: Placement) -> str:
+    offload = []
+    if p.offload_optimizer != "none":
+        offload.append(f"optimizer->{p.offload_optimizer}")
+    if p.offload_params != "none":
+        offload.append(f"params->{p.offload_params}")
+    teachers = ", ".join(f"{m}: {s}" for m, s in sorted(p.teacher_strategy.items())) or "none"
+    return (f"ZeRO-{p.zero_stage}{' offload ' + ', '.join(offload) if offload else ''}, micro-batch {p.micro_batch}"
+            f" x accum {p.grad_accum}, {'activation checkpointing, ' if p.activation_checkpointing else ''}"
+            f"{p.precision}; teachers {teachers}")
+
+
+# ---------------------------------------------------------------- the report
+
+
+def render_report(plan: Plan, explain: bool = False) -> str:
+    """The whole report as text (ANSI colours only when stdout is a terminal)."""
+    tty = sys.stdout.isatty()
+    width = shutil.get_terminal_size().columns if tty else PLAIN_WIDTH
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=tty, no_color=not tty, width=width, highlight=False)
+    console.print(_header(plan))
+    console.print(_models_table(plan, console))
+    for sp in plan.stages:
+        _print_stage(console, plan, sp, explain)
+    if plan.notes:
+        console.print(Text("notes", style="bold"))
+        for note in plan.notes:
+            console.print(f"  - {note}", soft_wrap=True)
+    return buf.getvalue()
+
+
+def _table(title: str, console: Console) -> Table:
+    # ASCII borders in files and pipes (plain text), box drawing on terminals
+    return Table(title=title, title_justify="left", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
+
+
+def _header(plan: Plan) -> Text:
+    text = Text()
+    text.append(f"plan for {plan.spec_file}", style="bold")
+    text.append(f"  (spec {plan.spec_hash[:12]}, gkdc {plan.gkdc_version}, plan schema {plan.plan_schema_version})\n")
+    c = plan.spec.cluster
+    text.append(f"cluster: {c.nodes} node(s) x {c.gpus_per_node} x {c.gpu} = {plan.world_size} rank(s)\n")
+    text.append(f"launch:  {' '.join(plan.launch)}")
+    return text
+
+
+def _models_table(plan: Plan, console: Console) -> Table:
+    table = _table("models", console)
+    for col in ("name", "role", "family", "blocks x width", "heads", "vocab", "parameters", "trainable"):
+        table.add_column(col, justify="right" if col in ("parameters", "trainable", "vocab", "heads") else "left")
+    for m in plan.models:
+        a = plan.spec.models[m.name].arch
+        table.add_row(m.name, m.role, m.family, f"{a.num_layers} x {a.hidden_size}", str(a.num_heads),
+                      str(a.vocab_size), f"{m.parameters:,} ({fmt_count(m.parameters)})",
+                      fmt_count(m.trainable_parameters))
+    return table
+
+
+def _stage_spec(plan: Plan, name: str) -> StageSpec:
+    return next(s for s in plan.spec.stages if s.name == name)
+
+
+def _print_stage(console: Console, plan: Plan, sp: StagePlan, explain: bool) -> None:
+    st = _stage_spec(plan, sp.name)
+    steps = "unknown (counted at run time)" if sp.total_steps < 0 else f"{sp.total_steps:,} steps"
+    console.print(Text(f"\nstage {sp.name}: {steps}, batch {st.batch}, data '{st.data}'", style="bold"))
+    console.print(_captures_table(plan, st, sp, console))
+    skipped = [t for t in st.teachers if t not in {c.model for c in sp.captures}]
+    for t in skipped:
+        console.print(f"  teacher '{t}' is not read by this stage: not loaded")
+    console.print(f"placement: {describe_placement(sp.placement)}", soft_wrap=True)
+    parts = ", ".join(f"{k} {v:.3g}s" for k, v in sorted(sp.step_time_parts.items()))
+    console.print(f"predicted step time: {sp.step_time_s:.3g}s" + (f" ({parts})" if parts else ""))
+    if sp.memory:
+        console.print(_memory_table(sp.memory, console))
+    if sp.alternatives:
+        console.print(_alternatives_table(sp.alternatives, console))
+    if explain:
+        _print_explain(console, plan, st, sp)
+
+
+def _captures_table(plan: Plan, st: StageSpec, sp: StagePlan, console: Console) -> Table:
+    table = _table("signals captured", console)
+    for col in ("model", "captures", "runs"):
+        table.add_column(col)
+    for cap in sp.captures:
+        model = plan.spec.models[cap.model]
+        role = "trained" if cap.model in st.students else model.role
+        run = describe_capture(cap, model).split("' ", 1)[1]
+        table.add_row(f"{cap.model} ({role})", describe_points(cap), run)
+    return table
+
+
+def _memory_table(memory: list[RankMemory], console: Console) -> Table:
+    table = _table("predicted memory per rank", console)
+    table.add_column("item")
+    table.add_column("where")
+    for rank in memory:
+        table.add_column(f"rank {rank.rank}", justify="right")
+    table.add_column("note")
+    rows: dict[tuple[str, str], dict[int, int]] = {}
+    notes: dict[tuple[str, str], str] = {}
+    for rank in memory:
+        for item in rank.items:
+            rows.setdefault((item.name, item.device), {})[rank.rank] = item.bytes
+            notes.setdefault((item.name, item.device), item.note)
+    for (name, device), per_rank in rows.items():
+        cells = [fmt_bytes(per_rank[r.rank]) if r.rank in per_rank else "-" for r in memory]
+        table.add_row(name, device, *cells, notes[(name, device)])
+    table.add_section()
+    table.add_row("total GPU", "gpu", *[fmt_bytes(r.total_gpu) for r in memory], "")
+    table.add_row("capacity", "gpu", *[fmt_bytes(r.capacity_gpu) for r in memory], "")
+    table.add_row("headroom", "", *[f"{r.headroom:.0%}" for r in memory], "")
+    if any(r.total_cpu for r in memory):
+        table.add_row("total host", "cpu", *[fmt_bytes(r.total_cpu) for r in memory], "")
+    return table
+
+
+def _alternatives_table(alternatives: list[Candidate], console: Console) -> Table:
+    table = _table("placements considered", console)
+    for col in ("placement", "fits", "peak GPU", "step", "verdict"):
+        table.add_column(col, justify="right" if col in ("peak GPU", "step") else "left")
+    for cand in alternatives:
+        table.add_row(describe_placement(cand.placement), "yes" if cand.fits else "no", fmt_bytes(cand.peak_gpu),
+                      f"{cand.step_time_s:.3g}s", cand.reason)
+    return table
+
+
+# ---------------------------------------------------------------- explain
+
+
+def _print_explain(console: Console, plan: Plan, st: StageSpec, sp: StagePlan) -> None:
+    # the planner's own graph, rebuilt from the embedded spec: the report needs nothing but the plan
+    from planner.graph import build_graph
+
+    graph = build_graph(plan.spec)
+    console.print(Text("why", style="bold"))
+    for cap in sp.captures:
+        console.print(f"  - {_why_capture(cap, plan.spec.models[cap.model], st)}", soft_wrap=True)
+    last = graph.last_use(st)
+    freed: dict[str, list[str]] = {}
+    for key, term_id in last.items():
+        freed.setdefault(term_id, []).append(str(key))
+    table = _table("loss terms (in order) and signals freed after each", console)
+    for col in ("term", "loss", "weight", "method", "frees"):
+        table.add_column(col)
+    for term in st.loss:
+        table.add_row(term.id, term.fn, _weight(term.weight), term.method or "", " ".join(freed.get(term.id, [])))
+    console.print(table)
+    losers = [c for c in sp.alternatives if c.placement != sp.placement]
+    headroom = min((r.headroom for r in sp.memory), default=None)
+    fit = f"fits with {headroom:.0%} GPU headroom, " if headroom is not None else ""
+    console.print(f"  - chosen: {describe_placement(sp.placement)}: {fit}predicted {sp.step_time_s:.3g}s per step",
+                  soft_wrap=True)
+    for cand in losers:
+        console.print(f"  - not {describe_placement(cand.placement)}: {cand.reason}", soft_wrap=True)
+
+
+def _why_capture(cap: ModelCapture, model: ModelSpec, st: StageSpec) -> str:
+    if cap.model in st.students:
+        return f"'{cap.model}' is trained in this stage, so it runs all its blocks"
+    if not cap.points:
+        return f"'{cap.model}' is used by an intervention, so it is loaded whole"
+    if cap.needs_head:
+        return f"'{cap.model}' must run its head because a term reads its {describe_points(cap)}"
+    deepest = max((p.layer for p in cap.points if p.layer is not None), default=0)
+    saved = model.arch.num_layers - 1 - cap.stop_after_layer
+    why = (f"'{cap.model}' stops after block {cap.stop_after_layer}: the deepest signal read is in block {deepest}; "
+           f"{saved} block(s) and the head are skipped")
+    if cap.eager_attention_layers:
+        why += (f"; attention is materialised only in {_blocks(cap.eager_attention_layers)} "
+                f"(fused kernels elsewhere)")
+    return why
+
+
+def _weight(schedule) -> str:
+    if schedule.kind == "constant" or schedule.end is None:
+        return f"{schedule.value:g}"
+    return f"{schedule.kind} {schedule.value:g}->{schedule.end:g}"

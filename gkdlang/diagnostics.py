@@ -25,6 +25,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "syntax-unexpected-eof": ("error", "The file ends inside a declaration (an unclosed brace or bracket)."),
     "bad-number": ("error", "A number with a unit that does not fit where it is used (e.g. `40GB` as a step count)."),
     "bad-string": ("error", "A string literal with an invalid escape."),
+    "nesting-too-deep": ("error", "An expression nested more than 100 levels deep (split it with `let`)."),
     # names
     "unknown-name": ("error", "A name that is not a declared model, data source, constant or parameter."),
     "unknown-model": ("error", "A model name that no `teacher`/`student` declaration defines."),
@@ -60,7 +61,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "bad-layer-map": ("error", "A layer map that cannot pair the two models (e.g. a teacher shallower than its student)."),
     "relation-heads": ("error", "A relation head count that does not divide the signal's width."),
     "no-gradient": ("error", "A loss term with no student signal: it cannot train anything."),
-    "no-teacher-signal": ("warning", "A loss term reading no teacher signal (a plain supervised term)."),
+    "no-teacher-signal": ("warning", "A stage whose loss reads no teacher signal (plain supervised training)."),
     "bad-temperature": ("error", "A temperature that is zero or negative."),
     "negative-weight": ("error", "A loss weight below zero."),
     "bad-weight": ("error", "A weight expression gkdc cannot represent (e.g. a schedule times a schedule)."),
@@ -73,7 +74,7 @@ CODES: dict[str, tuple[Severity, str]] = {
     "stage-cycle": ("error", "Stages whose `after` dependencies form a cycle."),
     "no-stages": ("error", "The spec declares no stage."),
     "bad-duration": ("error", "A stage with neither `steps` nor `epochs`, or a non-positive duration."),
-    "incompatible-methods": ("error", "Methods or options that cannot run together (named in the message)."),
+    "incompatible-methods": ("error", "Reserved: methods or options that cannot run together (no check reports it yet)."),
     "data-not-found": ("warning", "A data path that matches no file at check time (it must exist before `gkdc run`)."),
     "unknown-gpu": ("error", "A device name that the hardware catalog does not contain."),
     "plan-infeasible": ("error", "No placement fits the cluster's memory; the message shows the best attempt per rank."),
@@ -188,3 +189,42 @@ def render_github(diags: Iterable[Diagnostic]) -> str:
         else:
             out.append(f"::{level} title={d.code}::{msg}")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- docs/diagnostics.md
+
+_DOC_HEAD = """# gkdc diagnostics
+
+<!-- Generated from gkdlang/diagnostics.py by `python -m gkdlang.diagnostics --markdown > docs/diagnostics.md`;
+     tests/test_docs.py fails when this file is out of sync. Do not edit by hand. -->
+
+Every message of `gkdc check`, `gkdc fmt` and `gkdc plan` carries one of these codes. The text format prints
+`file:line:col: severity: message  [code]`, the source line with a caret under the construct, related positions
+as notes and a `= help:` hint; `--format json` gives the same fields as objects and `--format github` prints
+GitHub Actions annotations. Errors make `gkdc check` exit 1; warnings alone leave it at 0.
+Syntax errors stop at the first one; every other check goes on and reports all problems of a file in one run.
+"""
+
+
+def markdown() -> str:
+    """The diagnostics reference (docs/diagnostics.md): a table of every code, severity and description."""
+    rows = [f"| `{code}` | {severity} | {text} |" for code, (severity, text) in CODES.items()]
+    return _DOC_HEAD + "\n| code | severity | description |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m gkdlang.diagnostics", description="The diagnostic registry.")
+    parser.add_argument("--markdown", action="store_true", help="print docs/diagnostics.md")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(), end="")
+    else:
+        for code, (severity, text) in CODES.items():
+            print(f"{code:<26} {severity:<8} {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

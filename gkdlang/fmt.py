@@ -55,6 +55,12 @@ def _comments(text: str) -> list[_Comment]:
     return out
 
 
+def _shares_line(nodes, i: int) -> bool:
+    """True if the node after ``nodes[i]`` starts on the line where ``nodes[i]`` ends (``a: 1; b: 2  # c``):
+    a trailing comment there belongs to the last node of the line."""
+    return i + 1 < len(nodes) and nodes[i + 1].span.line == nodes[i].span.end_line
+
+
 class _Printer:
     def __init__(self, comments: list[_Comment]):
         self.pending = list(comments)
@@ -77,17 +83,19 @@ class _Printer:
     # ------------------------------------------------------------ declarations
 
     def module(self, m: ast.Module) -> str:
-        chunks: list[tuple[str, str, bool]] = []  # (kind, text, multiline)
-        for decl in m.decls:
+        chunks: list[tuple[str, str, bool, bool]] = []  # (kind, text, multiline, has leading comments)
+        for i, decl in enumerate(m.decls):
             lead = self._leading(decl.span.line, "")
             text = self.decl(decl)
-            text += self._trailing(decl.span.end_line)
-            chunks.append((type(decl).__name__, "\n".join(lead + [text]), "\n" in text or bool(lead)))
+            if not _shares_line(m.decls, i):
+                text += self._trailing(decl.span.end_line)
+            chunks.append((type(decl).__name__, "\n".join(lead + [text]), "\n" in text, bool(lead)))
         tail = [c.text for c in self.pending]
         out: list[str] = []
         prev = None
-        for kind, text, multi in chunks:
-            if prev is not None and (multi or prev[2] or kind != prev[0]):
+        for kind, text, multi, lead in chunks:
+            # a commented declaration opens a new group; a comment above it does not end the group after it
+            if prev is not None and (multi or lead or prev[2] or kind != prev[0]):
                 out.append("")
             out.append(text)
             prev = (kind, text, multi)
@@ -130,13 +138,14 @@ class _Printer:
         if not has_comments and len(one_line) <= 60 and (not force or len(inline) <= 1) and len(inline) <= 4:
             return one_line
         lines = [" {"]
-        for entry in block.entries:
+        for i, entry in enumerate(block.entries):
             lines.extend(self._leading(entry.span.line, "  "))
             key = f"  {entry.key.name}: "
             value = self.expr(entry.value)
             if len(key) + len(value) > WIDTH:
                 value = self.broken(entry.value, " " * len(key))
-            lines.append(key + value + self._trailing(entry.span.end_line))
+            trailing = "" if _shares_line(block.entries, i) else self._trailing(entry.span.end_line)
+            lines.append(key + value + trailing)
         lines.extend(self._leading(block.span.end_line, "  "))
         lines.append("}")
         return "\n".join(lines)

@@ -6,8 +6,10 @@ diagnostic and raises ``_Skip`` so that only that construct is dropped and check
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -54,6 +56,8 @@ from gkdlang.values import (
 )
 
 STDLIB = Path(__file__).with_name("stdlib")
+#: deepest model gkdc checks (the deepest public LMs have ~130 blocks)
+MAX_LAYERS = 1024
 
 
 class _Skip(Exception):
@@ -94,6 +98,19 @@ def check_source(text: str, file: str = "<input>", *, base_dir: str | Path | Non
     diags = Collector()
     spec = _Lowerer(module, text, file, Path(base_dir or "."), diags, sources).run()
     return CheckResult(spec if not diags.has_errors() else None, diags.sorted(), sources, module)
+
+
+def spec_hash(text: str, uses: list[str]) -> str:
+    """sha256 of the spec text and of every ``use``d library (a library edit changes the plan too).
+
+    ``gkdc run`` recomputes it to refuse a plan whose spec changed since planning.
+    """
+    h = hashlib.sha256(text.encode())
+    for name in sorted(uses):
+        h.update(b"\0" + name.encode() + b"\0")
+        library = STDLIB / (name.replace(".", "/") + ".gkd")
+        h.update(library.read_bytes() if library.exists() else b"")  # a deleted library reads as "changed"
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- numbers
@@ -174,6 +191,8 @@ class _Lowerer:
             self._guard(self._model, decl)
         for decl in decls:
             if isinstance(decl, ast.DataDecl):
+                # recorded before lowering so a data source that fails is not also reported as unknown
+                self.data_decls.setdefault(decl.name.name, decl)
                 self._guard(self._data, decl)
         for decl in decls:
             if isinstance(decl, ast.VocabDecl):
@@ -184,12 +203,15 @@ class _Lowerer:
         if self.d.has_errors() or cluster is None:
             return None
         try:
-            return Spec(file=self.file, source_hash=hashlib.sha256(self.text.encode()).hexdigest(),
+            return Spec(file=self.file, source_hash=self._source_hash(),
                         models=self.models, data=self.data, vocabs=self.vocabs, stages=stages, cluster=cluster,
                         uses=sorted(self.libraries))
         except pydantic.ValidationError as exc:  # a gap between checks and the model: report, never crash
             self.err("bad-value", None, f"internal consistency check failed: {exc.errors()[0]['msg']}")
             return None
+
+    def _source_hash(self) -> str:
+        return spec_hash(self.text, sorted(self.libraries))
 
     def _guard(self, fn: Callable, *args) -> Any:
         try:
@@ -338,6 +360,8 @@ class _Lowerer:
 
     def _check_arch(self, arch: ArchInfo, decl: ast.ModelDecl) -> None:
         span = decl.options.span if decl.options else decl.span
+        if arch.num_layers > MAX_LAYERS:  # every layered signal is expanded per layer while checking
+            raise self.err("bad-override", span, f"{arch.num_layers} layers: gkdc handles at most {MAX_LAYERS}")
         if arch.hidden_size % arch.num_heads:
             raise self.err("bad-override", span,
                            f"hidden size {arch.hidden_size} is not divisible by {arch.num_heads} heads")
@@ -524,42 +548,66 @@ class _Lowerer:
         return order
 
     def _stage(self, decl: ast.StageDecl) -> StageSpec:
+        # every key is read under its own guard so that one bad value does not hide the errors of the others
+        errors_before = len(self.d.errors)
         opts = self._block(decl.options, B.STAGE_KEYS, "stage")
         for key in ("data", "loss"):
-            if key not in opts:
-                raise self.err("missing-option", decl.options.span, f"stage '{decl.name.name}' needs '{key}'")
-        data = self._data_name(opts["data"])
-        fields: dict[str, Any] = {}
-        if "steps" in opts and "epochs" in opts:
-            raise self.err("conflicting-options", opts["epochs"].span, "give either steps or epochs, not both")
-        if "steps" in opts:
-            fields["steps"] = self._int(opts["steps"], "steps", minimum=1)
-        elif "epochs" in opts:
-            epochs = self._num(opts["epochs"], "epochs")
-            if epochs <= 0:
-                raise self.err("bad-duration", opts["epochs"].span, "epochs must be positive")
-            fields["epochs"] = epochs
-        else:
-            raise self.err("bad-duration", decl.options.span, f"stage '{decl.name.name}' needs steps or epochs")
+            if key not in opts and not self._near_miss(decl.options, key):
+                self.err("missing-option", decl.options.span, f"stage '{decl.name.name}' needs '{key}'")
+        data = self._guard(self._data_name, opts["data"]) if "data" in opts else None
+        fields: dict[str, Any] = self._guard(self._duration, decl, opts) or {}
         for key in ("batch", "micro_batch", "seq_len", "eval_every", "save_every"):
             if key in opts:
-                fields[key] = self._int(opts[key], key, minimum=1)
+                value = self._guard(self._int, opts[key], key, 1)
+                if value is not None:
+                    fields[key] = value
         if "micro_batch" in fields and fields["micro_batch"] > fields.get("batch", 32):
-            raise self.err("bad-value", opts["micro_batch"].span, "micro_batch is larger than the global batch")
-        if "activation_checkpointing" in opts:
-            fields["activation_checkpointing"] = self._bool(opts["activation_checkpointing"], "activation_checkpointing")
-        if "optimizer" in opts:
-            fields["optimizer"] = self._optimizer(opts["optimizer"])
-        if "schedule" in opts:
-            fields["schedule"] = self._lr_schedule(opts["schedule"])
-        objective = self.ev(opts["loss"], Scope(self.lets))
-        if isinstance(objective, ItemSet | Symbol | NumVal) or not isinstance(objective, Objective):
-            raise self.err("type-mismatch", opts["loss"].span, "loss must be a loss expression, e.g. "
-                           "kl(teacher.logits, student.logits, T: 2)")
-        terms, students, teachers = self._stage_terms(objective, decl, data)
+            self.err("bad-value", opts["micro_batch"].span, "micro_batch is larger than the global batch")
+        readers = {"activation_checkpointing": lambda e: self._bool(e, "activation_checkpointing"),
+                   "optimizer": self._optimizer, "schedule": self._lr_schedule}
+        for key, read in readers.items():
+            if key in opts:
+                value = self._guard(read, opts[key])
+                if value is not None:
+                    fields[key] = value
+        objective = self._guard(self._objective, opts["loss"]) if "loss" in opts else None
+        staged = self._guard(self._stage_terms, objective, decl, data) if objective is not None else None
+        if len(self.d.errors) > errors_before or staged is None or data is None:
+            raise _Skip()
+        terms, students, teachers = staged
         return StageSpec(name=decl.name.name, after=[a.name for a in decl.after], data=data, loss=terms,
                          interventions=list(objective.interventions), students=students, teachers=teachers,
                          span=decl.span, **fields)
+
+    def _duration(self, decl: ast.StageDecl, opts: dict[str, ast.Expr]) -> dict[str, Any]:
+        if "steps" in opts and "epochs" in opts:
+            raise self.err("conflicting-options", opts["epochs"].span, "give either steps or epochs, not both")
+        if "steps" in opts:
+            return {"steps": self._int(opts["steps"], "steps", minimum=1)}
+        if "epochs" in opts:
+            epochs = self._num(opts["epochs"], "epochs")
+            if epochs <= 0:
+                raise self.err("bad-duration", opts["epochs"].span, "epochs must be positive")
+            return {"epochs": epochs}
+        if self._near_miss(decl.options, "steps") or self._near_miss(decl.options, "epochs"):
+            raise _Skip()  # a misspelt key, already reported as unknown-option with a did-you-mean
+        raise self.err("bad-duration", decl.options.span, f"stage '{decl.name.name}' needs steps or epochs")
+
+    def _objective(self, expr: ast.Expr) -> Objective:
+        objective = self.ev(expr, Scope(self.lets))
+        if isinstance(objective, Symbol):
+            raise self._unknown_value(objective)
+        if not isinstance(objective, Objective):
+            raise self.err("type-mismatch", expr.span, f"loss must be a loss expression, e.g. "
+                           f"kl(teacher.logits, student.logits, T: 2), not {_kind(objective)}")
+        return objective
+
+    @staticmethod
+    def _near_miss(block: ast.Block | None, key: str) -> bool:
+        """True if the block has an unknown key that looks like ``key`` (a typo reported on its own)."""
+        if block is None:
+            return False
+        return any(e.key.name != key and did_you_mean(e.key.name, [key]) for e in block.entries)
 
     def _stage_terms(self, objective: Objective, decl: ast.StageDecl, data: str):
         students: list[str] = []
@@ -587,6 +635,10 @@ class _Lowerer:
         teachers = [t for t in teachers if t not in students]
         if not terms:
             raise self.err("missing-option", decl.options.span, f"stage '{decl.name.name}' has no loss term")
+        if not teachers:
+            self.d.report("no-teacher-signal", decl.name.span, f"stage '{decl.name.name}' reads no teacher signal: "
+                          "it trains the student on the data alone", "fine for a warm-up or fine-tuning stage; "
+                          "distillation needs a teacher signal as the first argument of a loss")
         return terms, students, teachers
 
     def _optimizer(self, expr: ast.Expr) -> OptimizerSpec:
@@ -656,6 +708,8 @@ class _Lowerer:
 
     def _ev_Number(self, e: ast.Number, scope: Scope) -> NumVal:
         v = number_value(e.text)
+        if not math.isfinite(v.value):  # 1e400: every later int() or comparison would misbehave
+            raise self.err("bad-number", e.span, f"number {e.text} is too large")
         return NumVal(v.value, v.unit, e.span)
 
     def _ev_String(self, e: ast.String, scope: Scope) -> str:
@@ -813,10 +867,11 @@ class _Lowerer:
             return self._arith(e, left, right)
         if e.op == "+" and isinstance(left, Objective) and isinstance(right, Objective):
             return Objective(left.terms + right.terms, left.interventions + right.interventions)
+        weight_span = e.right.span
         if e.op == "*" and isinstance(right, Objective):
-            left, right = right, left
+            left, right, weight_span = right, left, e.left.span
         if e.op in ("*", "/") and isinstance(left, Objective):
-            weight = self._weight(right, e.right.span if right is not left else e.left.span)
+            weight = self._weight(right, weight_span)
             if e.op == "/":
                 if weight.kind != "constant" or weight.value == 0:
                     raise self.err("bad-weight", e.right.span, "an objective can only be divided by a non-zero number")
@@ -836,9 +891,14 @@ class _Lowerer:
                "/": a.value / b.value if b.value else 0.0}
         if e.op == "^":
             try:
-                return NumVal(a.value ** b.value, None, e.span)
+                value = a.value ** b.value
             except (OverflowError, ZeroDivisionError):
-                raise self.err("bad-value", e.span, "number too large")
+                raise self.err("bad-value", e.span, "number too large or undefined (0 to a negative power)")
+            if not isinstance(value, float) or not math.isfinite(value):  # (-8) ^ 0.5 is complex
+                raise self.err("bad-value", e.span, "power has no real finite value")
+            return NumVal(value, None, e.span)
+        if not math.isfinite(ops[e.op]):
+            raise self.err("bad-value", e.span, "number too large")
         return NumVal(ops[e.op], a.unit if a.unit == b.unit else None, e.span)
 
     def _schedule_arith(self, e: ast.BinOp, a: Any, b: Any) -> Schedule:
@@ -894,7 +954,7 @@ class _Lowerer:
                 return self._progressive(e, scope)
             candidates = [*B.LOSSES, *B.TRANSFORMS, *B.SCHEDULES, *self.methods, "pairs", "progressive",
                           *(lib for lib in self.libraries if lib in self.libraries[lib])]
-            hint = did_you_mean(name, candidates)
+            hint = did_you_mean(name, candidates) or _stdlib_hint(name, self.libraries)
             if name in self.libraries:
                 hint = f"library '{name}' has no method '{name}'; it has: {', '.join(sorted(self.libraries[name]))}"
             raise self.err("unknown-method" if name not in ("hf", "like") else "type-mismatch", e.func.span,
@@ -1079,6 +1139,36 @@ class _Lowerer:
             items.append(replace(it, node=OpNode(op="select_vocab", inputs=[it.node], params={"vocab": name}),
                                  feat=replace(it.feat, vocab=f"vocab:{name}")))
         return replace(xs, items=tuple(items))
+
+    def _t_attend(self, e, xs: ItemSet, kw, scope) -> ItemSet:
+        """attend(<teacher layers>, <student query>): per student item, ALP-KD's attention over teacher layers."""
+        self._arity(e, 2, "attend")
+        query = self._items(e.args[1], scope, "attend")
+        for it in (*xs.items, *query.items):
+            if it.feat.kind not in ("hidden", "qkv"):
+                raise self.err("type-mismatch", e.span, f"attend() takes hidden states, not {it.feat.kind}")
+        t_dim = xs.items[0].feat.dim
+        if t_dim is not None:  # an open projection of the query takes the teacher's width
+            query = replace(query, items=tuple(self._fill_projection(q, t_dim) if q.feat.dim is None else q
+                                               for q in query.items))
+        q_dim = query.items[0].feat.dim
+        if t_dim != q_dim:
+            raise self.err("dim-mismatch", e.span, f"attend() needs equal widths: {t_dim} (teacher layers) vs "
+                           f"{q_dim} (query)", "project the query: attend(t.hidden, project(s.hidden))")
+        first = xs.items[0]
+        items = tuple(Item(OpNode(op="attend", inputs=[q.node, *(t.node for t in xs.items)]), first.feat,
+                           first.model, q.layer, e.span) for q in query.items)
+        return ItemSet(items, layered=query.layered, span=e.span)
+
+    def _t_anneal(self, e, xs: ItemSet, kw, scope) -> ItemSet:
+        """anneal(x, phi: linear(0, 1)): Annealing-KD's target ``phi * x``, phi following a schedule."""
+        self._arity(e, 1, "anneal")
+        if "phi" not in kw:
+            raise self.err("missing-option", e.span, "anneal() needs 'phi', e.g. anneal(x, phi: linear(0.1, 1))")
+        phi = self._option(kw["phi"], "phi", "schedule", scope)
+        items = tuple(replace(it, node=OpNode(op="anneal", inputs=[it.node], params={"phi": phi}))
+                      for it in xs.items)
+        return replace(xs, items=items)
 
     def _t_concat(self, e, xs: ItemSet, kw, scope) -> ItemSet:
         return self._reduce_layers(e, xs, "concat")
@@ -1411,6 +1501,28 @@ class _Lowerer:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _stdlib_methods() -> dict[str, list[str]]:
+    """method name -> libraries defining it, by a scan of the stdlib texts (only used for error hints)."""
+    out: dict[str, list[str]] = {}
+    for file in sorted(STDLIB.glob("*.gkd")):
+        for m in re.finditer(r"^method\s+([A-Za-z_]\w*)", file.read_text(encoding="utf-8"), re.M):
+            out.setdefault(m.group(1), []).append(file.stem)
+    return out
+
+
+def _stdlib_hint(name: str, used: dict) -> str | None:
+    """For a method that a library not yet ``use``d defines: which ``use`` line brings it in."""
+    methods = _stdlib_methods()
+    close = difflib.get_close_matches(name, list(methods), n=1, cutoff=0.6)
+    if not close:
+        return None
+    lib = methods[close[0]][0]
+    call = close[0] if close[0] == lib else f"{lib}.{close[0]}"
+    if lib in used:
+        return f"did you mean '{call}'?"
+    return f"did you mean '{call}'? add `use {lib}` to load it from the standard library"
 
 
 def _node_models(node) -> list[str]:

@@ -38,12 +38,30 @@ def parse(text: str, file: str = "<input>") -> ast.Module:
         tree = _parser().parse(text)
     except (UnexpectedCharacters, UnexpectedToken, UnexpectedEOF) as exc:
         raise ParseError(_syntax_diagnostic(exc, text, file)) from None
+    _check_depth(tree, file)
     try:
         return _ToAst(file).transform(tree)
     except VisitError as exc:  # raised inside a transformer method: unwrap lark's wrapper
         if isinstance(exc.orig_exc, ParseError):
             raise exc.orig_exc from None
         raise
+
+
+#: deepest expression accepted; every later phase recurses over the tree (real specs nest about 15 deep)
+MAX_DEPTH = 100
+
+
+def _check_depth(tree: lark.Tree, file: str) -> None:
+    """Reject absurdly deep trees up front (iteratively), so no phase can hit Python's recursion limit."""
+    stack = [(tree, 1, tree)]
+    while stack:
+        node, depth, decl = stack.pop()
+        if depth > MAX_DEPTH:  # point at the declaration: the deepest node is an arbitrary leaf
+            raise ParseError(Diagnostic("nesting-too-deep", f"expression nested more than {MAX_DEPTH} levels deep",
+                                        _span(file, decl.meta), "split it with `let` declarations"))
+        for child in node.children:
+            if isinstance(child, lark.Tree):
+                stack.append((child, depth + 1, child if depth == 1 else decl))
 
 
 def parse_file(path: str | Path) -> ast.Module:

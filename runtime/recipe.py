@@ -1,0 +1,613 @@
+"""Plan -> trained student: the run, top to bottom (setup, stages, train, checkpoint, save, cleanup).
+
+``run`` checks the plan, starts this rank's DeepSpeed process, then runs the stages in plan order. Each
+stage builds its models (the trained model carries its weights over from the stage before), its data,
+its loss graph, its optimizer and LR schedule, and one DeepSpeed engine that holds the student *and* the
+loss graph's projections, so both are trained and checkpointed together. Teachers are frozen replicas, or
+ZeRO inference engines when the plan gives them a config. Checkpoints land every ``save_every`` steps and
+at the end of each stage; ``resume=True`` continues from the last complete one and ends with the same
+weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from gkdlang.spec import InitSpec, LRScheduleSpec, ModelSpec, OptimizerSpec, StageSpec
+from planner.plan import PLAN_SCHEMA_VERSION, ModelCapture, Plan, StagePlan
+from runtime import checkpoint as ckpt
+from runtime import engine as eng
+from runtime.adapters import capture
+from runtime.errors import RunError
+from runtime.lossgraph import LossGraph
+from runtime.metrics import METRICS_FILE, MetricsLogger
+
+DEFAULT_SAVE_EVERY = 500
+"""Optimizer steps between checkpoints when a stage gives no ``save_every`` (stage ends always save)."""
+
+SEED = 1234
+"""Base seed: model init, data order and random gates are functions of it and the stage index."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    steps: int
+    """Optimizer steps the stage ran in total (including steps done before a resume)."""
+    last: dict[str, float]
+    """Total and per-term losses of the last step this process ran (empty if it ran none)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out_dir: Path
+    student_dir: Path | None
+    """Where the HF student was saved (rank 0; None on other ranks)."""
+    metrics: Path
+    stages: tuple[StageResult, ...]
+    resumed_from: str | None = None
+    """``stage:step`` of the checkpoint the run continued from."""
+
+
+# ================================================================ the recipe
+
+
+def run(
+    plan: Plan,
+    plan_path: Path,
+    out_dir: Path,
+    *,
+    resume: bool,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Execute ``plan``; ``max_steps`` caps every stage's optimizer steps (smoke runs)."""
+    base_dir = check_plan(plan, plan_path)
+    rank, world = eng.prepare_process()
+    if world != plan.world_size:
+        launch = " ".join(plan.launch)
+        raise RunError(f"the plan was made for {plan.world_size} rank(s) but {world} started; launch it with: {launch}")
+    if not progress or rank > 0:
+        _quiet_libraries()
+    out_dir = Path(out_dir)
+    state = _starting_point(plan, out_dir, resume)
+    logger = MetricsLogger(out_dir, enabled=rank == 0, show_bar=progress)
+    kept = logger.open((state.stage, state.step) if state else None)
+    env = _RunEnv(plan, base_dir, out_dir, rank, world, trust_remote_code, allow_pickle, logger, global_step=kept)
+    env.weight_files.update(state.trained if state else {})
+    trained = {name: ckpt.read_weights(Path(p)) for name, p in (state.trained if state else {}).items()}
+    results = []
+    try:
+        for index, (stage, stage_plan) in enumerate(zip(plan.spec.stages, plan.stages)):
+            if state is not None and (index < state.stage or (index == state.stage and state.done)):
+                results.append(StageResult(stage.name, _capped(stage_plan, max_steps), {}))
+                continue
+            resume_tag = state.tag if state is not None and index == state.stage else None
+            start = state.step if resume_tag else 0
+            results.append(run_stage(env, index, stage, stage_plan, trained, start, resume_tag, max_steps))
+        student_dir = save_final_student(env, trained)
+    finally:
+        logger.close()
+    _write_rank_result(env, results, trained)
+    resumed = f"{state.stage_name}:{state.step}" if state else None
+    return RunResult(out_dir, student_dir, out_dir / METRICS_FILE, tuple(results), resumed)
+
+
+def run_stage(
+    env: "_RunEnv",
+    index: int,
+    stage: StageSpec,
+    stage_plan: StagePlan,
+    trained: dict[str, dict[str, torch.Tensor]],
+    start: int,
+    resume_tag: str | None,
+    max_steps: int | None,
+) -> StageResult:
+    """Setup, train and save one stage; ``trained[name]`` receives the trained model's weights."""
+    total = _capped(stage_plan, max_steps)
+    live, models = setup_stage(env, index, stage, stage_plan, trained, total)
+    if resume_tag is not None:
+        restore(env, live.engine, resume_tag, live.data)
+
+    env.logger.start_stage(stage.name, total, start)
+    save_every = stage.save_every or DEFAULT_SAVE_EVERY
+    batches = live.data.micro_batches(start, live.engine.device)
+    last: dict[str, float] = {}
+    for step in range(start, total):
+        last = train_step(env, live, batches, step)
+        if (step + 1) % save_every == 0 and step + 1 < total:
+            save_checkpoint(env, live.engine, live.data, index, stage.name, step + 1)
+    env.logger.end_stage()
+
+    student = models.modules[live.student]
+    trained[live.student] = eng.full_state_dict(student)
+    finish_stage(env, index, stage.name, total, live.student, trained)
+    if index == len(env.plan.stages) - 1:
+        env.final = (student, models.tokenizer, models.vocab_maps.get(live.student), live.student)
+    for engine in [live.engine, *live.teachers.values()]:
+        eng.release(engine)
+    return StageResult(stage.name, total, last)
+
+
+def setup_stage(
+    env: "_RunEnv",
+    index: int,
+    stage: StageSpec,
+    stage_plan: StagePlan,
+    trained: Mapping[str, dict[str, torch.Tensor]],
+    total: int,
+) -> tuple["_LiveStage", "StageModels"]:
+    """Models, data, loss graph, optimizer, LR schedule and engines of one stage."""
+    student_name = _single_student(stage)
+    _refuse_interventions(stage)
+    captures = {c.model: c for c in stage_plan.captures}
+    used = [t for t in stage.teachers if t in captures and captures[t].points]  # the planner prunes unread teachers
+    _seed_everything(SEED + 1000 * index)  # same init on every rank (ZeRO-3 partitions each rank's copy)
+    models = build_models(env, stage, used, trained)
+    data = StageData.build(env, stage, stage_plan, models, index)
+    student = models.modules[student_name]
+    keep_ids = {vm.name: vm.kept_ids for vm in models.vocab_maps.values()}
+    graph = LossGraph(stage.loss, models.archs, keep_ids=keep_ids, seed=SEED + index)
+    step_module = DistillStep(student, student_name, graph, _capture_of(captures, student_name, stage))
+    if stage_plan.placement.activation_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+        student.gradient_checkpointing_enable()
+    optimizer = build_optimizer(step_module, stage.optimizer, stage.name)
+    scheduler = build_lr_schedule(optimizer, stage.schedule, total)
+    engine = eng.init_student(step_module, optimizer, scheduler, stage_plan.deepspeed_config, stage=stage.name)
+    teachers = {
+        name: eng.init_teacher(models.modules[name], stage_plan.teacher_configs.get(name), name=name, stage=stage.name)
+        for name in used
+    }
+    teacher_caps = {name: _capture_of(captures, name, stage) for name in teachers}
+    _seed_everything(SEED + 1000 * index + 1 + env.rank)  # dropout differs per rank, same on every rerun
+    return _LiveStage(engine, teachers, teacher_caps, graph, data, stage, index, total, student_name), models
+
+
+@dataclass(frozen=True)
+class _LiveStage:
+    """The running pieces of one stage that every step uses."""
+
+    engine: Any
+    teachers: Mapping[str, nn.Module]
+    teacher_caps: Mapping[str, ModelCapture]
+    graph: LossGraph
+    data: "StageData"
+    stage: StageSpec
+    index: int
+    total: int
+    student: str
+
+
+def train_step(
+    env: "_RunEnv", live: _LiveStage, batches: Iterator[dict[str, dict[str, torch.Tensor]]], step: int
+) -> dict[str, float]:
+    """One optimizer step (``grad_accum`` micro-batches); logs and returns the mean losses."""
+    engine = live.engine
+    progress = step / live.total
+    active = live.graph.active_terms(progress, step=step, epoch=live.data.epoch_of(step))
+    lr = engine.optimizer.param_groups[0]["lr"]
+    accum = engine.gradient_accumulation_steps()
+    sums: dict[str, float] = {}
+    for _ in range(accum):
+        inputs = next(batches)
+        signals = {
+            name: capture(model, inputs["teacher"], live.teacher_caps[name], grad=False)
+            for name, model in live.teachers.items()
+        }
+        loss, parts = engine(inputs["student"], signals, progress, active)
+        _check_finite(env, live.stage.name, step, loss, parts)
+        engine.backward(loss)
+        engine.step()
+        for key, value in {"total": sum(parts.values()), **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value / accum
+    total = sums.pop("total", 0.0)
+    record = {"stage": live.stage.name, "stage_index": live.index, "step": step + 1, "lr": lr, "total": total,
+              "terms": sums}
+    env.logger.log_step(record, env.next_global_step())
+    return {"total": total, **sums}
+
+
+# ================================================================ components
+
+
+class DistillStep(nn.Module):
+    """Student + loss graph as one module, so DeepSpeed trains and checkpoints the projections with the student.
+
+    ``forward(batch, teacher_signals, progress, active)`` captures the student's planned signals with
+    gradients and returns the loss graph's ``(total, per-term values)``.
+    """
+
+    def __init__(self, student: nn.Module, student_name: str, graph: LossGraph, plan: ModelCapture) -> None:
+        super().__init__()
+        self.student = student
+        self.graph = graph
+        self.student_name = student_name
+        self.plan = plan
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        teacher_signals: Mapping[str, Mapping[tuple[str, int | None], torch.Tensor]],
+        progress: float,
+        active: set[str] | None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        signals = dict(teacher_signals)
+        signals[self.student_name] = capture(self.student, batch, self.plan, grad=True)
+        return self.graph(signals, batch, progress, active)
+
+
+def build_optimizer(module: nn.Module, spec: OptimizerSpec, stage: str) -> torch.optim.Optimizer:
+    """A torch optimizer over the module's trainable parameters (DeepSpeed gets the instance: no op builds)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    if spec.name == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.betas[0], weight_decay=spec.weight_decay)
+    raise RunError(
+        f"stage '{stage}': optimizer '{spec.name}' has no torch implementation here; use adamw, adam or sgd"
+    )
+
+
+def lr_factor(step: int, total: int, spec: LRScheduleSpec, base_lr: float) -> float:
+    """Multiplier of the base LR after ``step`` optimizer steps: linear warm-up, then constant/linear/cosine decay."""
+    warmup = int(math.ceil(spec.warmup * total))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    floor = spec.min_lr / base_lr if base_lr > 0 else 0.0
+    x = min(1.0, (step - warmup) / max(1, total - warmup))
+    if spec.kind == "linear":
+        return floor + (1 - floor) * (1 - x)
+    if spec.kind == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * x))
+    return 1.0
+
+
+def build_lr_schedule(optimizer: torch.optim.Optimizer, spec: LRScheduleSpec, total: int) -> Any:
+    base = optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, spec, base))
+
+
+@dataclass
+class StageModels:
+    """The models of one stage, built and (for carried-over models) loaded."""
+
+    modules: dict[str, nn.Module]
+    archs: dict[str, Any]
+    tokenizer: Any
+    """The student's tokenizer (full vocabulary; compressed ids come from the vocab map)."""
+    vocab_maps: dict[str, Any] = field(default_factory=dict)
+    """Student name -> its VocabMap, for students with a compressed vocabulary."""
+
+
+def build_models(
+    env: "_RunEnv", stage: StageSpec, teachers: list[str], trained: Mapping[str, dict[str, torch.Tensor]]
+) -> StageModels:
+    """The stage's used ``teachers`` first (a student may copy its init from one), then the student.
+
+    Weights a model got in an earlier stage replace its init. The student is built in fp32: DeepSpeed keeps
+    the master weights and casts to the planned precision itself.
+    """
+    from runtime import models as M
+    from runtime import vocab as V
+
+    spec = env.plan.spec
+    built: dict[str, nn.Module] = {name: _build_one(env, spec.models[name], built={}) for name in teachers}
+    for name in stage.students:
+        model_spec = spec.models[name]
+        if name in trained:  # its weights come from the earlier stage: skip copying an init that is overwritten
+            model_spec = model_spec.model_copy(update={"init": InitSpec()})
+        elif model_spec.init.kind == "copy" and model_spec.init.source not in built:
+            source = str(model_spec.init.source)
+            built[source] = _build_one(env, spec.models[source], built)
+        built[name] = _build_one(env, model_spec, built).float()
+    vocab_maps = {}
+    for name in stage.students:
+        if spec.models[name].vocab is not None:
+            vmap = vocab_maps[name] = env.vocab_map(spec.models[name].vocab, built)
+            # a derived student may already be built at the compressed size (its arch holds the kept rows)
+            if built[name].get_input_embeddings().weight.shape[0] == vmap.full_size:
+                V.compress_student(built[name], vmap)
+    for name, state in trained.items():
+        if name in built:
+            _load_weights(built[name], state, name)
+    tokenizer = M.load_tokenizer(spec.models[_single_student(stage)], spec.models, env.base_dir)
+    archs = {name: m.arch for name, m in spec.models.items()}
+    return StageModels({k: built[k] for k in [*teachers, *stage.students]}, archs, tokenizer, vocab_maps)
+
+
+def _build_one(env: "_RunEnv", model_spec: ModelSpec, built: dict[str, nn.Module]) -> nn.Module:
+    from runtime import models as M
+
+    return M.build_model(
+        model_spec, env.base_dir, built, trust_remote_code=env.trust_remote_code, allow_pickle=env.allow_pickle
+    )
+
+
+def build_vocab_map(env: "_RunEnv", vocab_name: str, built: dict[str, nn.Module]) -> Any:
+    """GLMD: rank the source tokenizer's ids by frequency on the ranking data, keep the top rows, remap the rest."""
+    from runtime import data as D
+    from runtime import models as M
+    from runtime import vocab as V
+
+    spec = env.plan.spec
+    vocab = spec.vocabs[vocab_name]
+    source = spec.models[vocab.source]
+    tokenizer = M.load_tokenizer(source, spec.models, env.base_dir)
+    ranking = spec.data[vocab.rank_data]
+    texts = D.load_texts(ranking, env.base_dir)
+    tokens = D.tokenize(texts, ranking, tokenizer, ranking.seq_len, causal=not source.arch.is_encoder)
+    kept = V.choose_kept(vocab, tokenizer, V.token_frequencies(tokens.dataset["input_ids"], vocab.full_size))
+    embeddings = None
+    if vocab.remap != "unk":
+        owner = built.get(vocab.source) or _build_one(env, source, built)
+        embeddings = owner.get_input_embeddings().weight.detach().float()
+    return V.build_vocab_map(vocab, kept, embeddings, tokenizer.unk_token_id)
+
+
+def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    # tied weights may be stored once; anything else missing means the checkpoint is not this model's
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RunError(
+            f"weights carried over for model '{name}' do not fit it (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); delete the output directory's checkpoints and run again"
+        )
+
+
+class StageData:
+    """Tokenised data + this rank's resumable sampler -> micro-batches per model (student ids may be remapped)."""
+
+    def __init__(self, tokens: Any, sampler: Any, seed: int, rank: int) -> None:
+        self.tokens = tokens
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+
+    @classmethod
+    def build(cls, env: "_RunEnv", stage: StageSpec, stage_plan: StagePlan, models: StageModels, index: int):
+        from runtime import data as D
+
+        spec = env.plan.spec
+        data_spec = spec.data[stage.data]
+        student = spec.models[_single_student(stage)]
+        max_positions = min(spec.models[m].arch.max_positions for m in [*stage.teachers, *stage.students])
+        texts = D.load_texts(data_spec, env.base_dir)
+        tokens = D.tokenize(
+            texts, data_spec, models.tokenizer, stage.seq_len or data_spec.seq_len,
+            causal=not student.arch.is_encoder, vocab_map=models.vocab_maps.get(student.name),
+            num_labels=student.head.num_labels, max_positions=max_positions,
+        )
+        micro = stage_plan.placement.micro_batch
+        sampler = D.ResumableSampler(len(tokens), stage.batch, micro, env.rank, env.world, SEED + index)
+        return cls(tokens, sampler, SEED + index, env.rank)
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.sampler.steps_per_epoch
+
+    def micro_batches(self, start_step: int, device: torch.device) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+        """Micro-batches from optimizer step ``start_step`` on: ``{"teacher": batch, "student": batch}`` on device.
+
+        The student's batch carries the compressed-vocabulary ids when its vocabulary is compressed.
+        """
+        from runtime import data as D
+
+        accum = self.sampler.accum
+        for k, ids in enumerate(self.sampler.micro_batches(start_step)):
+            step, micro = start_step + k // accum, k % accum
+            batch = self.tokens.collate(ids, D.step_seed(self.seed, step, micro, self.rank))
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            student = dict(batch)
+            if "student_input_ids" in student:
+                student["input_ids"] = student.pop("student_input_ids")
+                batch.pop("student_input_ids")
+            yield {"teacher": batch, "student": student}
+
+
+# ================================================================ checkpoints
+
+
+def save_checkpoint(env: "_RunEnv", engine: Any, data: StageData, index: int, stage: str, step: int) -> None:
+    """All ranks: engine state + rank state, then (rank 0) the progress record that makes it complete."""
+    tag = ckpt.step_tag(index, step)
+    eng.save_checkpoint(engine, ckpt.checkpoint_dir(env.out_dir), tag)
+    ckpt.write_rank_state(env.out_dir, tag, env.rank, data.sampler.state_dict())
+    eng.barrier()
+    if env.rank == 0:
+        record = ckpt.Progress(index, stage, step, False, tag, env.plan.spec_hash, dict(env.weight_files))
+        ckpt.write_progress(env.out_dir, record)
+        ckpt.prune_tags(env.out_dir, keep=tag)
+    eng.barrier()
+
+
+def finish_stage(
+    env: "_RunEnv", index: int, stage: str, steps: int, student: str, trained: Mapping[str, Any]
+) -> None:
+    """Stage end: weights of the trained model to disk, then the record saying the stage is done."""
+    if env.rank == 0:
+        env.weight_files[student] = str(ckpt.write_stage_weights(env.out_dir, index, trained[student]))
+        record = ckpt.Progress(index, stage, steps, True, None, env.plan.spec_hash, dict(env.weight_files))
+        ckpt.write_progress(env.out_dir, record)
+        ckpt.prune_tags(env.out_dir, keep=None)
+    eng.barrier()
+
+
+def restore(env: "_RunEnv", engine: Any, tag: str, data: StageData) -> None:
+    eng.load_checkpoint(engine, ckpt.checkpoint_dir(env.out_dir), tag)
+    state = ckpt.read_rank_state(env.out_dir, tag, env.rank)
+    data.sampler.load_state_dict(state["sampler"])  # refuses a checkpoint of other data or batch sizes
+    ckpt.set_rng_state(state["rng"])
+
+
+def _starting_point(plan: Plan, out_dir: Path, resume: bool) -> ckpt.Progress | None:
+    state = ckpt.read_progress(out_dir)
+    if not resume:
+        if state is not None:
+            raise RunError(f"{out_dir} already holds a run; pass --resume to continue it or choose another directory")
+        return None
+    if state is None:
+        return None  # nothing complete yet: start from the beginning
+    if state.spec_hash != plan.spec_hash:
+        raise RunError(f"the checkpoints in {out_dir} were written for a different spec; start a new run")
+    return state
+
+
+# ================================================================ checks and small helpers
+
+
+def check_plan(plan: Plan, plan_path: Path) -> Path:
+    """Refuse unknown plan schemas and plans whose spec changed; return the spec's directory (paths' base)."""
+    if plan.plan_schema_version != PLAN_SCHEMA_VERSION:
+        raise RunError(
+            f"{plan_path}: plan_schema_version {plan.plan_schema_version} is not supported by this gkdc "
+            f"(it reads version {PLAN_SCHEMA_VERSION}); re-run `gkdc plan`"
+        )
+    spec_path = _spec_path(plan, Path(plan_path))
+    if spec_path.exists() and spec_digest(spec_path.read_text(), plan.spec.uses) != plan.spec_hash:
+        raise RunError(f"{spec_path} changed since {plan_path} was made; re-run `gkdc plan {spec_path}`")
+    return spec_path.parent.resolve()
+
+
+def spec_digest(text: str, uses: list[str]) -> str:
+    """The front end's spec hash (gkdlang.lower.spec_hash): one definition, so the two can never drift."""
+    from gkdlang.lower import spec_hash
+
+    return spec_hash(text, uses)
+
+
+def _spec_path(plan: Plan, plan_path: Path) -> Path:
+    given = Path(plan.spec_file)
+    if given.is_absolute():
+        return given
+    for candidate in (plan_path.parent / given, Path.cwd() / given):
+        if candidate.exists():
+            return candidate
+    return plan_path.parent / given
+
+
+def _capped(stage_plan: StagePlan, max_steps: int | None) -> int:
+    return stage_plan.total_steps if max_steps is None else min(stage_plan.total_steps, max_steps)
+
+
+def _single_student(stage: StageSpec) -> str:
+    if len(stage.students) != 1:
+        raise RunError(f"stage '{stage.name}': trains {len(stage.students)} models; this runtime trains one per stage")
+    return stage.students[0]
+
+
+def _refuse_interventions(stage: StageSpec) -> None:
+    # silently training without them would give a different method than the spec says
+    if stage.interventions:
+        kinds = ", ".join(sorted({iv.kind for iv in stage.interventions}))
+        raise RunError(f"stage '{stage.name}': interventions ({kinds}) are not implemented by this runtime yet")
+
+
+def _capture_of(captures: Mapping[str, ModelCapture], name: str, stage: StageSpec) -> ModelCapture:
+    if name not in captures:
+        raise RunError(f"stage '{stage.name}': the plan lists no signals to capture for model '{name}'; re-run `gkdc plan`")
+    return captures[name]
+
+
+def _quiet_libraries() -> None:
+    # loading bars of datasets/transformers: one per rank and stage would bury the training output
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_finite(env: "_RunEnv", stage: str, step: int, loss: torch.Tensor, parts: Mapping[str, float]) -> None:
+    value = sum(parts.values()) if parts else float(loss.detach())
+    if eng.all_true(math.isfinite(value)):
+        return
+    bad = next((k for k, v in parts.items() if not math.isfinite(v)), None)
+    where = f"loss term '{bad}' is {parts[bad]}" if bad else "the loss is not finite on another rank"
+    last = ckpt.read_progress(env.out_dir)
+    kept = f"the last good checkpoint ({last.stage_name}:{last.step}) is kept" if last else "no checkpoint was written yet"
+    raise RunError(f"stage '{stage}', step {step + 1}: {where}; stopped, {kept}. Lower the learning rate or check the data")
+
+
+def save_final_student(env: "_RunEnv", trained: Mapping[str, dict[str, torch.Tensor]]) -> Path | None:
+    """Rank 0: the last stage's trained model in HF format (safetensors) under ``out/student``."""
+    from runtime import models as M
+
+    out = env.out_dir / "student"
+    if env.final is None:  # every stage was already done before this (resumed) process started
+        stage = env.plan.spec.stages[-1]
+        name = _single_student(stage)
+        models = build_models(env, stage, [], trained)  # the student's weights are all on disk
+        env.final = (models.modules[name], models.tokenizer, models.vocab_maps.get(name), name)
+    module, tokenizer, vocab_map, name = env.final
+    if env.rank == 0:
+        module = _plain_copy(module, trained[name])
+        M.save_student(module, tokenizer, out, vocab_map)
+    eng.barrier()
+    return out if env.rank == 0 else None
+
+
+def _plain_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh fp32 CPU module with the gathered weights (the engine's copy may be sharded or bf16)."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return module
+    fresh = type(module)(config)
+    _load_weights(fresh, state, "student")
+    return fresh.float().eval()
+
+
+def _write_rank_result(env: "_RunEnv", results: list[StageResult], trained: Mapping[str, Any]) -> None:
+    """Every rank: what it finished, so multi-rank callers can check results beyond the launcher's exit code."""
+    path = env.out_dir / "ranks" / f"rank{env.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sums = {name: float(sum(t.double().sum() for t in state.values())) for name, state in trained.items()}
+    record = {"rank": env.rank, "world": env.world, "stages": [asdict(r) for r in results], "weight_sums": sums}
+    path.write_text(json.dumps(record, indent=1))
+
+
+@dataclass
+class _RunEnv:
+    """What every stage of one run shares."""
+
+    plan: Plan
+    base_dir: Path
+    out_dir: Path
+    rank: int
+    world: int
+    trust_remote_code: bool
+    allow_pickle: bool
+    logger: MetricsLogger
+    weight_files: dict[str, str] = field(default_factory=dict)
+    final: tuple | None = None
+    global_step: int = 0
+    """Optimizer steps over all stages so far (TensorBoard's x axis)."""
+    vocab_maps: dict[str, Any] = field(default_factory=dict)
+
+    def vocab_map(self, name: str, built: dict[str, nn.Module]) -> Any:
+        """The VocabMap ``name``, built once per run (every stage and every resume derive the same one)."""
+        if name not in self.vocab_maps:
+            self.vocab_maps[name] = build_vocab_map(self, name, built)
+        return self.vocab_maps[name]
+
+    def next_global_step(self) -> int:
+        self.global_step += 1
+        return self.global_step

@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", type=Path, required=True)
     g.set_defaults(func=cmd_graph)
 
+    e = sub.add_parser("eval", help="held-out perplexity or accuracy of saved models (e.g. runs/x/models/*)")
+    e.add_argument("models", nargs="+", type=Path, help="model folders saved by gkdc run (or any HF folder)")
+    e.add_argument("--data", type=Path, required=True, help="held-out text (one example per line) or jsonl")
+    e.add_argument("--seq-len", type=int, default=128)
+    e.add_argument("--limit", type=int, default=None, help="score only the first N lines")
+    e.add_argument("--json", type=Path, default=None, help="also write the results here")
+    e.set_defaults(func=cmd_eval)
+
     r = sub.add_parser("run", help="execute a plan (or a spec, planning it first) with DeepSpeed")
     r.add_argument("file", type=Path, help="plan.json or spec.gkd")
     r.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<spec name>)")
@@ -254,6 +262,27 @@ def cmd_run(args) -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERRORS
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from runtime.errors import RunError
+    from runtime.evaluate import evaluate
+
+    results = []
+    for folder in args.models:
+        try:
+            results.append(evaluate(folder, args.data, seq_len=args.seq_len, limit=args.limit))
+        except RunError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERRORS
+    width = max(len(r.model) for r in results)
+    print(f"{'model':<{width}}  {'metric':<14} {'value':>10} {'scored':>8} {'params':>12} {'embedding':>11}")
+    for r in results:
+        print(f"{r.model:<{width}}  {r.metric:<14} {r.value:>10.3f} {r.count:>8} {r.parameters:>12,} "
+              f"{r.embedding_parameters:>11,}" + (f"  ({r.note})" if r.note else ""))
+    if args.json:
+        _atomic_write(args.json, json.dumps([r.__dict__ for r in results], indent=2) + "\n")
     return EXIT_OK
 
 

@@ -46,6 +46,9 @@ class PlanFailure:
 
 def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str = "plan.json") -> Plan | PlanFailure:
     """The plan of a checked spec; ``plan_path`` is where the caller will write it (it appears in ``launch``)."""
+    unknown = _unknown_device(spec.cluster)
+    if unknown is not None:
+        return PlanFailure([unknown])
     graph = build_graph(spec)
     params = {name: model_params(m) for name, m in spec.models.items()}
     world = world_size(spec.cluster)
@@ -67,6 +70,18 @@ def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str 
     return Plan(gkdc_version=gkdc_version, spec_hash=spec.source_hash, spec_file=spec_path, spec=spec,
                 models=[resolved_model(m, params[m.name]) for m in spec.models.values()], stages=stages,
                 world_size=world, launch=launch, hostfile=hostfile, notes=notes)
+
+
+def _unknown_device(cluster: ClusterSpec) -> Diagnostic | None:
+    """``unknown-gpu`` at the cluster block when its device is not in the hardware catalog."""
+    from planner import hardware
+
+    if hardware.lookup(cluster.gpu) is not None:
+        return None
+    guess = hardware.suggest(cluster.gpu)
+    hint = f"did you mean '{guess}'?" if guess else f"known devices: {', '.join(hardware.CATALOG)}"
+    return Diagnostic("unknown-gpu", f"unknown device '{cluster.gpu}': the hardware catalog has no such GPU",
+                      cluster.span, hint)
 
 
 # ---------------------------------------------------------------- models

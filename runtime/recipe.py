@@ -133,8 +133,7 @@ def run_stage(
     student = models.modules[live.student]
     trained[live.student] = eng.full_state_dict(student)
     finish_stage(env, index, stage.name, total, live.student, trained)
-    if index == len(env.plan.stages) - 1:
-        env.final = (student, models.tokenizer, models.vocab_maps.get(live.student), live.student)
+    env.exports[live.student] = (student, models.tokenizer, models.vocab_maps.get(live.student))
     for engine in [live.engine, *live.teachers.values()]:
         eng.release(engine)
     return StageResult(stage.name, total, last)
@@ -548,19 +547,24 @@ def _check_finite(env: "_RunEnv", stage: str, step: int, loss: torch.Tensor, par
 
 
 def save_final_student(env: "_RunEnv", trained: Mapping[str, dict[str, torch.Tensor]]) -> Path | None:
-    """Rank 0: the last stage's trained model in HF format (safetensors) under ``out/student``."""
+    """Rank 0: every model the run trained, in HF format (safetensors) under ``out/models/<name>``, and the last
+    stage's student again under ``out/student``. Models trained before a resumed process started are rebuilt
+    from their weights on disk."""
     from runtime import models as M
 
-    out = env.out_dir / "student"
-    if env.final is None:  # every stage was already done before this (resumed) process started
-        stage = env.plan.spec.stages[-1]
+    for stage in env.plan.spec.stages:
         name = _single_student(stage)
-        models = build_models(env, stage, [], trained)  # the student's weights are all on disk
-        env.final = (models.modules[name], models.tokenizer, models.vocab_maps.get(name), name)
-    module, tokenizer, vocab_map, name = env.final
+        if name not in env.exports:
+            models = build_models(env, stage, [], trained)  # the student's weights are all on disk
+            env.exports[name] = (models.modules[name], models.tokenizer, models.vocab_maps.get(name))
+    last = _single_student(env.plan.spec.stages[-1])
+    out = env.out_dir / "student"
     if env.rank == 0:
-        module = _plain_copy(module, trained[name])
-        M.save_student(module, tokenizer, out, vocab_map)
+        for name, (module, tokenizer, vocab_map) in env.exports.items():
+            fresh = _plain_copy(module, trained[name])
+            M.save_student(fresh, tokenizer, env.out_dir / "models" / name, vocab_map)
+            if name == last:
+                M.save_student(fresh, tokenizer, out, vocab_map)
     eng.barrier()
     return out if env.rank == 0 else None
 
@@ -597,7 +601,8 @@ class _RunEnv:
     allow_pickle: bool
     logger: MetricsLogger
     weight_files: dict[str, str] = field(default_factory=dict)
-    final: tuple | None = None
+    exports: dict[str, tuple] = field(default_factory=dict)
+    """Model name -> (module, tokenizer, vocab map) of the last stage that trained it (saved at the end)."""
     global_step: int = 0
     """Optimizer steps over all stages so far (TensorBoard's x axis)."""
     vocab_maps: dict[str, Any] = field(default_factory=dict)

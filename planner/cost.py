@@ -1,0 +1,131 @@
+"""FLOPs and bytes moved -> predicted seconds per optimizer step, with the parts named.
+
+Per optimizer step on one rank (``tokens`` = micro_batch * seq_len * grad_accum):
+
+- ``compute_student``: 6 * N * tokens (forward + backward of every trainable parameter) plus the attention
+  score terms 12 * L * s * (H * head_dim) * tokens, at the training precision's peak times ``EFFICIENCY``;
+- ``recompute``: one more forward (2 * N * tokens + 4 * L * s * H * d * tokens) with activation checkpointing;
+- ``compute_teacher``: 2 * N_run * tokens (+ attention 4 * L_run * s * H * d * tokens) over the blocks a
+  teacher actually runs (up to ``stop_after_layer``, head only when needed), at the teacher dtype's peak;
+- ``zero_comm``: gradient all-reduce (ZeRO-0/1, once per step), gradient reduce-scatter (ZeRO-2/3, every
+  micro-batch), parameter all-gathers (ZeRO-3: forward and backward of every micro-batch; a sharded teacher:
+  its forward), ring cost ``2 (n-1)/n`` / ``(n-1)/n`` bytes over NVLink inside a node, InfiniBand across;
+- ``latency``: a fixed ``PER_BLOCK_LATENCY_S`` per block and pass of every micro-batch (kernel launches);
+- ``offload``: 16-bit gradients down and weights up over PCIe, the host Adam step (``CPU_ADAM_PARAMS_PER_S``),
+  offloaded weights fetched every forward/backward, NVMe traffic at the node's NVMe bandwidth shared by its
+  ranks.
+
+Communication is not assumed to overlap with compute: a conservative figure that ranks placements correctly
+(those that move more bytes are slower), not a promise about wall-clock time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.hardware import INTER_NODE_BW, Device
+from planner.memory import DTYPE_BYTES, StageModels, teacher_needed_params
+from planner.plan import Placement
+
+#: Fraction of peak FLOP/s that transformer training reaches (typical model-FLOPs utilisation).
+EFFICIENCY = 0.45
+#: Seconds of kernel-launch and Python latency per block per pass (~20 kernels x 5 us): what makes many small
+#: micro-batches slower than few large ones at equal FLOPs.
+PER_BLOCK_LATENCY_S = 1e-4
+#: Parameters per second a host Adam step updates on one rank (DeepSpeed's CPU Adam with AVX, a few cores).
+CPU_ADAM_PARAMS_PER_S = 1e9
+
+
+@dataclass(frozen=True)
+class StepCost:
+    total: float
+    parts: dict[str, float]
+
+
+def _attn_flops_per_token(layers: int, seq: int, width: int) -> float:
+    # QK^T and (softmax)V: 2 matmuls of 2*s*width FLOPs per token per layer
+    return 4.0 * layers * seq * width
+
+
+def _peak(device: Device, dtype: str) -> float:
+    return device.flops.get(dtype) or device.flops["fp32"]
+
+
+def _bandwidth(device: Device, world: int, gpus_per_node: int) -> float:
+    return device.link_bw if world <= gpus_per_node else min(device.link_bw, INTER_NODE_BW)
+
+
+def step_cost(models: StageModels, p: Placement, device: Device, world: int, gpus_per_node: int) -> StepCost:
+    """Predicted seconds per optimizer step for one placement (see the module docstring)."""
+    tokens = p.micro_batch * models.seq_len * p.grad_accum
+    rate = _peak(device, p.precision) * EFFICIENCY
+    n = models.trainable
+    attn = sum(_attn_flops_per_token(m.arch.num_layers, models.seq_len, m.arch.num_heads * m.arch.head_dim)
+               for m, _, _ in models.students)
+    parts = {"compute_student": (6 * n + 3 * attn) * tokens / rate,
+             "recompute": (2 * n + attn) * tokens / rate if p.activation_checkpointing else 0.0,
+             "compute_teacher": _teacher_compute(models, p, device, tokens)}
+    bw = _bandwidth(device, world, gpus_per_node)
+    parts["zero_comm"] = _zero_comm(models, p, world, bw)
+    parts["offload"] = _offload(models, p, device, world, gpus_per_node)
+    parts["latency"] = _latency(models, p)
+    return StepCost(total=sum(parts.values()), parts=parts)
+
+
+def _latency(models: StageModels, p: Placement) -> float:
+    student = sum(m.arch.num_layers for m, _, _ in models.students) * (3 + p.activation_checkpointing)
+    teacher = sum(m.arch.num_layers if c.stop_after_layer is None else c.stop_after_layer + 1
+                  for m, _, c in models.teachers if p.teacher_strategy.get(m.name) != "offline")
+    return p.grad_accum * (student + teacher) * PER_BLOCK_LATENCY_S
+
+
+def _teacher_compute(models: StageModels, p: Placement, device: Device, tokens: int) -> float:
+    total = 0.0
+    for m, counts, cap in models.teachers:
+        if p.teacher_strategy.get(m.name) == "offline":
+            continue  # signals are read from the cache
+        blocks = m.arch.num_layers if cap.stop_after_layer is None else cap.stop_after_layer + 1
+        flops = 2 * teacher_needed_params(counts, cap, m.arch)
+        flops += _attn_flops_per_token(blocks, models.seq_len, m.arch.num_heads * m.arch.head_dim)
+        total += flops * tokens / (_peak(device, m.dtype) * EFFICIENCY)
+    return total
+
+
+def _zero_comm(models: StageModels, p: Placement, world: int, bw: float) -> float:
+    if world <= 1:
+        return 0.0
+    ring = (world - 1) / world
+    w = DTYPE_BYTES[p.precision]
+    grads = models.trainable * w
+    if p.zero_stage <= 1:
+        seconds = 2 * ring * grads / bw  # one all-reduce per optimizer step
+    else:
+        seconds = p.grad_accum * ring * grads / bw  # reduce-scatter every micro-batch
+        seconds += ring * grads / bw if p.zero_stage == 2 else 0.0  # ZeRO-2 all-gathers updated weights
+    if p.zero_stage == 3:
+        seconds += p.grad_accum * 2 * ring * grads / bw  # weights gathered for forward and backward
+    for m, counts, cap in models.teachers:
+        if p.teacher_strategy.get(m.name) in ("sharded", "cpu_offload", "nvme_offload"):
+            needed = teacher_needed_params(counts, cap, m.arch) * DTYPE_BYTES[m.dtype]
+            seconds += p.grad_accum * ring * needed / bw
+    return seconds
+
+
+def _offload(models: StageModels, p: Placement, device: Device, world: int, gpn: int) -> float:
+    w = DTYPE_BYTES[p.precision]
+    shard = models.trainable / max(world, 1)
+    seconds = 0.0
+    if p.offload_optimizer != "none":
+        seconds += 2 * shard * w / device.pcie_bw + shard / CPU_ADAM_PARAMS_PER_S
+        if p.offload_optimizer == "nvme":
+            seconds += 2 * shard * 16 / (device.nvme_bw / gpn)  # fp32 master + Adam read and written back
+    if p.offload_params != "none":
+        link = device.pcie_bw if p.offload_params == "cpu" else min(device.pcie_bw, device.nvme_bw / gpn)
+        seconds += p.grad_accum * 2 * shard * w / link
+    for m, counts, cap in models.teachers:
+        strategy = p.teacher_strategy.get(m.name)
+        if strategy in ("cpu_offload", "nvme_offload"):
+            needed = teacher_needed_params(counts, cap, m.arch) * DTYPE_BYTES[m.dtype] / max(world, 1)
+            link = device.pcie_bw if strategy == "cpu_offload" else min(device.pcie_bw, device.nvme_bw / gpn)
+            seconds += p.grad_accum * needed / link
+    return seconds

@@ -1,0 +1,272 @@
+"""Spec + stage + captures + parameter counts -> the fastest placement that fits, runner-ups, and advice.
+
+The search enumerates teacher strategy (per teacher) x ZeRO stage x optimizer / parameter offload x
+activation checkpointing x micro-batch, where micro-batch and gradient accumulation satisfy
+``batch = micro * accum * ranks``; a forced ``micro_batch`` / ``activation_checkpointing`` and
+``grad_accum_allowed: false`` narrow it. A placement fits when every rank's predicted GPU bytes stay under
+``(1 - SAFETY_MARGIN)`` of the device memory (the margin absorbs allocator fragmentation and what the model
+leaves out) and host / NVMe bytes under the cluster's ``cpu_memory`` / ``nvme`` when those are given.
+The fastest fitting placement wins (ties: less memory, then simpler); runner-ups carry a short reason.
+
+Teacher strategies searched are those the runtime executes: ``replicated`` (plain module), ``sharded``
+(ZeRO-3 inference engine), ``cpu_offload`` / ``nvme_offload`` (ZeRO-3 with offloaded parameters).
+``separate`` and ``offline`` are modelled by ``planner.memory`` but the runtime cannot run them yet, so the
+search suggests ``offline`` only in its advice. Offload is not searched on CPU runs (host memory is the device).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from gkdlang.spec import Spec, StageSpec
+from planner.cost import StepCost, step_cost
+from planner.hardware import CATALOG, Device, device_for, training_precision
+from planner.memory import GiB, ClusterShape, StageModels, estimate, learned_params
+from planner.params import ParamCounts
+from planner.plan import Candidate, ModelCapture, Placement, RankMemory
+
+#: Fraction of device memory kept free.
+SAFETY_MARGIN = 0.10
+#: Runner-ups reported with the chosen placement.
+MAX_ALTERNATIVES = 8
+SEARCHED_TEACHER_STRATEGIES = ("replicated", "sharded", "cpu_offload", "nvme_offload")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    chosen: Candidate | None
+    """None when nothing fits."""
+    memory: list[RankMemory]
+    """Breakdown of the chosen placement (or of the best attempt when infeasible)."""
+    step_time_s: float
+    step_time_parts: dict[str, float]
+    alternatives: list[Candidate]
+    advice: list[str]
+    """When infeasible: what would make it fit."""
+
+
+@dataclass(frozen=True)
+class _Eval:
+    placement: Placement
+    memory: list[RankMemory]
+    cost: StepCost
+    fits: bool
+    peak: int
+    why_not: str
+
+
+def search(spec: Spec, stage: StageSpec, captures: list[ModelCapture], params: dict[str, ParamCounts],
+           world_size: int) -> SearchResult:
+    """The placement search for one stage (see the module docstring)."""
+    device = device_for(spec.cluster)
+    models = stage_models(spec, stage, captures, params)
+    cluster = cluster_shape(spec, device, world_size)
+    evals = evaluate_all(spec, stage, models, cluster)
+    if not evals:
+        return SearchResult(None, [], 0.0, {}, [], _batch_advice(stage, world_size))
+    fitting = sorted((e for e in evals if e.fits), key=_rank_key)
+    if fitting:
+        best = fitting[0]
+        return SearchResult(_candidate(best, "chosen"), best.memory, best.cost.total, best.cost.parts,
+                            _alternatives(best, fitting[1:], evals), [])
+    closest = min(evals, key=lambda e: e.peak)
+    advice = infeasible_advice(spec, stage, captures, params, world_size, device, closest)
+    alts = [_candidate(e, e.why_not) for e in sorted(evals, key=lambda e: e.peak)[:MAX_ALTERNATIVES]]
+    return SearchResult(None, closest.memory, closest.cost.total, closest.cost.parts, alts, advice)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def stage_models(spec: Spec, stage: StageSpec, captures: list[ModelCapture],
+                 params: dict[str, ParamCounts]) -> StageModels:
+    caps = {c.model: c for c in captures}
+    students = [(spec.models[s], params[s], caps.get(s) or _whole(s)) for s in stage.students if s in params]
+    teachers = [(spec.models[c.model], params[c.model], c) for c in captures
+                if c.model not in stage.students and c.model in params]
+    seq = stage.seq_len or spec.data[stage.data].seq_len
+    return StageModels(students=students, teachers=teachers, seq_len=seq, extra_trainable=learned_params(stage))
+
+
+def _whole(model: str) -> ModelCapture:
+    return ModelCapture(model=model, points=[], stop_after_layer=None, needs_head=True)
+
+
+def cluster_shape(spec: Spec, device: Device, world: int) -> ClusterShape:
+    c = spec.cluster
+    gpn = min(c.gpus_per_node, world)
+    return ClusterShape(device=device, world=world, gpus_per_node=gpn, nodes=max(1, -(-world // gpn)),
+                        cpu_per_node=c.cpu_memory, nvme_per_node=c.nvme)
+
+
+# ---------------------------------------------------------------- enumeration
+
+
+def micro_batches(stage: StageSpec, world: int) -> list[tuple[int, int]]:
+    """(micro, accum) pairs with micro * accum * world == batch, honouring the stage's constraints."""
+    if stage.batch % world:
+        return []
+    per_rank = stage.batch // world
+    pairs = [(m, per_rank // m) for m in range(1, per_rank + 1) if per_rank % m == 0]
+    if stage.micro_batch is not None:
+        pairs = [(m, a) for m, a in pairs if m == stage.micro_batch]
+    if not stage.grad_accum_allowed:
+        pairs = [(m, a) for m, a in pairs if a == 1]
+    return pairs
+
+
+def _zero_options(device: Device, world: int, nvme: bool) -> list[tuple[int, str, str]]:
+    """(zero stage, offload_optimizer, offload_params) combinations worth trying."""
+    opts = [(0, "none", "none"), (1, "none", "none"), (2, "none", "none"), (3, "none", "none")]
+    if world == 1:
+        opts = [(0, "none", "none"), (3, "none", "none")]  # ZeRO-1/2 shard nothing on one rank
+    if device.is_cpu:
+        return opts
+    opts += [(2, "cpu", "none"), (3, "cpu", "none"), (3, "cpu", "cpu")]
+    if nvme:
+        opts += [(3, "nvme", "none"), (3, "nvme", "nvme")]
+    return opts
+
+
+def _teacher_options(models: StageModels, device: Device, world: int, nvme: bool) -> list[dict[str, str]]:
+    allowed = [s for s in SEARCHED_TEACHER_STRATEGIES
+               if not (s == "sharded" and world == 1) and not (device.is_cpu and s.endswith("offload"))
+               and not (s == "nvme_offload" and not nvme)]
+    names = [m.name for m, _, _ in models.teachers]
+    return [dict(zip(names, combo)) for combo in itertools.product(allowed, repeat=len(names))]
+
+
+def placements(spec: Spec, stage: StageSpec, models: StageModels, cluster: ClusterShape) -> list[Placement]:
+    precision = training_precision(spec.cluster, cluster.device)
+    nvme = cluster.nvme_per_node is not None
+    ckpt = [stage.activation_checkpointing] if stage.activation_checkpointing is not None else [False, True]
+    out = []
+    for teachers, (zero, off_opt, off_par), ac, (micro, accum) in itertools.product(
+            _teacher_options(models, cluster.device, cluster.world, nvme),
+            _zero_options(cluster.device, cluster.world, nvme), ckpt, micro_batches(stage, cluster.world)):
+        out.append(Placement(teacher_strategy=teachers, zero_stage=zero, offload_optimizer=off_opt,
+                             offload_params=off_par, micro_batch=micro, grad_accum=accum,
+                             activation_checkpointing=ac, precision=precision))
+    return out
+
+
+def evaluate_all(spec: Spec, stage: StageSpec, models: StageModels, cluster: ClusterShape) -> list[_Eval]:
+    return [evaluate(models, cluster, p) for p in placements(spec, stage, models, cluster)]
+
+
+def evaluate(models: StageModels, cluster: ClusterShape, p: Placement) -> _Eval:
+    memory = estimate(models, cluster, p)
+    cost = step_cost(models, p, cluster.device, cluster.world, cluster.gpus_per_node)
+    limit = int(cluster.device.memory * (1 - SAFETY_MARGIN))
+    worst = max(memory, key=lambda r: r.total_gpu)
+    why = ""
+    if worst.total_gpu > limit:
+        why = (f"does not fit: rank {worst.rank} needs {_gb(worst.total_gpu)} of {_gb(cluster.device.memory)} "
+               f"(limit {_gb(limit)} with a {SAFETY_MARGIN:.0%} margin)")
+    elif cluster.cpu_per_node is not None and not cluster.device.is_cpu:
+        host = max(r.total_cpu for r in memory) * cluster.gpus_per_node
+        if host > cluster.cpu_per_node:
+            why = f"does not fit: host memory {_gb(host)} per node of {_gb(cluster.cpu_per_node)}"
+    if not why and cluster.nvme_per_node is not None:
+        nvme = sum(i.bytes for r in memory[:1] for i in r.items if i.device == "nvme") * cluster.gpus_per_node
+        if nvme > cluster.nvme_per_node:
+            why = f"does not fit: NVMe {_gb(nvme)} per node of {_gb(cluster.nvme_per_node)}"
+    return _Eval(p, memory, cost, not why, worst.total_gpu, why)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"  # binary units, as the report prints capacities
+
+
+def _complexity(p: Placement) -> int:
+    """Prefer fewer moving parts at equal speed: lower ZeRO stage, no offload, replicas, no checkpointing."""
+    strategies = sum(SEARCHED_TEACHER_STRATEGIES.index(s) for s in p.teacher_strategy.values())
+    return p.zero_stage + 2 * (p.offload_optimizer != "none") + 2 * (p.offload_params != "none") + strategies \
+        + p.activation_checkpointing
+
+
+def _rank_key(e: _Eval) -> tuple:
+    # step times equal to 3 significant digits tie: then the simpler, then the leaner placement wins
+    return (float(f"{e.cost.total:.3g}"), _complexity(e.placement), e.peak)
+
+
+def _candidate(e: _Eval, reason: str) -> Candidate:
+    return Candidate(placement=e.placement, fits=e.fits, peak_gpu=e.peak, step_time_s=e.cost.total, reason=reason)
+
+
+def _alternatives(best: _Eval, others: list[_Eval], evals: list[_Eval]) -> list[Candidate]:
+    """A few fitting runner-ups (the fastest of distinct shapes) and the nearest misses."""
+    seen, out = set(), []
+    for e in others:
+        key = (e.placement.zero_stage, e.placement.offload_optimizer, e.placement.offload_params,
+               tuple(sorted(e.placement.teacher_strategy.items())), e.placement.activation_checkpointing)
+        if key in seen:
+            continue
+        seen.add(key)
+        ratio = e.cost.total / best.cost.total if best.cost.total else 1.0
+        out.append(_candidate(e, f"slower: {ratio:.2f}x" if ratio > 1.005 else
+                              f"as fast, but {'more memory' if e.peak > best.peak else 'more complex'}"))
+        if len(out) >= MAX_ALTERNATIVES - 2:
+            break
+    misses = sorted((e for e in evals if not e.fits and e.cost.total < best.cost.total), key=lambda e: e.cost.total)
+    out += [_candidate(e, e.why_not) for e in misses[:MAX_ALTERNATIVES - len(out)]]
+    return out
+
+
+# ---------------------------------------------------------------- advice
+
+
+def _batch_advice(stage: StageSpec, world: int) -> list[str]:
+    if stage.batch % world:
+        return [f"stage '{stage.name}': batch {stage.batch} is not a multiple of {world} ranks; "
+                f"use a batch of {(stage.batch // world + 1) * world}"]
+    per_rank = stage.batch // world
+    return [f"stage '{stage.name}': micro_batch {stage.micro_batch} does not divide the {per_rank} sequences "
+            f"per rank" + ("" if stage.grad_accum_allowed else " without gradient accumulation")]
+
+
+def infeasible_advice(spec: Spec, stage: StageSpec, captures: list[ModelCapture], params: dict[str, ParamCounts],
+                      world: int, device: Device, closest: _Eval) -> list[str]:
+    """What would make the stage fit: more GPUs, a larger GPU, smaller micro-batch, NVMe, offline teachers."""
+    advice = []
+    more = _gpus_needed(spec, stage, captures, params, world, device)
+    if more is not None:
+        advice.append(f"{more} x {device.name} would fit (now {world})")
+    bigger = [d for d in CATALOG.values() if d.memory > device.memory and not d.is_cpu
+              and _fits_on(spec, stage, captures, params, world, d)]
+    if bigger and not device.is_cpu:
+        best = min(bigger, key=lambda d: d.memory)
+        advice.append(f"{world} x {best.name} would fit")
+    if stage.micro_batch is not None and stage.micro_batch > 1:
+        advice.append(f"a smaller micro_batch than {stage.micro_batch} (or leave it to the planner)")
+    if stage.activation_checkpointing is False:
+        advice.append("allow activation_checkpointing")
+    if spec.cluster.nvme is None and not device.is_cpu:
+        advice.append("give cluster.nvme to allow NVMe offload of optimizer states and teacher weights")
+    teachers = [c.model for c in captures if c.model not in stage.students]
+    if teachers and _fits_without_teachers(spec, stage, captures, params, world, device):
+        advice.append(f"precompute the signals of {', '.join(teachers)} offline: the student alone fits")
+    return advice or [f"a smaller student or sequence length; the best attempt needs {_gb(closest.peak)} per GPU"]
+
+
+def _fits_on(spec, stage, captures, params, world, device: Device) -> bool:
+    models = stage_models(spec, stage, captures, params)
+    cluster = cluster_shape(spec, device, world)
+    return any(e.fits for e in evaluate_all(spec, stage, models, cluster))
+
+
+def _gpus_needed(spec, stage, captures, params, world, device: Device) -> int | None:
+    """The smallest world (doubling, up to 1024 ranks) with a fitting placement."""
+    n = world * 2
+    while n <= 1024:
+        batch_ok = stage.model_copy(update={"batch": max(stage.batch, n) // n * n})
+        if _fits_on(spec, batch_ok, captures, params, n, device):
+            return n
+        n *= 2
+    return None
+
+
+def _fits_without_teachers(spec, stage, captures, params, world, device: Device) -> bool:
+    students_only = [c for c in captures if c.model in stage.students]
+    return _fits_on(spec, stage, students_only, {k: v for k, v in params.items() if k in stage.students}, world, device)

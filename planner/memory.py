@@ -10,8 +10,8 @@ What one rank holds while training one micro-batch of a stage:
   fp32 training has no 16-bit copy: 4 (weights) + 4 (gradients) + 4 (DeepSpeed's fp32 partition copy; not
   under ZeRO-0) + 8 (Adam), sharded the same way. CPU figures are per node, as DeepSpeed's, including its
   1.5 buffer factor; they are split evenly over the node's ranks in ``RankMemory``.
-- teachers (``teacher_items``): weights in the teacher's dtype (the runtime loads every block, even past
-  ``stop_after_layer``), replicated / ZeRO-3 sharded / offloaded to CPU or NVMe (the GPU keeps a prefetch
+- teachers (``teacher_items``): weights in the teacher's dtype of what the runtime keeps (a teacher the plan
+  stops after block k and whose head it never runs is pruned to blocks 0..k right after loading), replicated / ZeRO-3 sharded / offloaded to CPU or NVMe (the GPU keeps a prefetch
   window of ``PREFETCH_BLOCKS`` blocks) / on separate ranks / offline (only cached signals are read);
   forward activations under ``no_grad`` up to ``stop_after_layer`` (only live tensors: the residual stream and
   the widest block temporary), captured signals alive until the loss.
@@ -377,12 +377,19 @@ def teacher_needed_params(counts: ParamCounts, cap: ModelCapture, arch: ArchInfo
     return counts.embeddings + blocks * counts.per_layer + head
 
 
+def kept_teacher_params(counts: ParamCounts, cap: ModelCapture) -> int:
+    """Parameters a teacher holds after the runtime prunes it (runtime.adapters.Adapter.prune)."""
+    if cap.stop_after_layer is None or cap.needs_head:
+        return counts.total
+    return counts.embeddings + (cap.stop_after_layer + 1) * counts.per_layer + counts.final_norm
+
+
 def teacher_items(model: ModelSpec, counts: ParamCounts, cap: ModelCapture, strategy: str,
                   cluster: ClusterShape) -> tuple[list[MemoryItem], list[MemoryItem]]:
     """(student-rank items, node CPU items) for a teacher's weights under a strategy."""
     d = DTYPE_BYTES[model.dtype]
     name = f"teacher:{model.name}"
-    full = counts.total * d
+    full = kept_teacher_params(counts, cap) * d
     window = PREFETCH_BLOCKS * counts.per_layer * d + max(counts.embeddings, counts.head) * d
     gpn = cluster.gpus_per_node
     if strategy == "replicated":

@@ -165,7 +165,8 @@ def setup_stage(
     scheduler = build_lr_schedule(optimizer, stage.schedule, total)
     engine = eng.init_student(step_module, optimizer, scheduler, stage_plan.deepspeed_config, stage=stage.name)
     teachers = {
-        name: eng.init_teacher(models.modules[name], stage_plan.teacher_configs.get(name), name=name, stage=stage.name)
+        name: eng.init_teacher(_pruned(models.modules[name], captures[name]), stage_plan.teacher_configs.get(name),
+                               name=name, stage=stage.name)
         for name in used
     }
     teacher_caps = {name: _capture_of(captures, name, stage) for name in teachers}
@@ -512,6 +513,15 @@ def _refuse_interventions(stage: StageSpec) -> None:
     if stage.interventions:
         kinds = ", ".join(sorted({iv.kind for iv in stage.interventions}))
         raise RunError(f"stage '{stage.name}': interventions ({kinds}) are not implemented by this runtime yet")
+
+
+def _pruned(module: nn.Module, capture: ModelCapture) -> nn.Module:
+    """A teacher without the blocks and head its planned forward never runs (before any engine partitions it)."""
+    from runtime.adapters import adapter_for
+
+    if capture.stop_after_layer is not None and not capture.needs_head:
+        adapter_for(module).prune(module, capture.stop_after_layer + 1, drop_head=True)
+    return module
 
 
 def _capture_of(captures: Mapping[str, ModelCapture], name: str, stage: StageSpec) -> ModelCapture:

@@ -433,3 +433,21 @@ def test_non_reentrant_activation_checkpointing_gives_the_same_gradients():
 def test_reentrant_checkpointing_with_inner_signals_is_a_run_error():
     with pytest.raises(RunError, match="use_reentrant=True gives no gradient to attn_probs, ffn"):
         _grads(_model("llama"), True)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_pruned_teacher_keeps_its_planned_signals_and_frees_the_rest(name):
+    """A teacher read only up to block 0 loses blocks 1.. and its untied head, and still gives the same signals."""
+    full, pruned, batch = _model(name), _model(name), _batch(name)
+    plan = _plan([("hidden", 0), ("attn_probs", 0)], stop=0, eager=[0])
+    expected = capture(full, batch, plan, grad=False)
+    freed = adapter_for(pruned).prune(pruned, 1, drop_head=True)
+    per_block = sum(p.numel() for p in adapter_for(full).layers(full)[1].parameters())
+    untied = full.get_output_embeddings() is not None and \
+        full.get_output_embeddings().weight is not full.get_input_embeddings().weight
+    head = sum(p.numel() for p in full.get_output_embeddings().parameters()) if untied else 0
+    assert freed == per_block * (L - 1) + head
+    assert len(adapter_for(pruned).layers(pruned)) == 1
+    got = capture(pruned, batch, plan, grad=False)
+    for key in expected.keys():
+        torch.testing.assert_close(got[key], expected[key])

@@ -58,6 +58,23 @@ class Adapter:
     def ffn_module(self, block: nn.Module) -> nn.Module:
         return _submodule(block, self.ffn_down, self, "FFN down projection")
 
+    def prune(self, model: nn.Module, keep_blocks: int, drop_head: bool) -> int:
+        """Delete blocks ``keep_blocks..`` (and an untied LM head) of a frozen teacher; returns parameters freed.
+
+        The plan stops such a teacher's forward after its deepest needed block and never runs its head, so
+        their weights are dead memory: the planner counts only what is kept, and this makes that true.
+        """
+        before = sum(p.numel() for p in model.parameters())
+        blocks = self.layers(model)
+        if keep_blocks < len(blocks):
+            parent_path, _, attr = self.blocks.rpartition(".")
+            parent = model.base_model.get_submodule(parent_path) if parent_path else model.base_model
+            setattr(parent, attr, nn.ModuleList(list(blocks)[:keep_blocks]))
+        head = model.get_output_embeddings() if drop_head else None
+        if head is not None and head.weight is not model.get_input_embeddings().weight:
+            model.set_output_embeddings(nn.Identity())
+        return before - sum(p.numel() for p in model.parameters())
+
 
 def _submodule(root: nn.Module, path: str, adapter: Adapter, what: str) -> nn.Module:
     try:

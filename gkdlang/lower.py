@@ -27,6 +27,7 @@ from gkdlang.spec import (
     Gate,
     HeadSpec,
     InitSpec,
+    Intervention,
     LossTerm,
     LRScheduleSpec,
     ModelSpec,
@@ -169,6 +170,8 @@ class _Lowerer:
         self.libraries: dict[str, dict[str, MethodDef]] = {}
         self.used: set[str] = set()
         self._module_ids = 0
+        self._group_ids = 0
+        self.cluster: ClusterSpec | None = None
 
     def err(self, code: str, span: Span | None, msg: str, hint: str | None = None, related=()) -> _Skip:
         self.d.report(code, span, msg, hint, related)
@@ -197,7 +200,7 @@ class _Lowerer:
         for decl in decls:
             if isinstance(decl, ast.VocabDecl):
                 self._guard(self._vocab, decl)
-        cluster = self._cluster(next((d for d in decls if isinstance(d, ast.ClusterDecl)), None))
+        cluster = self.cluster = self._cluster(next((d for d in decls if isinstance(d, ast.ClusterDecl)), None))
         stages = self._stages([d for d in decls if isinstance(d, ast.StageDecl)])
         self._final_checks(decls, stages)
         if self.d.has_errors() or cluster is None:
@@ -373,6 +376,9 @@ class _Lowerer:
         if expr is None:
             return InitSpec(kind="pretrained") if role == "teacher" or base is None else InitSpec()
         if isinstance(expr, ast.Name) and expr.id in ("random", "pretrained"):
+            if expr.id == "pretrained" and base is not None:
+                raise self.err("bad-value", expr.span, "a model declared like(...) has no pretrained weights",
+                               "use init: random or init: copy(<model>, layers: [...])")
             return InitSpec(kind=expr.id)
         if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "copy":
             self._arity(expr, 1, "copy")
@@ -575,6 +581,11 @@ class _Lowerer:
         if len(self.d.errors) > errors_before or staged is None or data is None:
             raise _Skip()
         terms, students, teachers = staged
+        fields.update(self._guard(self._stage_interventions, objective, opts, fields, data) or {})
+        if len(self.d.errors) > errors_before:
+            raise _Skip()
+        teachers += [m for iv in objective.interventions for m in iv.models
+                     if m not in students and m not in teachers and self.models[m].role != "student"]
         return StageSpec(name=decl.name.name, after=[a.name for a in decl.after], data=data, loss=terms,
                          interventions=list(objective.interventions), students=students, teachers=teachers,
                          span=decl.span, **fields)
@@ -635,11 +646,72 @@ class _Lowerer:
         teachers = [t for t in teachers if t not in students]
         if not terms:
             raise self.err("missing-option", decl.options.span, f"stage '{decl.name.name}' has no loss term")
-        if not teachers:
+        uses_teacher = any(self.models[m].role != "student" for iv in objective.interventions for m in iv.models
+                           if m not in students)
+        if not teachers and not uses_teacher:
             self.d.report("no-teacher-signal", decl.name.span, f"stage '{decl.name.name}' reads no teacher signal: "
                           "it trains the student on the data alone", "fine for a warm-up or fine-tuning stage; "
                           "distillation needs a teacher signal as the first argument of a loss")
         return terms, students, teachers
+
+    def _stage_interventions(self, objective: Objective, opts: dict[str, ast.Expr], fields: dict[str, Any],
+                             data: str) -> dict[str, Any]:
+        """Checks of interventions against each other and the stage's keys; returns forced stage fields."""
+        ivs = objective.interventions
+        forced: dict[str, Any] = {}
+        rewriting = [iv for iv in ivs if iv.kind in B.INTERVENTIONS and B.INTERVENTIONS[iv.kind].rewrites_forward]
+        if len(rewriting) > 1:
+            a, b = rewriting[0], rewriting[1]
+            raise self.err("incompatible-methods", b.span, f"{b.kind} and {a.kind} both rewrite the student's "
+                           "forward pass; one stage can run only one of them", "split them into two stages",
+                           related=[(a.span, f"{a.kind} is here")])
+        ranks = self.cluster.nodes * self.cluster.gpus_per_node if self.cluster else 1
+        batch = fields.get("batch", 32)
+        for iv in ivs:
+            if iv.kind == "interchange":
+                forced.update(self._check_interchange(iv, opts, fields))
+            elif iv.kind == "perturb":
+                forced.update(self._check_perturb(iv, opts, fields, ranks, batch))
+            elif iv.kind == "weigh":
+                self._check_weigh(iv, opts, fields, ranks, batch, data)
+        return forced
+
+    def _check_interchange(self, iv: Intervention, opts, fields) -> dict[str, Any]:
+        # DIITO backpropagates through the swapped states; recomputing them under checkpointing breaks that
+        if fields.get("activation_checkpointing") is True:
+            raise self.err("interchange-checkpointing", opts["activation_checkpointing"].span,
+                           "interchange (DIITO) cannot run with activation checkpointing: the swapped states must "
+                           "stay in the graph", "remove `activation_checkpointing: true` from this stage",
+                           related=[(iv.span, "interchange is here")])
+        return {"activation_checkpointing": False}
+
+    def _check_perturb(self, iv: Intervention, opts, fields, ranks: int, batch: int) -> dict[str, Any]:
+        # pass 1's gradients are discarded, which accumulated micro-batch gradients cannot survive
+        micro = fields.get("micro_batch")
+        if micro is not None and micro * ranks < batch:
+            raise self.err("perturb-accumulation", opts["micro_batch"].span,
+                           f"gradient perturbation needs one micro-batch per step, but micro_batch {micro} x "
+                           f"{ranks} rank{'s' if ranks != 1 else ''} < batch {batch} means gradient accumulation",
+                           f"set micro_batch: {batch // ranks} (or remove it and let the planner choose)",
+                           related=[(iv.span, "perturb is here")])
+        return {"grad_accum_allowed": False}
+
+    def _check_weigh(self, iv: Intervention, opts, fields, ranks: int, batch: int, data: str) -> None:
+        params = iv.params
+        if params.get("needs_labels") and data in self.data and self.data[data].label is None:
+            raise self.err("no-labels", iv.span, f"weigh(by: teacher_ce) needs labels but data '{data}' has none",
+                           "add `label: <column>` to the data block")
+        n = len(params["units"])
+        if not params.get("hard"):
+            return
+        micro = fields.get("micro_batch")
+        per_rank = micro if micro is not None else batch // max(ranks, 1)
+        if per_rank < n:
+            where = opts["micro_batch"].span if micro is not None else (opts.get("batch") or opts["loss"]).span
+            what = f"micro_batch {micro}" if micro is not None else f"batch {batch} over {ranks} ranks"
+            raise self.err("batch-too-small", where, f"hard selection splits each micro-batch across {n} teachers, "
+                           f"but {what} leaves {per_rank} example{'s' if per_rank != 1 else ''} per rank",
+                           f"use at least {n} examples per rank and micro-batch", related=[(iv.span, "weigh is here")])
 
     def _optimizer(self, expr: ast.Expr) -> OptimizerSpec:
         if isinstance(expr, ast.Name):
@@ -950,9 +1022,12 @@ class _Lowerer:
                 return self._call_method(self.methods[name], e, scope)
             if name in self.libraries and name in self.libraries[name]:
                 return self._call_method(self.libraries[name][name], e, scope)
-            if name in ("progressive",):
-                return self._progressive(e, scope)
-            candidates = [*B.LOSSES, *B.TRANSFORMS, *B.SCHEDULES, *self.methods, "pairs", "progressive",
+            if name in B.COMBINATORS:
+                return getattr(self, "_c_" + name)(e, scope)
+            if name in B.INTERVENTIONS:
+                return getattr(self, "_iv_" + name)(e, scope)
+            candidates = [*B.LOSSES, *B.TRANSFORMS, *B.SCHEDULES, *self.methods, "pairs", *B.COMBINATORS,
+                          *B.INTERVENTIONS,
                           *(lib for lib in self.libraries if lib in self.libraries[lib])]
             hint = did_you_mean(name, candidates) or _stdlib_hint(name, self.libraries)
             if name in self.libraries:
@@ -1031,18 +1106,317 @@ class _Lowerer:
             raise self.err("bad-arity", e.span, "pairs(...) needs at least one (student, teacher) pair")
         return LayerMap("pairs", tuple(pairs), e.span)
 
-    def _progressive(self, e: ast.Call, scope: Scope) -> Objective:
-        """progressive(objective, over: 80%): the i-th of n terms (by student layer) counts from i/n * over."""
+    # ------------------------------------------------------------ combinators: progressive, choose
+
+    def _new_group(self, prefix: str) -> str:
+        self._group_ids += 1
+        return f"{prefix}{self._group_ids}"
+
+    def _objective_arg(self, expr: ast.Expr, scope: Scope, fname: str) -> Objective:
+        obj = self.ev(expr, scope)
+        if isinstance(obj, Symbol):
+            raise self._unknown_value(obj)
+        if not isinstance(obj, Objective) or not obj.terms:
+            raise self.err("type-mismatch", expr.span, f"{fname}(...) takes a loss expression, not {_kind(obj)}")
+        return obj
+
+    def _c_progressive(self, e: ast.Call, scope: Scope) -> Objective:
+        """progressive(objective, over: 80%): the terms of the i-th of n student layers count from i/n * over.
+
+        ``exclusive: true`` ends each layer's window where the next one starts (MobileBERT's layer-by-layer
+        transfer); ``below_lr: f`` adds a ``progressive_lr`` intervention: while block l is transferred, the
+        blocks below it train at f times the learning rate (0 freezes them).
+        """
         self._arity(e, 1, "progressive")
-        obj = self.ev(e.args[0], scope)
-        if not isinstance(obj, Objective):
-            raise self.err("type-mismatch", e.args[0].span, "progressive(...) takes a loss expression")
-        kw = self._kwargs(e, {"over": "fraction"})
+        obj = self._objective_arg(e.args[0], scope, "progressive")
+        kw = self._kwargs(e, B.COMBINATORS["progressive"])
         over = self._fraction(kw["over"], "over", scope) if "over" in kw else 1.0
-        n = len(obj.terms)
-        terms = tuple(replace(t, gate=t.gate.model_copy(update={"active_from": over * i / n}))
-                      for i, t in enumerate(obj.terms))
-        return Objective(terms, obj.interventions)
+        exclusive = self._bool(kw["exclusive"], "exclusive", scope) if "exclusive" in kw else False
+        keys: list[Any] = []
+        for i, t in enumerate(obj.terms):  # terms of one student layer unlock together
+            key = ("layer", t.pred.layer) if t.pred.layer is not None else ("term", i)
+            if key not in keys:
+                keys.append(key)
+        n = len(keys)
+        start = {k: over * i / n for i, k in enumerate(keys)}
+        until = {k: (over * (i + 1) / n if i + 1 < n else 1.0) for i, k in enumerate(keys)}
+        terms = []
+        for i, t in enumerate(obj.terms):
+            key = ("layer", t.pred.layer) if t.pred.layer is not None else ("term", i)
+            update = {"active_from": start[key]}
+            if exclusive:
+                update["active_until"] = until[key]
+            terms.append(replace(t, gate=t.gate.model_copy(update=update)))
+        interventions = obj.interventions
+        if "below_lr" in kw:
+            interventions += (self._progressive_lr(e, kw["below_lr"], obj, keys, start, until, scope),)
+        return Objective(tuple(terms), interventions)
+
+    def _progressive_lr(self, e: ast.Call, expr: ast.Expr, obj: Objective, keys, start, until,
+                        scope: Scope) -> Intervention:
+        factor = self._num(expr, "below_lr", scope)
+        if not 0 <= factor <= 1:
+            raise self.err("bad-value", expr.span, "below_lr is a learning-rate factor between 0 (frozen) and 1")
+        students = sorted({t.pred.model for t in obj.terms if t.pred.model})
+        windows = [{"from": start[k], "until": until[k], "layer": k[1]} for k in keys if k[0] == "layer"]
+        if len(students) != 1 or not windows:
+            raise self.err("type-mismatch", e.span, "progressive(..., below_lr: f) needs layered terms of one student")
+        return Intervention(kind="progressive_lr", models=students, span=e.span, params={
+            "model": students[0], "below_lr": factor, "windows": windows,
+            "meaning": "during each window only `layer` trains at the full learning rate; blocks below it train "
+                       "at below_lr times it (0: frozen)"})
+
+    def _every(self, kw: dict, scope: Scope, default: str) -> str:
+        if "every" not in kw:
+            return default
+        v = self.ev(kw["every"], scope)
+        if not isinstance(v, Symbol) or v.name not in B.EVERY:
+            raise self.err("bad-value", kw["every"].span, "every is step or epoch")
+        return v.name
+
+    def _c_choose(self, e: ast.Call, scope: Scope) -> Any:
+        """choose(x, k, every: epoch): k random items of a layered signal, or k random terms of a loss."""
+        self._arity(e, 2, "choose")
+        kw = self._kwargs(e, B.COMBINATORS["choose"])
+        k = self._int(e.args[1], "choose", minimum=1, scope=scope)
+        every = self._every(kw, scope, "epoch")
+        value = self.ev(e.args[0], scope)
+        if isinstance(value, Objective) and value.terms:
+            if k > len(value.terms):
+                raise self.err("bad-value", e.args[1].span, f"choose {k} of {len(value.terms)} terms")
+            group = self._new_group("choose")
+            gate = Gate(group=group, choose=k, every=every)
+            return Objective(self._grouped(e, value.terms, gate), value.interventions)
+        xs = self._items(e.args[0], scope, "choose")
+        if k > len(xs.items):
+            raise self.err("bad-value", e.args[1].span, f"choose {k} of {len(xs.items)} items")
+        if len({(it.feat.kind, it.feat.dim) for it in xs.items}) != 1:
+            raise self.err("shape-mismatch", e.span, "choose() needs items of one kind and width")
+        group = self._new_group("choose")
+        inputs = [it.node for it in xs.items]
+        first = xs.items[0]
+        # item i is the i-th smallest of the k indices drawn, so a layered pairing keeps the depth order
+        items = tuple(Item(OpNode(op="choose", inputs=inputs, params={
+            "group": group, "k": k, "index": i, "every": every, "order": "ascending"}), first.feat, first.model, i,
+            e.span) for i in range(k))
+        return ItemSet(items, layered=True, span=e.span)
+
+    def _grouped(self, e: ast.Call, terms: tuple[Term, ...], gate: Gate) -> tuple[Term, ...]:
+        """Put terms in one sampling group; a term holds one group only (Gate.group)."""
+        for t in terms:
+            if t.gate.group is not None:
+                raise self.err("incompatible-methods", e.span, f"a term of this expression is already in sampling "
+                               f"group '{t.gate.group}': terms can be chosen, dropped or weighed by one construct",
+                               "apply the constructs to different terms",
+                               related=[(t.span, f"term already grouped by '{t.gate.group}'")])
+        return tuple(replace(t, gate=t.gate.model_copy(update={"group": gate.group, "choose": gate.choose,
+                                                               "every": gate.every})) for t in terms)
+
+    # ------------------------------------------------------------ interventions
+
+    def _role_model(self, expr: ast.Expr, roles: tuple[str, ...], what: str) -> str:
+        name = self._model_name(expr)
+        if self.models[name].role not in roles:
+            code = "no-gradient" if "teacher" not in roles else "type-mismatch"
+            raise self.err(code, expr.span, f"{what} must be a {' or '.join(roles)}, and '{name}' is a "
+                           f"{self.models[name].role}")
+        return name
+
+    def _iv_replace_layers(self, e: ast.Call, scope: Scope) -> Objective:
+        """replace_layers(t, s, p: schedule): Theseus. Student block j stands for teacher blocks j*k..(j+1)*k-1."""
+        self._arity(e, 2, "replace_layers")
+        kw = self._kwargs(e, B.INTERVENTIONS["replace_layers"].options)
+        t = self._role_model(e.args[0], ("teacher", "assistant"), "replace_layers' first argument")
+        s = self._role_model(e.args[1], ("student", "assistant"), "replace_layers' second argument")
+        ta, sa = self.models[t].arch, self.models[s].arch
+        rel = [(e.args[0].span, f"teacher '{t}': {ta.num_layers} x {ta.hidden_size}"),
+               (e.args[1].span, f"student '{s}': {sa.num_layers} x {sa.hidden_size}")]
+        if ta.num_layers < sa.num_layers or ta.num_layers % sa.num_layers:
+            raise self.err("bad-layer-map", e.span, f"replace_layers groups the teacher's {ta.num_layers} blocks into "
+                           f"{sa.num_layers} equal modules: the teacher's depth must be a multiple of the student's",
+                           related=rel)
+        if ta.hidden_size != sa.hidden_size:
+            raise self.err("dim-mismatch", e.span, f"replace_layers runs teacher and student blocks in one residual "
+                           f"stream: widths {ta.hidden_size} and {sa.hidden_size} differ", related=rel)
+        p = self._probability(kw.get("p"), "p", scope, e) 
+        k = ta.num_layers // sa.num_layers
+        groups = [list(range(j * k, (j + 1) * k)) for j in range(sa.num_layers)]
+        iv = Intervention(kind="replace_layers", models=[t, s], span=e.span, params={
+            "teacher": t, "student": s, "groups": groups, "p": p.model_dump(), "every": "step",
+            "draw": "per student block", "teacher_frozen": True, "teacher_forward": False,
+            "meaning": "each step, student block j replaces teacher blocks groups[j] with probability p (else the "
+                       "frozen teacher blocks run in its place); embeddings and head are the student's"})
+        return Objective((), (iv,))
+
+    def _probability(self, expr: ast.Expr | None, key: str, scope: Scope, e: ast.Call) -> Schedule:
+        if expr is None:
+            raise self.err("missing-option", e.span, f"{key} is required, e.g. {key}: linear(0.3, 1, until: 66%)")
+        p = self._option(expr, key, "schedule", scope)
+        if not all(0 <= v <= 1 for v in (p.value, p.end if p.end is not None else p.value)):
+            raise self.err("bad-value", expr.span, f"{key} is a probability between 0 and 1")
+        return p
+
+    def _iv_interchange(self, e: ast.Call, scope: Scope) -> Objective:
+        """interchange(objective, fraction: 30%, map: uniform, way: consecutive): DIITO's counterfactual terms."""
+        self._arity(e, 1, "interchange")
+        obj = self._objective_arg(e.args[0], scope, "interchange")
+        kw = self._kwargs(e, B.INTERVENTIONS["interchange"].options)
+        fraction = self._fraction(kw["fraction"], "fraction", scope) if "fraction" in kw else 0.3
+        if fraction <= 0:
+            raise self.err("bad-value", kw["fraction"].span, "fraction must be above 0%")
+        way = self._symbol_value(kw.get("way"), "way", B.INTERCHANGE_WAYS, scope, "consecutive")
+        teachers = sorted({m for t in obj.terms for m in _node_models(t.target.node)})
+        students = sorted({m for t in obj.terms for m in _node_models(t.pred.node)})
+        if len(teachers) != 1 or len(students) != 1:
+            raise self.err("type-mismatch", e.args[0].span, "interchange(...) takes terms between one teacher and one "
+                           f"student (got teachers {teachers or 'none'}, students {students or 'none'})")
+        t, s = teachers[0], students[0]
+        lmap = self.ev(kw["map"], scope) if "map" in kw else LayerMap("uniform", span=e.span)
+        if not isinstance(lmap, LayerMap):
+            raise self.err("bad-layer-map", kw["map"].span, "map is uniform, skip, last, first or pairs(...)")
+        lt, ls = self.models[t].arch.num_layers, self.models[s].arch.num_layers
+        layers = [[j, i] for j in range(ls) if (i := self._map_layer(lmap, j, ls, lt, e)) is not None]
+        group = self._new_group("interchange")
+        terms = tuple(replace(term, target=self._wrap(term.target, "interchanged", group),
+                              pred=self._wrap(term.pred, "interchanged", group)) for term in obj.terms)
+        iv = Intervention(kind="interchange", models=[t, s], span=e.span, params={
+            "id": group, "teacher": t, "student": s, "layers": layers, "layer_choice": "one pair at random per step",
+            "fraction": fraction, "way": way, "source": "next example in the batch (roll by one)",
+            "meaning": "a second forward of both models in which the states of `fraction` of the token positions "
+                       "(contiguous when way is consecutive) at an aligned layer pair [student, teacher] are "
+                       "replaced by the source example's; ops 'interchanged' read that pass"})
+        return Objective(terms, obj.interventions + (iv,))
+
+    @staticmethod
+    def _wrap(it: Item, op: str, group: str) -> Item:
+        return replace(it, node=OpNode(op=op, inputs=[it.node], params={"intervention": group}))
+
+    def _symbol_value(self, expr: ast.Expr | None, key: str, allowed, scope: Scope, default: str) -> str:
+        if expr is None:
+            return default
+        v = self.ev(expr, scope)
+        if not isinstance(v, Symbol) or v.name not in allowed:
+            raise self.err("bad-value", expr.span, f"{key} is one of {', '.join(allowed)}",
+                           did_you_mean(getattr(v, "name", ""), allowed))
+        return v.name
+
+    def _iv_perturb(self, e: ast.Call, scope: Scope) -> Objective:
+        """perturb(s, eps: 1e-5): LRC-BERT gradient perturbation of the student's embedding output."""
+        self._arity(e, 1, "perturb")
+        kw = self._kwargs(e, B.INTERVENTIONS["perturb"].options)
+        s = self._role_model(e.args[0], ("student", "assistant"), "perturb's argument")
+        eps = self._num(kw["eps"], "eps", scope) if "eps" in kw else 1e-5
+        if eps <= 0:
+            raise self.err("bad-value", kw["eps"].span, "eps must be positive")
+        iv = Intervention(kind="perturb", models=[s], span=e.span, params={
+            "model": s, "on": "embeddings", "eps": eps, "direction": "gradient", "norm": "l2", "passes": 2,
+            "first_pass_grads": "discarded", "grad_accumulation": False,
+            "meaning": "pass 1 computes the stage loss and its gradient g w.r.t. the embedding output e; pass 2 "
+                       "recomputes every term with e + eps * g / ||g||; only pass 2's gradients update the weights"})
+        return Objective((), (iv,))
+
+    def _iv_drop(self, e: ast.Call, scope: Scope) -> Objective:
+        """drop(objective, p: 25%): DGKD; the terms are left out together with probability p each step."""
+        self._arity(e, 1, "drop")
+        obj = self._objective_arg(e.args[0], scope, "drop")
+        kw = self._kwargs(e, B.INTERVENTIONS["drop"].options)
+        p = self._fraction(kw["p"], "p", scope) if "p" in kw else 0.25
+        if p >= 1:
+            raise self.err("bad-value", kw["p"].span, "p below 100%: a unit dropped at every step never trains")
+        group = self._new_group("drop")
+        terms = self._grouped(e, obj.terms, Gate(group=group, every="step"))
+        teachers = sorted({m for t in obj.terms for m in _node_models(t.target.node)})
+        iv = Intervention(kind="drop", models=teachers, span=e.span, params={
+            "group": group, "p": p, "every": "step", "min_kept": 1,
+            "meaning": "each step the group's terms are left out together with probability p, independently of "
+                       "other drop groups; if every drop group of the stage is dropped, one drawn at random is kept"})
+        return Objective(terms, obj.interventions + (iv,))
+
+    def _units(self, e: ast.Call, scope: Scope, fname: str) -> list[tuple[Objective, str]]:
+        """The per-teacher units of weigh([...]) / select_teacher([...]): loss expressions reading one teacher each."""
+        value = self.ev(e.args[0], scope)
+        if not isinstance(value, list) or len(value) < 2:
+            raise self.err("type-mismatch", e.args[0].span, f"{fname}([...]) takes a list of at least two loss "
+                           "expressions, one per teacher")
+        units = []
+        spans = e.args[0].items if isinstance(e.args[0], ast.List) else (e.args[0],) * len(value)
+        for obj, expr in zip(value, spans):
+            teachers = sorted({m for t in getattr(obj, "terms", ()) for m in _node_models(t.target.node)})
+            if not isinstance(obj, Objective) or len(teachers) != 1:
+                raise self.err("type-mismatch", expr.span, f"each unit of {fname}([...]) is a loss expression "
+                               "reading exactly one teacher")
+            units.append((obj, teachers[0]))
+        if len({t for _, t in units}) != len(units):
+            raise self.err("bad-value", e.args[0].span, f"two units of {fname}([...]) read the same teacher")
+        return units
+
+    def _unit_terms(self, e: ast.Call, units, prefix: str) -> tuple[str, tuple[Term, ...], list[dict]]:
+        group = self._new_group(prefix)
+        terms: list[Term] = []
+        table = []
+        for i, (obj, teacher) in enumerate(units):
+            name = f"{group}/{i}"
+            terms.extend(self._grouped(e, obj.terms, Gate(group=name)))
+            table.append({"group": name, "teacher": teacher})
+        return group, tuple(terms), table
+
+    def _iv_weigh(self, e: ast.Call, scope: Scope) -> Objective:
+        """weigh([unit, ...], by: teacher_ce | student_entropy, hard: false): per-teacher, per-example weights."""
+        self._arity(e, 1, "weigh")
+        kw = self._kwargs(e, B.INTERVENTIONS["weigh"].options)
+        if "by" not in kw:
+            raise self.err("missing-option", e.span, "weigh([...]) needs by: teacher_ce or by: student_entropy")
+        by = self._symbol_value(kw["by"], "by", B.WEIGH_BY, scope, "")
+        hard = self._bool(kw["hard"], "hard", scope) if "hard" in kw else False
+        if hard and by != "student_entropy":
+            raise self.err("conflicting-options", kw["hard"].span, "hard selection splits the batch by student "
+                           "entropy: use by: student_entropy")
+        units = self._units(e, scope, "weigh")
+        group, terms, table = self._unit_terms(e, units, "weigh")
+        params: dict[str, Any] = {"group": group, "by": by, "hard": hard, "units": table}
+        if by == "teacher_ce":
+            for _, teacher in units:  # the weight needs each teacher's own loss on the gold labels
+                if self.models[teacher].head.kind != "classify":
+                    raise self.err("no-task-head", e.span, f"weigh(by: teacher_ce) needs the CE of teacher "
+                                   f"'{teacher}' on the labels, so a classification head",
+                                   f"add `head: classify(<labels>)` to '{teacher}'")
+            params.update(weight="1 / (1 + CE(labels, teacher task_logits)) per example", needs_labels=True)
+        else:
+            students = sorted({m for t in terms for m in _node_models(t.pred.node)})
+            params.update(student=students[0] if students else None, min_micro_batch=len(units) if hard else 1,
+                          entropy_of="task_logits" if students and self.models[students[0]].head.kind == "classify"
+                          else "logits")
+            params["weight"] = ("examples sorted by student entropy are split into len(units) equal slices; unit i "
+                                "(teachers listed from smallest to largest) gets slice i" if hard else
+                                "unit weights from the student's prediction entropy per example")
+        iv = Intervention(kind="weigh", models=[t for _, t in units], span=e.span, params=params)
+        interventions = tuple(i for obj, _ in units for i in obj.interventions)
+        return Objective(terms, interventions + (iv,))
+
+    def _iv_select_teacher(self, e: ast.Call, scope: Scope) -> Objective:
+        """select_teacher([unit, ...], policy: reinforce, state: m, reward: ce, lr: x): RL-KD's agent."""
+        self._arity(e, 1, "select_teacher")
+        kw = self._kwargs(e, B.INTERVENTIONS["select_teacher"].options)
+        policy = self._symbol_value(kw.get("policy"), "policy", B.POLICIES, scope, "reinforce")
+        reward = self._symbol_value(kw.get("reward"), "reward", B.REWARDS, scope, "ce")
+        state = self._role_model(kw["state"], ("teacher",), "state") if "state" in kw else None
+        lr = self._num(kw["lr"], "lr", scope) if "lr" in kw else None
+        if lr is not None and lr <= 0:
+            raise self.err("bad-value", kw["lr"].span, "lr must be positive")
+        units = self._units(e, scope, "select_teacher")
+        if state is not None and state in {t for _, t in units}:
+            raise self.err("bad-value", kw["state"].span, f"the state model '{state}' only encodes inputs for the "
+                           "agent; it cannot also be a selectable teacher")
+        group, terms, table = self._unit_terms(e, units, "select")
+        models = [t for _, t in units] + ([state] if state else [])
+        iv = Intervention(kind="select_teacher", models=models, span=e.span, params={
+            "group": group, "policy": policy, "units": table, "state_model": state,
+            "state": ["[CLS] state of state_model" if state else "student [CLS] state", "each teacher's soft labels"],
+            "action": "keep or skip each unit per example (Bernoulli per teacher)", "reward": reward,
+            "reward_meaning": "-CE(labels, student)" if reward == "ce" else "-(CE + KL to the kept teachers)",
+            "baseline": "running mean of the reward", "lr": lr, "agent": "two-layer MLP owned by the student wrapper"})
+        interventions = tuple(i for obj, _ in units for i in obj.interventions)
+        return Objective(terms, interventions + (iv,))
 
     # ------------------------------------------------------------ transforms
 
@@ -1187,6 +1561,60 @@ class _Lowerer:
         first = xs.items[0]
         return ItemSet((Item(node, replace(first.feat, dim=out_dim), first.model, None, e.span),), span=e.span)
 
+    def _t_align(self, e, xs: ItemSet, kw, scope) -> ItemSet:
+        """align(t.hidden, s.hidden, map: uniform): the teacher items a layer map pairs with each student item."""
+        self._arity(e, 2, "align")
+        ys = self._items(e.args[1], scope, "align")
+        if "map" not in kw:
+            raise self.err("missing-option", e.span, "align() needs map: uniform, skip, last, first or pairs(...)")
+        lmap = self.ev(kw["map"], scope)
+        if not isinstance(lmap, LayerMap):
+            raise self.err("bad-layer-map", kw["map"].span, "map is uniform, skip, last, first or pairs(...)")
+        items = tuple(replace(t, layer=p.layer) for t, p in self._pair(e, xs, ys, lmap))
+        return ItemSet(items, layered=True, span=e.span)
+
+    def _t_stack(self, e, xs: ItemSet, kw, scope) -> ItemSet:
+        """stack(x): items stacked on a new axis [b, s, n, h]; relation losses then relate the n items (CKD)."""
+        self._arity(e, 1, "stack")
+        feats = {(it.feat.kind, it.feat.dim) for it in xs.items}
+        if len(feats) != 1 or xs.items[0].feat.kind not in ("hidden", "qkv"):
+            raise self.err("shape-mismatch", e.span, "stack() needs hidden states of one width")
+        first = xs.items[0]
+        node = OpNode(op="stack", inputs=[it.node for it in xs.items], params={"axis": -2})
+        feat = replace(first.feat, items=len(xs.items))
+        return ItemSet((Item(node, feat, first.model, None, e.span),), span=e.span)
+
+    def _t_spans(self, e, xs: ItemSet, kw, scope) -> ItemSet:
+        """spans(x, max: 40%): mean-pooled random contiguous spans of positions (MGSKD's span level)."""
+        self._arity(e, 1, "spans")
+        longest = self._fraction(kw["max"], "max", scope) if "max" in kw else 0.4
+        if longest <= 0:
+            raise self.err("bad-value", kw["max"].span, "max must be above 0%")
+        items = []
+        for it in xs.items:
+            if it.feat.kind not in ("hidden", "qkv"):
+                raise self.err("type-mismatch", e.args[0].span, f"spans() takes hidden states, not {it.feat.kind}")
+            node = OpNode(op="spans", inputs=[it.node], params={
+                "max_fraction": longest, "pool": "mean", "segmentation": "drawn once per step, shared by every "
+                "spans() op of the stage"})
+            items.append(replace(it, node=node))
+        return replace(xs, items=tuple(items))
+
+    def _check_relation_pair(self, e: ast.Call, fn: str, t: Item, p: Item, rel, heads: int | None) -> tuple[Item, Item]:
+        """distance/angle relate items within each model: widths may differ, the related axis may not."""
+        if t.feat.items != p.feat.items:
+            raise self.err("layer-count-mismatch", e.span, f"{fn} relates {t.feat.items or 'positions'} items of the "
+                           f"target with {p.feat.items or 'positions'} of the prediction",
+                           "stack as many items on both sides, e.g. stack(align(t.hidden, s.hidden, map: uniform))",
+                           related=rel)
+        if heads is not None:
+            span = next(k.span for k in e.kwargs if k.key.name == "heads")
+            for it in (t, p):
+                if it.feat.dim is not None and it.feat.dim % heads:
+                    raise self.err("relation-heads", span, f"{heads} relation heads do not divide width "
+                                   f"{it.feat.dim} of {_describe(it)}", related=rel)
+        return t, p
+
     # ------------------------------------------------------------ losses
 
     def _loss(self, e: ast.Call, fn: str, scope: Scope) -> Objective:
@@ -1211,7 +1639,7 @@ class _Lowerer:
                 raise self.err("bad-layer-map", kw["map"].span, "map is uniform, skip, last, first or pairs(...)",
                                did_you_mean(getattr(layer_map, "name", ""), B.LAYER_MAPS))
         pairs = self._pair(e, target, pred, layer_map)
-        return Objective(tuple(self._term(e, fn, t, p, options) for t, p in pairs))
+        return Objective(tuple(self._term(e, fn, t, p, options, scope.method) for t, p in pairs))
 
     def _pair(self, e: ast.Call, target: ItemSet, pred: ItemSet, lmap: LayerMap | None) -> list[tuple[Item, Item]]:
         if lmap is None:
@@ -1262,7 +1690,7 @@ class _Lowerer:
                                f"teacher 0..{lt - 1}")
         return table.get(j)
 
-    def _term(self, e: ast.Call, fn: str, t: Item, p: Item, options: dict) -> Term:
+    def _term(self, e: ast.Call, fn: str, t: Item, p: Item, options: dict, method: str | None = None) -> Term:
         loss = B.LOSSES[fn]
         p_model = self.models.get(p.model) if p.model else None
         if p_model is None or p_model.role == "teacher":
@@ -1271,7 +1699,7 @@ class _Lowerer:
                 raise self.err("no-gradient", e.args[1].span, f"the prediction (second argument) of {fn} must be a "
                                f"student signal; swap the arguments: {fn}(teacher, student)")
             raise self.err("no-gradient", e.span, f"{fn} compares no student signal, so it trains nothing")
-        t, p = self._check_pair(e, fn, t, p)
+        t, p = self._check_pair(e, fn, t, p, method, options)
         kind = _group(t.feat.kind)
         if kind not in {_group(k) for k in loss.accepts}:
             raise self.err("type-mismatch", e.span, f"{fn} does not compare {t.feat.kind} signals",
@@ -1283,8 +1711,10 @@ class _Lowerer:
             options["inputs"] = "logits"
         return Term(fn=fn, target=t, pred=p, options=options, span=e.span)
 
-    def _check_pair(self, e: ast.Call, fn: str, t: Item, p: Item) -> tuple[Item, Item]:
+    def _check_pair(self, e: ast.Call, fn: str, t: Item, p: Item, method: str | None = None,
+                    options: dict | None = None) -> tuple[Item, Item]:
         rel = [(e.args[0].span, f"target: {_describe(t)}"), (e.args[1].span, f"prediction: {_describe(p)}")]
+        strict = B.STRICT_METHODS.get((method or "").split(".")[0])
         tk, pk = t.feat.kind, p.feat.kind
         if fn == "ce":
             ok = (tk, pk) in (("labels", "task_logits"), ("tokens", "logits"))
@@ -1297,6 +1727,9 @@ class _Lowerer:
         if tk == "attn" or tk == "relation":
             if t.feat.heads != p.feat.heads:
                 what = "attention" if tk == "attn" else "relation"
+                if strict:
+                    raise self.err(strict[0], e.span, f"{what} heads differ: {t.feat.heads} (teacher) vs "
+                                   f"{p.feat.heads} (student) in {method}", strict[1], related=rel)
                 raise self.err("head-mismatch", e.span, f"{what} heads differ: {t.feat.heads} (target) vs "
                                f"{p.feat.heads} (prediction)", "compare relations with equal heads instead: "
                                "relation(x.query[i], heads: N) on both sides (MiniLMv2)", related=rel)
@@ -1310,10 +1743,20 @@ class _Lowerer:
                 raise self.err("shape-mismatch", e.span, f"task heads differ: {t.feat.classes} vs {p.feat.classes} "
                                "labels", related=rel)
             return t, p
+        if fn in B.RELATION_LOSSES:
+            return self._check_relation_pair(e, fn, t, p, rel, (options or {}).get("heads"))
         if p.feat.dim is None and t.feat.dim is not None:
             p = self._fill_projection(p, t.feat.dim)
         if t.feat.dim is None and p.feat.dim is not None:
             t = self._fill_projection(t, p.feat.dim)
+        if t.feat.dim != p.feat.dim and strict:
+            raise self.err(strict[0], e.span, f"widths differ: {t.feat.dim} (teacher) vs {p.feat.dim} (student) "
+                           f"in {method}", strict[1], related=rel)
+        if t.feat.dim != p.feat.dim and fn == "cos":
+            raise self.err("cosine-width", e.span, f"cosine between vectors of different widths: {t.feat.dim} "
+                           f"(target) vs {p.feat.dim} (prediction)", "DistilBERT's cosine loss needs the teacher's "
+                           "hidden size in the student (it starts from the teacher's layers); otherwise compare "
+                           f"cos(..., project({_describe(p)})) explicitly", related=rel)
         if t.feat.dim != p.feat.dim:
             raise self.err("dim-mismatch", e.span, f"widths differ: {t.feat.dim} (target) vs {p.feat.dim} "
                            f"(prediction)", f"project the student side: {fn}(..., project({_describe(p)}))",

@@ -30,10 +30,12 @@ class EvalResult:
 
 
 def _load(folder: Path):
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     from runtime.vocab import load_compressed
 
+    transformers.utils.logging.disable_progress_bar()
     if not (folder / "config.json").exists():
         raise RunError(f"{folder} is not a saved model (no config.json)")
     if (folder / "gkdc_vocab.json").exists():

@@ -223,7 +223,8 @@ def build_model(
     ``built`` holds the models built so far by name (the source of ``init copy``). ``trust_remote_code`` is
     passed to transformers only when the caller sets it; a spec cannot enable it.
     """
-    if model.source_kind == "derived":
+    # `init: random` (or copy) on a hub/local model means its architecture only: build from its config
+    if model.source_kind == "derived" or model.init.kind in ("random", "copy"):
         net = _from_config(model, trust_remote_code)
     else:
         net = _from_pretrained(model, base_dir, trust_remote_code, allow_pickle)

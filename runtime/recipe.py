@@ -78,8 +78,7 @@ def run(
     if world != plan.world_size:
         launch = " ".join(plan.launch)
         raise RunError(f"the plan was made for {plan.world_size} rank(s) but {world} started; launch it with: {launch}")
-    if not progress or rank > 0:
-        _quiet_libraries()
+    _quiet_libraries()  # our own bar shows training progress; loading bars of every stage would bury it
     out_dir = Path(out_dir)
     state = _starting_point(plan, out_dir, resume)
     logger = MetricsLogger(out_dir, enabled=rank == 0, show_bar=progress)

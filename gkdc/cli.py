@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fmt)
 
     pl = sub.add_parser("plan", help="plan a spec: signal graph, memory, placement, DeepSpeed configs")
-    pl.add_argument("file", type=Path)
+    pl.add_argument("file", type=Path, nargs="?")
     pl.add_argument("-o", "--output", type=Path, help="write the plan JSON here")
     pl.add_argument("--explain", action="store_true", help="say why each choice was made")
     pl.add_argument("--format", choices=("text", "json", "github"), default="text", help="diagnostics format")
@@ -170,12 +170,13 @@ def cmd_fmt(args) -> int:
 # ---------------------------------------------------------------- plan / graph
 
 
-def _build_plan(spec, path: Path):
+def _build_plan(spec, path: Path, plan_path: Path | None = None):
     """(plan or None, diagnostics): the planner's failures become diagnostics with the cluster's span."""
     from gkdlang.diagnostics import Diagnostic
     from planner.build import PlanFailure, build_plan
 
-    result = build_plan(spec, gkdc_version=__version__, spec_path=str(path))
+    target = str(plan_path) if plan_path is not None else "plan.json"
+    result = build_plan(spec, gkdc_version=__version__, spec_path=str(path), plan_path=target)
     if isinstance(result, PlanFailure):
         diags = [d if isinstance(d, Diagnostic) else Diagnostic(*d) for d in result.diagnostics]
         return None, diags
@@ -188,11 +189,14 @@ def cmd_plan(args) -> int:
 
         print(json.dumps(plan_json_schema(), indent=2))
         return EXIT_OK
+    if args.file is None:
+        print("gkdc plan: error: a spec file is required (or --schema)", file=sys.stderr)
+        return EXIT_USAGE
     diags, sources, spec = _check_one(args.file, with_plan=False)
     _emit(diags, sources, args.format)
     if spec is None:
         return EXIT_ERRORS
-    plan, plan_diags = _build_plan(spec, args.file.resolve())
+    plan, plan_diags = _build_plan(spec, args.file.resolve(), args.output)
     _emit(plan_diags, sources, args.format)
     if plan is None:
         return EXIT_ERRORS
@@ -237,13 +241,13 @@ def cmd_run(args) -> int:
         _emit(diags, sources, "text")
         if spec is None:
             return EXIT_ERRORS
-        plan, plan_diags = _build_plan(spec, path.resolve())
+        out = args.out or Path("runs") / path.stem
+        plan_path = out / "plan.json"
+        plan, plan_diags = _build_plan(spec, path.resolve(), plan_path)
         _emit(plan_diags, sources, "text")
         if plan is None:
             return EXIT_ERRORS
-        out = args.out or Path("runs") / path.stem
         out.mkdir(parents=True, exist_ok=True)
-        plan_path = out / "plan.json"
         _atomic_write(plan_path, plan.model_dump_json(indent=2) + "\n")
     else:
         plan_path = path

@@ -307,7 +307,7 @@ def build_models(
     for name in stage.students:
         model_spec = spec.models[name]
         if name in trained:  # its weights come from the earlier stage: skip copying an init that is overwritten
-            model_spec = model_spec.model_copy(update={"init": InitSpec()})
+            model_spec = model_spec.model_copy(update={"init": InitSpec(kind="random")})
         elif model_spec.init.kind == "copy" and model_spec.init.source not in built:
             source = str(model_spec.init.source)
             built[source] = _build_one(env, spec.models[source], built)

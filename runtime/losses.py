@@ -129,6 +129,16 @@ def _row_reduce(terms: Tensor, keys: Tensor | None, rows: Tensor | None) -> Tens
     return _masked_mean(terms.sum(-1), rows)
 
 
+def _log_dists(name: str, target: Tensor, pred: Tensor, mask: Tensor | None, key_mask: Tensor | None, T: float,
+               inputs: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(log p, log q, key mask, row mask) of a distribution loss: both sides at temperature T, in fp32."""
+    _same_shape(name, target, pred)
+    t, s = _f32(target, pred)
+    keys = _key_mask(name, key_mask, t.shape)
+    rows = _row_mask(name, mask, t.shape[:-1])
+    return _log_dist(name, t, inputs, T, keys), _log_dist(name, s, inputs, T, keys), keys, rows
+
+
 def kl(
     target: Tensor,
     pred: Tensor,
@@ -145,12 +155,7 @@ def kl(
     ``reverse=True`` gives KL(s || t). ``inputs`` says what both tensors hold: ``logits``, ``probs`` or
     ``log_probs`` (attention probabilities and relation matrices, T must be 1).
     """
-    _same_shape("kl", target, pred)
-    t, s = _f32(target, pred)
-    keys = _key_mask("kl", key_mask, t.shape)
-    rows = _row_mask("kl", mask, t.shape[:-1])
-    log_p = _log_dist("kl", t, inputs, T, keys)
-    log_q = _log_dist("kl", s, inputs, T, keys)
+    log_p, log_q, keys, rows = _log_dists("kl", target, pred, mask, key_mask, T, inputs)
     terms = _kl_terms(log_q, log_p) if reverse else _kl_terms(log_p, log_q)
     return _row_reduce(terms, keys, rows) * (T * T if scale_t2 else 1.0)
 
@@ -166,12 +171,8 @@ def soft_ce(
     key_mask: Tensor | None = None,
 ) -> Tensor:
     """-sum softmax(t/T) * log_softmax(s/T) per row, mean over rows (times T^2 if ``scale_t2``)."""
-    _same_shape("soft_ce", target, pred)
-    t, s = _f32(target, pred)
-    keys = _key_mask("soft_ce", key_mask, t.shape)
-    rows = _row_mask("soft_ce", mask, t.shape[:-1])
-    p = _log_dist("soft_ce", t, inputs, T, keys).exp()
-    log_q = _log_dist("soft_ce", s, inputs, T, keys)
+    log_p, log_q, keys, rows = _log_dists("soft_ce", target, pred, mask, key_mask, T, inputs)
+    p = log_p.exp()
     live, zero = p > 0, p.new_zeros(())
     terms = torch.where(live, -p * torch.where(live, log_q, zero), zero)
     return _row_reduce(terms, keys, rows) * (T * T if scale_t2 else 1.0)
@@ -188,12 +189,7 @@ def jsd(
     key_mask: Tensor | None = None,
 ) -> Tensor:
     """Jensen-Shannon divergence 0.5 KL(p||m) + 0.5 KL(q||m), m = (p + q) / 2, per row, mean over rows."""
-    _same_shape("jsd", target, pred)
-    t, s = _f32(target, pred)
-    keys = _key_mask("jsd", key_mask, t.shape)
-    rows = _row_mask("jsd", mask, t.shape[:-1])
-    log_p = _log_dist("jsd", t, inputs, T, keys)
-    log_q = _log_dist("jsd", s, inputs, T, keys)
+    log_p, log_q, keys, rows = _log_dists("jsd", target, pred, mask, key_mask, T, inputs)
     # log m computed in log space: avoids log(0) where both p and q underflow
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
     terms = 0.5 * _kl_terms(log_p, log_m) + 0.5 * _kl_terms(log_q, log_m)

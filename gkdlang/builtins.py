@@ -40,7 +40,8 @@ class LossDef:
 
 
 _SHAPES = frozenset({"hidden", "qkv", "ffn", "pooled", "attn", "relation", "logits", "task_logits"})
-_DISTS = frozenset({"logits", "task_logits", "attn", "relation"})
+#: pooled vectors count as logits over the feature dim (Universal-KD's KL over projected features)
+_DISTS = frozenset({"logits", "task_logits", "attn", "relation", "pooled"})
 
 LOSSES: dict[str, LossDef] = {
     "kl": LossDef({"T": "schedule", "scale_t2": "bool", "reverse": "bool"}, _DISTS,
@@ -54,13 +55,18 @@ LOSSES: dict[str, LossDef] = {
     "smooth_l1": LossDef({"beta": "number"}, _SHAPES, "smooth L1 (Huber) loss"),
     "cos": LossDef({}, _SHAPES, "1 - cosine similarity along the feature dim"),
     "hinge_mse": LossDef({"margin": "number"}, _SHAPES, "MSE ignoring errors below a margin (Continuation-KD)"),
-    "nce": LossDef({"tau": "number"}, frozenset({"pooled", "hidden"}),
-                   "contrastive InfoNCE across the batch: the teacher vector of the same example is the positive"),
-    "distance": LossDef({"window": "int"}, frozenset({"hidden", "pooled"}),
+    "nce": LossDef({"tau": "number", "gather": "bool"}, frozenset({"pooled", "hidden"}),
+                   "contrastive InfoNCE across the batch: the teacher vector of the same example is the positive; "
+                   "gather: true takes negatives from every data-parallel rank (LRC-BERT)"),
+    "distance": LossDef({"window": "int", "heads": "int"}, frozenset({"hidden", "pooled"}),
                         "smooth L1 between normalised pairwise-distance matrices (CKD / MGSKD relations)"),
-    "angle": LossDef({"window": "int"}, frozenset({"hidden", "pooled"}),
+    "angle": LossDef({"window": "int", "heads": "int", "top_k": "int"}, frozenset({"hidden", "pooled"}),
                      "smooth L1 between triplet-angle tensors within a window (CKD / MGSKD relations)"),
 }
+
+#: losses comparing relations *within* each model (pairwise distances, angles): the two sides may have
+#: different widths, but the same number of items along the related axis
+RELATION_LOSSES = frozenset({"distance", "angle"})
 
 #: losses whose two sides may be distributions given as probabilities
 DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd"})
@@ -76,6 +82,16 @@ TRANSFORMS: dict[str, dict[str, str]] = {
     "mean": {},
     "attend": {},
     "anneal": {"phi": "schedule"},
+    "align": {"map": "map"},
+    "stack": {},
+    "spans": {"max": "fraction"},
+}
+
+#: functions that regroup or gate the terms of a loss expression -> options. ``choose`` also takes a layered
+#: signal: then it picks a random sorted subset of its items (RAIL-KD's random teacher layers).
+COMBINATORS: dict[str, dict[str, str]] = {
+    "progressive": {"over": "fraction", "exclusive": "bool", "below_lr": "number"},
+    "choose": {"every": "symbol"},
 }
 
 POOLS = ("mean", "cls", "max")
@@ -96,8 +112,46 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
 DATA_FORMATS = ("text", "jsonl", "json", "parquet", "csv")
 DTYPES = ("fp32", "bf16", "fp16")
 
-#: interventions (runtime behaviour beyond signals and losses) -> options
-INTERVENTIONS: dict[str, dict[str, str]] = {}
+@dataclass(frozen=True)
+class InterventionDef:
+    """A construct that lowers to a Spec ``Intervention`` (runtime behaviour beyond signals and losses)."""
+
+    options: dict[str, str]
+    """keyword -> kind of value."""
+    rewrites_forward: bool
+    """Changes how the student's forward/backward pass runs; two of these cannot share a stage."""
+    doc: str
+
+
+#: interventions -> definition. Each is documented in docs/language.md; the runtime implements them from the
+#: Intervention params (kind, models, params) the checker writes, which are complete and explicit.
+INTERVENTIONS: dict[str, InterventionDef] = {
+    "replace_layers": InterventionDef({"p": "schedule", "map": "map"}, True,
+                                      "Theseus module replacement: teacher block groups swapped for student blocks"),
+    "interchange": InterventionDef({"fraction": "fraction", "map": "map", "way": "symbol"}, True,
+                                   "DIITO interchange intervention: a second pass with swapped token-span states"),
+    "perturb": InterventionDef({"eps": "number"}, True,
+                               "LRC-BERT gradient perturbation of the student's embeddings: two passes per step"),
+    "drop": InterventionDef({"p": "fraction"}, False, "DGKD: each group of terms dropped with probability p per step"),
+    "weigh": InterventionDef({"by": "symbol", "hard": "bool"}, False,
+                             "per-teacher weights from teacher CE (MT-BERT) or student entropy (Uncertainty)"),
+    "select_teacher": InterventionDef({"policy": "symbol", "state": "model", "reward": "symbol", "lr": "number"},
+                                      False, "RL-KD: a REINFORCE agent picks the teachers of each example"),
+}
+
+#: libraries whose methods compare signals with no projection by design, and the code a width or head
+#: mismatch inside them gets instead of the generic one (the message then names the method's requirement)
+STRICT_METHODS: dict[str, tuple[str, str]] = {
+    "mobilebert": ("no-bottleneck-teacher",
+                   "MobileBERT transfers feature maps and attention without projection: the teacher must be an "
+                   "inverted-bottleneck model (IB-BERT) with the student's hidden size and head count"),
+}
+
+WEIGH_BY = ("teacher_ce", "student_entropy")
+EVERY = ("step", "epoch")
+INTERCHANGE_WAYS = ("consecutive", "random", "masked")
+POLICIES = ("reinforce",)
+REWARDS = ("ce", "ce_kl")
 
 #: block keys per declaration kind -> what the value must be
 MODEL_KEYS = {

@@ -74,7 +74,16 @@ CODES: dict[str, tuple[Severity, str]] = {
     "stage-cycle": ("error", "Stages whose `after` dependencies form a cycle."),
     "no-stages": ("error", "The spec declares no stage."),
     "bad-duration": ("error", "A stage with neither `steps` nor `epochs`, or a non-positive duration."),
-    "incompatible-methods": ("error", "Reserved: methods or options that cannot run together (no check reports it yet)."),
+    "incompatible-methods": ("error", "Constructs that cannot run together: two that rewrite the student's forward pass "
+                             "in one stage, or a term in two sampling groups."),
+    "cosine-width": ("error", "A cosine loss between hidden states of different widths (DistilBERT needs equal sizes)."),
+    "no-bottleneck-teacher": ("error", "MobileBERT transfer from a teacher that is not an inverted-bottleneck model "
+                              "with the student's hidden size and heads."),
+    "interchange-checkpointing": ("error", "DIITO's interchange in a stage with activation checkpointing forced on."),
+    "perturb-accumulation": ("error", "Gradient perturbation (LRC-BERT) in a stage whose micro-batch forces "
+                             "gradient accumulation."),
+    "batch-too-small": ("error", "Hard per-teacher selection (Uncertainty) with a per-rank micro-batch smaller than "
+                        "the number of teachers."),
     "data-not-found": ("warning", "A data path that matches no file at check time (it must exist before `gkdc run`)."),
     "unknown-gpu": ("error", "A device name that the hardware catalog does not contain."),
     "plan-infeasible": ("error", "No placement fits the cluster's memory; the message shows the best attempt per rank."),

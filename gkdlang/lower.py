@@ -270,6 +270,8 @@ class _Lowerer:
                 lets[decl.name.name] = self._guard(self.ev, decl.value, Scope(lets))
             elif isinstance(decl, ast.MethodDecl):
                 methods[decl.name.name] = MethodDef(f"{name}.{decl.name.name}", decl, lets)
+        for method_name, method in methods.items():  # a library's methods can call each other by bare name
+            lets.setdefault(method_name, method)
         return methods
 
     def _let(self, decl: ast.LetDecl) -> None:
@@ -374,7 +376,7 @@ class _Lowerer:
 
     def _init(self, expr: ast.Expr | None, role: str, base: str | None) -> InitSpec:
         if expr is None:
-            return InitSpec(kind="pretrained") if role == "teacher" or base is None else InitSpec()
+            return InitSpec(kind="pretrained") if role == "teacher" or base is None else InitSpec(kind="random")
         if isinstance(expr, ast.Name) and expr.id in ("random", "pretrained"):
             if expr.id == "pretrained" and base is not None:
                 raise self.err("bad-value", expr.span, "a model declared like(...) has no pretrained weights",
@@ -895,6 +897,8 @@ class _Lowerer:
         chosen: list[int] = []
         for item in e.items:
             chosen.extend(self._layer_indices(item, n, model, scope))
+        if not chosen:  # an empty slice would pair nothing and hide the mistake
+            raise self.err("bad-index", e.span, f"this index selects no layer of '{model}' ({n} layers)")
         items = tuple(base.items[i] for i in chosen)
         return ItemSet(items, layered=True, span=e.span)
 
@@ -1138,8 +1142,8 @@ class _Lowerer:
             if key not in keys:
                 keys.append(key)
         n = len(keys)
-        start = {k: over * i / n for i, k in enumerate(keys)}
-        until = {k: (over * (i + 1) / n if i + 1 < n else 1.0) for i, k in enumerate(keys)}
+        start = {k: round(over * i / n, 12) for i, k in enumerate(keys)}
+        until = {k: (round(over * (i + 1) / n, 12) if i + 1 < n else 1.0) for i, k in enumerate(keys)}
         terms = []
         for i, t in enumerate(obj.terms):
             key = ("layer", t.pred.layer) if t.pred.layer is not None else ("term", i)
@@ -1178,7 +1182,8 @@ class _Lowerer:
         """choose(x, k, every: epoch): k random items of a layered signal, or k random terms of a loss."""
         self._arity(e, 2, "choose")
         kw = self._kwargs(e, B.COMBINATORS["choose"])
-        k = self._int(e.args[1], "choose", minimum=1, scope=scope)
+        count = self.ev(e.args[1], scope)  # a number, or a signal whose item count is taken (as many as)
+        k = len(count.items) if isinstance(count, ItemSet) else self._int(e.args[1], "choose", minimum=1, scope=scope)
         every = self._every(kw, scope, "epoch")
         value = self.ev(e.args[0], scope)
         if isinstance(value, Objective) and value.terms:
@@ -1214,8 +1219,17 @@ class _Lowerer:
 
     # ------------------------------------------------------------ interventions
 
-    def _role_model(self, expr: ast.Expr, roles: tuple[str, ...], what: str) -> str:
-        name = self._model_name(expr)
+    def _model_arg(self, expr: ast.Expr, scope: Scope, what: str) -> str:
+        """A model given by name or through a method parameter."""
+        v = self.ev(expr, scope)
+        if isinstance(v, Symbol):
+            raise self._unknown("unknown-model", expr.span, v.name, self.models)
+        if not isinstance(v, ModelRef):
+            raise self.err("type-mismatch", expr.span, f"{what} is a model, not {_kind(v)}")
+        return v.name
+
+    def _role_model(self, expr: ast.Expr, roles: tuple[str, ...], what: str, scope: Scope) -> str:
+        name = self._model_arg(expr, scope, what)
         if self.models[name].role not in roles:
             code = "no-gradient" if "teacher" not in roles else "type-mismatch"
             raise self.err(code, expr.span, f"{what} must be a {' or '.join(roles)}, and '{name}' is a "
@@ -1226,8 +1240,8 @@ class _Lowerer:
         """replace_layers(t, s, p: schedule): Theseus. Student block j stands for teacher blocks j*k..(j+1)*k-1."""
         self._arity(e, 2, "replace_layers")
         kw = self._kwargs(e, B.INTERVENTIONS["replace_layers"].options)
-        t = self._role_model(e.args[0], ("teacher", "assistant"), "replace_layers' first argument")
-        s = self._role_model(e.args[1], ("student", "assistant"), "replace_layers' second argument")
+        t = self._role_model(e.args[0], ("teacher", "assistant"), "replace_layers' first argument", scope)
+        s = self._role_model(e.args[1], ("student", "assistant"), "replace_layers' second argument", scope)
         ta, sa = self.models[t].arch, self.models[s].arch
         rel = [(e.args[0].span, f"teacher '{t}': {ta.num_layers} x {ta.hidden_size}"),
                (e.args[1].span, f"student '{s}': {sa.num_layers} x {sa.hidden_size}")]
@@ -1304,7 +1318,7 @@ class _Lowerer:
         """perturb(s, eps: 1e-5): LRC-BERT gradient perturbation of the student's embedding output."""
         self._arity(e, 1, "perturb")
         kw = self._kwargs(e, B.INTERVENTIONS["perturb"].options)
-        s = self._role_model(e.args[0], ("student", "assistant"), "perturb's argument")
+        s = self._role_model(e.args[0], ("student", "assistant"), "perturb's argument", scope)
         eps = self._num(kw["eps"], "eps", scope) if "eps" in kw else 1e-5
         if eps <= 0:
             raise self.err("bad-value", kw["eps"].span, "eps must be positive")
@@ -1399,7 +1413,7 @@ class _Lowerer:
         kw = self._kwargs(e, B.INTERVENTIONS["select_teacher"].options)
         policy = self._symbol_value(kw.get("policy"), "policy", B.POLICIES, scope, "reinforce")
         reward = self._symbol_value(kw.get("reward"), "reward", B.REWARDS, scope, "ce")
-        state = self._role_model(kw["state"], ("teacher",), "state") if "state" in kw else None
+        state = self._role_model(kw["state"], ("teacher",), "state", scope) if "state" in kw else None
         lr = self._num(kw["lr"], "lr", scope) if "lr" in kw else None
         if lr is not None and lr <= 0:
             raise self.err("bad-value", kw["lr"].span, "lr must be positive")
@@ -1441,7 +1455,7 @@ class _Lowerer:
         self._arity(e, 1, "project")
         out = None
         if "to" in kw:
-            out = self.models[self._model_name(kw["to"])].arch.hidden_size
+            out = self.models[self._model_arg(kw["to"], scope, "to")].arch.hidden_size
         if "dim" in kw:
             out = self._int(kw["dim"], "dim", minimum=1, scope=scope)
         shared = self._bool(kw["shared"], "shared") if "shared" in kw else True
@@ -1519,7 +1533,7 @@ class _Lowerer:
         self._arity(e, 2, "attend")
         query = self._items(e.args[1], scope, "attend")
         for it in (*xs.items, *query.items):
-            if it.feat.kind not in ("hidden", "qkv"):
+            if it.feat.kind not in ("hidden", "qkv", "pooled"):
                 raise self.err("type-mismatch", e.span, f"attend() takes hidden states, not {it.feat.kind}")
         t_dim = xs.items[0].feat.dim
         if t_dim is not None:  # an open projection of the query takes the teacher's width

@@ -74,7 +74,9 @@ class Schedule(Frozen):
 class InitSpec(Frozen):
     """How a student's weights start: random, or copied from another model."""
 
-    kind: Literal["random", "copy", "pretrained"] = "random"
+    kind: Literal["random", "copy", "pretrained"] = "pretrained"
+    """pretrained: the source's weights (hub/local); random: its architecture only; copy: layers of ``source``.
+    A derived (``like``) model has no weights of its own: it is random or copy."""
     source: str | None = None
     """Model to copy from (kind == "copy")."""
     layers: list[int] | None = None

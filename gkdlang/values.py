@@ -75,6 +75,8 @@ class Feat:
     """Label count of task logits."""
     probs: bool = False
     """Already a probability distribution over the last dim (attn_probs, relations)."""
+    items: int | None = None
+    """Number of stacked items (``stack``): relation losses relate them, so both sides need as many."""
 
 
 @dataclass(frozen=True)

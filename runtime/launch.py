@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,12 +60,31 @@ def launch_argv(plan: Plan, plan_path: Path, out: Path, *, resume: bool, max_ste
     if not Path(exe).exists():
         raise RunError(f"'{argv[0]}' is not installed in this environment (pip install deepspeed)")
     argv[0] = exe
+    _free_master_port(argv)
     argv.append(str(out))
     argv += ["--resume"] * resume + ["--trust-remote-code"] * trust_remote_code + ["--allow-pickle"] * allow_pickle
     argv += ["--no-progress"] * (not progress)
     if max_steps is not None:
         argv += ["--max-steps", str(max_steps)]
     return argv
+
+
+def _free_master_port(argv: list[str]) -> None:
+    """Keep the plan's master port unless something already listens there; then take a free one."""
+    if "--master_port" not in argv:
+        return
+    at = argv.index("--master_port") + 1
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", int(argv[at])))
+            return
+        except OSError:
+            pass
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    print(f"note: master port {argv[at]} is in use; using {port}", file=sys.stderr)
+    argv[at] = str(port)
 
 
 def _env() -> dict[str, str]:

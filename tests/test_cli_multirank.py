@@ -1,0 +1,45 @@
+"""`gkdc run` of a spec planned for two ranks: planner -> plan launch command -> deepspeed launcher (gloo on
+CPU) -> both ranks train and the student is saved; judged by what the ranks wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = """
+teacher t = hf("{root}/examples/tiny") {{ init: random, dtype: fp32 }}
+student s = like(t) {{ layers: 1, hidden: 32, heads: 2, dtype: fp32 }}
+data corpus = text("{root}/examples/data/corpus.txt") {{ seq_len: 32 }}
+stage distill {{
+  data: corpus
+  steps: 3
+  batch: 8
+  loss: kl(t.logits, s.logits, T: 2) + mse(t.hidden[1], project(s.hidden[0])) where not pad
+}}
+cluster {{ gpus: 2 x cpu, cpu_memory: 8GB }}
+"""
+
+
+@pytest.mark.deepspeed
+def test_gkdc_run_starts_two_ranks_from_the_plans_launch_command(tmp_path):
+    spec = tmp_path / "two.gkd"
+    spec.write_text(SPEC.format(root=ROOT))
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run([sys.executable, "-m", "gkdc", "run", str(spec), "--out", str(out), "--no-progress"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["world_size"] == 2 and plan["launch"][0] == "deepspeed"
+    ranks = sorted((out / "ranks").glob("rank*.json"))
+    assert len(ranks) == 2, (r.returncode, r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "student" / "model.safetensors").exists()
+    sums = [json.loads(p.read_text())["weight_sums"]["s"] for p in ranks]
+    assert sums[0] == pytest.approx(sums[1], rel=1e-6)  # data-parallel ranks end with the same student

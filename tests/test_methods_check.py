@@ -1,0 +1,236 @@
+"""The method library: every GKD method's spec checks clean, the constructs lower to complete Spec gates and
+interventions, and every pair of single-teacher methods on one teacher/student pair either checks or is
+refused with the expected code.
+
+Specs live in ``specs/methods/<method>.gkd`` (one per method of GKD, plus GLMD's three variants), method
+definitions in ``gkdlang/stdlib/<library>.gkd`` and method pages in ``docs/methods/<method>.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from gkdlang.lower import check_file, check_source
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD_SPECS = sorted((ROOT / "specs" / "methods").glob("*.gkd"))
+CASES = ROOT / "tests" / "cases"
+
+#: GKD's 25 methods and GLMD's variants -> spec / doc stem
+METHODS = ["kd", "pd", "tinybert", "minilm", "minilmv2", "distilbert", "pkd", "rail_kd", "mgskd", "diito", "sid",
+           "alp_kd", "ckd", "theseus", "universal_kd", "lrc_bert", "annealing_kd", "mobilebert", "continuation_kd",
+           "tmkd", "mt_bert", "uncertainty", "rl_kd", "takd", "dgkd", "glmd", "glmd_vc", "glmd_al"]
+
+#: stages that train without a teacher on purpose (pre-training or fine-tuning steps of a method)
+TEACHER_FREE = {("pd", "pretrain"), ("sid", "pretrain"), ("annealing_kd", "hard"), ("universal_kd", "finetune"),
+                ("mobilebert", "teacher_pretrain"), ("mobilebert", "finetune")}
+
+
+def test_every_method_has_a_spec_a_doc_and_a_library():
+    assert len(METHODS) == 28
+    for name in METHODS:
+        assert (ROOT / "specs" / "methods" / f"{name}.gkd").exists(), name
+        assert (ROOT / "docs" / "methods" / f"{name}.md").exists(), name
+        library = "glmd" if name.startswith("glmd") else name
+        assert (ROOT / "gkdlang" / "stdlib" / f"{library}.gkd").exists(), library
+
+
+@pytest.mark.parametrize("path", METHOD_SPECS, ids=lambda p: p.stem)
+def test_method_spec_checks_clean(path: Path):
+    result = check_file(path, display_name=path.name)
+    assert result.ok, [f"{d.code}: {d.message}" for d in result.diagnostics]
+    for d in result.diagnostics:
+        stage = d.message.split("'")[1] if d.code == "no-teacher-signal" else None
+        assert (path.stem, stage) in TEACHER_FREE, f"{d.code}: {d.message}"
+
+
+def spec(name: str):
+    result = check_file(ROOT / "specs" / "methods" / f"{name}.gkd")
+    assert result.ok
+    return result.spec
+
+
+def stage(name: str, stage_name: str):
+    return next(s for s in spec(name).stages if s.name == stage_name)
+
+
+# ---------------------------------------------------------------- what the constructs lower to
+
+
+def test_theseus_replace_layers_params():
+    st = stage("theseus", "finetune")
+    (iv,) = st.interventions
+    assert iv.kind == "replace_layers" and iv.models == ["bert", "small"]
+    assert iv.params["groups"] == [[0, 1]] and iv.params["teacher_forward"] is False
+    assert iv.params["p"] == {"kind": "linear", "value": 0.3, "end": 1.0, "start": 0.0, "until": 0.66}
+    assert st.teachers == ["bert"] and [t.fn for t in st.loss] == ["ce"]
+
+
+def test_diito_interchange_forces_no_checkpointing_and_marks_counterfactual_terms():
+    st = stage("diito", "pretrain")
+    (iv,) = st.interventions
+    assert st.activation_checkpointing is False
+    assert iv.kind == "interchange" and iv.params["fraction"] == 0.3 and iv.params["way"] == "consecutive"
+    assert iv.params["layers"] == [[0, 1]]  # student block 0 <-> teacher block 1 (uniform, k = 2)
+    causal = [t for t in st.loss if t.target.node == "op" and t.target.op == "interchanged"]
+    assert len(causal) == 1 and causal[0].pred.op == "interchanged"
+    assert causal[0].target.params["intervention"] == iv.params["id"]
+    assert sum(t.weight.value for t in st.loss) == pytest.approx(1.0)
+
+
+def test_lrc_bert_perturb_forbids_gradient_accumulation():
+    for name in ("contrast", "predict"):
+        st = stage("lrc_bert", name)
+        assert not st.grad_accum_allowed
+        assert [iv.kind for iv in st.interventions] == ["perturb"]
+        assert st.interventions[0].params["passes"] == 2
+    nce = next(t for t in stage("lrc_bert", "contrast").loss if t.fn == "nce")
+    assert nce.options["gather"] is True
+
+
+def test_uncertainty_hard_weigh_units_and_minimum_micro_batch():
+    (iv,) = stage("uncertainty", "finetune").interventions
+    assert iv.kind == "weigh" and iv.params["hard"] and iv.params["min_micro_batch"] == 2
+    assert [u["teacher"] for u in iv.params["units"]] == ["base", "large"]
+    groups = {t.gate.group for t in stage("uncertainty", "finetune").loss if t.gate.group}
+    assert groups == {u["group"] for u in iv.params["units"]}
+
+
+def test_mt_bert_weighs_by_teacher_ce():
+    st = stage("mt_bert", "finetune")
+    (iv,) = st.interventions
+    assert iv.params["by"] == "teacher_ce" and iv.params["needs_labels"]
+    assert sum(1 for t in st.loss if t.gate.group) == 2
+
+
+def test_mobilebert_progressive_windows_and_lower_learning_rate():
+    st = stage("mobilebert", "transfer")
+    (iv,) = st.interventions
+    assert iv.kind == "progressive_lr" and iv.params["below_lr"] == 0.1
+    assert iv.params["windows"] == [{"from": 0.0, "until": 0.4, "layer": 0}, {"from": 0.4, "until": 1.0, "layer": 1}]
+    layer0 = [t for t in st.loss if t.pred.layer == 0]
+    assert len(layer0) == 2 and all(t.gate.active_until == 0.4 for t in layer0)
+    assert all(t.weight.value == 0.5 for t in layer0)
+
+
+def test_rail_kd_chooses_as_many_teacher_layers_as_the_student_has():
+    st = stage("rail_kd", "finetune")
+    sse = next(t for t in st.loss if t.fn == "sse")
+    node = sse.target
+    while node.op != "concat":
+        node = node.inputs[0]
+    picks = node.inputs
+    assert len(picks) == 5 and all(p.op == "choose" and p.params["k"] == 5 for p in picks)
+    assert [p.params["index"] for p in picks] == list(range(5)) and picks[0].params["every"] == "epoch"
+    assert len(picks[0].inputs) == 11  # teacher blocks 0..10 (the last one excluded)
+
+
+def test_dgkd_drops_each_teacher_independently():
+    st = stage("dgkd", "student_kd")
+    assert [iv.kind for iv in st.interventions] == ["drop", "drop"]
+    assert [iv.models for iv in st.interventions] == [["large"], ["mid"]]
+    assert all(iv.params["p"] == 0.25 for iv in st.interventions)
+
+
+def test_rl_kd_agent_state_model_is_loaded_as_a_teacher():
+    st = stage("rl_kd", "select")
+    (iv,) = st.interventions
+    assert iv.kind == "select_teacher" and iv.params["policy"] == "reinforce" and iv.params["state_model"] == "semantic"
+    assert "semantic" in st.teachers
+
+
+def test_glmd_variants():
+    assert not spec("glmd_vc").vocabs
+    assert spec("glmd").vocabs["small"].keep_rows == 15360
+    assert spec("glmd_al").models["small"].arch.embedding_size == 384
+
+
+def test_progressive_groups_terms_by_student_layer():
+    text = """teacher bert = hf("tiny-bert")
+student small = like(bert) { layers: 2 }
+data corpus = text("data/corpus.txt")
+stage s { data: corpus, steps: 10,
+  loss: progressive(mse(bert.hidden, small.hidden) + kl(bert.attn_probs, small.attn_probs), over: 50%) }
+"""
+    st = check_source(text, "p.gkd", base_dir=CASES).spec.stages[0]
+    starts = {(t.fn, t.pred.layer): t.gate.active_from for t in st.loss}
+    assert starts == {("mse", 0): 0.0, ("mse", 1): 0.25, ("kl", 0): 0.0, ("kl", 1): 0.25}
+    assert all(t.gate.active_until == 1.0 for t in st.loss)
+
+
+# ---------------------------------------------------------------- the matrix of single-teacher methods
+
+#: method -> call on a tiny-bert teacher ``t`` (2 x 64, 4 heads) and student ``s`` (2 blocks)
+CALLS = {
+    "kd": "kd(t, s)", "pd": "pd(t, s)", "tinybert": "tinybert.intermediate(t, s)", "minilm": "minilm(t, s)",
+    "minilmv2": "minilmv2(t, s, heads: 16)", "distilbert": "distilbert(t, s)", "pkd": "pkd(t, s)",
+    "rail_kd": "rail_kd(t, s)", "mgskd": "mgskd(t, s, m: 1, heads: 16)", "diito": "diito(t, s)",
+    "sid": "sid(t, s)", "alp_kd": "alp_kd(t, s)", "ckd": "ckd(t, s)", "theseus": "theseus(t, s)",
+    "universal_kd": "universal_kd(t, s)", "lrc_bert": "lrc_bert(t, s)", "annealing_kd": "annealing_kd(t, s)",
+    "mobilebert": "mobilebert(t, s)", "continuation_kd": "continuation_kd(t, s)",
+}
+#: what each method needs of the student's head (others work on either)
+NEEDS_LM = {"distilbert", "diito", "mobilebert"}
+NEEDS_CLASSIFY = {"kd", "pd", "pkd", "rail_kd", "sid", "alp_kd", "ckd", "theseus", "universal_kd", "annealing_kd",
+                  "continuation_kd"}
+#: first error of a method alone when the student is narrower than the teacher (32 vs 64)
+NARROW = {"distilbert": "cosine-width", "pkd": "dim-mismatch", "diito": "cosine-width", "sid": "cosine-width",
+          "alp_kd": "dim-mismatch", "theseus": "dim-mismatch", "mobilebert": "no-bottleneck-teacher"}
+#: first error of an LM-head method given a classification-head student (body order decides what comes first)
+UNDER_CLASSIFY = {("distilbert", 64): "no-task-head", ("distilbert", 32): "cosine-width",
+                  ("diito", 64): "no-task-head", ("diito", 32): "no-task-head",
+                  ("mobilebert", 64): "no-task-head", ("mobilebert", 32): "no-bottleneck-teacher"}
+#: methods that rewrite the student's forward pass: two in one stage are incompatible-methods
+REWRITES = {"theseus", "diito", "lrc_bert"}
+
+
+def single(method: str, width: int, head: str) -> str | None:
+    if head == "classify" and method in NEEDS_LM:
+        return UNDER_CLASSIFY[(method, width)]
+    return NARROW.get(method) if width < 64 else None
+
+
+def expected(a: str, b: str, width: int) -> set[str]:
+    head = "lm" if {a, b} & NEEDS_LM and not {a, b} & NEEDS_CLASSIFY else "classify"
+    # a loss expression stops at its first error: the left method's, else the right one's
+    first = single(a, width, head) or single(b, width, head)
+    if first:
+        return {first}
+    return {"incompatible-methods"} if a in REWRITES and b in REWRITES else set()
+
+
+def pair_source(a: str, b: str, width: int) -> str:
+    head = "" if {a, b} & NEEDS_LM and not {a, b} & NEEDS_CLASSIFY else ", head: classify(2)"
+    return f"""use {", ".join(sorted({a, b}))}
+teacher t = hf("tiny-bert") {{ {head.lstrip(', ')} }}
+student s = like(t) {{ layers: 2, hidden: {width}{head} }}
+data d = jsonl("data/sst2.jsonl") {{ text: sentence, label: label, seq_len: 16 }}
+stage x {{ data: d, steps: 10, batch: 8, loss: {CALLS[a]} + {CALLS[b]} }}
+"""
+
+
+PAIRS = list(itertools.combinations_with_replacement(sorted(CALLS), 2))
+
+
+@pytest.mark.parametrize("width", [64, 32], ids=["same-width", "narrow"])
+def test_single_teacher_method_matrix(width: int):
+    assert len(PAIRS) == 190
+    wrong = []
+    for a, b in PAIRS:
+        result = check_source(pair_source(a, b, width), f"{a}+{b}.gkd", base_dir=CASES)
+        got = {d.code for d in result.diagnostics if d.severity == "error"}
+        if got != expected(a, b, width) or (not got and not result.ok):
+            wrong.append(f"{a} + {b}: got {sorted(got)}, expected {sorted(expected(a, b, width))}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_matrix_refusals_point_at_both_sides():
+    result = check_source(pair_source("theseus", "lrc_bert", 64), "x.gkd", base_dir=CASES)
+    (d,) = [d for d in result.diagnostics if d.code == "incompatible-methods"]
+    assert d.span.file == "<stdlib>/lrc_bert.gkd" and d.related[0][0].file == "<stdlib>/theseus.gkd"
+    result = check_source(pair_source("kd", "distilbert", 32), "y.gkd", base_dir=CASES)
+    (d,) = result.diagnostics
+    assert d.code == "cosine-width" and {r[1].split(":")[0] for r in d.related} >= {"target", "prediction"}

@@ -42,6 +42,7 @@ def prepare_process() -> tuple[int, int]:
     all-reduce op is marked incompatible: otherwise the first ``initialize`` JIT-compiles it with g++ (~55 s)
     only to speed up collectives that gloo already does correctly.
     """
+    launched = "RANK" in os.environ  # a launcher chose the port; a lone process picks its own
     defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
@@ -49,11 +50,16 @@ def prepare_process() -> tuple[int, int]:
     if not torch.cuda.is_available():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if not ds_comm.is_initialized():
+    # a lone process's free port can be taken by another process between probing and binding: try anew
+    for attempt in range(1 if launched else 3):
+        if ds_comm.is_initialized():
+            break
         try:
             deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
         except Exception as err:  # deepspeed/torch raise many kinds here
-            raise RunError(f"could not start the distributed backend: {err}") from err
+            if launched or "EADDRINUSE" not in str(err) or attempt == 2:
+                raise RunError(f"could not start the distributed backend: {err}") from err
+            os.environ["MASTER_PORT"] = str(_free_port())
     return ds_comm.get_rank(), ds_comm.get_world_size()
 
 

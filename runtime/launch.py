@@ -27,6 +27,7 @@ def run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool = False, ma
     if plan.world_size == 1:
         from runtime.recipe import run
 
+        _forget_inherited_rendezvous()
         result = run(plan, Path(plan_path), out, resume=resume, trust_remote_code=trust_remote_code,
                      allow_pickle=allow_pickle, max_steps=max_steps, progress=progress)
         _summary(out, result.student_dir)
@@ -46,6 +47,19 @@ def run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool = False, ma
         return
     raise RunError(f"the run failed: {len(done)} of {plan.world_size} ranks finished (launcher exit status "
                    f"{proc.returncode}); see the messages above. Resume with: gkdc run {plan_path} --out {out} --resume")
+
+
+RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _forget_inherited_rendezvous() -> None:
+    """A single-rank plan runs in this process: rendezvous variables inherited from a parent process (a test
+    runner, a job script) name someone else's store, whose port is taken, so this process picks its own."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        for key in RENDEZVOUS_VARS:
+            os.environ.pop(key, None)
 
 
 def launch_argv(plan: Plan, plan_path: Path, out: Path, *, resume: bool, max_steps: int | None,
@@ -88,7 +102,7 @@ def _free_master_port(argv: list[str]) -> None:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}  # the launcher sets its own
     # ranks import this checkout's packages even when gkdc is not installed in site-packages
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)

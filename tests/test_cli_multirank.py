@@ -4,14 +4,11 @@ CPU) -> both ranks train and the student is saved; judged by what the ranks wrot
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from clitools import ROOT, gkdc
+
 
 SPEC = """
 teacher t = hf("{root}/examples/tiny") {{ init: random, dtype: fp32 }}
@@ -32,9 +29,7 @@ def test_gkdc_run_starts_two_ranks_from_the_plans_launch_command(tmp_path):
     spec = tmp_path / "two.gkd"
     spec.write_text(SPEC.format(root=ROOT))
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    r = subprocess.run([sys.executable, "-m", "gkdc", "run", str(spec), "--out", str(out), "--no-progress"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    r = gkdc("run", str(spec), "--out", str(out), "--no-progress", timeout=400)
     plan = json.loads((out / "plan.json").read_text())
     assert plan["world_size"] == 2 and plan["launch"][0] == "deepspeed"
     ranks = sorted((out / "ranks").glob("rank*.json"))

@@ -4,21 +4,14 @@ through the real CLI, on a CPU, with no download."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from clitools import ROOT, gkdc
+
+
 SPEC = ROOT / "examples" / "tiny.gkd"
-
-
-def gkdc(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "gkdc", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
 
 
 def _run_demo(out: Path, max_steps: int | None) -> dict[str, dict]:

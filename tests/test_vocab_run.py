@@ -4,20 +4,11 @@ loads with the documented loader and evaluates."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def gkdc(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "gkdc", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+from clitools import ROOT, gkdc
 
 
 SPEC = """
@@ -70,3 +61,27 @@ def test_compressed_student_trains_saves_and_loads(tmp_path):
     r = gkdc("eval", str(student), "--data", str(ROOT / "examples/data/heldout.txt"), "--limit", "20")
     assert r.returncode == 0, r.stderr
     assert "compressed vocabulary" in r.stdout
+
+
+def test_single_rank_run_ignores_a_stale_rendezvous_in_its_environment(tmp_path):
+    """RANK/MASTER_PORT inherited from a parent (a job script, a test runner) name a store this run must not
+    join: a single-rank `gkdc run` picks its own port even when the inherited one is taken."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from clitools import clean_env
+
+    spec = tmp_path / "glmd.gkd"
+    spec.write_text(SPEC.format(root=ROOT))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = dict(clean_env(), RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(taken.getsockname()[1]))
+        r = subprocess.run([sys.executable, "-m", "gkdc", "run", str(spec), "--out", str(tmp_path / "run"),
+                            "--no-progress", "--max-steps", "1"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.exists(tmp_path / "run" / "student" / "gkdc_vocab.json")

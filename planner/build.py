@@ -27,7 +27,7 @@ from planner import dsconfig, placement
 from planner.graph import SignalGraph, build_graph
 from planner.params import ParamCounts, count_params_for
 from planner.plan import ModelCapture, Plan, ResolvedModel, StagePlan
-from planner.report import describe_capture, fmt_bytes
+from planner.describe import describe_capture, fmt_bytes
 
 #: jsonl files larger than this are not counted at plan time (planning must stay fast)
 MAX_COUNTED_BYTES = 256 * 2**20

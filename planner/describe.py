@@ -1,0 +1,77 @@
+"""Plain-text descriptions of plan parts (sizes, layer ranges, captures, placements), shared by the report and
+the planner's notes. No rich here: ``gkdc check`` runs the planner and must stay quick to start."""
+
+from __future__ import annotations
+
+from gkdlang.spec import ModelSpec
+from planner.plan import ModelCapture, Placement
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def fmt_bytes(n: int | float) -> str:
+    """Binary units with 3 significant digits: ``1.50 GiB``; negative sizes keep their sign."""
+    value, unit = float(abs(n)), 0
+    while value >= 1024 and unit < len(_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    sign = "-" if n < 0 else ""
+    return f"{sign}{int(value)} B" if unit == 0 else f"{sign}{value:.3g} {_UNITS[unit]}"
+
+
+def fmt_count(n: int) -> str:
+    """``124.4M`` style parameter counts."""
+    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.1f}{suffix}"
+    return str(n)
+
+
+def ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0..2, 5``."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        start = layer if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}..{layer}")
+            start = None
+    return ", ".join(parts)
+
+
+def describe_capture(cap: ModelCapture, model: ModelSpec) -> str:
+    """e.g. ``teacher 'bert' runs blocks 0..5 of 12, LM head skipped, eager attention in blocks 5``."""
+    n = model.arch.num_layers
+    runs = f"runs all {n} blocks" if cap.stop_after_layer is None else f"runs blocks 0..{cap.stop_after_layer} of {n}"
+    head_name = "LM" if model.head.kind == "lm" else model.head.kind
+    head = "head runs" if cap.needs_head else f"{head_name} head skipped"
+    eager = f", eager attention in {_blocks(cap.eager_attention_layers)}" if cap.eager_attention_layers else ""
+    return f"{model.role} '{model.name}' {runs}, {head}{eager}"
+
+
+def _blocks(layers: list[int]) -> str:
+    return f"block{'s' if len(layers) > 1 else ''} {ranges(layers)}"
+
+
+def describe_points(cap: ModelCapture) -> str:
+    """``hidden[2, 5] attn_scores[5] logits``: capture points grouped by kind."""
+    kinds: dict[str, list[int]] = {}
+    for p in cap.points:
+        kinds.setdefault(p.kind, [])
+        if p.layer is not None:
+            kinds[p.kind].append(p.layer)
+    out = [kind if not layers else f"{kind}[{ranges(sorted(layers))}]" for kind, layers in kinds.items()]
+    return " ".join(out) or "(no signals: used by an intervention)"
+
+
+def describe_placement(p: Placement) -> str:
+    offload = []
+    if p.offload_optimizer != "none":
+        offload.append(f"optimizer->{p.offload_optimizer}")
+    if p.offload_params != "none":
+        offload.append(f"params->{p.offload_params}")
+    teachers = ", ".join(f"{m}: {s}" for m, s in sorted(p.teacher_strategy.items())) or "none"
+    return (f"ZeRO-{p.zero_stage}{' offload ' + ', '.join(offload) if offload else ''}, micro-batch {p.micro_batch}"
+            f" x accum {p.grad_accum}, {'activation checkpointing, ' if p.activation_checkpointing else ''}"
+            f"{p.precision}; teachers {teachers}")
+
+
+# ---------------------------------------------------------------- the report

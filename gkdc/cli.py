@@ -1,4 +1,4 @@
-"""The gkdc command line: check, fmt, plan, graph, run. The composition root over gkdlang, planner, runtime.
+"""The gkdc command line: check, fmt, plan, graph, cache, run. The composition root over gkdlang, planner, runtime.
 
 ``check``, ``fmt``, ``plan`` and ``graph`` import no torch or deepspeed (tests/test_imports.py); ``run``
 imports the runtime lazily. Every user error ends as a message and an exit code, never a traceback.
@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="score only the first N lines")
     e.add_argument("--json", type=Path, default=None, help="also write the results here")
     e.set_defaults(func=cmd_eval)
+
+    ca = sub.add_parser("cache", help="precompute the signals of teachers that declare `cache: topk(...)`")
+    ca.add_argument("file", type=Path, help="spec.gkd")
+    ca.add_argument("--stage", default=None, help="only this stage (default: every stage reading a cached teacher)")
+    ca.add_argument("--out", type=Path, default=None, help="write under DIR/<stage> instead of the spec's cache path")
+    ca.set_defaults(func=cmd_cache)
 
     r = sub.add_parser("run", help="execute a plan (or a spec, planning it first) with DeepSpeed")
     r.add_argument("file", type=Path, help="plan.json or spec.gkd")
@@ -263,6 +269,34 @@ def cmd_run(args) -> int:
         run_plan(plan, plan_path, out, resume=args.resume, max_steps=args.max_steps,
                  trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
                  progress=not args.no_progress)
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    return EXIT_OK
+
+
+def cmd_cache(args) -> int:
+    """Write (or resume) the caches; ranks come from RANK / WORLD_SIZE when a launcher starts several."""
+    from planner.graph import build_graph
+
+    diags, sources, spec = _check_one(args.file, with_plan=False)
+    _emit(diags, sources, "text")
+    if spec is None:
+        return EXIT_ERRORS
+    from runtime import cache
+    from runtime.errors import RunError
+
+    graph = build_graph(spec)
+    captures = {st.name: graph.captures(st) for st in spec.stages}
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        jobs = cache.jobs_for(spec, captures, args.file.resolve().parent, stage=args.stage, out=args.out)
+        for job in jobs:
+            res = cache.write_cache(job, rank=rank, world=world)
+            state = "complete" if res.complete else "partial (other ranks write the rest)"
+            print(f"{_display(res.directory)}: teacher '{job.teacher}', stage '{job.stage.name}': wrote "
+                  f"{res.shards_written} shard(s), kept {res.shards_skipped}; {res.bytes / 1e6:.1f} MB for "
+                  f"{res.tokens:,} tokens ({res.bytes / max(res.tokens, 1):.0f} B/token); {state}", file=sys.stderr)
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERRORS

@@ -157,7 +157,7 @@ REWARDS = ("ce", "ce_kl")
 MODEL_KEYS = {
     "layers": "int", "hidden": "int", "heads": "int", "kv_heads": "int", "intermediate": "int", "vocab": "int",
     "embedding_size": "int", "max_positions": "int", "dtype": "symbol", "frozen": "bool", "init": "init",
-    "head": "head",
+    "head": "head", "cache": "cache",
 }
 DATA_KEYS = {"seq_len": "int", "text": "column", "pair": "column", "label": "column", "split": "fraction"}
 VOCAB_KEYS = {"keep": "keep", "rank": "rank", "protect": "strings", "remap": "remap", "multiple": "int"}

@@ -22,6 +22,7 @@ from gkdlang.arch import OVERRIDE_KEYS, ArchError, ArchInfo, arch_from_config, d
 from gkdlang.diagnostics import Collector, Diagnostic, did_you_mean
 from gkdlang.parser import ParseError, parse
 from gkdlang.spec import (
+    CacheSpec,
     ClusterSpec,
     DataSpec,
     Gate,
@@ -343,9 +344,27 @@ class _Lowerer:
         dtype = self._symbol(opts["dtype"], "dtype", B.DTYPES) if "dtype" in opts else "bf16"
         init = self._init(opts.get("init"), role, base)
         head = self._head(opts.get("head"))
+        cache = self._cache(opts["cache"], name, role, arch) if "cache" in opts else None
         self.models[name] = ModelSpec(name=name, role=role, source_kind=kind, source=source_val, base=base,
                                       overrides=overrides, arch=arch, dtype=dtype, frozen=frozen, init=init,
-                                      head=head, span=decl.span)
+                                      head=head, cache=cache, span=decl.span)
+
+    def _cache(self, expr: ast.Expr, name: str, role: str, arch: ArchInfo) -> CacheSpec:
+        """``cache: topk(k: 64, dtype: fp16, path: "cache/<name>")``: an offline teacher (see runtime/cache.py)."""
+        if role != "teacher":
+            raise self.err("bad-value", expr.span, f"cache is a teacher option; '{name}' is a {role}",
+                           "an assistant is trained in this spec, so a cache of it would be stale")
+        if not (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "topk"):
+            raise self.err("type-mismatch", expr.span, "cache is topk(k: <count>, dtype: fp16|bf16|fp32, path: \"dir\")")
+        self._arity(expr, 0, "topk")
+        kw = self._kwargs(expr, {"k": "int", "dtype": "symbol", "path": "string"})
+        k = self._int(kw["k"], "k", minimum=1) if "k" in kw else 64
+        if k > arch.vocab_size:
+            raise self.err("bad-value", kw["k"].span, f"k {k} is larger than the vocabulary of '{name}' "
+                           f"({arch.vocab_size} tokens)")
+        dtype = self._symbol(kw["dtype"], "dtype", B.DTYPES) if "dtype" in kw else "fp16"
+        path = self._string(kw["path"], "path") if "path" in kw else f"cache/{name}"
+        return CacheSpec(k=k, dtype=dtype, path=path)
 
     def _resolve_source(self, source: str, span: Span) -> tuple[str, dict, str | None]:
         from gkdlang.models import SourceError, resolve_source

@@ -90,6 +90,18 @@ class HeadSpec(Frozen):
     num_labels: int | None = None
 
 
+class CacheSpec(Frozen):
+    """An offline teacher: its signals are computed once (``gkdc cache``) and read from disk while training."""
+
+    kind: Literal["topk"] = "topk"
+    """Logits are kept as the top-k probabilities, their token ids and the remaining (tail) mass."""
+    k: int = 64
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp16"
+    """Storage dtype of probabilities and of every other cached signal."""
+    path: str
+    """Cache directory, relative to the spec file's directory unless absolute (default ``cache/<teacher>``)."""
+
+
 class ModelSpec(Frozen):
     name: str
     role: Literal["teacher", "student", "assistant"]
@@ -107,6 +119,8 @@ class ModelSpec(Frozen):
     head: HeadSpec = HeadSpec()
     vocab: str | None = None
     """Name of the vocab compression applied to this (student) model."""
+    cache: CacheSpec | None = None
+    """Offline teacher cache (``cache: topk(...)``); None = the teacher runs during training."""
     span: Span
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gkdlang.diagnostics import Diagnostic
 from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
-from planner import dsconfig, placement
+from planner import dsconfig, offline, placement
 from planner.graph import SignalGraph, build_graph
 from planner.params import ParamCounts, count_params_for
 from planner.plan import ModelCapture, Plan, ResolvedModel, StagePlan
@@ -61,6 +61,7 @@ def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str 
             continue
         stages.append(result)
         notes += stage_notes(spec, graph, st, spec_dir)
+        notes += offline.comparison_notes(spec, st, result.captures, params, world, result.placement.teacher_strategy)
     if failures:
         return PlanFailure(failures)
     launch, hostfile = launch_command(spec.cluster, plan_path, master_port(spec.source_hash))
@@ -170,8 +171,9 @@ def total_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str | N
 
 
 def count_rows(data: DataSpec, spec_dir: Path) -> int | None:
-    """Examples in a jsonl source (non-empty lines) when its files exist and are small enough to count."""
-    if data.format != "jsonl":
+    """Examples in a text or jsonl source (one per non-empty line, as the runtime reads them) when its files
+    exist and are small enough to count."""
+    if data.format not in ("jsonl", "text"):
         return None
     files = sorted({f for pattern in data.paths for f in _glob(pattern, spec_dir)})
     if not files or sum(f.stat().st_size for f in files) > MAX_COUNTED_BYTES:

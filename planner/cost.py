@@ -10,6 +10,9 @@ Per optimizer step on one rank (``tokens`` = micro_batch * seq_len * grad_accum)
 - ``zero_comm``: gradient all-reduce (ZeRO-0/1, once per step), gradient reduce-scatter (ZeRO-2/3, every
   micro-batch), parameter all-gathers (ZeRO-3: forward and backward of every micro-batch; a sharded teacher:
   its forward), ring cost ``2 (n-1)/n`` / ``(n-1)/n`` bytes over NVLink inside a node, InfiniBand across;
+- ``cache_read`` (offline teachers): the step's cached signals (``planner.offline.bytes_per_token``) read at
+  the node's NVMe bandwidth; an offline teacher's ``compute_teacher`` is its one pass over the data spread over
+  the stage's epochs (online cost / epochs);
 - ``latency``: a fixed ``PER_BLOCK_LATENCY_S`` per block and pass of every micro-batch (kernel launches);
 - ``offload``: 16-bit gradients down and weights up over PCIe, the host Adam step (``CPU_ADAM_PARAMS_PER_S``),
   offloaded weights fetched every forward/backward, NVMe traffic at the node's NVMe bandwidth shared by its
@@ -69,6 +72,7 @@ def step_cost(models: StageModels, p: Placement, device: Device, world: int, gpu
     parts["zero_comm"] = _zero_comm(models, p, world, bw)
     parts["offload"] = _offload(models, p, device, world, gpus_per_node)
     parts["latency"] = _latency(models, p)
+    parts["cache_read"] = _cache_read(models, p, device, tokens)
     return StepCost(total=sum(parts.values()), parts=parts)
 
 
@@ -82,13 +86,24 @@ def _latency(models: StageModels, p: Placement) -> float:
 def _teacher_compute(models: StageModels, p: Placement, device: Device, tokens: int) -> float:
     total = 0.0
     for m, counts, cap in models.teachers:
-        if p.teacher_strategy.get(m.name) == "offline":
-            continue  # signals are read from the cache
+        # an offline teacher runs once over the data (building its cache), not once per epoch
+        share = 1.0 / max(models.epochs, 1.0) if p.teacher_strategy.get(m.name) == "offline" else 1.0
         blocks = m.arch.num_layers if cap.stop_after_layer is None else cap.stop_after_layer + 1
         flops = 2 * teacher_needed_params(counts, cap, m.arch)
         flops += _attn_flops_per_token(blocks, models.seq_len, m.arch.num_heads * m.arch.head_dim)
-        total += flops * tokens / (_peak(device, m.dtype) * EFFICIENCY)
+        total += share * flops * tokens / (_peak(device, m.dtype) * EFFICIENCY)
     return total
+
+
+def _cache_read(models: StageModels, p: Placement, device: Device, tokens: int) -> float:
+    from planner.offline import bytes_per_example, bytes_per_token
+
+    seconds = 0.0
+    for m, _, cap in models.teachers:
+        if p.teacher_strategy.get(m.name) == "offline" and m.cache is not None:
+            nbytes = tokens * bytes_per_token(m, cap) + p.micro_batch * p.grad_accum * bytes_per_example(m, cap)
+            seconds += nbytes / device.nvme_bw
+    return seconds
 
 
 def _zero_comm(models: StageModels, p: Placement, world: int, bw: float) -> float:

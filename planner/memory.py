@@ -86,6 +86,10 @@ class StageModels:
     seq_len: int
     extra_trainable: int = 0
     """Parameters of learned transforms (projections) trained with the student."""
+    offline: frozenset[str] = frozenset()
+    """Teachers whose signals may come from their cache (planner.offline); the search tries ``offline`` for them."""
+    epochs: float = 1.0
+    """Passes over the stage's data: an offline teacher's one pass over it is amortised over them."""
 
     @property
     def trainable(self) -> int:
@@ -513,7 +517,8 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
         cpu += [_per_rank(i, cluster.gpus_per_node) for i in node_cpu]
         if strategy != "separate":
             signals.append(MemoryItem(name=f"signals.teacher:{m.name}",
-                                      bytes=teacher_signal_bytes(m, cap, p.micro_batch, models.seq_len)))
+                                      bytes=_signal_bytes(m, cap, strategy, p.micro_batch, models.seq_len),
+                                      note="read from the cache (top-k logits)" if strategy == "offline" else ""))
             if strategy != "offline":
                 teacher_fwd.append(MemoryItem(name=f"teacher:{m.name}.forward",
                                               bytes=teacher_forward_peak(m, c, cap, p.micro_batch, models.seq_len)))
@@ -525,6 +530,14 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
     worst_teacher = max(teacher_fwd, key=lambda i: i.bytes, default=None)
     phase = [*signals, worst_teacher] if phase1 > phase2 and worst_teacher else [*signals, *train]
     return fixed + phase + cpu
+
+
+def _signal_bytes(model: ModelSpec, cap: ModelCapture, strategy: str, micro: int, seq: int) -> int:
+    if strategy == "offline":
+        from planner.offline import loaded_bytes  # offline imports nothing from here, but keeps it lazy
+
+        return loaded_bytes(model, cap, micro, seq)
+    return teacher_signal_bytes(model, cap, micro, seq)
 
 
 def _student_training_items(models: StageModels, device: Device, p: Placement) -> list[MemoryItem]:

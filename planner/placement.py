@@ -10,8 +10,11 @@ The fastest fitting placement wins (ties: less memory, then simpler); runner-ups
 
 Teacher strategies searched are those the runtime executes: ``replicated`` (plain module), ``sharded``
 (ZeRO-3 inference engine), ``cpu_offload`` / ``nvme_offload`` (ZeRO-3 with offloaded parameters).
-``separate`` and ``offline`` are modelled by ``planner.memory`` but the runtime cannot run them yet, so the
-search suggests ``offline`` only in its advice. Offload is not searched on CPU runs (host memory is the device).
+``offline`` (signals read from a cache written once by ``gkdc cache``) is searched for teachers that declare
+``cache`` and meet ``planner.offline``'s rules; it is priced by ``planner.cost`` (one teacher pass amortised over
+the epochs, cache reads). ``separate`` is modelled by ``planner.memory`` but not run, so it is not searched; for
+teachers without a cache the search suggests ``offline`` in its advice. Offload is not searched on CPU runs
+(host memory is the device).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from gkdlang.spec import Spec, StageSpec
 from planner.cost import StepCost, step_cost
 from planner.hardware import CATALOG, Device, device_for, training_precision
 from planner.memory import GiB, ClusterShape, StageModels, estimate, learned_params
+from planner.offline import offline_problems, stage_epochs
 from planner.params import ParamCounts
 from planner.plan import Candidate, ModelCapture, Placement, RankMemory
 
@@ -86,7 +90,9 @@ def stage_models(spec: Spec, stage: StageSpec, captures: list[ModelCapture],
     teachers = [(spec.models[c.model], params[c.model], c) for c in captures
                 if c.model not in stage.students and c.model in params]
     seq = stage.seq_len or spec.data[stage.data].seq_len
-    return StageModels(students=students, teachers=teachers, seq_len=seq, extra_trainable=learned_params(stage))
+    offline = frozenset(m.name for m, _, c in teachers if not offline_problems(spec, stage, m.name, c))
+    return StageModels(students=students, teachers=teachers, seq_len=seq, extra_trainable=learned_params(stage),
+                       offline=offline, epochs=stage_epochs(spec, stage) if offline else 1.0)
 
 
 def _whole(model: str) -> ModelCapture:
@@ -134,7 +140,8 @@ def _teacher_options(models: StageModels, device: Device, world: int, nvme: bool
                if not (s == "sharded" and world == 1) and not (device.is_cpu and s.endswith("offload"))
                and not (s == "nvme_offload" and not nvme)]
     names = [m.name for m, _, _ in models.teachers]
-    return [dict(zip(names, combo)) for combo in itertools.product(allowed, repeat=len(names))]
+    per_teacher = [allowed + ["offline"] * (name in models.offline) for name in names]
+    return [dict(zip(names, combo)) for combo in itertools.product(*per_teacher)]
 
 
 def placements(spec: Spec, stage: StageSpec, models: StageModels, cluster: ClusterShape) -> list[Placement]:
@@ -181,7 +188,8 @@ def _gb(n: int) -> str:
 
 def _complexity(p: Placement) -> int:
     """Prefer fewer moving parts at equal speed: lower ZeRO stage, no offload, replicas, no checkpointing."""
-    strategies = sum(SEARCHED_TEACHER_STRATEGIES.index(s) for s in p.teacher_strategy.values())
+    order = (*SEARCHED_TEACHER_STRATEGIES, "offline")  # offline last: it needs a cache on disk
+    strategies = sum(order.index(s) for s in p.teacher_strategy.values())
     return p.zero_stage + 2 * (p.offload_optimizer != "none") + 2 * (p.offload_params != "none") + strategies \
         + p.activation_checkpointing
 
@@ -246,7 +254,8 @@ def infeasible_advice(spec: Spec, stage: StageSpec, captures: list[ModelCapture]
         advice.append("give cluster.nvme to allow NVMe offload of optimizer states and teacher weights")
     teachers = [c.model for c in captures if c.model not in stage.students]
     if teachers and _fits_without_teachers(spec, stage, captures, params, world, device):
-        advice.append(f"precompute the signals of {', '.join(teachers)} offline: the student alone fits")
+        advice.append(f"precompute the signals of {', '.join(teachers)} offline (declare `cache: topk(k: 64)` on "
+                      f"the teacher and run `gkdc cache`): the student alone fits")
     return advice or [f"a smaller student or sequence length; the best attempt needs {_gb(closest.peak)} per GPU"]
 
 

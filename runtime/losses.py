@@ -296,12 +296,15 @@ def nce(
     mask: Tensor | None = None,
     tau: float = 0.1,
     similarity: str = "cos",
+    gather: bool = False,
 ) -> Tensor:
     """In-batch contrastive loss (InfoNCE; with ``similarity="cos"`` the COS-NCE of LRC-BERT).
 
     Inputs ``[b, d]``. For student example i the positive is teacher example i, the negatives are the
     other teacher examples of the batch: ``-log softmax_j(sim(s_i, t_j) / tau)[i]``, mean over anchors.
-    ``mask`` ``[b]`` drops examples both as anchors and as negatives.
+    ``mask`` ``[b]`` drops examples both as anchors and as negatives. ``gather=True`` takes the negatives
+    from the teacher examples of every data-parallel rank (LRC-BERT's global batch); on one rank it is
+    the same as ``False``.
     """
     _same_shape("nce", target, pred)
     if pred.dim() != 2:
@@ -312,38 +315,79 @@ def nce(
     t, s = _f32(target, pred)
     if similarity == "cos":
         t, s = F.normalize(t, dim=-1), F.normalize(s, dim=-1)
-    scores = s @ t.T / tau
     rows = _row_mask("nce", mask, t.shape[:1])
-    if rows is not None:
-        scores = scores.masked_fill(~rows[None, :], _NEG)
-    per_anchor = F.cross_entropy(scores, torch.arange(len(s), device=s.device), reduction="none")
+    keys, offset = t, 0
+    key_rows = rows
+    if gather:
+        keys, offset = _gathered(t)
+        key_rows = None if rows is None else _gathered(rows)[0]
+    scores = s @ keys.T / tau
+    if key_rows is not None:
+        scores = scores.masked_fill(~key_rows[None, :], _NEG)
+    positives = torch.arange(len(s), device=s.device) + offset
+    per_anchor = F.cross_entropy(scores, positives, reduction="none")
     return _masked_mean(per_anchor, rows)
+
+
+def _gathered(x: Tensor) -> tuple[Tensor, int]:
+    """``x`` of every data-parallel rank concatenated along dim 0, and where this rank's rows start.
+
+    Only the teacher side (no gradient) is gathered; every rank has the same micro-batch size.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts), dist.get_rank() * x.shape[0]
 
 
 # ---------------------------------------------------------------- relations (CKD / MGSKD)
 
 
-def _as_sets(name: str, target: Tensor, pred: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Views as ``[b, n, d]`` sets of points plus a ``[b, n]`` mask; a ``[n, d]`` input is one set.
+def _as_sets(
+    name: str, target: Tensor, pred: Tensor, mask: Tensor | None, heads: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Views as ``[B, n, d]`` sets of points plus a ``[B, n]`` mask.
 
-    Only the point layout must agree: teacher and student widths may differ, since relations compare
-    ``n x n`` structures.
+    A ``[n, d]`` input is one set; ``[b, s, d]`` is one set of s tokens per example; ``[b, s, L, d]`` (``stack``)
+    is one set of L layer states per position, and a ``[b, s]`` mask then selects positions. ``heads``
+    splits each side's features into that many relation heads, each a set of its own (MGSKD). Only the
+    point layout must agree: teacher and student widths may differ, since relations compare ``n x n``
+    structures.
     """
-    if target.dim() not in (2, 3) or target.shape[:-1] != pred.shape[:-1]:
+    if target.dim() not in (2, 3, 4) or target.shape[:-1] != pred.shape[:-1]:
         raise RunError(
-            f"{name}: target shape {_shape(target)} and pred shape {_shape(pred)} must be [b, s, d] or "
-            f"[n, d] with equal leading dims"
+            f"{name}: target shape {_shape(target)} and pred shape {_shape(pred)} must be [b, s, d], "
+            f"[b, s, L, d] or [n, d] with equal leading dims"
         )
     t, s = _f32(target, pred)
     if t.dim() == 2:
         t, s = t[None], s[None]
         mask = None if mask is None else mask[None]
-    keep = _row_mask(name, mask, t.shape[:2])
+    if t.dim() == 4:
+        keep = _row_mask(name, mask, t.shape[:2])
+        b, n_pos, n = t.shape[:3]
+        keep = None if keep is None else keep.reshape(-1, 1).expand(b * n_pos, n)
+        t, s = t.reshape(b * n_pos, n, -1), s.reshape(b * n_pos, n, -1)
+    else:
+        keep = _row_mask(name, mask, t.shape[:2])
     keep = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if keep is None else keep
+    if heads is not None:
+        t, s, keep = _split_heads(name, t, heads), _split_heads(name, s, heads), keep.repeat_interleave(heads, 0)
     # centring changes no distance or angle but keeps the Gram-matrix identities below well conditioned
     t = t - t.mean(dim=1, keepdim=True)
     s = s - s.mean(dim=1, keepdim=True)
     return t, s, keep
+
+
+def _split_heads(name: str, x: Tensor, heads: int) -> Tensor:
+    """``[B, n, d] -> [B * heads, n, d / heads]``: each relation head is a set of its own."""
+    B, n, d = x.shape
+    if heads < 1 or d % heads:
+        raise RunError(f"{name}: option heads={heads} does not divide the width {d}")
+    return x.reshape(B, n, heads, d // heads).permute(0, 2, 1, 3).reshape(B * heads, n, d // heads)
 
 
 def _pair_dist(x: Tensor) -> Tensor:
@@ -388,16 +432,18 @@ def distance(
     mask: Tensor | None = None,
     window: int | None = None,
     beta: float = 1.0,
+    heads: int | None = None,
 ) -> Tensor:
     """Pair-distance relation loss (CKD word relation, RKD distance).
 
     Per example, the Euclidean distances between every two kept points (tokens of ``[b, s, d]``, or
     examples of a ``[n, d]`` batch) are divided by their mean; the loss is smooth-L1 (``beta``) between
     the teacher's and the student's normalised distances, mean over pairs. ``window`` (CKD: 21) keeps
-    only pairs at most ``window // 2`` positions apart.
+    only pairs at most ``window // 2`` positions apart; ``heads`` relates each of that many feature slices
+    separately (MGSKD's relation heads). See ``_as_sets`` for the accepted shapes.
     """
     _check_window("distance", window)
-    t, s, keep = _as_sets("distance", target, pred, mask)
+    t, s, keep = _as_sets("distance", target, pred, mask, heads)
     pairs = _window_pairs(keep, window)
     d_t = _normalised(_pair_dist(t), pairs)
     d_s = _normalised(_pair_dist(s), pairs)
@@ -455,16 +501,23 @@ def angle(
     window: int | None = None,
     topk: int | None = None,
     beta: float = 1.0,
+    heads: int | None = None,
+    top_k: int | None = None,
 ) -> Tensor:
     """Triplet-angle relation loss (CKD, MGSKD, RKD angle).
 
     For every kept anchor a and two distinct neighbours p, q the cosine of the angle p-a-q is computed on
     each side; the loss is smooth-L1 (``beta``) between teacher and student cosines, mean over triplets.
     Neighbours: all kept points (O(n^3) memory per example), the points within ``window // 2`` of the
-    anchor (CKD), or the ``topk`` nearest to it in the teacher (MGSKD).
+    anchor (CKD), or the ``topk`` (the language's ``top_k``) nearest to it in the teacher (MGSKD). ``heads``
+    relates each of that many feature slices separately.
     """
+    if top_k is not None:
+        if topk is not None and topk != top_k:
+            raise RunError(f"angle: options topk={topk} and top_k={top_k} disagree; give one")
+        topk = top_k
     _check_window("angle", window, topk)
-    t, s, keep = _as_sets("angle", target, pred, mask)
+    t, s, keep = _as_sets("angle", target, pred, mask, heads)
     ids, valid = _neighbours(keep, t, window, topk)
     m = ids.shape[-1]
     distinct = ~torch.eye(m, dtype=torch.bool, device=ids.device)

@@ -6,6 +6,12 @@ transforms (projections) are submodules keyed by ``OpNode.module``, so terms tha
 weights, and the student engine trains and checkpoints them with the student. Weights and kernel options
 may be schedules, evaluated at the stage's progress; gates switch terms on and off (progressive unlocking,
 random groups re-drawn each step or epoch from a seed, so a resumed run draws the same groups).
+
+Random ops (``choose``: RAIL-KD's layer subset; ``spans``: MGSKD's segmentation) draw from a generator
+seeded by (seed, op, step or epoch), so they need no saved state. ``interchanged`` evaluates its subtree on
+the counterfactual pass of an ``interchange`` intervention (signals stored under ``model@id``). Terms given
+per-example ``row_weights`` (``weigh``, ``select_teacher``) are computed per example and averaged as
+``(1/b) sum_i w_i * loss_i``.
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ def node_width(node: Node, dims: Mapping[str, ArchInfo]) -> int | None:
         return sum(widths) if all(w is not None for w in widths) else None
     if node.op in ("relation", "attend_scores"):
         return None
+    if node.op == "choose":
+        return widths[0] if widths else None
     return widths[0] if widths else None
 
 
@@ -118,6 +126,8 @@ class _Ctx:
     batch: Mapping[str, torch.Tensor]
     progress: float
     term: LossTerm
+    step: int = 0
+    epoch: int = 0
 
 
 class LossGraph(nn.Module):
@@ -158,8 +168,8 @@ class LossGraph(nn.Module):
     def _add_projections(self, term: LossTerm, node: Node, other: Node) -> None:
         if isinstance(node, SignalNode):
             return
-        if node.op not in OPS:
-            known = ", ".join(sorted(OPS))
+        if node.op not in OPS and node.op not in LAZY_OPS:
+            known = ", ".join(sorted([*OPS, *LAZY_OPS]))
             raise RunError(f"loss term '{term.id}': unknown transform '{node.op}' (known: {known})")
         for child in node.inputs:
             self._add_projections(term, child, other)
@@ -201,16 +211,26 @@ class LossGraph(nn.Module):
         batch: Mapping[str, torch.Tensor],
         progress: float,
         active: set[str] | None = None,
+        *,
+        step: int = 0,
+        epoch: int = 0,
+        row_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted total of the active terms, and each term's weighted value (one host sync for all)."""
+        """Weighted total of the active terms, and each term's weighted value (one host sync for all).
+
+        ``step``/``epoch`` drive the random ops; ``row_weights`` maps a term id to per-example weights ``[b]``.
+        """
         if active is None:
-            active = self.active_terms(progress)
+            active = self.active_terms(progress, step=step, epoch=epoch)
+        row_weights = row_weights or {}
         parts: dict[str, torch.Tensor] = {}
         for term in self.terms:
             weight = float(term.weight.at(progress))
             if term.id not in active or weight == 0.0:
                 continue
-            parts[term.id] = weight * self.term_value(term, signals, batch, progress)
+            value = self.term_value(term, signals, batch, progress, step=step, epoch=epoch,
+                                    rows=row_weights.get(term.id))
+            parts[term.id] = weight * value
         if not parts:
             zero = next(self.parameters(), None)
             device = zero.device if zero is not None else batch["input_ids"].device
@@ -220,11 +240,23 @@ class LossGraph(nn.Module):
         return total, dict(zip(parts, values.detach().float().cpu().tolist()))
 
     def term_value(
-        self, term: LossTerm, signals: Signals, batch: Mapping[str, torch.Tensor], progress: float
+        self,
+        term: LossTerm,
+        signals: Signals,
+        batch: Mapping[str, torch.Tensor],
+        progress: float,
+        *,
+        step: int = 0,
+        epoch: int = 0,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One term's unweighted kernel value; any kernel or transform error is re-raised naming the term."""
+        """One term's unweighted kernel value (``rows``: per-example weights, see the module docstring); any
+        kernel or transform error is re-raised naming the term."""
+        ctx = _Ctx(batch=batch, progress=progress, term=term, step=step, epoch=epoch)
         try:
-            return self._term_value(term, signals, batch, progress)
+            if rows is not None:
+                return (rows.to(torch.float32) * self.per_example(term, signals, ctx)).mean()
+            return self._term_value(term, signals, ctx)
         except RunError as err:
             if str(err).startswith("loss term"):
                 raise
@@ -232,22 +264,40 @@ class LossGraph(nn.Module):
         except (RuntimeError, ValueError, TypeError) as err:
             raise RunError(f"loss term '{term.id}' ({term.fn}): {err}") from err
 
-    def _term_value(
-        self, term: LossTerm, signals: Signals, batch: Mapping[str, torch.Tensor], progress: float
-    ) -> torch.Tensor:
-        ctx = _Ctx(batch=batch, progress=progress, term=term)
+    def _operands(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> tuple[Any, torch.Tensor, Any, dict]:
+        batch = ctx.batch
         target = self._eval(term.target, signals, ctx)
         pred = self._eval(term.pred, signals, ctx)
         mask = MASKS[term.mask](batch) if term.mask is not None else None
-        options = {k: _value(v, progress) for k, v in term.options.items()}
+        options = {k: _value(v, ctx.progress) for k, v in term.options.items()}
         if pred.dim() == 4 and "key_mask" not in options and term.id in self._key_masked:
             # attention-shaped signals: padded keys never count, whatever the query mask
             options["key_mask"] = batch["attention_mask"].bool()
+        return target, pred, mask, options
+
+    def _term_value(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:
+        target, pred, mask, options = self._operands(term, signals, ctx)
         return LOSSES[term.fn](target, pred, mask=mask, **options)
+
+    def per_example(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:
+        """``[b]``: the term's kernel on each example alone (every operand sliced on its batch dim)."""
+        if term.fn in _BATCH_COUPLED:
+            raise RunError(f"loss term '{term.id}': {term.fn} compares examples with each other, so it cannot be "
+                           "weighed per example")
+        target, pred, mask, options = self._operands(term, signals, ctx)
+        b = pred.shape[0]
+        one = lambda x, i: x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == b else x
+        values = [
+            LOSSES[term.fn](one(target, i), one(pred, i), mask=one(mask, i), **{k: one(v, i) for k, v in options.items()})
+            for i in range(b)
+        ]
+        return torch.stack(values)
 
     def _eval(self, node: Node, signals: Signals, ctx: _Ctx) -> torch.Tensor:
         if isinstance(node, SignalNode):
             return self._signal(node, signals, ctx)
+        if node.op in LAZY_OPS:  # they decide which inputs to evaluate, and on which signals
+            return LAZY_OPS[node.op](self, node, signals, ctx)
         inputs = [self._eval(x, signals, ctx) for x in node.inputs]
         params = {k: _value(v, ctx.progress) for k, v in node.params.items()}
         return OPS[node.op](self, node, inputs, params, ctx)
@@ -287,7 +337,7 @@ def _op_project(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: 
 
 
 def _heads(graph: LossGraph, node: OpNode, params: dict[str, Any]) -> int:
-    if "heads" in params:
+    if params.get("heads") is not None:
         return int(params["heads"])
     model = _first_model(node)
     return graph.dims[model].num_heads if model is not None else 1
@@ -330,6 +380,24 @@ def _op_attend(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: d
     return T.attend(xs[0], xs[1:])
 
 
+def _op_stack(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
+    return T.stack(xs, axis=int(params.get("axis", -2)))
+
+
+def span_segmentation(seed: int, step: int, batch: Mapping[str, torch.Tensor], max_fraction: float) -> list[tuple[int, int]]:
+    """The step's span segmentation: over the shortest example's real positions, from (seed, step) alone, so
+    every ``spans`` op of a step (teacher and student sides) pools the same spans, and a resumed run too."""
+    length = int(batch["attention_mask"].sum(dim=1).min())
+    return T.span_bounds(length, max_fraction, random.Random(f"{seed}:spans:{step}"))
+
+
+def _op_spans(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
+    if params.get("pool", "mean") != "mean":
+        raise RunError(f"spans: pool={params['pool']!r} is not supported (mean)")
+    bounds = span_segmentation(graph.seed, ctx.step, ctx.batch, float(params.get("max_fraction", 0.4)))
+    return T.spans(xs[0], bounds, ctx.batch["attention_mask"].bool())
+
+
 def _op_anneal(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
     return T.anneal(xs[0], float(params.get("phi", 1.0)))
 
@@ -345,5 +413,54 @@ OPS: dict[str, OpFn] = {
     "concat": _op_concat,
     "attend": _op_attend,
     "anneal": _op_anneal,
+    "stack": _op_stack,
+    "spans": _op_spans,
 }
 """``OpNode.op`` -> kernel; kernels get the evaluated inputs, the op's params at the current progress and the batch."""
+
+
+def chosen_index(seed: int, params: Mapping[str, Any], n: int, step: int, epoch: int) -> int:
+    """Which of ``n`` inputs a ``choose`` op picks: item ``index`` of the group's ascending ``k``-subset,
+    drawn per ``every`` period from (seed, group, period), so the ops of one group agree and a resume too."""
+    period = epoch if params.get("every", "epoch") == "epoch" else step
+    rng = random.Random(f"{seed}:{params['group']}:{period}")
+    return T.choose_indices(n, int(params["k"]), rng)[int(params["index"])]
+
+
+def _lazy_choose(graph: LossGraph, node: OpNode, signals: Signals, ctx: _Ctx) -> torch.Tensor:
+    i = chosen_index(graph.seed, node.params, len(node.inputs), ctx.step, ctx.epoch)
+    return graph._eval(node.inputs[i], signals, ctx)  # only the chosen layer is computed
+
+
+class _Counterfactual(Mapping):
+    """Signals of the counterfactual pass ``id``: model name -> what was captured under ``model@id``."""
+
+    def __init__(self, signals: Signals, ident: str) -> None:
+        self.signals, self.ident = signals, ident
+
+    def __getitem__(self, model: str):
+        key = f"{model}@{self.ident}"
+        if key not in self.signals:
+            raise RunError(f"interchange '{self.ident}': model '{model}' ran no counterfactual pass")
+        return self.signals[key]
+
+    def __iter__(self):
+        return iter(k.split("@")[0] for k in self.signals if k.endswith(f"@{self.ident}"))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _lazy_interchanged(graph: LossGraph, node: OpNode, signals: Signals, ctx: _Ctx) -> torch.Tensor:
+    return graph._eval(node.inputs[0], _Counterfactual(signals, str(node.params["intervention"])), ctx)
+
+
+LAZY_OPS: dict[str, Callable[[LossGraph, OpNode, Signals, _Ctx], torch.Tensor]] = {
+    "choose": _lazy_choose,
+    "interchanged": _lazy_interchanged,
+}
+"""Ops that evaluate their own inputs: ``choose`` computes only the chosen one; ``interchanged`` reads the
+counterfactual pass of its intervention."""
+
+_BATCH_COUPLED = frozenset({"nce"})
+"""Kernels whose value for one example depends on the others (no per-example weights)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -24,8 +25,10 @@ from torch import nn
 
 from gkdlang.spec import InitSpec, LRScheduleSpec, ModelSpec, OptimizerSpec, StageSpec
 from planner.plan import PLAN_SCHEMA_VERSION, ModelCapture, Plan, StagePlan
+from runtime import cache
 from runtime import checkpoint as ckpt
 from runtime import engine as eng
+from runtime import interventions as ivs
 from runtime.adapters import capture
 from runtime.errors import RunError
 from runtime.lossgraph import LossGraph
@@ -115,7 +118,8 @@ def run_stage(
 ) -> StageResult:
     """Setup, train and save one stage; ``trained[name]`` receives the trained model's weights."""
     total = _capped(stage_plan, max_steps)
-    live, models = setup_stage(env, index, stage, stage_plan, trained, total)
+    live, models = setup_stage(env, index, stage, stage_plan, trained, total, max_steps)
+    total = live.total  # counted from the data when the plan could not (total_steps -1)
     if resume_tag is not None:
         restore(env, live.engine, resume_tag, live.data)
 
@@ -145,32 +149,65 @@ def setup_stage(
     stage_plan: StagePlan,
     trained: Mapping[str, dict[str, torch.Tensor]],
     total: int,
+    max_steps: int | None = None,
 ) -> tuple["_LiveStage", "StageModels"]:
     """Models, data, loss graph, optimizer, LR schedule and engines of one stage."""
     student_name = _single_student(stage)
-    _refuse_interventions(stage)
-    captures = {c.model: c for c in stage_plan.captures}
+    spec_models = env.plan.spec.models
+    interventions = ivs.build(stage, spec_models, SEED + index, stage.optimizer.lr)
+    captures = _with_intervention_points({c.model: c for c in stage_plan.captures}, interventions)
     used = [t for t in stage.teachers if t in captures and captures[t].points]  # the planner prunes unread teachers
+    offline = cache.offline_teachers(stage_plan.placement.teacher_strategy) & set(used)  # read from their caches
+    used = [t for t in used if t not in offline]
+    whole = {m for iv in interventions for m in iv.built_models()} - {student_name}  # blocks run by interventions
+    blocks_only = sorted(whole - set(used))
     _seed_everything(SEED + 1000 * index)  # same init on every rank (ZeRO-3 partitions each rank's copy)
-    models = build_models(env, stage, used, trained)
+    models = build_models(env, stage, [*used, *blocks_only], trained)
     data = StageData.build(env, stage, stage_plan, models, index)
+    if total < 0:  # epochs over data the planner could not count: count the tokenised examples now
+        total = steps_from_epochs(stage, len(data.tokens), max_steps)
     student = models.modules[student_name]
     keep_ids = {vm.name: vm.kept_ids for vm in models.vocab_maps.values()}
-    graph = LossGraph(stage.loss, models.archs, keep_ids=keep_ids, seed=SEED + index)
-    step_module = DistillStep(student, student_name, graph, _capture_of(captures, student_name, stage))
+    terms = cache.offline_terms(stage.loss, offline) if offline else stage.loss
+    graph = LossGraph(terms, models.archs, keep_ids=keep_ids, seed=SEED + index)
+    step_module = DistillStep(student, student_name, graph, _capture_of(captures, student_name, stage), interventions)
     if stage_plan.placement.activation_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
         student.gradient_checkpointing_enable()
-    optimizer = build_optimizer(step_module, stage.optimizer, stage.name)
-    scheduler = build_lr_schedule(optimizer, stage.schedule, total)
+    groups = optimizer_groups(step_module, interventions)
+    optimizer = build_optimizer(groups, stage.optimizer, stage.name)
+    scheduler = build_lr_schedule(optimizer, stage.schedule, total, [g["scale"] for g in groups])
     engine = eng.init_student(step_module, optimizer, scheduler, stage_plan.deepspeed_config, stage=stage.name)
     teachers = {
-        name: eng.init_teacher(_pruned(models.modules[name], captures[name]), stage_plan.teacher_configs.get(name),
-                               name=name, stage=stage.name)
+        name: eng.init_teacher(models.modules[name] if name in whole else _pruned(models.modules[name], captures[name]),
+                               stage_plan.teacher_configs.get(name), name=name, stage=stage.name)
         for name in used
     }
+    blocks = {name: eng.init_teacher(models.modules[name], stage_plan.teacher_configs.get(name), name=name,
+                                     stage=stage.name) for name in blocks_only}
+    for iv in interventions:  # teachers whose blocks run inside the student's forward (Theseus)
+        for name in iv.built_models():
+            iv.attach(teachers[name] if name in teachers else blocks[name])
+    for name in sorted(offline):
+        job = cache.CacheJob(env.plan.spec, index, stage, name, _capture_of(captures, name, stage), env.base_dir)
+        teachers[name] = cache.open_teacher(job, models.tokenizer, data.tokens, rank=env.rank, world=env.world,
+                                            barrier=eng.barrier)
     teacher_caps = {name: _capture_of(captures, name, stage) for name in teachers}
     _seed_everything(SEED + 1000 * index + 1 + env.rank)  # dropout differs per rank, same on every rerun
-    return _LiveStage(engine, teachers, teacher_caps, graph, data, stage, index, total, student_name), models
+    live = _LiveStage(engine, teachers, teacher_caps, graph, data, stage, index, total, student_name,
+                      tuple(interventions))
+    return live, models
+
+
+def _with_intervention_points(
+    captures: dict[str, ModelCapture], interventions: list[ivs.Base]
+) -> dict[str, ModelCapture]:
+    """The plan's captures plus what the interventions read in the first pass (interchange sources, ...)."""
+    out = dict(captures)
+    for iv in interventions:
+        for model, points in iv.extra_points().items():
+            base = out.get(model) or ModelCapture(model=model, points=[], stop_after_layer=None, needs_head=False)
+            out[model] = ivs.with_points(base, points)
+    return out
 
 
 @dataclass(frozen=True)
@@ -186,6 +223,7 @@ class _LiveStage:
     index: int
     total: int
     student: str
+    interventions: tuple[ivs.Base, ...] = ()
 
 
 def train_step(
@@ -194,17 +232,24 @@ def train_step(
     """One optimizer step (``grad_accum`` micro-batches); logs and returns the mean losses."""
     engine = live.engine
     progress = step / live.total
-    active = live.graph.active_terms(progress, step=step, epoch=live.data.epoch_of(step))
+    epoch = live.data.epoch_of(step)
+    active = live.graph.active_terms(progress, step=step, epoch=epoch)
+    for iv in live.interventions:
+        active = iv.gate(active, ivs.StepInfo(step, epoch, progress, rank=env.rank))
     lr = engine.optimizer.param_groups[0]["lr"]
     accum = engine.gradient_accumulation_steps()
     sums: dict[str, float] = {}
-    for _ in range(accum):
+    for micro in range(accum):
         inputs = next(batches)
+        info = ivs.StepInfo(step, epoch, progress, micro, env.rank)
         signals = {
-            name: capture(model, inputs["teacher"], live.teacher_caps[name], grad=False)
+            name: model.signals(inputs["teacher"]) if isinstance(model, cache.CachedTeacher)
+            else capture(model, inputs["teacher"], live.teacher_caps[name], grad=False)
             for name, model in live.teachers.items()
         }
-        loss, parts = engine(inputs["student"], signals, progress, active)
+        for iv in live.interventions:  # counterfactual teacher passes (DIITO)
+            signals.update(iv.teacher_passes(live.teachers, inputs["teacher"], signals, info))
+        loss, parts = engine(inputs["student"], signals, info, active)
         _check_finite(env, live.stage.name, step, loss, parts)
         engine.backward(loss)
         engine.step()
@@ -221,34 +266,87 @@ def train_step(
 
 
 class DistillStep(nn.Module):
-    """Student + loss graph as one module, so DeepSpeed trains and checkpoints the projections with the student.
+    """Student + loss graph + interventions as one module, so DeepSpeed trains and checkpoints the projections
+    and the interventions' learned parts (the RL agent) with the student.
 
-    ``forward(batch, teacher_signals, progress, active)`` captures the student's planned signals with
-    gradients and returns the loss graph's ``(total, per-term values)``.
+    ``forward(batch, teacher_signals, info, active)`` captures the student's planned signals with gradients
+    (under the interventions' changes to its forward), runs their extra passes and per-example weights, and
+    returns the loss graph's ``(total, per-term values)`` plus the interventions' own losses.
     """
 
-    def __init__(self, student: nn.Module, student_name: str, graph: LossGraph, plan: ModelCapture) -> None:
+    def __init__(self, student: nn.Module, student_name: str, graph: LossGraph, plan: ModelCapture,
+                 interventions: list[ivs.Base] | None = None) -> None:
         super().__init__()
         self.student = student
         self.graph = graph
         self.student_name = student_name
         self.plan = plan
+        self.interventions = nn.ModuleList(interventions or [])
 
     def forward(
         self,
         batch: dict[str, torch.Tensor],
         teacher_signals: Mapping[str, Mapping[tuple[str, int | None], torch.Tensor]],
-        progress: float,
+        info: ivs.StepInfo | float,
         active: set[str] | None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        if not isinstance(info, ivs.StepInfo):  # a bare progress (callers without interventions)
+            info = ivs.StepInfo(0, 0, float(info))
+        run = lambda: self._loss(batch, teacher_signals, info, active)  # noqa: E731
+        perturb = next((iv for iv in self.interventions if isinstance(iv, ivs.Perturb)), None)
+        return perturb.two_passes(self.student, run) if perturb is not None else run()
+
+    def _loss(self, batch, teacher_signals, info: ivs.StepInfo, active) -> tuple[torch.Tensor, dict[str, float]]:
         signals = dict(teacher_signals)
-        signals[self.student_name] = capture(self.student, batch, self.plan, grad=True)
-        return self.graph(signals, batch, progress, active)
+        with ExitStack() as stack:
+            for iv in self.interventions:
+                stack.enter_context(iv.student_context(self.student, info))
+            signals[self.student_name] = capture(self.student, batch, self.plan, grad=True)
+        weights: dict[str, torch.Tensor] = {}
+        for iv in self.interventions:
+            signals.update(iv.student_passes(self.student_name, self.student, batch, signals, info))
+            weights.update(iv.row_weights(signals, batch, info))
+        total, parts = self.graph(signals, batch, info.progress, active, step=info.step, epoch=info.epoch,
+                                  row_weights=weights)
+        for iv in self.interventions:
+            for key, value in iv.extra_loss(signals, batch, info).items():
+                total = total + value
+                parts[key] = float(value.detach())
+        return total, parts
 
 
-def build_optimizer(module: nn.Module, spec: OptimizerSpec, stage: str) -> torch.optim.Optimizer:
-    """A torch optimizer over the module's trainable parameters (DeepSpeed gets the instance: no op builds)."""
-    params = [p for p in module.parameters() if p.requires_grad]
+def optimizer_groups(module: nn.Module, interventions: list[ivs.Base]) -> list[dict[str, Any]]:
+    """Trainable parameters in groups: one per group an intervention names (with its LR factor over the
+    stage's progress, and its own LR when it has one), the rest in a default group first."""
+    claimed: dict[int, tuple[ivs.Base, str]] = {}
+    for iv in interventions:
+        student = getattr(module, "student", module)
+        for name, params in iv.lr_groups(student):
+            for p in params:
+                claimed.setdefault(id(p), (iv, name))
+    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in claimed]
+    groups: list[dict[str, Any]] = [{"params": rest, "scale": None}]
+    by_name: dict[tuple[int, str], dict[str, Any]] = {}
+    for p in module.parameters():
+        if not p.requires_grad or id(p) not in claimed:
+            continue
+        iv, name = claimed[id(p)]
+        group = by_name.get((id(iv), name))
+        if group is None:
+            scale = (lambda progress, iv=iv, name=name: iv.lr_scale(name, progress))
+            group = by_name[(id(iv), name)] = {"params": [], "scale": scale, "lr": getattr(iv, "lr", None)}
+            groups.append(group)
+        group["params"].append(p)
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(module: nn.Module | list[dict[str, Any]], spec: OptimizerSpec, stage: str) -> torch.optim.Optimizer:
+    """A torch optimizer over the module's trainable parameters, or over ``optimizer_groups`` (a group's own
+    ``lr`` replaces the stage's); DeepSpeed gets the instance: no op builds."""
+    if isinstance(module, nn.Module):
+        params: Any = [p for p in module.parameters() if p.requires_grad]
+    else:
+        params = [{"params": g["params"], **({"lr": g["lr"]} if g.get("lr") else {})} for g in module]
     if spec.name == "adamw":
         return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
     if spec.name == "adam":
@@ -274,9 +372,20 @@ def lr_factor(step: int, total: int, spec: LRScheduleSpec, base_lr: float) -> fl
     return 1.0
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, spec: LRScheduleSpec, total: int) -> Any:
+def build_lr_schedule(
+    optimizer: torch.optim.Optimizer, spec: LRScheduleSpec, total: int, scales: list[Any] | None = None
+) -> Any:
+    """LambdaLR: the stage's warm-up/decay factor, times a group's factor at the step's progress when it has one
+    (a pure function of the step, so a resumed run has the same rates)."""
     base = optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, spec, base))
+    scales = scales or [None] * len(optimizer.param_groups)
+
+    def factor(scale):
+        if scale is None:
+            return lambda step: lr_factor(step, total, spec, base)
+        return lambda step: lr_factor(step, total, spec, base) * scale(step / max(total, 1))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(s) for s in scales])
 
 
 @dataclass
@@ -310,7 +419,9 @@ def build_models(
             model_spec = model_spec.model_copy(update={"init": InitSpec(kind="random")})
         elif model_spec.init.kind == "copy" and model_spec.init.source not in built:
             source = str(model_spec.init.source)
-            built[source] = _build_one(env, spec.models[source], built)
+            built[source] = _copy_source(env, source, built, trained)
+        if model_spec.init.kind == "copy":
+            model_spec = _vocab_of_copy_source(model_spec, built[str(model_spec.init.source)])
         built[name] = _build_one(env, model_spec, built).float()
     vocab_maps = {}
     for name in stage.students:
@@ -325,6 +436,35 @@ def build_models(
     tokenizer = M.load_tokenizer(spec.models[_single_student(stage)], spec.models, env.base_dir)
     archs = {name: m.arch for name, m in spec.models.items()}
     return StageModels({k: built[k] for k in [*teachers, *stage.students]}, archs, tokenizer, vocab_maps)
+
+
+def _vocab_of_copy_source(model_spec: ModelSpec, source: nn.Module) -> ModelSpec:
+    """A compressed student (its arch holds the kept rows) copying a full-vocabulary model is built at the full
+    size, so every row copies; the vocabulary step below then keeps its rows. Other models are unchanged."""
+    rows = source.get_input_embeddings().weight.shape[0]
+    if model_spec.vocab is None or rows == model_spec.arch.vocab_size:
+        return model_spec
+    arch = model_spec.arch.model_copy(update={"vocab_size": rows, "config": {**model_spec.arch.config, "vocab_size": rows}})
+    return model_spec.model_copy(update={"arch": arch})
+
+
+def _copy_source(
+    env: "_RunEnv", name: str, built: dict[str, nn.Module], trained: Mapping[str, dict[str, torch.Tensor]]
+) -> nn.Module:
+    """The model a student copies its init from, holding the weights an earlier stage trained into it.
+
+    Copying from a student trained in an earlier stage (e.g. a classifier initialised from a distilled LM)
+    must read its trained weights, not the init it started that stage with.
+    """
+    spec = env.plan.spec
+    model_spec = spec.models[name]
+    if name in trained:
+        net = _build_one(env, model_spec.model_copy(update={"init": InitSpec(kind="random")}), built)
+        _load_weights(net, trained[name], name)
+        return net
+    if model_spec.init.kind == "copy" and model_spec.init.source not in built:
+        built[str(model_spec.init.source)] = _copy_source(env, str(model_spec.init.source), built, trained)
+    return _build_one(env, model_spec, built)
 
 
 def _build_one(env: "_RunEnv", model_spec: ModelSpec, built: dict[str, nn.Module]) -> nn.Module:
@@ -413,7 +553,8 @@ class StageData:
             if "student_input_ids" in student:
                 student["input_ids"] = student.pop("student_input_ids")
                 batch.pop("student_input_ids")
-            yield {"teacher": batch, "student": student}
+            # example indices let an offline teacher's signals be read from its cache
+            yield {"teacher": {**batch, "example_ids": torch.tensor(ids, device=device)}, "student": student}
 
 
 # ================================================================ checkpoints
@@ -497,6 +638,14 @@ def _spec_path(plan: Plan, plan_path: Path) -> Path:
     return plan_path.parent / given
 
 
+def steps_from_epochs(stage: StageSpec, examples: int, max_steps: int | None) -> int:
+    """ceil(epochs x examples / batch), as the planner computes it when it can count the data."""
+    if stage.epochs is None:
+        raise RunError(f"stage '{stage.name}': the plan has no step count and the stage no epochs; re-plan it")
+    steps = max(1, math.ceil(stage.epochs * examples / stage.batch))
+    return steps if max_steps is None else min(steps, max_steps)
+
+
 def _capped(stage_plan: StagePlan, max_steps: int | None) -> int:
     return stage_plan.total_steps if max_steps is None else min(stage_plan.total_steps, max_steps)
 
@@ -505,13 +654,6 @@ def _single_student(stage: StageSpec) -> str:
     if len(stage.students) != 1:
         raise RunError(f"stage '{stage.name}': trains {len(stage.students)} models; this runtime trains one per stage")
     return stage.students[0]
-
-
-def _refuse_interventions(stage: StageSpec) -> None:
-    # silently training without them would give a different method than the spec says
-    if stage.interventions:
-        kinds = ", ".join(sorted({iv.kind for iv in stage.interventions}))
-        raise RunError(f"stage '{stage.name}': interventions ({kinds}) are not implemented by this runtime yet")
 
 
 def _pruned(module: nn.Module, capture: ModelCapture) -> nn.Module:

@@ -1,7 +1,7 @@
 """Transform kernels: captured signals -> the tensors the losses compare (``OpNode.op`` names them).
 
 Plain functions for stateless transforms (``relation``, ``pool``, ``normalize``, ``select_vocab``,
-``concat``, ``mean``, ``attend``, ``anneal``; registered in ``TRANSFORMS``) and ``Projection``, the one
+``concat``, ``mean``, ``attend``, ``anneal``, ``stack``, ``spans``; registered in ``TRANSFORMS``) and ``Projection``, the one
 learned transform (TinyBERT's ``fit_dense``; the caller shares one instance between ops with the same
 ``OpNode.module`` key). Shapes follow docs/internals.md: token signals ``[b, s, h]``, masks ``[b, s]``
 bool with True = real token. Transforms keep the input dtype; the losses accumulate in fp32.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import random
 from typing import Callable, Sequence
 
 import torch
@@ -128,22 +129,73 @@ def mean(xs: Sequence[Tensor]) -> Tensor:
 
 
 def attend(student_h: Tensor, teacher_hs: Sequence[Tensor] | Tensor) -> Tensor:
-    """ALP-KD: per token, attend over teacher layers and return ``sum_l alpha_l * t_l``.
+    """ALP-KD / Universal-KD: per row, attend over teacher layers and return ``sum_l alpha_l * t_l``.
 
-    ``alpha = softmax_l(<s, t_l>)`` from unscaled per-token dot products, as in ALP-KD. ``student_h``
-    ``[b, s, d]``; ``teacher_hs`` a list of ``[b, s, d]`` or a stacked ``[L, b, s, d]``. Widths must agree
-    (project first). The result depends on ``student_h`` through alpha; a loss that takes it as its
-    target detaches it, as in the published method.
+    ``alpha = softmax_l(<s, t_l>)`` from unscaled dot products over the last dim, as in ALP-KD. ``student_h``
+    is ``[..., d]`` (tokens ``[b, s, d]`` or pooled ``[b, d]``); ``teacher_hs`` a list of tensors of that shape
+    or a stacked ``[L, ...]``. Widths must agree (project first). The result depends on ``student_h`` through
+    alpha; a loss that takes it as its target detaches it, as in the published method.
     """
     ts = torch.stack(list(teacher_hs)) if not isinstance(teacher_hs, Tensor) else teacher_hs
-    if ts.dim() != 4 or ts.shape[1:] != student_h.shape:
+    if ts.dim() != student_h.dim() + 1 or ts.shape[1:] != student_h.shape:
         raise RunError(
             f"attend: teacher layers shape {_shape(ts)} must be [L, *student] with student shape "
             f"{_shape(student_h)}"
         )
-    scores = torch.einsum("bsd,lbsd->bsl", student_h.float(), ts.float())
-    alpha = F.softmax(scores, dim=-1)
-    return torch.einsum("bsl,lbsd->bsd", alpha, ts.float()).to(student_h.dtype)
+    scores = (student_h.float()[None] * ts.float()).sum(-1)
+    alpha = F.softmax(scores, dim=0)
+    return (alpha[..., None] * ts.float()).sum(0).to(student_h.dtype)
+
+
+def stack(xs: Sequence[Tensor], axis: int = -2) -> Tensor:
+    """Stack same-shaped signals on a new axis: ``L x [b, s, h] -> [b, s, L, h]`` with ``axis=-2`` (CKD's
+    layer-transforming relations then relate the L states of each position)."""
+    if not xs:
+        raise RunError("stack: needs at least one input")
+    if len({tuple(x.shape) for x in xs}) > 1:
+        raise RunError(f"stack: input shapes {', '.join(_shape(x) for x in xs)} differ")
+    return torch.stack(list(xs), dim=axis)
+
+
+def span_bounds(length: int, max_fraction: float, rng: random.Random) -> list[tuple[int, int]]:
+    """A random segmentation of positions ``0..length-1`` into contiguous spans (MGSKD's span level).
+
+    Span lengths are drawn uniformly from ``1..max(1, floor(max_fraction * length))`` until the positions are
+    covered (the last span is cut at ``length``). ``rng`` decides: callers seed it per step so that every
+    ``spans`` op of one step uses the same segmentation.
+    """
+    if length < 1:
+        raise RunError(f"spans: a sequence needs at least one real position, got length {length}")
+    longest = max(1, int(math.floor(max_fraction * length)))
+    bounds, start = [], 0
+    while start < length:
+        end = min(length, start + rng.randint(1, longest))
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def spans(x: Tensor, bounds: Sequence[tuple[int, int]], mask: Tensor | None = None) -> Tensor:
+    """``[b, s, h] -> [b, n, h]``: mean of the (real) positions of each span ``[start, end)``."""
+    if x.dim() != 3:
+        raise RunError(f"spans: input must be [batch, seq, hidden], got {_shape(x)}")
+    keep = _check_mask("spans", x, mask)
+    if not bounds or bounds[-1][1] > x.shape[1]:
+        raise RunError(f"spans: span bounds {list(bounds)[-1:]} do not fit sequence length {x.shape[1]}")
+    assign = torch.zeros(len(bounds), x.shape[1], dtype=x.dtype, device=x.device)
+    for i, (start, end) in enumerate(bounds):
+        assign[i, start:end] = 1
+    w = assign[None].expand(x.shape[0], -1, -1)
+    if keep is not None:
+        w = w * keep[:, None, :].to(x.dtype)
+    return (w @ x) / w.sum(-1, keepdim=True).clamp_min(1)
+
+
+def choose_indices(n: int, k: int, rng: random.Random) -> list[int]:
+    """``k`` distinct indices of ``0..n-1`` drawn by ``rng``, ascending (RAIL-KD keeps the depth order)."""
+    if not 1 <= k <= n:
+        raise RunError(f"choose: cannot choose {k} of {n} items")
+    return sorted(rng.sample(range(n), k))
 
 
 def anneal(t: Tensor, phi: float) -> Tensor:
@@ -160,6 +212,8 @@ TRANSFORMS: dict[str, Callable[..., Tensor]] = {
     "mean": mean,
     "attend": attend,
     "anneal": anneal,
+    "stack": stack,
+    "spans": spans,
 }
 """Stateless transforms by ``OpNode.op``; ``project`` is the learned ``Projection`` module instead."""
 

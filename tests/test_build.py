@@ -96,15 +96,19 @@ def test_plan_validates_against_exported_schema(tmp_path):
         jsonschema.validate(data, schema)
 
 
-def test_epochs_over_jsonl_are_counted_and_text_is_unknown(tmp_path):
+def test_epochs_over_jsonl_and_text_are_counted_other_formats_are_unknown(tmp_path):
     spec = spec_of(tmp_path, TINYBERT, rows=10)
     kd = spec.stages[1]
     steps, note = total_steps(spec, kd, tmp_path)
     assert steps == 8 and "ceil(3 epochs x 10 training rows" in note  # ceil(3 * 10 / 4)
     body = TINYBERT.replace("data: task;  epochs: 3", "data: corpus;  epochs: 3")
-    spec = spec_of(tmp_path, body)
-    assert total_steps(spec, spec.stages[1], tmp_path)[0] == -1
+    spec = spec_of(tmp_path, body)  # corpus.txt: one non-empty line
+    assert total_steps(spec, spec.stages[1], tmp_path)[0] == 1  # ceil(3 x 1 / 4)
     assert total_steps(spec, spec.stages[0], tmp_path) == (20, None)
+    (tmp_path / "rows.csv").write_text("text\nhello\n")
+    body = TINYBERT.replace("data: task;  epochs: 3", "data: rows;  epochs: 3") + 'data rows = csv("rows.csv")\n'
+    spec = spec_of(tmp_path, body)
+    assert total_steps(spec, spec.stages[1], tmp_path)[0] == -1  # counted by the runtime after tokenisation
 
 
 def test_report_plain_text_and_explain(tmp_path):

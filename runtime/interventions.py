@@ -1,0 +1,684 @@
+"""Stage interventions: what a method does beyond signals and losses, one class per ``Intervention.kind``.
+
+Takes a stage's checked ``Intervention``s (their params are spelled out by ``gkdlang.lower``) and gives
+objects the recipe calls at fixed points of every step; each class overrides only the points it needs:
+
+- ``gate``: change the set of active terms (``drop``: DGKD's per-step teacher dropping);
+- ``student_context``: change the student's forward (``replace_layers``: Theseus module replacement);
+- ``teacher_passes`` / ``student_passes``: extra forward passes whose signals the loss reads under
+  ``model@id`` (``interchange``: DIITO's counterfactual pass);
+- ``row_weights``: per-example weights of grouped terms (``weigh``: MT-BERT, Uncertainty; ``select_teacher``:
+  RL-KD's agent);
+- ``extra_loss``: losses of the intervention's own parameters (``select_teacher``: the REINFORCE loss);
+- ``lr_scale``: per-parameter-group learning-rate factors (``progressive_lr``: MobileBERT);
+- ``two_passes``: run the whole student loss twice (``perturb``: LRC-BERT's gradient perturbation).
+
+Every random draw comes from a generator seeded by (stage seed, intervention, step[, micro-batch, rank]), so
+a resumed run draws exactly what an uninterrupted one did. The one learned part (the RL agent) is an
+``nn.Module`` the recipe puts inside the student engine, so DeepSpeed trains and checkpoints it with the
+student (its reward baseline is a buffer, saved with it).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gkdlang.spec import Intervention, ModelSpec, Node, Schedule, SignalNode, StageSpec
+from planner.plan import CapturePoint, ModelCapture
+from runtime.adapters import adapter_for, capture
+from runtime.errors import RunError
+
+Signals = Mapping[str, Mapping[tuple[str, int | None], Tensor]]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training is: what every intervention may read at a step."""
+
+    step: int
+    epoch: int
+    progress: float
+    micro: int = 0
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What interventions are built from: the stage, the spec's models, the stage seed and base LR."""
+
+    stage: StageSpec
+    models: Mapping[str, ModelSpec]
+    seed: int
+    lr: float
+
+
+def _generator(*parts: Any) -> torch.Generator:
+    """A CPU generator seeded from ``parts`` (sha512 of their text: stable across processes, unlike hash())."""
+    return torch.Generator().manual_seed(random.Random(":".join(map(str, parts))).getrandbits(63))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) and hasattr(inner, "config") else model
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_first(output: Any, first: Tensor) -> Any:
+    return (first, *output[1:]) if isinstance(output, (tuple, list)) else first
+
+
+def _leaves(node: Node) -> list[SignalNode]:
+    if isinstance(node, SignalNode):
+        return [node]
+    return [leaf for child in node.inputs for leaf in _leaves(child)]
+
+
+def _hidden_point(layer: int) -> CapturePoint:
+    return CapturePoint(kind="hidden", layer=layer)
+
+
+class Base(nn.Module):
+    """No-op defaults for every call point; subclasses override what their method needs."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, iv: Intervention, setup: Setup) -> None:
+        super().__init__()
+        self.spec = iv
+        self.params_ = dict(iv.params)
+        self.seed = setup.seed
+
+    def built_models(self) -> set[str]:
+        """Models the stage must build although the plan captures nothing from them (no forward of their own)."""
+        return set()
+
+    def extra_points(self) -> dict[str, list[CapturePoint]]:
+        """Signals the first pass must capture besides the plan's, per model."""
+        return {}
+
+    def gate(self, active: set[str], info: StepInfo) -> set[str]:
+        return active
+
+    def student_context(self, student: nn.Module, info: StepInfo) -> ContextManager:
+        return nullcontext()
+
+    def teacher_passes(self, teachers: Mapping[str, nn.Module], batch: dict[str, Tensor], signals: Signals,
+                       info: StepInfo) -> dict[str, Any]:
+        return {}
+
+    def student_passes(self, name: str, student: nn.Module, batch: dict[str, Tensor], signals: Signals,
+                       info: StepInfo) -> dict[str, Any]:
+        return {}
+
+    def row_weights(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
+        return {}
+
+    def extra_loss(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
+        return {}
+
+    def lr_groups(self, student: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+        """Named parameter groups this intervention sets learning-rate factors for (see ``lr_scale``)."""
+        return []
+
+    def lr_scale(self, group: str, progress: float) -> float:
+        return 1.0
+
+
+def _terms_of(stage: StageSpec, group: str) -> list[str]:
+    return [t.id for t in stage.loss if t.gate.group == group]
+
+
+# ================================================================ drop (DGKD)
+
+
+class Drop(Base):
+    """Each step the group's terms are left out with probability p; one joint draw per step decides every drop
+    group of the stage, so that when all are dropped one (drawn) is kept (``min_kept: 1``)."""
+
+    kind = "drop"
+
+    def __init__(self, iv: Intervention, setup: Setup) -> None:
+        super().__init__(iv, setup)
+        self.group = str(self.params_["group"])
+        self.terms = set(_terms_of(setup.stage, self.group))
+        self.stage_groups = sorted((str(i.params["group"]), float(i.params["p"]))
+                                   for i in setup.stage.interventions if i.kind == "drop")
+        self.min_kept = int(self.params_.get("min_kept", 1))
+
+    def dropped(self, step: int) -> set[str]:
+        """Drop groups of the stage left out at ``step``."""
+        rng = random.Random(f"{self.seed}:drop:{step}")
+        out = {g for g, p in self.stage_groups if rng.random() < p}
+        kept = len(self.stage_groups) - len(out)
+        if kept < self.min_kept:
+            out -= set(rng.sample(sorted(out), min(len(out), self.min_kept - kept)))
+        return out
+
+    def gate(self, active: set[str], info: StepInfo) -> set[str]:
+        return active - self.terms if self.group in self.dropped(info.step) else active
+
+
+# ================================================================ weigh (MT-BERT, Uncertainty)
+
+
+def entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-example prediction entropy ``[b]``; token logits ``[b, s, V]`` average their (masked) positions."""
+    logp = F.log_softmax(logits.detach().float(), dim=-1)
+    h = -(logp.exp() * logp).sum(-1)
+    if h.dim() == 1:
+        return h
+    w = torch.ones_like(h) if mask is None else mask.to(h.dtype)
+    return (h * w).sum(-1) / w.sum(-1).clamp_min(1)
+
+
+def entropy_weights(h: Tensor, n_units: int, classes: int, hard: bool) -> Tensor:
+    """``[n_units, b]`` weights from student entropies ``h`` (units listed from smallest to largest teacher).
+
+    hard: examples sorted by entropy are split into ``n_units`` near-equal slices, unit i takes slice i (the
+    most uncertain go to the last unit). soft: the entropy normalised by ``log(classes)`` places each example
+    on [0, n_units - 1]; the two nearest units share it linearly (two units: ``1 - h``, ``h``).
+    """
+    b = h.shape[0]
+    w = h.new_zeros(n_units, b)
+    if hard:
+        order = torch.argsort(h, stable=True)
+        for i, part in enumerate(torch.tensor_split(order, n_units)):
+            w[i, part] = 1.0
+        return w
+    x = (h / math.log(max(classes, 2))).clamp(0, 1) * (n_units - 1)
+    units = torch.arange(n_units, dtype=h.dtype, device=h.device)[:, None]
+    return (1 - (x[None, :] - units).abs()).clamp_min(0)
+
+
+def teacher_ce_weights(teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    """MT-BERT: ``1 / (1 + CE(label_i, teacher_i))`` per example (unlabelled rows: CE 0, weight 1)."""
+    ce = F.cross_entropy(teacher_logits.detach().float(), labels.long(), ignore_index=-100, reduction="none")
+    return 1.0 / (1.0 + ce)
+
+
+class Weigh(Base):
+    """Per-teacher, per-example weights of each unit's terms (``by: teacher_ce`` or ``student_entropy``)."""
+
+    kind = "weigh"
+
+    def __init__(self, iv: Intervention, setup: Setup) -> None:
+        super().__init__(iv, setup)
+        self.by = str(self.params_["by"])
+        self.hard = bool(self.params_.get("hard", False))
+        self.units = [(str(u["group"]), str(u["teacher"])) for u in self.params_["units"]]
+        self.terms = {g: _terms_of(setup.stage, g) for g, _ in self.units}
+        self.student = self.params_.get("student") or setup.stage.students[0]
+        self.head = "task_logits" if self.params_.get("entropy_of", "task_logits") == "task_logits" else "logits"
+        if self.by == "teacher_ce":
+            self.head = "task_logits"
+        self.classes = _classes(setup, self.student, self.head)
+
+    def extra_points(self) -> dict[str, list[CapturePoint]]:
+        if self.by == "teacher_ce":
+            return {t: [CapturePoint(kind="task_logits")] for _, t in self.units}
+        return {self.student: [CapturePoint(kind=self.head)]}
+
+    def weights(self, signals: Signals, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[n_units, b]``."""
+        if self.by == "teacher_ce":
+            if "labels" not in batch:
+                raise RunError("weigh(by: teacher_ce) needs labelled data (the batch has no labels)")
+            return torch.stack([teacher_ce_weights(signals[t][("task_logits", None)], batch["labels"])
+                                for _, t in self.units])
+        logits = signals[self.student][(self.head, None)]
+        mask = batch["attention_mask"].bool() if logits.dim() == 3 else None
+        h = entropy(logits, mask)
+        if self.hard and h.shape[0] < len(self.units):
+            raise RunError(f"weigh(hard: true) splits each micro-batch across {len(self.units)} teachers but the "
+                           f"micro-batch has {h.shape[0]} example(s); raise micro_batch")
+        return entropy_weights(h, len(self.units), self.classes, self.hard)
+
+    def row_weights(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
+        w = self.weights(signals, batch)
+        return {term: w[i] for i, (group, _) in enumerate(self.units) for term in self.terms[group]}
+
+
+def _classes(setup: Setup, model: str, head: str) -> int:
+    spec = setup.models[model]
+    if head == "logits":
+        return int(spec.arch.vocab_size)
+    return int(spec.head.num_labels or spec.arch.config.get("num_labels") or 2)
+
+
+# ================================================================ select_teacher (RL-KD)
+
+
+class SelectTeacher(Base):
+    """RL-KD: a two-layer policy keeps or skips each teacher per example (Bernoulli); trained by REINFORCE.
+
+    State: the state model's (or the student's) [CLS] state of its last block, and every teacher's soft
+    labels. Kept teachers' terms of example i get weight ``a_ij / max(1, sum_j a_ij)`` (the average over the
+    kept teachers). Reward: ``-CE(label_i, student_i)`` (``ce``), minus the kept teachers' mean KL to the
+    student (``ce_kl``); advantage against a running-mean baseline (momentum 0.9); policy loss
+    ``-mean_i adv_i * sum_j log pi(a_ij | state_i)``.
+    """
+
+    kind = "select_teacher"
+    HIDDEN = 128
+    MOMENTUM = 0.9
+
+    def __init__(self, iv: Intervention, setup: Setup) -> None:
+        super().__init__(iv, setup)
+        if self.params_.get("policy", "reinforce") != "reinforce":
+            raise RunError(f"select_teacher: policy '{self.params_['policy']}' is not implemented (reinforce)")
+        self.group = str(self.params_["group"])
+        self.units = [(str(u["group"]), str(u["teacher"])) for u in self.params_["units"]]
+        self.terms = {g: _terms_of(setup.stage, g) for g, _ in self.units}
+        self.student = setup.stage.students[0]
+        self.state_model = self.params_.get("state_model") or self.student
+        self.state_layer = int(setup.models[self.state_model].arch.num_layers) - 1
+        self.reward = str(self.params_.get("reward", "ce"))
+        self.lr = float(self.params_["lr"]) if self.params_.get("lr") is not None else None
+        width = int(setup.models[self.state_model].arch.hidden_size)
+        width += sum(_classes(setup, t, "task_logits") for _, t in self.units)
+        with torch.random.fork_rng(devices=[]):  # its init depends on the stage seed only, not on what ran before
+            torch.manual_seed(_generator(self.seed, self.group, "init").initial_seed())
+            self.agent = nn.Sequential(nn.Linear(width, self.HIDDEN), nn.Tanh(),
+                                       nn.Linear(self.HIDDEN, len(self.units)))
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros(()))
+        self._episode: tuple[Tensor, Tensor] | None = None
+
+    def extra_points(self) -> dict[str, list[CapturePoint]]:
+        points: dict[str, list[CapturePoint]] = {t: [CapturePoint(kind="task_logits")] for _, t in self.units}
+        points.setdefault(self.state_model, []).append(_hidden_point(self.state_layer))
+        points.setdefault(self.student, []).append(CapturePoint(kind="task_logits"))
+        return points
+
+    def state(self, signals: Signals) -> Tensor:
+        cls = signals[self.state_model][("hidden", self.state_layer)][:, 0]
+        soft = [F.softmax(signals[t][("task_logits", None)].float(), dim=-1) for _, t in self.units]
+        return torch.cat([cls.float(), *soft], dim=-1).detach()
+
+    def row_weights(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
+        logits = self.agent(self.state(signals).to(self.agent[0].weight.dtype)).float()
+        probs = torch.sigmoid(logits)
+        gen = _generator(self.seed, self.group, info.step, info.micro, info.rank)
+        actions = (torch.rand(probs.shape, generator=gen).to(probs.device) < probs.detach()).float()
+        log_pi = -F.binary_cross_entropy_with_logits(logits, actions, reduction="none")
+        self._episode = (actions, log_pi)
+        share = actions / actions.sum(-1, keepdim=True).clamp_min(1)
+        return {term: share[:, i] for i, (group, _) in enumerate(self.units) for term in self.terms[group]}
+
+    def rewards(self, signals: Signals, batch: Mapping[str, Tensor], actions: Tensor) -> Tensor:
+        student = signals[self.student][("task_logits", None)].detach().float()
+        if "labels" not in batch:
+            raise RunError("select_teacher's reward needs labelled data (the batch has no labels)")
+        r = -F.cross_entropy(student, batch["labels"].long(), ignore_index=-100, reduction="none")
+        if self.reward == "ce_kl":
+            log_q = F.log_softmax(student, dim=-1)
+            kls = torch.stack([
+                F.kl_div(log_q, F.log_softmax(signals[t][("task_logits", None)].float(), -1), log_target=True,
+                         reduction="none").sum(-1)
+                for _, t in self.units], dim=-1)
+            r = r - (kls * actions).sum(-1) / actions.sum(-1).clamp_min(1)
+        return r
+
+    def extra_loss(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
+        if self._episode is None:
+            return {}
+        actions, log_pi = self._episode
+        self._episode = None
+        r = self.rewards(signals, batch, actions)
+        mean = _all_ranks_mean(r.mean())
+        with torch.no_grad():  # the baseline is the running mean of the reward *before* this batch
+            baseline = self.baseline.clone() if self.seen > 0 else mean
+            self.baseline.copy_(self.MOMENTUM * baseline + (1 - self.MOMENTUM) * mean if self.seen > 0 else mean)
+            self.seen.add_(1)
+        advantage = (r - baseline).detach()
+        return {f"{self.group}/policy": -(advantage[:, None] * log_pi).sum(-1).mean()}
+
+    def lr_groups(self, student: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+        return [(f"{self.group}/agent", list(self.agent.parameters()))]
+
+
+def _all_ranks_mean(x: Tensor) -> Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x.detach()
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / dist.get_world_size()
+
+
+# ================================================================ replace_layers (Theseus)
+
+
+class _Chain(nn.Module):
+    """Teacher blocks run in sequence in place of one student block (same call arguments, same output form)."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = blocks  # a plain list: the teacher's blocks must not become the student's parameters
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        h = args[0] if args else kwargs.pop("hidden_states")
+        dtype = h.dtype
+        out: Any = h
+        for block in self.blocks:
+            weight = next(block.parameters())
+            out = block(h.to(weight.dtype), *args[1:], **kwargs)
+            h = _first(out)
+        return _with_first(out, h.to(dtype))
+
+
+class ReplaceLayers(Base):
+    """Theseus: each step, student block j keeps its place with probability p (a schedule); otherwise the
+    frozen teacher blocks ``groups[j]`` run in its place. The teacher never runs a forward of its own."""
+
+    kind = "replace_layers"
+
+    def __init__(self, iv: Intervention, setup: Setup) -> None:
+        super().__init__(iv, setup)
+        self.teacher = str(self.params_["teacher"])
+        self.groups = [list(map(int, g)) for g in self.params_["groups"]]
+        self.p = Schedule(**self.params_["p"]) if isinstance(self.params_["p"], dict) else self.params_["p"]
+        self._teacher_blocks: list[nn.Module] | None = None
+
+    def built_models(self) -> set[str]:
+        return {self.teacher}
+
+    def attach(self, teacher: nn.Module) -> None:
+        """Give the built, frozen teacher (a plain module: its blocks run inside the student's forward)."""
+        hf = _unwrap(teacher)
+        if hf is not teacher:
+            raise RunError(f"replace_layers: teacher '{self.teacher}' is sharded by the plan, but its blocks run "
+                           "inside the student's forward; plan it replicated (more GPU memory per rank)")
+        self._teacher_blocks = list(adapter_for(hf).layers(hf))
+
+    def replaced(self, step: int, progress: float) -> list[int]:
+        """Student blocks replaced by their teacher group at ``step`` (one draw per block)."""
+        p = float(self.p.at(progress))
+        rng = random.Random(f"{self.seed}:replace_layers:{step}")
+        return [j for j in range(len(self.groups)) if not rng.random() < p]
+
+    @contextmanager
+    def student_context(self, student: nn.Module, info: StepInfo) -> Iterator[None]:
+        if self._teacher_blocks is None:
+            raise RunError(f"replace_layers: teacher '{self.teacher}' was not attached")
+        hf = _unwrap(student)
+        blocks = adapter_for(hf).layers(hf)
+        saved = {}
+        try:
+            for j in self.replaced(info.step, info.progress):
+                saved[j] = blocks[j]
+                blocks[j] = _Chain([self._teacher_blocks[i] for i in self.groups[j]])
+            yield
+        finally:
+            for j, block in saved.items():
+                blocks[j] = block
+
+
+# ================================================================ interchange (DIITO)
+
+
+def interchange_positions(attention: Tensor, fraction: float, way: str, gen: torch.Generator,
+                          tokens: Tensor | None = None) -> Tensor:
+    """``[b, s]`` bool: the positions of each example whose states are taken from the source example.
+
+    ``consecutive``: one span of ``max(1, round(fraction * n_i))`` of the example's n_i real positions;
+    ``random``: that many real positions anywhere; ``masked``: the masked-LM positions (``tokens != -100``).
+    """
+    b, s = attention.shape
+    out = torch.zeros(b, s, dtype=torch.bool)
+    real = attention.bool().cpu()
+    for i in range(b):
+        where = real[i].nonzero().flatten()
+        n = len(where)
+        if n == 0:
+            continue
+        count = max(1, round(fraction * n))
+        if way == "consecutive":
+            start = int(torch.randint(0, n - count + 1, (1,), generator=gen))
+            out[i, where[start:start + count]] = True
+        elif way == "random":
+            out[i, where[torch.randperm(n, generator=gen)[:count]]] = True
+        elif way == "masked":
+            if tokens is None:
+                raise RunError("interchange(way: masked) needs masked-LM targets in the batch")
+            out[i] = tokens[i].cpu() != -100
+        else:
+            raise RunError(f"interchange: way '{way}' is not one of consecutive, random, masked")
+    return out.to(attention.device)
+
+
+@contextmanager
+def _output_edit(block: nn.Module, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    handle = block.register_forward_hook(lambda m, args, out: _with_first(out, edit(_first(out))))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Interchange(Base):
+    """DIITO: a second forward of teacher and student in which, at one aligned block pair (drawn per step),
+    the states of ``fraction`` of each example's positions are the next example's (batch rolled by one).
+
+    The source states come from the first pass (the student's keep their graph, so the counterfactual loss
+    trains the source pass too). The counterfactual signals are stored under ``model@id``.
+    """
+
+    kind = "interchange"
+
+    def __init__(self, iv: Intervention, setup: Setup) -> None:
+        super().__init__(iv, setup)
+        self.ident = str(self.params_["id"])
+        self.teacher = str(self.params_["teacher"])
+        self.student = str(self.params_["student"])
+        self.pairs = [(int(s), int(t)) for s, t in self.params_["layers"]]
+        self.fraction = float(self.params_["fraction"])
+        self.way = str(self.params_.get("way", "consecutive"))
+        if not self.pairs:
+            raise RunError(f"interchange '{self.ident}': no aligned layer pair")
+        leaves: dict[str, dict[tuple[str, int | None], CapturePoint]] = {}
+        for term in setup.stage.loss:
+            for side in (term.target, term.pred):
+                for node in _interchanged_leaves(side, self.ident):
+                    if node.model is not None:
+                        leaves.setdefault(node.model, {})[(node.kind, node.layer)] = CapturePoint(
+                            kind=node.kind, layer=node.layer)
+        self.pass_points = {m: list(points.values()) for m, points in leaves.items()}
+
+    def extra_points(self) -> dict[str, list[CapturePoint]]:
+        points = {self.teacher: [_hidden_point(t) for _, t in self.pairs],
+                  self.student: [_hidden_point(s) for s, _ in self.pairs]}
+        for model, extra in self.pass_points.items():
+            points.setdefault(model, []).extend(extra)
+        return points
+
+    def pair(self, step: int) -> tuple[int, int]:
+        return random.Random(f"{self.seed}:{self.ident}:pair:{step}").choice(self.pairs)
+
+    def positions(self, batch: Mapping[str, Tensor], info: StepInfo) -> Tensor:
+        gen = _generator(self.seed, self.ident, info.step, info.micro, info.rank)
+        return interchange_positions(batch["attention_mask"], self.fraction, self.way, gen, batch.get("tokens"))
+
+    def _pass(self, model_name: str, model: nn.Module, layer: int, batch: dict[str, Tensor], signals: Signals,
+              info: StepInfo, grad: bool) -> Any:
+        source = torch.roll(signals[model_name][("hidden", layer)], shifts=-1, dims=0)  # example i gets i+1's
+        where = self.positions(batch, info)[..., None]
+        hf = _unwrap(model)
+        block = adapter_for(hf).layers(hf)[layer]
+        points = self.pass_points.get(model_name, [])
+        kinds = {p.kind for p in points}
+        plan = ModelCapture(model=model_name, points=points, stop_after_layer=None,
+                            needs_head=bool(kinds & {"logits", "task_logits"}),
+                            eager_attention_layers=sorted({p.layer for p in points
+                                                           if p.kind in ("attn_scores", "attn_probs")}))
+        with _output_edit(block, lambda h: torch.where(where, source.to(h.dtype), h)):
+            return capture(model, batch, plan, grad=grad)
+
+    def teacher_passes(self, teachers: Mapping[str, nn.Module], batch: dict[str, Tensor], signals: Signals,
+                       info: StepInfo) -> dict[str, Any]:
+        if self.teacher not in self.pass_points:
+            return {}
+        _, t_layer = self.pair(info.step)
+        return {f"{self.teacher}@{self.ident}": self._pass(self.teacher, teachers[self.teacher], t_layer, batch,
+                                                           signals, info, grad=False)}
+
+    def student_passes(self, name: str, student: nn.Module, batch: dict[str, Tensor], signals: Signals,
+                       info: StepInfo) -> dict[str, Any]:
+        if name != self.student or name not in self.pass_points:
+            return {}
+        s_layer, _ = self.pair(info.step)
+        return {f"{name}@{self.ident}": self._pass(name, student, s_layer, batch, signals, info, grad=True)}
+
+
+def _interchanged_leaves(node: Node, ident: str, inside: bool = False) -> list[SignalNode]:
+    if isinstance(node, SignalNode):
+        return [node] if inside else []
+    inside = inside or (node.op == "interchanged" and node.params.get("intervention") == ident)
+    return [leaf for child in node.inputs for leaf in _interchanged_leaves(child, ident, inside)]
+
+
+# ================================================================ perturb (LRC-BERT)
+
+
+@contextmanager
+def _input_edit(block: nn.Module, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    def hook(module, args, kwargs):
+        if args:
+            return (edit(args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs, hidden_states=edit(kwargs["hidden_states"]))
+        return args, kwargs
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def perturbation(grad: Tensor | None, like: Tensor, eps: float) -> Tensor:
+    """``eps * g / ||g||_2`` over the whole micro-batch's embedding output (zero where there is no gradient)."""
+    if grad is None:
+        return torch.zeros_like(like)
+    return (eps * grad / grad.float().norm().clamp_min(1e-12)).detach().to(like.dtype)
+
+
+class Perturb(Base):
+    """LRC-BERT: pass 1 computes the stage loss and its gradient g w.r.t. the student's embedding output e
+    (only w.r.t. e: no weight gradient is kept); pass 2 recomputes every term with ``e + eps * g / ||g||``
+    and its loss is the one trained."""
+
+    kind = "perturb"
+
+    def __init__(self, iv: Intervention, setup: Setup) -> None:
+        super().__init__(iv, setup)
+        self.eps = float(self.params_.get("eps", 1e-5))
+        if self.params_.get("on", "embeddings") != "embeddings" or self.params_.get("direction", "gradient") != \
+                "gradient":
+            raise RunError("perturb: only the gradient direction on the embeddings is implemented")
+
+    def two_passes(self, student: nn.Module, run: Callable[[], tuple[Tensor, dict[str, float]]]):
+        hf = _unwrap(student)
+        block0 = adapter_for(hf).layers(hf)[0]
+        seen: list[Tensor] = []
+
+        def record(e: Tensor) -> Tensor:
+            seen.append(e)
+            return e
+
+        with _input_edit(block0, record):
+            loss, _ = run()
+        e = seen[0]
+        grad = None
+        if loss.requires_grad and e.requires_grad:
+            (grad,) = torch.autograd.grad(loss, e, allow_unused=True)
+        delta = perturbation(grad, e, self.eps)
+        with _input_edit(block0, lambda x: x + delta):
+            return run()
+
+
+# ================================================================ progressive_lr (MobileBERT)
+
+
+class ProgressiveLR(Base):
+    """While block ``layer`` of a window is transferred, the blocks below it (and the embeddings) train at
+    ``below_lr`` times the learning rate; the block itself, the blocks above and everything else at 1."""
+
+    kind = "progressive_lr"
+
+    def __init__(self, iv: Intervention, setup: Setup) -> None:
+        super().__init__(iv, setup)
+        self.model = str(self.params_["model"])
+        self.below = float(self.params_["below_lr"])
+        self.windows = [(float(w["from"]), float(w["until"]), int(w["layer"])) for w in self.params_["windows"]]
+
+    def current_layer(self, progress: float) -> int | None:
+        for start, until, layer in self.windows:
+            if start <= progress < until or (until >= 1.0 and progress >= start):
+                return layer
+        return None
+
+    def lr_groups(self, student: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+        hf = _unwrap(student)
+        adapter = adapter_for(hf)
+        groups = [("embeddings", [p for p in adapter.embeddings_module(hf).parameters() if p.requires_grad])]
+        for i, block in enumerate(adapter.layers(hf)):
+            groups.append((f"block{i}", [p for p in block.parameters() if p.requires_grad]))
+        return groups
+
+    def lr_scale(self, group: str, progress: float) -> float:
+        layer = self.current_layer(progress)
+        if layer is None:
+            return 1.0
+        index = -1 if group == "embeddings" else int(group.removeprefix("block"))
+        return self.below if index < layer else 1.0
+
+
+# ================================================================ registry
+
+INTERVENTIONS: dict[str, type[Base]] = {
+    cls.kind: cls for cls in (Drop, Weigh, SelectTeacher, ReplaceLayers, Interchange, Perturb, ProgressiveLR)
+}
+"""``Intervention.kind`` -> its runtime class."""
+
+
+def build(stage: StageSpec, models: Mapping[str, ModelSpec], seed: int, lr: float) -> list[Base]:
+    """The runtime objects of a stage's interventions, in Spec order; RunError for an unknown kind."""
+    setup = Setup(stage=stage, models=models, seed=seed, lr=lr)
+    out = []
+    for iv in stage.interventions:
+        cls = INTERVENTIONS.get(iv.kind)
+        if cls is None:
+            raise RunError(f"stage '{stage.name}': intervention '{iv.kind}' has no runtime implementation "
+                           f"(known: {', '.join(sorted(INTERVENTIONS))})")
+        out.append(cls(iv, setup))
+    return out
+
+
+def with_points(plan: ModelCapture, extra: list[CapturePoint]) -> ModelCapture:
+    """``plan`` also capturing ``extra``: the head when a head signal is added, deep enough for every block."""
+    have = {(p.kind, p.layer) for p in plan.points}
+    added = [p for p in dict.fromkeys(extra) if (p.kind, p.layer) not in have]
+    if not added:
+        return plan
+    points = [*plan.points, *added]
+    needs_head = plan.needs_head or any(p.kind in ("logits", "task_logits") for p in added)
+    stop = plan.stop_after_layer
+    if stop is not None:
+        stop = None if needs_head else max([stop, *(p.layer for p in added if p.layer is not None)])
+    if not plan.points and not needs_head:  # a model the plan runs whole (no points): stop after the deepest
+        stop = max((p.layer for p in added if p.layer is not None), default=None)
+    eager = sorted({*plan.eager_attention_layers, *(p.layer for p in added if p.kind in ("attn_scores", "attn_probs"))})
+    return plan.model_copy(update={"points": points, "needs_head": needs_head, "stop_after_layer": stop,
+                                   "eager_attention_layers": eager})

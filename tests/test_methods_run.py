@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
 
-pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]  # ~50 small runs: about 2.5 minutes on two CPU cores
+pytestmark = pytest.mark.deepspeed  # ~50 small runs: about 2.5 minutes on two CPU cores, part of the default suite
 
 FAMILY = {
     "bert": {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 32, "num_attention_heads": 2,

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from test_parser import compare_golden
+
 from gkdlang.lower import check_file, check_source, number_value
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "spec"
 SPECS = sorted((ROOT / "specs").glob("*.gkd"))
 DATA = ROOT / "tests" / "cases" / "data"
-UPDATE = os.environ.get("GKDC_UPDATE_GOLDEN") == "1"
 
 
 def spec_json(path: Path) -> str:
@@ -31,14 +32,7 @@ def spec_json(path: Path) -> str:
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_golden_spec(path: Path):
-    golden = GOLDEN / f"{path.stem}.json"
-    actual = spec_json(path)
-    if UPDATE:
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(actual, encoding="utf-8")
-        return
-    assert golden.exists(), f"no golden {golden.name}; run GKDC_UPDATE_GOLDEN=1 pytest {Path(__file__).name}"
-    assert actual == golden.read_text(encoding="utf-8"), f"{golden.name} differs (GKDC_UPDATE_GOLDEN=1 if intended)"
+    compare_golden(GOLDEN / f"{path.stem}.json", spec_json(path))
 
 
 def test_spec_json_is_deterministic_across_processes():

@@ -27,12 +27,12 @@ _BLOCK = re.compile(r"^```gkd\n(.*?)^```", re.S | re.M)
 
 
 def gkd_blocks() -> list[tuple[str, int, str]]:
-    """(doc name, line of the fence, block text) for every ```gkd block in docs/*.md."""
+    """(doc name, line of the fence, block text) for every ```gkd block in docs/*.md and docs/methods/*.md."""
     out = []
-    for doc in sorted(DOCS.glob("*.md")):
+    for doc in [*sorted(DOCS.glob("*.md")), *sorted((DOCS / "methods").glob("*.md"))]:
         text = doc.read_text(encoding="utf-8")
         for m in _BLOCK.finditer(text):
-            out.append((doc.name, text.count("\n", 0, m.start()) + 1, m.group(1)))
+            out.append((doc.relative_to(DOCS).as_posix(), text.count("\n", 0, m.start()) + 1, m.group(1)))
     return out
 
 

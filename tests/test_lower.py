@@ -113,12 +113,14 @@ def test_method_inlining_defaults_and_ids():
                  "student st = like(cls) { layers: 4, head: classify(3) }\n"
                  "data lab = jsonl(\"sst2.jsonl\") { text: sentence, label: label }\n"
                  "method mine(t, s, w: 2) = w * mse(t.hidden[-1], s.hidden[-1])\n"
-                 "stage s { data: lab, epochs: 1, loss: kd(cls, st, alpha: 0.2) + mine(cls, st) }\n",
+                 "stage s { data: lab, epochs: 1, loss: kd.hinton(cls, st, alpha: 0.2) + kd(cls, st, hard: 0.5) + mine(cls, st) }\n",
                  head="")
     loss = spec.stages[0].loss
     assert [(t.method, t.fn, round(t.weight.value, 6)) for t in loss] == [
-        ("kd.kd", "kl", 0.2), ("kd.kd", "ce", 0.8), ("mine", "mse", 2.0)]
-    assert loss[0].options["T"].value == 10  # the method's default
+        ("kd.hinton", "kl", 0.2), ("kd.hinton", "ce", 0.8), ("kd.kd", "soft_ce", 1.0), ("kd.kd", "ce", 0.5),
+        ("mine", "mse", 2.0)]
+    assert loss[0].options["T"].value == 10 and "scale_t2" not in loss[0].options  # the defaults: KL x T^2
+    assert loss[2].options["T"].value == 10 and loss[2].options["scale_t2"] is False  # GKD's KD: no T^2
     assert spec.stages[0].students == ["st"] and spec.stages[0].teachers == ["cls"]
     assert spec.uses == ["kd"]
 

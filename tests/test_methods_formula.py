@@ -219,7 +219,17 @@ def test_kd(tdir):
     spec = stages(tdir, "use kd\nstage s { data: sst2, steps: 4, loss: kd(bert, small, T: 10) }")
     sig, batch = make_inputs(spec)
     t, s = sig["bert"][("task_logits", None)], sig["small"][("task_logits", None)]
-    close(total(spec, 0, sig, batch)[0], 0.5 * kl(t, s, 10) + 0.5 * hard_ce(batch["labels"], s))
+    # GKD's KD: soft cross-entropy at T = 10 without T^2, plus the hard loss, weights 1 and 1
+    close(total(spec, 0, sig, batch)[0], soft_ce(t, s, 10) + hard_ce(batch["labels"], s))
+
+
+def test_kd_hinton_form(tdir):
+    spec = stages(tdir, "use kd\nstage s { data: sst2, steps: 4, loss: kd.hinton(bert, small, T: 4, alpha: 0.3) }")
+    sig, batch = make_inputs(spec)
+    t, s = sig["bert"][("task_logits", None)], sig["small"][("task_logits", None)]
+    # Hinton et al.: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE
+    want = 0.3 * 16 * (F.softmax(t / 4, -1) * (F.log_softmax(t / 4, -1) - F.log_softmax(s / 4, -1))).sum(-1).mean()
+    close(total(spec, 0, sig, batch)[0], want + 0.7 * hard_ce(batch["labels"], s))
 
 
 def test_pd_and_takd(tdir):

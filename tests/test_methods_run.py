@@ -63,7 +63,7 @@ def teacher(name: str, family: str, layers: int = 4, head: str = "classify(2)") 
 SPECS: dict[str, tuple[str, list[str]]] = {
     "kd": ("""use kd
 {T}student small = like(bert) {{ layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }}
-stage finetune {{ data: sst2, steps: 4, batch: 8, loss: kd(bert, small, T: 10) }}""", ["kd.kd/kl", "kd.kd/ce"]),
+stage finetune {{ data: sst2, steps: 4, batch: 8, loss: kd(bert, small, T: 10) }}""", ["kd.kd/soft_ce", "kd.kd/ce"]),
     "pd": ("""use pd
 {T}student lm = like(bert) {{ layers: 2, head: lm }}
 student small = like(lm) {{ head: classify(2), init: copy(lm) }}

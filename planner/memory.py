@@ -90,6 +90,8 @@ class StageModels:
     """Teachers whose signals may come from their cache (planner.offline); the search tries ``offline`` for them."""
     epochs: float = 1.0
     """Passes over the stage's data: an offline teacher's one pass over it is amortised over them."""
+    memo: dict = field(default_factory=dict, init=False, compare=False, repr=False, hash=False)
+    """Item lists shared by the placements of one search (each depends on a few placement fields only)."""
 
     @property
     def trainable(self) -> int:
@@ -501,35 +503,64 @@ def _separate_rank_items(separate: list, n: int, seq: int, micro: int, device: D
     return items
 
 
+def _memo(models: StageModels, key: tuple, make):
+    """``make()`` once per key and search: the items are frozen, so placements share them."""
+    try:
+        return models.memo[key]
+    except KeyError:
+        value = models.memo[key] = make()
+        return value
+
+
+def _where(models: StageModels, cluster: ClusterShape) -> tuple:
+    """A memo key for the hardware; the device is pinned in the memo so its id is never reused meanwhile."""
+    models.memo.setdefault(("device", id(cluster.device)), cluster.device)
+    return (cluster.world, cluster.gpus_per_node, cluster.nodes, cluster.cpu_per_node, cluster.nvme_per_node,
+            id(cluster.device))
+
+
 def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement) -> list[MemoryItem]:
-    states = student_model_states(models.trainable, models.largest_layer, p.zero_stage,
-                                  offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
-                                  gpus_per_node=cluster.gpus_per_node, nodes=cluster.nodes, precision=p.precision)
+    where = _where(models, cluster)
+    states = _memo(models, ("states", p.zero_stage, p.offload_optimizer, p.offload_params, p.precision, *where),
+                   lambda: student_model_states(models.trainable, models.largest_layer, p.zero_stage,
+                                                offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
+                                                gpus_per_node=cluster.gpus_per_node, nodes=cluster.nodes,
+                                                precision=p.precision))
     fixed = [overhead_item(cluster.device), *states.rank_items]
     # on CPU runs the host copy made while loading *is* the model: counting it again would double it
-    cpu = [_per_rank(i, cluster.gpus_per_node) for i in states.node_cpu_items
-           if not (cluster.device.is_cpu and i.name == "student.load")]
+    cpu = list(_memo(models, ("states.cpu", p.zero_stage, p.offload_optimizer, p.offload_params, p.precision, *where),
+                     lambda: [_per_rank(i, cluster.gpus_per_node) for i in states.node_cpu_items
+                              if not (cluster.device.is_cpu and i.name == "student.load")]))
     signals, teacher_fwd = [], []
     for m, c, cap in models.teachers:
         strategy = p.teacher_strategy.get(m.name, "replicated")
-        on_rank, node_cpu = teacher_items(m, c, cap, strategy, cluster)
+        on_rank, node_cpu = _memo(models, ("teacher", m.name, strategy, *where),
+                                  lambda: _teacher_rank_items(m, c, cap, strategy, cluster))
         fixed += on_rank
-        cpu += [_per_rank(i, cluster.gpus_per_node) for i in node_cpu]
+        cpu += node_cpu
         if strategy != "separate":
-            signals.append(MemoryItem(name=f"signals.teacher:{m.name}",
-                                      bytes=_signal_bytes(m, cap, strategy, p.micro_batch, models.seq_len),
-                                      note="read from the cache (top-k logits)" if strategy == "offline" else ""))
+            signals.append(_memo(models, ("signals", m.name, strategy, p.micro_batch), lambda: MemoryItem(
+                name=f"signals.teacher:{m.name}", bytes=_signal_bytes(m, cap, strategy, p.micro_batch, models.seq_len),
+                note="read from the cache (top-k logits)" if strategy == "offline" else "")))
             if strategy != "offline":
-                teacher_fwd.append(MemoryItem(name=f"teacher:{m.name}.forward",
-                                              bytes=teacher_forward_peak(m, c, cap, p.micro_batch, models.seq_len)))
+                teacher_fwd.append(_memo(models, ("teacher.forward", m.name, p.micro_batch), lambda: MemoryItem(
+                    name=f"teacher:{m.name}.forward",
+                    bytes=teacher_forward_peak(m, c, cap, p.micro_batch, models.seq_len))))
     fixed += bucket_items(p.zero_stage, zero_buckets(), p.precision, cluster.world, models.trainable)
-    train = _student_training_items(models, cluster.device, p)
+    train = _memo(models, ("train", *where, p.micro_batch, p.activation_checkpointing, p.precision),
+                  lambda: _student_training_items(models, cluster.device, p))
     # phase 1: teachers run (their temporaries + signals); phase 2: student loss and backward
     phase1 = sum(i.bytes for i in signals) + max((i.bytes for i in teacher_fwd), default=0)
     phase2 = sum(i.bytes for i in signals) + sum(i.bytes for i in train)
     worst_teacher = max(teacher_fwd, key=lambda i: i.bytes, default=None)
     phase = [*signals, worst_teacher] if phase1 > phase2 and worst_teacher else [*signals, *train]
     return fixed + phase + cpu
+
+
+def _teacher_rank_items(model: ModelSpec, counts: ParamCounts, cap: ModelCapture, strategy: str,
+                        cluster: ClusterShape) -> tuple[list[MemoryItem], list[MemoryItem]]:
+    on_rank, node_cpu = teacher_items(model, counts, cap, strategy, cluster)
+    return on_rank, [_per_rank(i, cluster.gpus_per_node) for i in node_cpu]
 
 
 def _signal_bytes(model: ModelSpec, cap: ModelCapture, strategy: str, micro: int, seq: int) -> int:

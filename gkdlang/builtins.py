@@ -90,8 +90,14 @@ TRANSFORMS: dict[str, dict[str, str]] = {
 #: functions that regroup or gate the terms of a loss expression -> options. ``choose`` also takes a layered
 #: signal: then it picks a random sorted subset of its items (RAIL-KD's random teacher layers).
 COMBINATORS: dict[str, dict[str, str]] = {
-    "progressive": {"over": "fraction", "exclusive": "bool", "below_lr": "number"},
+    "progressive": {"over": "fraction", "exclusive": "bool", "below_lr": "number", "until": "trigger",
+                    "then": "objective"},
     "choose": {"every": "symbol"},
+}
+
+#: conditions evaluated by the runtime on a stage's running losses -> options (``progressive(x, until: ...)``)
+TRIGGERS: dict[str, dict[str, str]] = {
+    "plateau": {"patience": "int", "min_delta": "number", "window": "int", "on": "symbol"},
 }
 
 POOLS = ("mean", "cls", "max")

@@ -53,6 +53,7 @@ from gkdlang.values import (
     Objective,
     Symbol,
     Term,
+    Trigger,
     WeightError,
     mul_schedules,
 )
@@ -350,21 +351,31 @@ class _Lowerer:
                                       head=head, cache=cache, span=decl.span)
 
     def _cache(self, expr: ast.Expr, name: str, role: str, arch: ArchInfo) -> CacheSpec:
-        """``cache: topk(k: 64, dtype: fp16, path: "cache/<name>")``: an offline teacher (see runtime/cache.py)."""
+        """``cache: topk(k: 32, tail: sampled, samples: 80, seed: 0, dtype: fp16, path: "cache/<name>")``: an
+        offline teacher (see runtime/cache.py)."""
         if role != "teacher":
             raise self.err("bad-value", expr.span, f"cache is a teacher option; '{name}' is a {role}",
                            "an assistant is trained in this spec, so a cache of it would be stale")
         if not (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "topk"):
-            raise self.err("type-mismatch", expr.span, "cache is topk(k: <count>, dtype: fp16|bf16|fp32, path: \"dir\")")
+            raise self.err("type-mismatch", expr.span, "cache is topk(k: <count>, tail: sampled|bucket, "
+                           "samples: <count>, seed: <int>, dtype: fp16|bf16|fp32, path: \"dir\")")
         self._arity(expr, 0, "topk")
-        kw = self._kwargs(expr, {"k": "int", "dtype": "symbol", "path": "string"})
-        k = self._int(kw["k"], "k", minimum=1) if "k" in kw else 64
+        kw = self._kwargs(expr, {"k": "int", "tail": "symbol", "samples": "int", "seed": "int", "dtype": "symbol",
+                                 "path": "string"})
+        k = self._int(kw["k"], "k", minimum=1) if "k" in kw else 32
         if k > arch.vocab_size:
             raise self.err("bad-value", kw["k"].span, f"k {k} is larger than the vocabulary of '{name}' "
                            f"({arch.vocab_size} tokens)")
+        tail = self._symbol(kw["tail"], "tail", ("sampled", "bucket")) if "tail" in kw else "sampled"
+        if tail == "bucket" and "samples" in kw:
+            raise self.err("bad-value", kw["samples"].span, "samples are drawn for tail: sampled only",
+                           "drop samples, or use tail: sampled")
+        samples = 0 if tail == "bucket" else self._int(kw["samples"], "samples", minimum=1) if "samples" in kw \
+            else 80
+        seed = self._int(kw["seed"], "seed", minimum=0) if "seed" in kw else 0
         dtype = self._symbol(kw["dtype"], "dtype", B.DTYPES) if "dtype" in kw else "fp16"
         path = self._string(kw["path"], "path") if "path" in kw else f"cache/{name}"
-        return CacheSpec(k=k, dtype=dtype, path=path)
+        return CacheSpec(k=k, tail=tail, samples=samples, seed=seed, dtype=dtype, path=path)
 
     def _resolve_source(self, source: str, span: Span) -> tuple[str, dict, str | None]:
         from gkdlang.models import SourceError, resolve_source
@@ -1039,6 +1050,8 @@ class _Lowerer:
                 return self._transform(e, name, scope)
             if name in B.SCHEDULES:
                 return self._schedule(e, name, scope)
+            if name in B.TRIGGERS:
+                return self._trigger(e, name, scope)
             if name == "pairs":
                 return self._pairs(e, scope)
             if name in self.methods:
@@ -1049,7 +1062,7 @@ class _Lowerer:
                 return getattr(self, "_c_" + name)(e, scope)
             if name in B.INTERVENTIONS:
                 return getattr(self, "_iv_" + name)(e, scope)
-            candidates = [*B.LOSSES, *B.TRANSFORMS, *B.SCHEDULES, *self.methods, "pairs", *B.COMBINATORS,
+            candidates = [*B.LOSSES, *B.TRANSFORMS, *B.SCHEDULES, *B.TRIGGERS, *self.methods, "pairs", *B.COMBINATORS,
                           *B.INTERVENTIONS,
                           *(lib for lib in self.libraries if lib in self.libraries[lib])]
             hint = did_you_mean(name, candidates) or _stdlib_hint(name, self.libraries)
@@ -1148,7 +1161,10 @@ class _Lowerer:
 
         ``exclusive: true`` ends each layer's window where the next one starts (MobileBERT's layer-by-layer
         transfer); ``below_lr: f`` adds a ``progressive_lr`` intervention: while block l is transferred, the
-        blocks below it train at f times the learning rate (0 freezes them).
+        blocks below it train at f times the learning rate (0 freezes them). ``until: plateau(...)`` unlocks
+        the next layer when the current one's running loss stops improving (SID), through a ``plateau``
+        intervention; ``over`` is then a deadline. ``then: y``: the terms of ``y`` replace the progressive
+        terms once every layer has been unlocked (and, with ``until``, the last one has plateaued).
         """
         self._arity(e, 1, "progressive")
         obj = self._objective_arg(e.args[0], scope, "progressive")
@@ -1163,17 +1179,95 @@ class _Lowerer:
         n = len(keys)
         start = {k: round(over * i / n, 12) for i, k in enumerate(keys)}
         until = {k: (round(over * (i + 1) / n, 12) if i + 1 < n else 1.0) for i, k in enumerate(keys)}
+        then = self._objective_arg(kw["then"], scope, "progressive(then: ...)") if "then" in kw else None
+        if "until" in kw:
+            if "below_lr" in kw:
+                raise self.err("conflicting-options", kw["below_lr"].span, "below_lr needs the fixed layer windows "
+                               "of over; with until: plateau(...) the windows are only known while training",
+                               related=[(kw["until"].span, "until is here")])
+            return self._progressive_until(e, kw, obj, keys, then, exclusive, over if "over" in kw else None, scope)
         terms = []
         for i, t in enumerate(obj.terms):
             key = ("layer", t.pred.layer) if t.pred.layer is not None else ("term", i)
             update = {"active_from": start[key]}
             if exclusive:
                 update["active_until"] = until[key]
+            if then is not None:  # the final phase replaces the progressive terms
+                update["active_until"] = min(update.get("active_until", 1.0), over) if over < 1.0 else 1.0
             terms.append(replace(t, gate=t.gate.model_copy(update=update)))
         interventions = obj.interventions
+        if then is not None:
+            if over >= 1.0:
+                raise self.err("bad-value", kw["then"].span, "progressive(..., then: y) needs over below 100% (y "
+                               "starts at over) or until: plateau(...)")
+            terms += [replace(t, gate=t.gate.model_copy(update={"active_from": max(t.gate.active_from, over)}))
+                      for t in then.terms]
+            interventions += then.interventions
         if "below_lr" in kw:
             interventions += (self._progressive_lr(e, kw["below_lr"], obj, keys, start, until, scope),)
         return Objective(tuple(terms), interventions)
+
+    def _trigger(self, e: ast.Call, name: str, scope: Scope) -> Trigger:
+        """plateau(patience: 3, min_delta: 0, window: 10, on: <loss>): the watched running loss stops improving."""
+        self._arity(e, 0, name)
+        kw = self._kwargs(e, B.TRIGGERS[name])
+        patience = self._int(kw["patience"], "patience", minimum=1, scope=scope) if "patience" in kw else 3
+        window = self._int(kw["window"], "window", minimum=1, scope=scope) if "window" in kw else 10
+        min_delta = self._num(kw["min_delta"], "min_delta", scope) if "min_delta" in kw else 0.0
+        if min_delta < 0:
+            raise self.err("bad-value", kw["min_delta"].span, "min_delta must not be negative")
+        on = None
+        if "on" in kw:
+            v = self.ev(kw["on"], scope)
+            if not isinstance(v, Symbol) or v.name not in B.LOSSES:
+                raise self.err("bad-value", kw["on"].span, "on names the loss whose running value is watched "
+                               f"(one of {', '.join(B.LOSSES)})", did_you_mean(getattr(v, "name", ""), B.LOSSES))
+            on = v.name
+        return Trigger(name, {"patience": patience, "window": window, "min_delta": min_delta, "on": on}, e.span)
+
+    def _progressive_until(self, e: ast.Call, kw: dict, obj: Objective, keys: list, then: Objective | None,
+                           exclusive: bool, deadline: float | None, scope: Scope) -> Objective:
+        trigger = self.ev(kw["until"], scope)
+        if isinstance(trigger, Symbol):
+            raise self._unknown_value(trigger)
+        if not isinstance(trigger, Trigger):
+            raise self.err("type-mismatch", kw["until"].span, f"until is a trigger such as plateau(patience: 3), "
+                           f"not {_kind(trigger)}")
+        pid = self._new_group("plateau")
+        labels = [f"{pid}/{i}" for i in range(len(keys))]
+        by_key = {}
+        for i, t in enumerate(obj.terms):
+            key = ("layer", t.pred.layer) if t.pred.layer is not None else ("term", i)
+            by_key.setdefault(key, []).append(t)
+        terms: list[Term] = []
+        for key, label in zip(keys, labels):
+            group = tuple(by_key[key])
+            on = trigger.params["on"]
+            if on is not None and not any(t.fn == on for t in group):
+                raise self.err("bad-value", trigger.span, f"plateau(on: {on}) watches a loss that layer group "
+                               f"{labels.index(label)} of progressive(...) does not have",
+                               f"its losses: {', '.join(sorted({t.fn for t in group}))}")
+            terms.extend(self._grouped(e, group, Gate(group=label)))
+        interventions = obj.interventions
+        then_label = None
+        if then is not None:
+            then_label = f"{pid}/then"
+            terms.extend(self._grouped(e, then.terms, Gate(group=then_label)))
+            interventions += then.interventions
+        students = sorted({m for t in obj.terms for m in _node_models(t.pred.node)})
+        n = len(keys)
+        deadlines = None if deadline is None else [round(deadline * i / n, 12) for i in range(1, n + 1)]
+        iv = Intervention(kind="plateau", models=students, span=e.span, params={
+            "id": pid, "groups": labels, "then": then_label, "exclusive": exclusive, **trigger.params,
+            "deadlines": deadlines,
+            "meaning": "group 0 is unlocked first; after every `window` optimizer steps the mean (over the window, "
+                       "and over data-parallel ranks) of the unweighted values of the current group's watched terms "
+                       "(`on`, or all of them) is compared with its best so far: an improvement of more than "
+                       "min_delta resets the count, anything else adds one; after `patience` windows without "
+                       "improvement the next group unlocks (previous ones stay on unless exclusive). After the last "
+                       "group plateaus the progressive terms stop and the `then` group starts. deadlines[i]: the "
+                       "progress at which unlock i+1 happens at the latest (None: none)"})
+        return Objective(tuple(terms), interventions + (iv,))
 
     def _progressive_lr(self, e: ast.Call, expr: ast.Expr, obj: Objective, keys, start, until,
                         scope: Scope) -> Intervention:
@@ -2031,7 +2125,7 @@ def _describe(it: Item) -> str:
 def _kind(v: Any) -> str:
     return {ModelRef: "a model", DataRef: "a data source", Objective: "a loss expression", ItemSet: "a signal",
             NumVal: "a number", Schedule: "a schedule", str: "a string", bool: "a boolean", LayerMap: "a layer map",
-            list: "a list", tuple: "a tuple", MethodDef: "a method"}.get(type(v), type(v).__name__)
+            list: "a list", tuple: "a tuple", MethodDef: "a method", Trigger: "a trigger"}.get(type(v), type(v).__name__)
 
 
 def _fmt(x: float) -> str:

@@ -52,6 +52,16 @@ class CallVal:
 
 
 @dataclass(frozen=True)
+class Trigger:
+    """A condition the runtime evaluates while training: ``plateau(patience: 3, min_delta: 0, window: 10, on: cos)``
+    (the watched loss stops improving). Used by ``progressive(x, until: ...)``."""
+
+    kind: str
+    params: dict[str, Any]
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
 class LayerMap:
     kind: str
     """uniform | last | skip | first | pairs"""

@@ -11,7 +11,9 @@ objects the recipe calls at fixed points of every step; each class overrides onl
   RL-KD's agent);
 - ``extra_loss``: losses of the intervention's own parameters (``select_teacher``: the REINFORCE loss);
 - ``lr_scale``: per-parameter-group learning-rate factors (``progressive_lr``: MobileBERT);
-- ``two_passes``: run the whole student loss twice (``perturb``: LRC-BERT's gradient perturbation).
+- ``two_passes``: run the whole student loss twice (``perturb``: LRC-BERT's gradient perturbation);
+- ``observe``: the step's logged loss values, after the optimizer step (``plateau``: SID's unlocking when the
+  current layer's loss stops improving).
 
 Every random draw comes from a generator seeded by (stage seed, intervention, step[, micro-batch, rank]), so
 a resumed run draws exactly what an uninterrupted one did. The one learned part (the RL agent) is an
@@ -133,6 +135,9 @@ class Base(nn.Module):
 
     def lr_scale(self, group: str, progress: float) -> float:
         return 1.0
+
+    def observe(self, values: Mapping[str, float], info: StepInfo) -> None:
+        """The step's weighted term values (mean over its micro-batches, this rank), after the optimizer step."""
 
 
 def _terms_of(stage: StageSpec, group: str) -> list[str]:
@@ -645,10 +650,138 @@ class ProgressiveLR(Base):
         return self.below if index < layer else 1.0
 
 
+# ================================================================ plateau (SID)
+
+
+def _f64_bits(x: float) -> int:
+    return int(torch.tensor(x, dtype=torch.float64).view(torch.int64))
+
+
+def _bits_f64(bits: Tensor) -> float:
+    return float(bits.detach().cpu().clone().view(torch.float64))
+
+
+class Plateau(Base):
+    """progressive(x, until: plateau(patience, min_delta, window, on)): layer group i+1 unlocks when group i's
+    running loss stops improving.
+
+    Every ``window`` optimizer steps the mean of the window's observations is compared with the best window
+    so far; an observation is the sum of the current group's watched terms (``on``, else all of them), each
+    unweighted (the logged value divided by the term's weight), averaged over data-parallel ranks so every
+    rank decides the same. A mean below ``best - min_delta`` becomes the new best and resets the count of bad
+    windows; otherwise the count grows, and at ``patience`` the next group unlocks (best and count start over).
+    ``deadlines[i]`` (from ``over``) forces unlock i+1 at that progress at the latest. Once the last group
+    has plateaued (``current == n``) the progressive terms stop and the ``then`` terms run.
+
+    The state is an int64 buffer (floats stored as their float64 bits, so no precision cast touches them) of
+    this module, which sits in the student engine: DeepSpeed checkpoints it with the student, and a resumed
+    run continues from the same window, best value and count.
+    """
+
+    kind = "plateau"
+    CURRENT, BAD, COUNT, BEST, SUM = range(5)
+
+    def __init__(self, iv: Intervention, setup: Setup) -> None:
+        super().__init__(iv, setup)
+        p = self.params_
+        self.ident = str(p["id"])
+        self.labels = [str(g) for g in p["groups"]]
+        self.groups = [set(_terms_of(setup.stage, g)) for g in self.labels]
+        self.then = set(_terms_of(setup.stage, str(p["then"]))) if p.get("then") else set()
+        on = p.get("on")
+        terms = {t.id: t for t in setup.stage.loss}
+        self.watch = [[i for i in sorted(g) if on is None or terms[i].fn == on] for g in self.groups]
+        self.weights = {i: terms[i].weight for i in terms}
+        self.patience, self.window = int(p["patience"]), int(p["window"])
+        self.min_delta = float(p["min_delta"])
+        self.exclusive = bool(p.get("exclusive", False))
+        self.deadlines = [float(d) for d in p["deadlines"]] if p.get("deadlines") else None
+        if not self.groups or any(not w for w in self.watch):
+            raise RunError(f"plateau '{self.ident}': a layer group has no watched term")
+        state = torch.zeros(5, dtype=torch.int64)
+        state[self.BEST] = _f64_bits(math.inf)
+        state[self.SUM] = _f64_bits(0.0)
+        self.register_buffer("state", state)
+
+    # ------------------------------------------------------------ state
+
+    def current(self, progress: float | None = None) -> int:
+        """The unlocked group (``len(groups)``: all done), taking the deadlines into account."""
+        k = int(self.state[self.CURRENT])
+        if self.deadlines is not None and progress is not None:
+            k = max(k, sum(1 for d in self.deadlines if progress >= d))
+        return min(k, len(self.groups))
+
+    def _start_group(self, k: int) -> None:
+        self.state[self.CURRENT] = k
+        self.state[self.BAD] = 0
+        self.state[self.COUNT] = 0
+        self.state[self.BEST] = _f64_bits(math.inf)
+        self.state[self.SUM] = _f64_bits(0.0)
+
+    def describe(self) -> dict[str, float]:
+        return {"current": int(self.state[self.CURRENT]), "bad": int(self.state[self.BAD]),
+                "count": int(self.state[self.COUNT]), "best": _bits_f64(self.state[self.BEST]),
+                "sum": _bits_f64(self.state[self.SUM])}
+
+    # ------------------------------------------------------------ call points
+
+    def gate(self, active: set[str], info: StepInfo) -> set[str]:
+        k = self.current(info.progress)
+        n = len(self.groups)
+        off = set() if k == n else set(self.then)
+        for i, terms in enumerate(self.groups):
+            if k == n or i > k or (self.exclusive and i < k):
+                off |= terms
+        return active - off
+
+    def observe(self, values: Mapping[str, float], info: StepInfo) -> None:
+        k = self.current(info.progress)
+        if k > int(self.state[self.CURRENT]):  # a deadline passed: that group starts now
+            self._start_group(k)
+        if k >= len(self.groups):
+            return
+        seen = []
+        for term in self.watch[k]:
+            weight = float(self.weights[term].at(info.progress))
+            if term in values and weight != 0.0:
+                seen.append(values[term] / weight)
+        if not seen:  # the group's terms did not run this step (nothing to learn from)
+            return
+        x = _mean_over_ranks(sum(seen), self.state.device)
+        count = int(self.state[self.COUNT]) + 1
+        total = _bits_f64(self.state[self.SUM]) + x
+        if count < self.window:
+            self.state[self.COUNT], self.state[self.SUM] = count, _f64_bits(total)
+            return
+        mean, best = total / count, _bits_f64(self.state[self.BEST])
+        self.state[self.COUNT], self.state[self.SUM] = 0, _f64_bits(0.0)
+        if mean < best - self.min_delta:
+            self.state[self.BEST], self.state[self.BAD] = _f64_bits(mean), 0
+            return
+        bad = int(self.state[self.BAD]) + 1
+        if bad >= self.patience:
+            self._start_group(k + 1)
+        else:
+            self.state[self.BAD] = bad
+
+
+def _mean_over_ranks(x: float, device: torch.device) -> float:
+    """``x`` averaged over the data-parallel ranks (one small all-reduce; ``x`` itself on one rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    value = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(value)
+    return float(value.item()) / dist.get_world_size()
+
+
 # ================================================================ registry
 
 INTERVENTIONS: dict[str, type[Base]] = {
-    cls.kind: cls for cls in (Drop, Weigh, SelectTeacher, ReplaceLayers, Interchange, Perturb, ProgressiveLR)
+    cls.kind: cls for cls in (Drop, Weigh, SelectTeacher, ReplaceLayers, Interchange, Perturb, ProgressiveLR,
+                               Plateau)
 }
 """``Intervention.kind`` -> its runtime class."""
 

@@ -168,7 +168,7 @@ def setup_stage(
         total = steps_from_epochs(stage, len(data.tokens), max_steps)
     student = models.modules[student_name]
     keep_ids = {vm.name: vm.kept_ids for vm in models.vocab_maps.values()}
-    terms = cache.offline_terms(stage.loss, offline) if offline else stage.loss
+    terms = cache.offline_terms(stage.loss, {t: spec_models[t].cache for t in offline}) if offline else stage.loss
     graph = LossGraph(terms, models.archs, keep_ids=keep_ids, seed=SEED + index)
     step_module = DistillStep(student, student_name, graph, _capture_of(captures, student_name, stage), interventions)
     if stage_plan.placement.activation_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
@@ -255,6 +255,8 @@ def train_step(
         engine.step()
         for key, value in {"total": sum(parts.values()), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value / accum
+    for iv in live.interventions:  # triggers on running losses (SID's plateau) see the step's values
+        iv.observe(sums, ivs.StepInfo(step, epoch, progress, rank=env.rank))
     total = sums.pop("total", 0.0)
     record = {"stage": live.stage.name, "stage_index": live.index, "step": step + 1, "lr": lr, "total": total,
               "terms": sums}

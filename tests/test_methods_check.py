@@ -234,3 +234,58 @@ def test_matrix_refusals_point_at_both_sides():
     result = check_source(pair_source("kd", "distilbert", 32), "y.gkd", base_dir=CASES)
     (d,) = result.diagnostics
     assert d.code == "cosine-width" and {r[1].split(":")[0] for r in d.related} >= {"target", "prediction"}
+
+
+# ---------------------------------------------------------------- progressive(until: plateau(...))
+
+
+def test_sid_lowers_to_plateau_groups_and_a_final_phase():
+    st = stage("sid", "finetune")
+    (iv,) = st.interventions
+    assert iv.kind == "plateau" and iv.params["on"] == "cos" and iv.params["deadlines"] is None
+    assert (iv.params["patience"], iv.params["window"], iv.params["min_delta"]) == (3, 10, 0.0)
+    groups = {}
+    for t in st.loss:
+        groups.setdefault(t.gate.group, []).append((t.fn, t.pred.inputs[0].layer if t.fn == "cos" else t.pred.layer)
+                                                   if t.fn != "soft_ce" else t.fn)
+    assert iv.params["groups"] == [f"{iv.params['id']}/{j}" for j in range(6)]
+    assert all(sorted(groups[g]) == [("cos", j), ("kl", j)] for j, g in enumerate(iv.params["groups"]))
+    assert groups[iv.params["then"]] == ["soft_ce"]
+    assert all(t.gate.active_from == 0.0 and t.gate.active_until == 1.0 for t in st.loss)  # the runtime gates them
+
+
+PLATEAU = """teacher bert = hf("tiny-bert") {{ head: classify(2) }}
+student small = like(bert) {{ layers: 2, head: classify(2) }}
+data d = jsonl("data/sst2.jsonl") {{ text: sentence, label: label }}
+stage s {{ data: d, steps: 10,
+  loss: progressive(cos(bert.cls, small.cls, map: uniform) + kl(bert.attn_probs, small.attn_probs, map: uniform), {opts}) }}
+"""
+
+
+@pytest.mark.parametrize("opts, code, at", [
+    ("until: plateau(patience: 0)", "bad-value", "0"),
+    ("until: plateau(window: 2.5)", "bad-number", "2.5"),
+    ("until: plateau(min_delta: -1)", "bad-value", "-1"),
+    ("until: plateau(on: mse)", "bad-value", "plateau"),
+    ("until: plateau(on: cosine)", "bad-value", "cosine"),
+    ("until: plateau(pateince: 2)", "unknown-option", "pateince"),
+    ("until: plateau(3)", "bad-arity", "plateau"),
+    ("until: 3", "type-mismatch", "3"),
+    ("until: plateau(), below_lr: 0.1", "conflicting-options", "0.1"),
+    ("then: 3, over: 50%", "type-mismatch", "3"),
+    ("then: ce(labels, small.task_logits)", "bad-value", "ce("),
+])
+def test_plateau_bad_input_has_a_code_and_position(opts, code, at):
+    text = PLATEAU.format(opts=opts)
+    result = check_source(text, "p.gkd", base_dir=CASES)
+    errors = [d for d in result.diagnostics if d.severity == "error"]
+    assert [(d.code, d.span.file, d.span.line) for d in errors] == [(code, "p.gkd", 5)], errors
+    loss_line = text.splitlines()[4]
+    assert errors[0].span.col == loss_line.index(opts) + opts.index(at) + 1
+
+
+def test_progressive_then_after_fixed_windows():
+    result = check_source(PLATEAU.format(opts="over: 50%, then: ce(labels, small.task_logits)"), "p.gkd", base_dir=CASES)
+    st = result.spec.stages[0]
+    windows = sorted((t.fn, t.gate.active_from, t.gate.active_until) for t in st.loss)
+    assert windows == [("ce", 0.5, 1.0), ("cos", 0.0, 0.5), ("cos", 0.25, 0.5), ("kl", 0.0, 0.5), ("kl", 0.25, 0.5)]

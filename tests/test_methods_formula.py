@@ -348,16 +348,75 @@ def test_diito_reads_the_counterfactual_pass(tdir):
     close(total(spec, 0, sig, batch)[0], want)
 
 
-def test_sid_unlocks_layers_then_predictions(tdir):
-    spec = stages(tdir, "use sid\nstage a { data: sst2, steps: 4, loss: sid(bert, small, over: 80%, T: 1) }")
+class PlateauReference:
+    """SID's rule written out: windows of `window` observations, a window mean must beat the best by more than
+    min_delta, `patience` windows without that unlock the next layer (best and count start over)."""
+
+    def __init__(self, n, patience, window, min_delta):
+        self.n, self.patience, self.window, self.min_delta = n, patience, window, min_delta
+        self.current, self.best, self.bad, self.buf = 0, math.inf, 0, []
+
+    def observe(self, x):
+        if self.current >= self.n:
+            return
+        self.buf.append(x)
+        if len(self.buf) < self.window:
+            return
+        mean, self.buf = sum(self.buf) / len(self.buf), []
+        if mean < self.best - self.min_delta:
+            self.best, self.bad = mean, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.current, self.best, self.bad = self.current + 1, math.inf, 0
+
+
+def test_sid_unlocks_a_layer_when_its_cosine_loss_plateaus(tdir):
+    spec = stages(tdir, "use sid\nstage a { data: sst2, steps: 100, loss: sid(bert, small, patience: 2, window: 3, "
+                        "min_delta: 0.01, T: 1) }")
     sig, batch = make_inputs(spec)
     t, s = sig["bert"], sig["small"]
+    stage = spec.stages[0]
+    graph = LossGraph(stage.loss, {n: m.arch for n, m in spec.models.items()}, seed=SEED)
+    (iv,) = ivs.build(stage, spec.models, SEED, 1e-3)
     layer = lambda j: cosine_loss(cls(t[("hidden", 2 * j + 1)]), cls(s[("hidden", j)])) + probs_kl(  # noqa: E731
         t[("attn_probs", 2 * j + 1)], s[("attn_probs", j)], MASK)
-    close(total(spec, 0, sig, batch, progress=0.1)[0], layer(0))
-    close(total(spec, 0, sig, batch, progress=0.5)[0], layer(0) + layer(1))
-    close(total(spec, 0, sig, batch, progress=0.9)[0], layer(0) + layer(1) + soft_ce(t[("task_logits", None)],
-                                                                                     s[("task_logits", None)]))
+    final = soft_ce(t[("task_logits", None)], s[("task_logits", None)])
+    cos_of = {j: next(term.id for term in stage.loss if term.fn == "cos" and term.pred.inputs[0].layer == j)
+              for j in range(2)}
+    ref = PlateauReference(2, patience=2, window=3, min_delta=0.01)
+    # the watched cosine loss of the current layer: improving, then flat (within min_delta), for each layer
+    curve = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.495, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    seen = []
+    for step in range(2 * len(curve) + 4):
+        info = ivs.StepInfo(step, 0, step / 100)
+        active = iv.gate(graph.active_terms(info.progress, step=step), info)
+        value, parts = graph(sig, batch, info.progress, active, step=step)
+        assert iv.current() == ref.current, step
+        want = final if ref.current == 2 else sum(layer(j) for j in range(ref.current + 1))
+        close(float(value), want)
+        seen.append(ref.current)
+        if ref.current < 2:
+            x = curve[min(len(curve) - 1, step - seen.index(ref.current))]
+            parts = {**parts, cos_of[ref.current]: x}  # what the step logged for the watched term
+            ref.observe(x)
+        iv.observe(parts, info)
+    # 3 improving windows (the third by more than 0.01), then 2 that do not beat the best by 0.01: 15 steps a layer
+    assert seen.index(1) == 15 and seen.index(2) == 30
+    # the state survives a state_dict round trip exactly (what the engine checkpoint holds)
+    other = ivs.build(stage, spec.models, SEED, 1e-3)[0]
+    other.load_state_dict(iv.state_dict())
+    assert other.describe() == iv.describe()
+
+
+def test_sid_plateau_deadline_forces_the_next_layer(tdir):
+    spec = stages(tdir, "use sid\nstage a { data: sst2, steps: 10, loss: progressive(cos(bert.cls, small.cls, map: uniform), "
+                        "over: 50%, until: plateau(patience: 100, window: 1), then: ce(labels, small.task_logits)) }")
+    (iv,) = ivs.build(spec.stages[0], spec.models, SEED, 1e-3)
+    assert iv.params_["deadlines"] == [0.25, 0.5]
+    assert [iv.current(x) for x in (0.0, 0.24, 0.25, 0.49, 0.5, 0.9)] == [0, 0, 1, 1, 2, 2]
+    iv.observe({}, ivs.StepInfo(3, 0, 0.3))  # the deadline passed: the state follows
+    assert iv.describe()["current"] == 1
 
 
 def test_alp_kd(tdir):

@@ -111,7 +111,7 @@ LAYER_MAPS: dict[str, str] = {
     "pairs": "explicit pairs: pairs((s0, t0), (s1, t1), ...)",
 }
 
-SCHEDULES = ("linear", "cosine", "step")
+SCHEDULES = ("linear", "cosine", "step", "stairs")
 MASKS = ("pad", "masked", "cls", "special")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")

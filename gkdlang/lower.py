@@ -1119,6 +1119,8 @@ class _Lowerer:
     # ------------------------------------------------------------ schedules and maps
 
     def _schedule(self, e: ast.Call, name: str, scope: Scope) -> Schedule:
+        if name == "stairs":
+            return self._stairs(e, scope)
         if len(e.args) != 2:
             raise self.err("bad-arity", e.span, f"{name}(start, end, start: 0%, until: 100%) takes two values")
         a, b = (self._plain_number(x, scope) for x in e.args)
@@ -1130,6 +1132,18 @@ class _Lowerer:
         if until < start:
             raise self.err("bad-value", e.span, "a schedule must end after it starts")
         return Schedule(kind=name, value=a, end=b, start=start, until=until)
+
+    def _stairs(self, e: ast.Call, scope: Scope) -> Schedule:
+        """stairs(a, b, levels: n, every: epoch): a to b in n equal steps, one per epoch (or step), then b."""
+        if len(e.args) != 2:
+            raise self.err("bad-arity", e.span, "stairs(start, end, levels: n, every: epoch) takes two values")
+        a, b = (self._plain_number(x, scope) for x in e.args)
+        kw = self._kwargs(e, {"levels": "int", "every": "symbol"})
+        if "levels" not in kw:
+            raise self.err("missing-option", e.span, "stairs(...) needs levels: <how many values>")
+        levels = self._int(kw["levels"], "levels", minimum=1, scope=scope)
+        every = self._every(kw, scope, "epoch")
+        return Schedule(kind="stairs", value=a, end=b, levels=levels, every=every)
 
     def _pairs(self, e: ast.Call, scope: Scope) -> LayerMap:
         pairs = []
@@ -1379,6 +1393,9 @@ class _Lowerer:
         if expr is None:
             raise self.err("missing-option", e.span, f"{key} is required, e.g. {key}: linear(0.3, 1, until: 66%)")
         p = self._option(expr, key, "schedule", scope)
+        if p.kind == "stairs":
+            raise self.err("bad-value", expr.span, f"{key} follows the stage's progress: use linear, cosine or step "
+                           "(stairs schedules count epochs or steps and apply to loss options and weights)")
         if not all(0 <= v <= 1 for v in (p.value, p.end if p.end is not None else p.value)):
             raise self.err("bad-value", expr.span, f"{key} is a probability between 0 and 1")
         return p

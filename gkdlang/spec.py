@@ -41,21 +41,32 @@ class Schedule(Frozen):
     """A number that may change over a stage: constant, or interpolated between two values.
 
     ``start``/``until`` are fractions of the stage's total steps; before ``start`` the value is
-    ``value``, after ``until`` it is ``end``.
+    ``value``, after ``until`` it is ``end``. ``stairs`` goes from ``value`` to ``end`` in ``levels`` equal
+    steps, one per ``every`` period (epoch or optimizer step) from the stage's start, then stays at ``end``.
     """
 
-    kind: Literal["constant", "linear", "cosine", "step"] = "constant"
+    kind: Literal["constant", "linear", "cosine", "step", "stairs"] = "constant"
     value: float
     end: float | None = None
     start: float = 0.0
     until: float = 1.0
+    levels: int | None = None
+    """stairs: how many distinct values (period k has level min(k, levels - 1))."""
+    every: Literal["step", "epoch"] | None = None
+    """stairs: the period that moves to the next level."""
 
-    def at(self, frac: float) -> float:
-        """Value at training progress ``frac`` in [0, 1]."""
+    def at(self, frac: float, *, step: int = 0, epoch: int = 0) -> float:
+        """Value at training progress ``frac`` in [0, 1] (``stairs``: at optimizer step ``step`` / epoch ``epoch``)."""
         import math
 
         if self.kind == "constant" or self.end is None:
             return self.value
+        if self.kind == "stairs":
+            levels = max(int(self.levels or 1), 1)
+            if levels == 1:
+                return self.end
+            k = min(epoch if self.every == "epoch" else step, levels - 1)
+            return self.value + (self.end - self.value) * k / (levels - 1)
         if frac <= self.start:
             return self.value
         if frac >= self.until:
@@ -95,7 +106,15 @@ class CacheSpec(Frozen):
 
     kind: Literal["topk"] = "topk"
     """Logits are kept as the top-k probabilities, their token ids and the remaining (tail) mass."""
-    k: int = 64
+    k: int = 32
+    tail: Literal["sampled", "bucket"] = "sampled"
+    """How the mass outside the top k is kept: ``sampled`` = its exact x log x sum plus ``samples`` token ids
+    drawn from the teacher's tail distribution (an unbiased KL and gradient); ``bucket`` = one bucket (a lower
+    bound on the KL, exact only at k = V)."""
+    samples: int = 80
+    """Token ids drawn per token from the tail (``tail: sampled``; 0 with ``tail: bucket``)."""
+    seed: int = 0
+    """Seed of the tail samples (per example: a cache is reproducible whatever the shard or rank split)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp16"
     """Storage dtype of probabilities and of every other cached signal."""
     path: str

@@ -743,7 +743,7 @@ class Plateau(Base):
             return
         seen = []
         for term in self.watch[k]:
-            weight = float(self.weights[term].at(info.progress))
+            weight = float(self.weights[term].at(info.progress, step=info.step, epoch=info.epoch))
             if term in values and weight != 0.0:
                 seen.append(values[term] / weight)
         if not seen:  # the group's terms did not run this step (nothing to learn from)

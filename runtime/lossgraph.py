@@ -69,12 +69,13 @@ MASKS: dict[str, Callable[[Mapping[str, torch.Tensor]], torch.Tensor]] = {
 # ---------------------------------------------------------------- shapes (for projection sizes)
 
 
-def _value(v: Any, progress: float) -> Any:
-    """A plain option value at ``progress``: schedules (objects or their JSON dicts) are evaluated."""
+def _value(v: Any, progress: float, step: int = 0, epoch: int = 0) -> Any:
+    """A plain option value at ``progress`` (and ``step`` / ``epoch``, which ``stairs`` schedules count):
+    schedules (objects or their JSON dicts) are evaluated."""
     if isinstance(v, Schedule):
-        return v.at(progress)
+        return v.at(progress, step=step, epoch=epoch)
     if isinstance(v, dict) and "value" in v and set(v) <= set(Schedule.model_fields):
-        return Schedule(**v).at(progress)
+        return Schedule(**v).at(progress, step=step, epoch=epoch)
     return v
 
 
@@ -225,7 +226,7 @@ class LossGraph(nn.Module):
         row_weights = row_weights or {}
         parts: dict[str, torch.Tensor] = {}
         for term in self.terms:
-            weight = float(term.weight.at(progress))
+            weight = float(term.weight.at(progress, step=step, epoch=epoch))
             if term.id not in active or weight == 0.0:
                 continue
             value = self.term_value(term, signals, batch, progress, step=step, epoch=epoch,
@@ -269,7 +270,7 @@ class LossGraph(nn.Module):
         target = self._eval(term.target, signals, ctx)
         pred = self._eval(term.pred, signals, ctx)
         mask = MASKS[term.mask](batch) if term.mask is not None else None
-        options = {k: _value(v, ctx.progress) for k, v in term.options.items()}
+        options = {k: _value(v, ctx.progress, ctx.step, ctx.epoch) for k, v in term.options.items()}
         if pred.dim() == 4 and "key_mask" not in options and term.id in self._key_masked:
             # attention-shaped signals: padded keys never count, whatever the query mask
             options["key_mask"] = batch["attention_mask"].bool()
@@ -299,7 +300,7 @@ class LossGraph(nn.Module):
         if node.op in LAZY_OPS:  # they decide which inputs to evaluate, and on which signals
             return LAZY_OPS[node.op](self, node, signals, ctx)
         inputs = [self._eval(x, signals, ctx) for x in node.inputs]
-        params = {k: _value(v, ctx.progress) for k, v in node.params.items()}
+        params = {k: _value(v, ctx.progress, ctx.step, ctx.epoch) for k, v in node.params.items()}
         return OPS[node.op](self, node, inputs, params, ctx)
 
     def _signal(self, node: SignalNode, signals: Signals, ctx: _Ctx) -> torch.Tensor:

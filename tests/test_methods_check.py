@@ -65,7 +65,8 @@ def test_theseus_replace_layers_params():
     (iv,) = st.interventions
     assert iv.kind == "replace_layers" and iv.models == ["bert", "small"]
     assert iv.params["groups"] == [[0, 1]] and iv.params["teacher_forward"] is False
-    assert iv.params["p"] == {"kind": "linear", "value": 0.3, "end": 1.0, "start": 0.0, "until": 0.66}
+    assert iv.params["p"] == {"kind": "linear", "value": 0.3, "end": 1.0, "start": 0.0, "until": 0.66, "levels": None,
+                              "every": None}
     assert st.teachers == ["bert"] and [t.fn for t in st.loss] == ["ce"]
 
 
@@ -289,3 +290,37 @@ def test_progressive_then_after_fixed_windows():
     st = result.spec.stages[0]
     windows = sorted((t.fn, t.gate.active_from, t.gate.active_until) for t in st.loss)
     assert windows == [("ce", 0.5, 1.0), ("cos", 0.0, 0.5), ("cos", 0.25, 0.5), ("kl", 0.0, 0.5), ("kl", 0.25, 0.5)]
+
+
+STAIRS = """teacher bert = hf("tiny-bert") {{ head: classify(2) }}
+student small = like(bert) {{ layers: 2, head: classify(2) }}
+data d = jsonl("data/sst2.jsonl") {{ text: sentence, label: label }}
+stage s {{ data: d, epochs: 3, loss: {loss} }}
+"""
+
+
+def test_stairs_schedule_lowers_to_levels_per_epoch():
+    result = check_source(STAIRS.format(loss="mse(anneal(bert.task_logits, phi: stairs(0.25, 1, levels: 4)), "
+                                             "small.task_logits)"), "s.gkd", base_dir=CASES)
+    (term,) = result.spec.stages[0].loss
+    phi = term.target.params["phi"]
+    assert (phi.kind, phi.value, phi.end, phi.levels, phi.every) == ("stairs", 0.25, 1.0, 4, "epoch")
+    assert [phi.at(0.99, epoch=e) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert phi.at(0.0, step=7, epoch=0) == 0.25  # every: epoch ignores the step
+
+
+@pytest.mark.parametrize("loss, code, at", [
+    ("stairs(0.5, 1) * ce(labels, small.task_logits)", "missing-option", "stairs"),
+    ("stairs(0.5, 1, levels: 0) * ce(labels, small.task_logits)", "bad-value", "0)"),
+    ("stairs(0.5, 1, levels: 2, every: hour) * ce(labels, small.task_logits)", "bad-value", "hour"),
+    ("stairs(0.5, levels: 2) * ce(labels, small.task_logits)", "bad-arity", "stairs"),
+    ("ce(labels, small.task_logits) + replace_layers(bert, small, p: stairs(0.3, 1, levels: 3))", "bad-value",
+     "stairs"),
+])
+def test_stairs_bad_input_has_a_code_and_position(loss, code, at):
+    text = STAIRS.format(loss=loss)
+    result = check_source(text, "s.gkd", base_dir=CASES)
+    errors = [d for d in result.diagnostics if d.severity == "error"]
+    assert [(d.code, d.span.line) for d in errors] == [(code, 4)], errors
+    line = text.splitlines()[3]
+    assert errors[0].span.col == line.index(loss) + loss.index(at) + 1

@@ -486,9 +486,12 @@ def test_annealing_and_continuation_kd(tdir):
                         "stage b after a { data: sst2, steps: 4, loss: continuation_kd(bert, small, max_T: 10, margin: 1) }")
     sig, batch = make_inputs(spec)
     t, s = sig["bert"][("task_logits", None)], sig["small"][("task_logits", None)]
-    for x in (0.0, 0.5, 1.0):
-        phi = 1 / 7 + (1 - 1 / 7) * x
-        close(total(spec, 0, sig, batch, progress=x)[0], ((s - phi * t) ** 2).mean())
+    for epoch in range(10):
+        T = max(1, 7 - epoch)  # the paper: T = tau_max in the first epoch, one less each epoch, down to 1
+        phi = 1 - (T - 1) / 7
+        for step, progress in ((epoch * 5, 0.1), (epoch * 5 + 4, 0.9)):  # a step function of the epoch only
+            close(total(spec, 0, sig, batch, progress=progress, step=step, epoch=epoch)[0], ((s - phi * t) ** 2).mean())
+    assert total(spec, 0, sig, batch, epoch=0)[0] != pytest.approx(total(spec, 0, sig, batch, epoch=1)[0])
     for x in (0.3, 0.8):
         phi = 0.1 + 0.9 * min(1.0, x / 0.666)
         psi = 0.0 if x <= 0.666 else 0.75 * (x - 0.666) / (1 - 0.666)

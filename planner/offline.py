@@ -6,8 +6,8 @@ Takes a checked ``Spec``, a stage and the planner's ``ModelCapture``s; gives, wi
   The runtime (``runtime/cache.py``) applies the same rules, so planner and runtime never disagree.
 - ``cache_temperature``: the temperature the cached top-k probabilities are taken at (the one of the stage's
   ``kl`` terms on the teacher's logits; they must agree and be constant).
-- ``bytes_per_token`` / ``loaded_bytes_per_token``: disk bytes of one token's cached signals, and the bytes the
-  runtime holds per token once a batch is read (logits packed as fp32 values, ids and tail).
+- ``bytes_per_token`` / ``loaded_bytes``: disk bytes of one token's cached signals, and the bytes the runtime
+  holds per micro-batch once it is read (logits packed as fp32 weights, ids and one scalar per token).
 - ``stage_epochs``: passes the stage makes over its data, over which the one teacher pass is amortised.
 - ``offline_price`` and ``comparison_notes``: the price of ``offline`` (teacher pass once, disk footprint,
   read traffic per step) and the plan notes comparing the best offline and online placements.
@@ -30,6 +30,8 @@ from planner.plan import ModelCapture
 STORE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 #: Bytes of the tail mass per token (always fp32: it is 1 - sum of the stored values, small and exact).
 TAIL_BYTES = 4
+#: Bytes of the tail's sum of p log p per token (``tail: sampled``; fp32).
+XLOGX_BYTES = 4
 #: Token ids below this fit an int16 shifted by 2^15 (two bytes per id).
 SHORT_VOCAB = 1 << 16
 #: Kinds stored per token ([b, s, w]) or per example ([b, w]); attention maps are never cached.
@@ -144,9 +146,21 @@ def bytes_per_token(model: ModelSpec, capture: ModelCapture) -> int:
     total = 0
     for p in capture.points:
         if p.kind == "logits":
-            total += c.k * (d + index_bytes(model.arch.vocab_size)) + TAIL_BYTES
+            total += logits_bytes_per_token(model)
         elif p.kind in TOKEN_KINDS:
             total += _width(model, p.kind) * d
+    return total
+
+
+def logits_bytes_per_token(model: ModelSpec) -> int:
+    """Disk bytes of one token's cached logits: k (value, id) pairs and the tail mass, plus with
+    ``tail: sampled`` the tail's sum of p log p and ``samples`` ids (SmolLM2 at the default k 32, 80 samples,
+    fp16: 32 x 4 + 4 + 4 + 80 x 2 = 296)."""
+    assert model.cache is not None
+    c, ids = model.cache, index_bytes(model.arch.vocab_size)
+    total = c.k * (STORE_BYTES[c.dtype] + ids) + TAIL_BYTES
+    if c.tail == "sampled":
+        total += XLOGX_BYTES + c.samples * ids
     return total
 
 
@@ -157,10 +171,12 @@ def bytes_per_example(model: ModelSpec, capture: ModelCapture) -> int:
 
 
 def loaded_bytes(model: ModelSpec, capture: ModelCapture, micro: int, seq: int) -> int:
-    """Bytes of a micro-batch's cached signals once read: logits packed fp32 (k values, k ids, tail), the rest
-    in fp32 (the loss kernels' dtype)."""
+    """Bytes of a micro-batch's cached signals once read: logits packed fp32 (J weights, J ids, one scalar;
+    J = k + samples), the rest in fp32 (the loss kernels' dtype)."""
     assert model.cache is not None
-    per_token = sum((2 * model.cache.k + 1) * 4 if p.kind == "logits" else _width(model, p.kind) * 4
+    c = model.cache
+    packed = 2 * (c.k + (c.samples if c.tail == "sampled" else 0)) + 1
+    per_token = sum(packed * 4 if p.kind == "logits" else _width(model, p.kind) * 4
                     for p in capture.points if p.kind in TOKEN_KINDS)
     per_example = sum(_width(model, p.kind) * 4 for p in capture.points if p.kind in EXAMPLE_KINDS)
     return micro * (seq * per_token + per_example)
@@ -259,7 +275,9 @@ def comparison_notes(spec: Spec, stage: StageSpec, captures: list[ModelCapture],
 def _teacher_note(spec, stage, cap, models, device, evals, chosen_strategy) -> str:
     name, model = cap.model, spec.models[cap.model]
     problems = offline_problems(spec, stage, name, cap)
-    head = f"stage '{stage.name}': teacher '{name}' cache {model.cache.path} (top-{model.cache.k}, {model.cache.dtype})"
+    c = model.cache
+    tail = f" + {c.samples} tail samples" if c.tail == "sampled" else " + tail bucket"
+    head = f"stage '{stage.name}': teacher '{name}' cache {c.path} (top-{c.k}{tail}, {c.dtype})"
     if problems:
         return f"{head} is not used: {'; '.join(problems)}"
     offline = [e for e in evals if e.placement.teacher_strategy.get(name) == "offline"]

@@ -6,26 +6,39 @@ Takes a checked ``Spec``, a stage, the planner's ``ModelCapture`` of a teacher t
 - ``write_cache(job, rank=0, world=1)``: runs only the teacher over the stage's data and writes its signals;
   resumable (finished shards are skipped) and parallel (rank r writes shards r, r + world, ...).
 - ``Contract`` and ``check_contract``: what a cache was made from (hashes of the teacher weights, the tokenizer
-  and the tokenised data, seq_len, signals, k, dtype, temperature); a mismatch is refused naming each field.
+  and the tokenised data, seq_len, signals, k, tail form, samples, sampling seed, dtype, temperature); a mismatch
+  is refused naming each field.
 - ``CachedTeacher``: stands in for the teacher while training; ``signals(batch)`` reads the batch's examples
   (``batch["example_ids"]``) and pads them to the batch width.
 - ``offline_terms``: the stage's loss terms as they read cached signals: ``kl`` on the teacher's logits becomes
-  ``cached_kl`` (the bucket-form ``sparse_kl`` with the tail mass: the student's softmax is coarse-grained over
-  the same k tokens + tail, so teacher and student are normalised identically), and terms with no mask get
-  ``not pad`` (the cache holds real tokens only; the teacher's outputs on padding carry no information).
+  ``cached_kl`` (``tail: sampled``, the default: ``sampled_kl``, an unbiased estimate of the dense KL and of its
+  gradient) or ``cached_kl_bucket`` (``tail: bucket``: the bucket form of ``sparse_kl``, a lower bound), and
+  terms with no mask get ``not pad`` (the cache holds real tokens only; the teacher's outputs on padding carry
+  no information).
+
+The teacher distribution is p = softmax(logits / T) in fp32 at the contract's temperature T, the dense ``kl``'s
+teacher side; the loss takes the student's softmax at the same T and the same T^2 scaling. ``tail: sampled``
+keeps per token the k most probable tokens exactly, the tail mass, the tail's exact sum of p log p, and
+``samples`` ids drawn (stratified, with replacement) from the tail distribution p_i / tail_mass; then
+KL(p || q) = sum_topk p log(p / q) + sum_tail p log p - tail_mass * E_{i ~ p_tail}[log q_i], the expectation
+estimated by the samples' mean. Samples are drawn from a generator seeded by (cache seed, example index), so a
+cache is the same however it is split into shards, ranks or resumed runs.
 
 Layout of a cache directory (``<cache.path>/<stage>``): ``contract.json``; ``shard-NNNNN.safetensors`` holding
 ``SHARD_EXAMPLES`` consecutive examples (``offsets`` [m+1] token offsets, ``example_ids``, and per signal
 ``logits.values`` [T, k] in the storage dtype, ``logits.indices`` [T, k] int16 shifted by 2^15 (int32 above
-65,536 tokens), ``logits.tail`` [T] fp32 = 1 - sum of the stored values, ``hidden.3`` [T, h], ``task_logits``
-[m, C]); ``complete.json`` once every shard exists. Shards are written to a temporary name and renamed, so a
-shard file that exists is whole.
+65,536 tokens), ``logits.tail`` [T] fp32 = 1 - sum of the stored values, with ``tail: sampled``
+``logits.tail_xlogx`` [T] fp32 and ``logits.samples`` [T, samples] ids like the indices, ``hidden.3`` [T, h],
+``task_logits`` [m, C]); ``complete.json`` once every shard exists. Shards are written to a temporary name and
+renamed, so a shard file that exists is whole. Training reads them through memory maps (only the rows of a
+batch's examples are touched).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,13 +47,13 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from gkdlang.spec import LossTerm, ModelSpec, SignalNode, Spec, StageSpec
+from gkdlang.spec import CacheSpec, LossTerm, ModelSpec, SignalNode, Spec, StageSpec
 from planner.offline import EXAMPLE_KINDS, SHORT_VOCAB, TOKEN_KINDS, cache_dir, cache_temperature, offline_problems
 from planner.plan import ModelCapture
 from runtime.errors import RunError
-from runtime.losses import LOSSES, sparse_kl, topk_compress
+from runtime.losses import LOSSES, sampled_kl, sparse_kl
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 SHARD_EXAMPLES = 256
 """Examples per shard: the unit of resume and of the split across ranks."""
 WRITE_BATCH = 8
@@ -69,6 +82,12 @@ class Contract:
     seq_len: int
     signals: tuple[str, ...]
     k: int
+    tail: str
+    """``sampled`` or ``bucket`` (see the module docstring)."""
+    samples: int
+    """Tail samples per token (0 with ``bucket``)."""
+    seed: int
+    """Seed of the tail samples."""
     dtype: str
     temperature: float
 
@@ -80,7 +99,8 @@ class Contract:
         try:
             raw = json.loads(path.read_text())
             raw["signals"] = tuple(raw["signals"])
-            return cls(**{f.name: raw[f.name] for f in fields(cls)})
+            raw["format"]  # a contract of an older format lacks fields: they read as None and are named as such
+            return cls(**{f.name: raw.get(f.name) for f in fields(cls)})
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise RunError(f"{path} is not a gkdc cache contract ({err}); delete {path.parent} and write it again")
 
@@ -231,6 +251,7 @@ def expected_contract(job: CacheJob, tokenizer: Any, tokens: Any, weights: str) 
                     tokenizer=tokenizer_fingerprint(tokenizer),
                     data=data_fingerprint(tokens.dataset["input_ids"], job.seq_len), examples=len(tokens),
                     seq_len=job.seq_len, signals=signal_names(job.capture), k=job.model.cache.k,
+                    tail=job.model.cache.tail, samples=job.model.cache.samples, seed=job.model.cache.seed,
                     dtype=job.model.cache.dtype, temperature=cache_temperature(job.stage, job.teacher))
 
 
@@ -310,7 +331,8 @@ def _write_shard(job: CacheJob, teacher: torch.nn.Module, tokens: Any, shard: in
         for j, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
             lengths.append(int(length))
             for (kind, layer), value in captured.items():
-                for name, tensor in _encode(kind, layer, value[j], int(length), job.model, contract).items():
+                for name, tensor in _encode(kind, layer, value[j], int(length), job.model, contract,
+                                            ids[j]).items():
                     parts.setdefault(name, []).append(tensor)
     offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
     tensors = {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
@@ -321,9 +343,9 @@ def _write_shard(job: CacheJob, teacher: torch.nn.Module, tokens: Any, shard: in
     os.replace(tmp, path)
 
 
-def _encode(kind: str, layer: int | None, value: Tensor, length: int, model: ModelSpec,
-            contract: Contract) -> dict[str, Tensor]:
-    """One example's signal as stored: real tokens only; logits as top-k probabilities, ids and tail mass."""
+def _encode(kind: str, layer: int | None, value: Tensor, length: int, model: ModelSpec, contract: Contract,
+            example: int) -> dict[str, Tensor]:
+    """One example's signal as stored: real tokens only; logits as top-k probabilities, ids and the tail."""
     dtype = STORE_DTYPES[contract.dtype]
     name = _key_name(kind, layer)
     if kind in EXAMPLE_KINDS:
@@ -331,12 +353,48 @@ def _encode(kind: str, layer: int | None, value: Tensor, length: int, model: Mod
     value = value[:length]
     if kind != "logits":
         return {name: value.detach().float().to(dtype)}
-    top = topk_compress(value, contract.k, contract.temperature)
-    stored = top.values.to(dtype)
+    return encode_logits(value, contract, example, model.arch.vocab_size)
+
+
+def encode_logits(logits: Tensor, contract: Contract, example: int, vocab: int) -> dict[str, Tensor]:
+    """``[n, V]`` teacher logits of one example -> the stored ``logits.*`` tensors (see the module docstring)."""
+    k = contract.k
+    # the dense kl's teacher side: softmax(t / T) in fp32
+    probs = torch.softmax(logits.detach().float() / contract.temperature, dim=-1)
+    top, ids = probs.topk(k, dim=-1)
+    stored = top.to(STORE_DTYPES[contract.dtype])
+    full = k == probs.shape[-1]
     # the tail is what the *stored* values leave, so the stored distribution sums to one exactly
-    tail = (1 - stored.float().sum(-1)).clamp_min(0)
-    return {"logits.values": stored, "logits.indices": _pack_ids(top.indices, model.arch.vocab_size),
-            "logits.tail": tail}
+    tail = torch.zeros(probs.shape[0]) if full else (1 - stored.float().sum(-1)).clamp_min(0)
+    out = {"logits.values": stored, "logits.indices": _pack_ids(ids, vocab), "logits.tail": tail}
+    if contract.tail == "bucket":
+        return out
+    rest = probs.scatter(-1, ids, 0.0)  # the tail's probabilities, zero on the top k
+    out["logits.tail_xlogx"] = torch.special.xlogy(rest.double(), rest.double()).sum(-1).float()
+    out["logits.samples"] = _pack_ids(sample_tail(rest, contract.samples, _example_generator(contract.seed, example),
+                                                  fallback=ids[:, 0]), vocab)
+    return out
+
+
+def _example_generator(seed: int, example: int) -> torch.Generator:
+    digest = hashlib.sha256(f"gkdc-cache-samples:{seed}:{example}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def sample_tail(rest: Tensor, m: int, generator: torch.Generator, fallback: Tensor) -> Tensor:
+    """``[n, m]`` ids drawn from each row of ``rest`` (unnormalised tail probabilities), stratified: the j-th
+    draw falls in the j-th m-quantile of the row's cumulative mass, so each id appears m p_i / mass times in
+    expectation and the draws' mean is unbiased with at most the variance of independent draws. A row with no
+    mass gets ``fallback`` (its weight, the tail mass, is zero up to rounding)."""
+    n, vocab = rest.shape
+    cdf = rest.double().cumsum(-1)
+    mass = cdf[:, -1:]
+    u = (torch.arange(m, dtype=torch.float64) + torch.rand(n, m, generator=generator, dtype=torch.float64)) / m
+    picks = torch.searchsorted(cdf, u * mass, right=True).clamp_max(vocab - 1)
+    # u * mass rounded up to the row's total lands past its last live token: take the row's largest instead
+    dead = rest.gather(-1, picks) <= 0
+    picks = torch.where(dead, rest.argmax(-1, keepdim=True).expand(n, m), picks)
+    return torch.where(mass > 0, picks, fallback[:, None].expand(n, m))
 
 
 def _pack_ids(ids: Tensor, vocab: int) -> Tensor:
@@ -350,7 +408,8 @@ def _unpack_ids(ids: Tensor) -> Tensor:
 def _mark_complete(directory: Path, n_shards: int, contract: Contract) -> bool:
     if not all(shard_path(directory, i).exists() for i in range(n_shards)):
         return False
-    record = {"shards": n_shards, "examples": contract.examples, "data": contract.data}
+    record = {"shards": n_shards, "examples": contract.examples, "data": contract.data,
+              "shard_examples": SHARD_EXAMPLES}
     _atomic_write_bytes(directory / COMPLETE_FILE, (json.dumps(record) + "\n").encode())
     return True
 
@@ -368,6 +427,30 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 # ================================================================ reading
 
 
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I16": torch.int16,
+                       "I32": torch.int32, "I64": torch.int64}
+
+
+def mapped_tensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file as a view of one private read-only memory map (no copy: a batch
+    touches only its rows' pages)."""
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: torch wants a writable buffer
+    size = int.from_bytes(mm[:8], "little")
+    header = json.loads(mm[8:8 + size])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        lo, hi = info["data_offsets"]
+        count = (hi - lo) // torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + size + lo) if count else \
+            torch.empty(0, dtype=dtype)
+        out[name] = flat.view(info["shape"])
+    return out
+
+
 class CacheReader:
     """Signals of examples by index, memory-mapped from the shards (only the rows asked for are read)."""
 
@@ -376,68 +459,94 @@ class CacheReader:
             raise RunError(f"cache {directory} is incomplete; finish it with `gkdc cache` (it resumes)")
         self.directory = directory
         self.contract = contract
-        self._open: dict[int, Any] = {}
+        record = json.loads((directory / COMPLETE_FILE).read_text())
+        self.shard_examples = int(record.get("shard_examples", SHARD_EXAMPLES))
+        self._open: dict[int, dict[str, Tensor]] = {}
         self._offsets: dict[int, list[int]] = {}
 
-    def _shard(self, shard: int) -> tuple[Any, list[int]]:
-        from safetensors import safe_open
-
+    def _shard(self, shard: int) -> tuple[dict[str, Tensor], list[int]]:
         if shard not in self._open:
             path = shard_path(self.directory, shard)
             if not path.exists():
                 raise RunError(f"cache {self.directory}: shard {path.name} is missing; write the cache again")
-            handle = safe_open(str(path), framework="pt")
-            self._open[shard] = handle
-            self._offsets[shard] = handle.get_tensor("offsets").tolist()
+            tensors = mapped_tensors(path)
+            self._open[shard] = tensors
+            self._offsets[shard] = tensors["offsets"].tolist()
         return self._open[shard], self._offsets[shard]
 
     def example(self, index: int) -> dict[str, Tensor]:
-        """The stored tensors of example ``index`` (token-major, real tokens only)."""
+        """The stored tensors of example ``index`` (token-major, real tokens only; views of the shard)."""
         if not 0 <= index < self.contract.examples:
             raise RunError(f"cache {self.directory}: example {index} is outside 0..{self.contract.examples - 1}")
-        shard, row = divmod(index, SHARD_EXAMPLES)
-        handle, offsets = self._shard(shard)
+        shard, row = divmod(index, self.shard_examples)
+        tensors, offsets = self._shard(shard)
         lo, hi = offsets[row], offsets[row + 1]
         out = {}
-        for name in handle.keys():
+        for name, tensor in tensors.items():
             if name in ("offsets", "example_ids"):
                 continue
-            kind = name.split(".")[0]
-            out[name] = handle.get_slice(name)[row:row + 1] if kind in EXAMPLE_KINDS else handle.get_slice(name)[lo:hi]
+            out[name] = tensor[row:row + 1] if name.split(".")[0] in EXAMPLE_KINDS else tensor[lo:hi]
         return out
 
     def batch(self, ids: list[int], width: int) -> dict[tuple[str, int | None], Tensor]:
-        """Signals of a padded batch ``[b, width, ...]`` in fp32; logits packed as ``[values | ids | tail]``."""
+        """Signals of a padded batch ``[b, width, ...]`` in fp32; logits packed as ``cached_kl`` reads them
+        (see ``pack_logits``)."""
         examples = [self.example(i) for i in ids]
+        token_names = [n for n in (examples[0] if examples else {}) if n.split(".")[0] not in EXAMPLE_KINDS]
+        lengths = [e[token_names[0]].shape[0] if token_names else 0 for e in examples]
+        for n in lengths:
+            if n > width:
+                raise RunError(f"cached example has {n} tokens but the batch is {width} wide; the cache was "
+                               f"written for other data")
+        # where each stored token row goes in the flattened [b * width] batch
+        rows = torch.cat([torch.arange(n) + j * width for j, n in enumerate(lengths)]) if ids else \
+            torch.zeros(0, dtype=torch.long)
         out: dict[tuple[str, int | None], Tensor] = {}
         for name in self.contract.signals:
             kind, layer = (name.split(".") + [None])[:2]
             key = (kind, int(layer) if layer is not None else None)
             if kind in EXAMPLE_KINDS:
                 out[key] = torch.cat([e[name] for e in examples]).float()
-            elif kind == "logits":
-                out[key] = torch.stack([self._packed_logits(e, width) for e in examples])
+                continue
+            if kind == "logits":
+                parts = {n: torch.cat([e[n] for e in examples]) for n in token_names if n.startswith("logits.")}
+                flat, pad = pack_logits(parts, self.contract)
             else:
-                out[key] = torch.stack([_pad_rows(e[name].float(), width, 0.0) for e in examples])
+                flat = torch.cat([e[name] for e in examples]).float()
+                pad = torch.zeros(flat.shape[1:])
+            full = pad.expand(len(ids) * width, *pad.shape).clone()
+            full[rows] = flat
+            out[key] = full.view(len(ids), width, *pad.shape)
         return out
 
-    def _packed_logits(self, e: Mapping[str, Tensor], width: int) -> Tensor:
-        k = self.contract.k
-        values, ids, tail = e["logits.values"].float(), _unpack_ids(e["logits.indices"]).float(), e["logits.tail"]
-        packed = torch.cat([values, ids, tail.float()[:, None]], dim=-1)
-        # padding rows: no head mass, k distinct ids (so the student's head mass stays below one), all mass in the tail
+
+def packed_width(contract: Contract) -> int:
+    """Last dim of the packed logits rows: 2 (k + samples) + 1 (``sampled``), 2k + 1 (``bucket``)."""
+    j = contract.k + contract.samples if contract.tail == "sampled" else contract.k
+    return 2 * j + 1
+
+
+def pack_logits(parts: Mapping[str, Tensor], contract: Contract) -> tuple[Tensor, Tensor]:
+    """Stored ``logits.*`` rows -> (packed fp32 rows, the row padding positions get).
+
+    ``tail: sampled``: [weights (k + m) | ids (k + m) | sum_i p_i log p_i]: the top-k probabilities, then the m
+    tail samples weighing tail_mass / m each (the sparse target ``sampled_kl`` reads). ``tail: bucket``:
+    [values (k) | ids (k) | tail mass]. Padding: zero weights (no loss, no gradient); with ``bucket``, k distinct
+    ids (so the student's head mass stays below one) and all mass in the tail."""
+    k = contract.k
+    values = parts["logits.values"].float()
+    ids = _unpack_ids(parts["logits.indices"]).float()
+    tail = parts["logits.tail"].float()
+    if contract.tail == "bucket":
         pad = torch.cat([torch.zeros(k), torch.arange(k, dtype=torch.float32), torch.ones(1)])
-        return _pad_rows(packed, width, pad)
-
-
-def _pad_rows(rows: Tensor, width: int, fill: Tensor | float) -> Tensor:
-    if rows.shape[0] > width:
-        raise RunError(f"cached example has {rows.shape[0]} tokens but the batch is {width} wide; the cache was "
-                       f"written for other data")
-    out = torch.empty((width, *rows.shape[1:]), dtype=rows.dtype)
-    out[:] = fill
-    out[: rows.shape[0]] = rows
-    return out
+        return torch.cat([values, ids, tail[:, None]], dim=-1), pad
+    m = contract.samples
+    samples = _unpack_ids(parts["logits.samples"]).float()
+    weights = torch.cat([values, (tail / m)[:, None].expand(-1, m)], dim=-1)
+    neg_entropy = torch.special.xlogy(values, values).sum(-1) + parts["logits.tail_xlogx"].float()
+    j = k + m
+    pad = torch.zeros(2 * j + 1)
+    return torch.cat([weights, ids, samples, neg_entropy[:, None]], dim=-1), pad
 
 
 class CachedTeacher:
@@ -479,8 +588,10 @@ def open_teacher(job: CacheJob, tokenizer: Any, tokens: Any, *, rank: int = 0, w
 # ================================================================ loss terms
 
 
-def offline_terms(terms: list[LossTerm], teachers: set[str] | frozenset[str]) -> list[LossTerm]:
-    """The stage's terms as they read the caches of ``teachers`` (see the module docstring)."""
+def offline_terms(terms: list[LossTerm], caches: Mapping[str, CacheSpec]) -> list[LossTerm]:
+    """The stage's terms as they read the caches of the teachers in ``caches`` (name -> its ``cache`` spec;
+    see the module docstring)."""
+    teachers = set(caches)
     out = []
     for term in terms:
         reads = _reads_any(term.target, teachers) or _reads_any(term.pred, teachers)
@@ -492,7 +603,7 @@ def offline_terms(terms: list[LossTerm], teachers: set[str] | frozenset[str]) ->
         if isinstance(t, SignalNode) and t.model in teachers and t.kind == "logits":
             if term.fn != "kl":
                 raise RunError(f"loss term '{term.id}': {term.fn} cannot read cached logits (kl only)")
-            update["fn"] = "cached_kl"
+            update["fn"] = "cached_kl" if caches[t.model].tail == "sampled" else "cached_kl_bucket"
             update["options"] = {k: v for k, v in term.options.items() if k in ("T", "scale_t2")}
         out.append(term.model_copy(update=update))
     return out
@@ -506,15 +617,29 @@ def _reads_any(node, teachers) -> bool:
 
 def cached_kl(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, T: float = 1.0,
               scale_t2: bool = True) -> Tensor:
-    """``sparse_kl`` from a packed cached target ``[..., 2k + 1]`` = top-k probabilities | ids | tail mass."""
+    """``sampled_kl`` from a packed cached target ``[..., 2J + 1]`` = weights | ids | sum p log p (J = k + m:
+    the top-k probabilities, then m tail samples weighing tail_mass / m each)."""
+    j = (target.shape[-1] - 1) // 2
+    if target.shape[-1] != 2 * j + 1:
+        raise RunError(f"cached_kl: target last dim {target.shape[-1]} is not 2(k + samples) + 1")
+    return sampled_kl(target[..., :j], target[..., j:2 * j].long(), target[..., 2 * j], pred, T, mask=mask,
+                      scale_t2=scale_t2)
+
+
+def cached_kl_bucket(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, T: float = 1.0,
+                     scale_t2: bool = True) -> Tensor:
+    """``sparse_kl`` (bucket form) from a packed cached target ``[..., 2k + 1]`` = top-k probabilities | ids |
+    tail mass."""
     k = (target.shape[-1] - 1) // 2
     if target.shape[-1] != 2 * k + 1:
-        raise RunError(f"cached_kl: target last dim {target.shape[-1]} is not 2k + 1")
+        raise RunError(f"cached_kl_bucket: target last dim {target.shape[-1]} is not 2k + 1")
     values, ids, tail = target[..., :k], target[..., k:2 * k].long(), target[..., 2 * k]
     return sparse_kl(values, ids, tail, pred, T, mask=mask, scale_t2=scale_t2)
 
 
-LOSSES.setdefault("cached_kl", cached_kl)  # registered here: only runs that read a cache produce such terms
+# registered here: only runs that read a cache produce such terms
+LOSSES.setdefault("cached_kl", cached_kl)
+LOSSES.setdefault("cached_kl_bucket", cached_kl_bucket)
 
 
 # ================================================================ the run's side

@@ -17,7 +17,8 @@ Reductions (a "row" is one position: one token of ``[b, s, x]``, one example of 
 - ``nce``: mean over anchors; ``distance`` / ``angle``: mean over selected pairs / triplets.
 
 A mask that selects nothing gives a zero loss that is still connected to ``pred`` (no NaN).
-``topk_compress`` / ``sparse_kl`` let a teacher's logits be stored as top-k probabilities plus a tail.
+``topk_compress`` / ``sparse_kl`` let a teacher's logits be stored as top-k probabilities plus a tail bucket;
+``sampled_kl`` reads a teacher kept as sparse (id, weight) pairs with its exact negative entropy (offline caches).
 """
 
 from __future__ import annotations
@@ -598,6 +599,109 @@ def sparse_kl(
     tail = _kl_terms(p_tail.clamp_min(1e-30).log().masked_fill(~live_tail, -math.inf), log_q_tail)
     rows = _row_mask("sparse_kl", mask, p.shape[:-1])
     return _masked_mean(head + tail, rows) * (T * T if scale_t2 else 1.0)
+
+
+_FREE_BUFFERS: dict[tuple, list[Tensor]] = {}
+"""V-sized fp32 work buffers of ``_WeightedNLL``, reused across steps: a fresh 100 MB tensor costs more in page
+faults than the arithmetic done in it. A buffer is taken by a forward and given back by its backward, after
+which it is only the gradient flowing into the op that made the logits (the student's head), consumed before any
+later forward. Logits that are a leaf or retain their gradient would keep the buffer as ``.grad``: they get a
+buffer of their own."""
+
+
+def _take_buffer(like: Tensor) -> Tensor:
+    free = _FREE_BUFFERS.get((tuple(like.shape), like.device))
+    return free.pop() if free else torch.empty(like.shape, dtype=torch.float32, device=like.device)
+
+
+def _give_back(buf: Tensor) -> None:
+    free = _FREE_BUFFERS.setdefault((tuple(buf.shape), buf.device), [])
+    if len(free) < 2:
+        free.append(buf)
+
+
+class _WeightedNLL(torch.autograd.Function):
+    """Per row: sum_j w_j * (logsumexp(x) - x[ids_j]) with x = z / T, without a dense V-sized teacher tensor.
+
+    One V-sized work buffer per call (no other V-sized tensor is allocated): forward leaves exp(x - max x) in it,
+    backward turns it in place into ((sum_j w_j) softmax(x) - scatter(w)) * g / T, the gradient of
+    -sum_j w_j log q_j w.r.t. z. Autograd through log_softmax + gather allocates four V-sized tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, ids: Tensor, w: Tensor, T: float, pooled: bool) -> Tensor:
+        ctx.pooled = pooled
+        buf = _take_buffer(z) if ctx.pooled else torch.empty(z.shape, dtype=torch.float32, device=z.device)
+        x = z.detach()
+        if T != 1.0:
+            torch.div(x, T, out=buf)
+            x = buf
+        top = x.amax(-1, keepdim=True)
+        picked = x.gather(-1, ids)  # before buf (which may hold x) is overwritten
+        torch.sub(x, top, out=buf)
+        buf.exp_()
+        total = buf.sum(-1, keepdim=True)
+        lse = top.float() + total.log()
+        rows = (w * (lse - picked.float())).sum(-1)
+        ctx.save_for_backward(buf, total, ids, w)
+        ctx.T, ctx.z_dtype = T, z.dtype
+        ctx.mark_non_differentiable(ids)
+        return rows
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        buf, total, ids, w = ctx.saved_tensors
+        scale = (g / ctx.T)[..., None]
+        buf.mul_(scale * w.sum(-1, keepdim=True) / total)  # softmax(x) * sum(w) * g / T
+        buf.scatter_add_(-1, ids, -(w * scale))
+        grad = buf.to(ctx.z_dtype)
+        if ctx.pooled:
+            _give_back(buf)  # read by the head's backward before any later forward takes it
+        return grad, None, None, None, None
+
+
+def _poolable(logits: Tensor) -> bool:
+    """Whether the gradient of ``logits`` flows on into the op that made them (not kept as some tensor's .grad)."""
+    base = logits._base if logits._base is not None else logits
+    return not (logits.is_leaf or base.is_leaf or logits.retains_grad or base.retains_grad)
+
+
+def sampled_kl(
+    weights: Tensor,
+    ids: Tensor,
+    neg_entropy: Tensor,
+    pred_logits: Tensor,
+    T: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    scale_t2: bool = True,
+) -> Tensor:
+    """KL from a teacher kept as sparse (token id, weight) pairs plus its exact negative entropy.
+
+    Per row, ``weights`` [..., J] on ``ids`` [..., J] are a sparse target whose expectation is the teacher's
+    p = softmax(t / T) (its top-k probabilities, then tail samples drawn from p_tail / tail_mass weighing
+    tail_mass / m each; ids may repeat), and ``neg_entropy`` [...] is sum_i p_i log p_i. The row's value
+    neg_entropy - sum_j w_j log q_j, q = softmax(pred_logits / T), is an unbiased estimate of KL(p || q), and
+    its gradient w.r.t. the student's logits, ((sum_j w_j) q - w) / T, of the dense gradient (q - p) / T. With
+    every token listed at its probability (k = V) it is the dense ``kl`` exactly. Mean over rows, times T^2 if
+    ``scale_t2``.
+    """
+    if T <= 0:
+        raise RunError(f"sampled_kl: option T must be > 0, got {T}")
+    if weights.shape != ids.shape or weights.shape[:-1] != pred_logits.shape[:-1] or \
+            neg_entropy.shape != weights.shape[:-1]:
+        raise RunError(
+            f"sampled_kl: weights {_shape(weights)}, ids {_shape(ids)}, neg_entropy {_shape(neg_entropy)} and pred "
+            f"shape {_shape(pred_logits)} must agree on all but the last dim"
+        )
+    vocab = pred_logits.shape[-1]
+    lead = pred_logits.shape[:-1]
+    z = pred_logits.reshape(-1, vocab)
+    w = weights.detach().float().reshape(-1, weights.shape[-1])
+    ids_flat = ids.detach().long().reshape(-1, ids.shape[-1])
+    nll = _WeightedNLL.apply(z, ids_flat, w, float(T), _poolable(pred_logits)).reshape(lead)
+    rows = _row_mask("sampled_kl", mask, lead)
+    return _masked_mean(neg_entropy.detach().float() + nll, rows) * (T * T if scale_t2 else 1.0)
 
 
 def _sparse_kl_entry(

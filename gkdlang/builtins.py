@@ -93,6 +93,7 @@ COMBINATORS: dict[str, dict[str, str]] = {
     "progressive": {"over": "fraction", "exclusive": "bool", "below_lr": "number", "until": "trigger",
                     "then": "objective"},
     "choose": {"every": "symbol"},
+    "len": {},
 }
 
 #: conditions evaluated by the runtime on a stage's running losses -> options (``progressive(x, until: ...)``)
@@ -138,7 +139,9 @@ INTERVENTIONS: dict[str, InterventionDef] = {
                                    "DIITO interchange intervention: a second pass with swapped token-span states"),
     "perturb": InterventionDef({"eps": "number"}, True,
                                "LRC-BERT gradient perturbation of the student's embeddings: two passes per step"),
-    "drop": InterventionDef({"p": "fraction"}, False, "DGKD: each group of terms dropped with probability p per step"),
+    "drop": InterventionDef({"p": "fraction", "per": "symbol"}, False,
+                            "DGKD: each group of terms dropped with probability p per step (per: teacher, one group "
+                            "per teacher)"),
     "weigh": InterventionDef({"by": "symbol", "hard": "bool"}, False,
                              "per-teacher weights from teacher CE (MT-BERT) or student entropy (Uncertainty)"),
     "select_teacher": InterventionDef({"policy": "symbol", "state": "model", "reward": "symbol", "lr": "number"},

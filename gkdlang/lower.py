@@ -51,6 +51,7 @@ from gkdlang.values import (
     ModelRef,
     NumVal,
     Objective,
+    PerModel,
     Symbol,
     Term,
     Trigger,
@@ -862,6 +863,11 @@ class _Lowerer:
         obj = self.ev(e.obj, scope)
         if isinstance(obj, Symbol):
             raise self._unknown_value(obj)
+        if isinstance(obj, list) and obj and all(isinstance(m, ModelRef) for m in obj):
+            names = [m.name for m in obj]
+            if len(set(names)) != len(names):
+                raise self.err("bad-value", e.obj.span, f"a list of models names '{next(n for n in names if names.count(n) > 1)}' twice")
+            return PerModel(self._signal(m.name, e.name, e.span) for m in obj)  # one signal per model of the list
         if not isinstance(obj, ModelRef):
             raise self.err("type-mismatch", e.obj.span, f"'.{e.name.name}' needs a model on its left")
         return self._signal(obj.name, e.name, e.span)
@@ -917,6 +923,11 @@ class _Lowerer:
 
     def _ev_Index(self, e: ast.Index, scope: Scope) -> ItemSet:
         base = self.ev(e.obj, scope)
+        if isinstance(base, PerModel):
+            return PerModel(self._index(e, b, scope) for b in base)
+        return self._index(e, base, scope)
+
+    def _index(self, e: ast.Index, base: Any, scope: Scope) -> ItemSet:
         if isinstance(base, Symbol):
             raise self._unknown_value(base)
         if not (isinstance(base, ItemSet) and base.layered):
@@ -1169,6 +1180,15 @@ class _Lowerer:
         if not isinstance(obj, Objective) or not obj.terms:
             raise self.err("type-mismatch", expr.span, f"{fname}(...) takes a loss expression, not {_kind(obj)}")
         return obj
+
+    def _c_len(self, e: ast.Call, scope: Scope) -> NumVal:
+        """len(x): how many items a list has (a list of teachers, of loss expressions, ...)."""
+        self._arity(e, 1, "len")
+        self._kwargs(e, {})
+        v = self.ev(e.args[0], scope)
+        if not isinstance(v, list):
+            raise self.err("type-mismatch", e.args[0].span, f"len() takes a list, not {_kind(v)}")
+        return NumVal(float(len(v)), None, e.span)
 
     def _c_progressive(self, e: ast.Call, scope: Scope) -> Objective:
         """progressive(objective, over: 80%): the terms of the i-th of n student layers count from i/n * over.
@@ -1467,6 +1487,17 @@ class _Lowerer:
         p = self._fraction(kw["p"], "p", scope) if "p" in kw else 0.25
         if p >= 1:
             raise self.err("bad-value", kw["p"].span, "p below 100%: a unit dropped at every step never trains")
+        if "per" in kw:  # per: teacher -- each teacher's terms form a drop unit of their own (DGKD)
+            self._symbol_value(kw["per"], "per", ("teacher",), scope, "teacher")
+            parts = self._per_teacher(obj)
+            out = Objective()
+            for part in parts:
+                one = self._drop_group(e, part, p)
+                out = Objective(out.terms + one.terms, out.interventions + one.interventions)
+            return out
+        return self._drop_group(e, obj, p)
+
+    def _drop_group(self, e: ast.Call, obj: Objective, p: float) -> Objective:
         group = self._new_group("drop")
         terms = self._grouped(e, obj.terms, Gate(group=group, every="step"))
         teachers = sorted({m for t in obj.terms for m in _node_models(t.target.node)})
@@ -1476,12 +1507,36 @@ class _Lowerer:
                        "other drop groups; if every drop group of the stage is dropped, one drawn at random is kept"})
         return Objective(terms, obj.interventions + (iv,))
 
+    @staticmethod
+    def _teachers_of(obj: Objective) -> list[str]:
+        out: list[str] = []
+        for t in obj.terms:
+            out.extend(m for m in _node_models(t.target.node) if m not in out)
+        return out
+
+    def _per_teacher(self, obj: Objective) -> list[Objective]:
+        """The terms of ``obj`` split by the teacher they read (first-appearance order); teacher-free terms and
+        terms reading two teachers are a type-mismatch."""
+        groups: dict[str, list[Term]] = {}
+        for t in obj.terms:
+            models = _node_models(t.target.node)
+            if len(models) != 1:
+                raise self.err("type-mismatch", t.span, "split per teacher: each term must read exactly one teacher")
+            groups.setdefault(models[0], []).append(t)
+        return [Objective(tuple(ts), obj.interventions if i == 0 else ()) for i, ts in enumerate(groups.values())]
+
     def _units(self, e: ast.Call, scope: Scope, fname: str) -> list[tuple[Objective, str]]:
         """The per-teacher units of weigh([...]) / select_teacher([...]): loss expressions reading one teacher each."""
         value = self.ev(e.args[0], scope)
+        if isinstance(value, Objective):  # one expression over a list of teachers: one unit per teacher
+            value = self._per_teacher(value)
+            if len(value) < 2:
+                raise self.err("type-mismatch", e.args[0].span, f"{fname}(x) needs x to read at least two teachers "
+                               "(e.g. a loss over a list of teachers), or a list of loss expressions")
+            return [(obj, self._teachers_of(obj)[0]) for obj in value]
         if not isinstance(value, list) or len(value) < 2:
             raise self.err("type-mismatch", e.args[0].span, f"{fname}([...]) takes a list of at least two loss "
-                           "expressions, one per teacher")
+                           "expressions, one per teacher, or one loss expression over a list of teachers")
         units = []
         spans = e.args[0].items if isinstance(e.args[0], ast.List) else (e.args[0],) * len(value)
         for obj, expr in zip(value, spans):
@@ -1565,7 +1620,9 @@ class _Lowerer:
     # ------------------------------------------------------------ transforms
 
     def _items(self, expr: ast.Expr, scope: Scope, what: str) -> ItemSet:
-        v = self.ev(expr, scope)
+        return self._items_of(self.ev(expr, scope), expr, what)
+
+    def _items_of(self, v: Any, expr: ast.Expr, what: str) -> ItemSet:
         if isinstance(v, Symbol):
             raise self._unknown_value(v)
         if isinstance(v, list) and v and all(isinstance(x, ItemSet) for x in v):
@@ -1574,11 +1631,15 @@ class _Lowerer:
             raise self.err("type-mismatch", expr.span, f"{what} needs a signal, got {_kind(v)}")
         return v
 
-    def _transform(self, e: ast.Call, name: str, scope: Scope) -> ItemSet:
+    def _transform(self, e: ast.Call, name: str, scope: Scope) -> ItemSet | PerModel:
         if not e.args:
             raise self.err("bad-arity", e.span, f"{name}(...) needs a signal")
-        xs = self._items(e.args[0], scope, name)
         kw = self._kwargs(e, B.TRANSFORMS[name])
+        value = self.ev(e.args[0], scope)
+        if isinstance(value, PerModel) and name not in ("mean", "concat"):  # one transform (and module) per model
+            return PerModel(getattr(self, "_t_" + name)(e, self._items_of(v, e.args[0], name), kw, scope)
+                            for v in value)
+        xs = self._items_of(value, e.args[0], name)
         return getattr(self, "_t_" + name)(e, xs, kw, scope)
 
     def _t_project(self, e, xs: ItemSet, kw, scope) -> ItemSet:
@@ -1764,8 +1825,13 @@ class _Lowerer:
     def _loss(self, e: ast.Call, fn: str, scope: Scope) -> Objective:
         if len(e.args) != 2:
             raise self.err("bad-arity", e.span, f"{fn}(target, prediction) takes two signals, got {len(e.args)}")
-        target = self._items(e.args[0], scope, fn)
-        pred = self._items(e.args[1], scope, fn)
+        target_value = self.ev(e.args[0], scope)
+        targets = list(target_value) if isinstance(target_value, PerModel) else [target_value]
+        pred_value = self.ev(e.args[1], scope)
+        if isinstance(pred_value, PerModel):
+            raise self.err("type-mismatch", e.args[1].span, f"the prediction of {fn} is one student's signal, not a "
+                           "list of models' (a list of teachers goes in the first argument)")
+        pred = self._items_of(pred_value, e.args[1], fn)
         spec_opts = dict(B.LOSSES[fn].options, map="map")
         kw = self._kwargs(e, spec_opts)
         options: dict[str, Any] = {}
@@ -1782,8 +1848,11 @@ class _Lowerer:
             if isinstance(layer_map, Symbol) or not isinstance(layer_map, LayerMap):
                 raise self.err("bad-layer-map", kw["map"].span, "map is uniform, skip, last, first or pairs(...)",
                                did_you_mean(getattr(layer_map, "name", ""), B.LAYER_MAPS))
-        pairs = self._pair(e, target, pred, layer_map)
-        return Objective(tuple(self._term(e, fn, t, p, options, scope.method) for t, p in pairs))
+        terms: list[Term] = []
+        for value in targets:  # a list of teachers: the terms of each, in list order
+            pairs = self._pair(e, self._items_of(value, e.args[0], fn), pred, layer_map)
+            terms.extend(self._term(e, fn, t, p, options, scope.method) for t, p in pairs)
+        return Objective(tuple(terms))
 
     def _pair(self, e: ast.Call, target: ItemSet, pred: ItemSet, lmap: LayerMap | None) -> list[tuple[Item, Item]]:
         if lmap is None:
@@ -2142,7 +2211,8 @@ def _describe(it: Item) -> str:
 def _kind(v: Any) -> str:
     return {ModelRef: "a model", DataRef: "a data source", Objective: "a loss expression", ItemSet: "a signal",
             NumVal: "a number", Schedule: "a schedule", str: "a string", bool: "a boolean", LayerMap: "a layer map",
-            list: "a list", tuple: "a tuple", MethodDef: "a method", Trigger: "a trigger"}.get(type(v), type(v).__name__)
+            list: "a list", tuple: "a tuple", MethodDef: "a method", Trigger: "a trigger",
+            PerModel: "a signal of each model of a list"}.get(type(v), type(v).__name__)
 
 
 def _fmt(x: float) -> str:

@@ -107,6 +107,11 @@ class ItemSet:
     span: Span | None = None
 
 
+class PerModel(list):
+    """One value per model of a list of models (``ts.task_logits`` with ``ts = [a, b, c]``): transforms map over it,
+    a loss with it as the target gives one set of terms per model, ``mean``/``concat`` reduce across it."""
+
+
 @dataclass(frozen=True)
 class Term:
     fn: str

@@ -324,3 +324,57 @@ def test_stairs_bad_input_has_a_code_and_position(loss, code, at):
     assert [(d.code, d.span.line) for d in errors] == [(code, 4)], errors
     line = text.splitlines()[3]
     assert errors[0].span.col == line.index(loss) + loss.index(at) + 1
+
+
+# ---------------------------------------------------------------- lists of teachers
+
+TEACHERS3 = """use tmkd, mt_bert, uncertainty, rl_kd, dgkd
+teacher a = hf("tiny-bert") {{ head: classify(2) }}
+teacher b = hf("tiny-bert") {{ head: classify(2) }}
+teacher c = hf("tiny-bert") {{ head: classify(2) }}
+teacher sem = hf("tiny-bert") {{ head: none }}
+student s = like(a) {{ layers: 2, head: classify(2) }}
+data d = jsonl("data/sst2.jsonl") {{ text: sentence, label: label }}
+stage x {{ data: d, steps: 10, batch: 8, {extra}loss: {loss} }}
+"""
+
+
+def test_multi_teacher_methods_take_a_list_of_three_teachers():
+    def lowered(loss, extra=""):
+        result = check_source(TEACHERS3.format(loss=loss, extra=extra), "t.gkd", base_dir=CASES)
+        assert result.ok, [d.message for d in result.diagnostics]
+        return result.spec.stages[0]
+
+    st = lowered("tmkd([a, b, c], s)")
+    assert [(t.fn, t.target.model if t.fn == "mse" else None, round(t.weight.value, 6)) for t in st.loss] == [
+        ("mse", "a", 0.333333), ("mse", "b", 0.333333), ("mse", "c", 0.333333), ("ce", None, 0.333333)]
+    (iv,) = lowered("uncertainty([a, b, c], s)", "micro_batch: 4, ").interventions
+    assert [u["teacher"] for u in iv.params["units"]] == ["a", "b", "c"] and iv.params["min_micro_batch"] == 3
+    (iv,) = lowered("mt_bert([a, b, c], s)").interventions
+    assert iv.params["by"] == "teacher_ce" and len(iv.params["units"]) == 3
+    (iv,) = lowered("rl_kd([a, b, c], s, sem)").interventions
+    assert [u["teacher"] for u in iv.params["units"]] == ["a", "b", "c"] and iv.params["state_model"] == "sem"
+    st = lowered("dgkd([a, b, c], s)")
+    assert [iv.models for iv in st.interventions] == [["a"], ["b"], ["c"]]
+    assert len({t.gate.group for t in st.loss if t.gate.group}) == 3
+
+
+@pytest.mark.parametrize("loss, extra, code, at", [
+    ("tmkd(a, s)", "", "type-mismatch", "ts"),
+    ("tmkd([a, a], s)", "", "bad-value", "ts"),
+    ("uncertainty([a, b, c], s)", "micro_batch: 2, ", "batch-too-small", "2"),
+    ("weigh(kl(a.task_logits, s.task_logits), by: teacher_ce)", "", "type-mismatch", "kl("),
+    ("mse(s.task_logits, [a, b].task_logits)", "", "type-mismatch", "[a, b]"),
+    ("drop(kl([a, b].task_logits, s.task_logits), per: student)", "", "bad-value", "student"),
+])
+def test_teacher_list_bad_input_has_a_code_and_position(loss, extra, code, at):
+    text = TEACHERS3.format(loss=loss, extra=extra)
+    result = check_source(text, "t.gkd", base_dir=CASES)
+    errors = [d for d in result.diagnostics if d.severity == "error"]
+    assert [d.code for d in errors] == [code], errors
+    d = errors[0]
+    if d.span.file == "t.gkd":
+        line = text.splitlines()[d.span.line - 1]
+        assert d.span.line == 8 and d.span.col == line.index(at) + 1, (d.span, line)
+    else:  # inside the library: the message names the library line, the related span the user's call
+        assert d.span.file.startswith("<stdlib>/") and any(r[0].file == "t.gkd" and r[0].line == 8 for r in d.related)

@@ -527,7 +527,7 @@ def test_glmd_with_vocabulary_compression(tdir):
 
 
 def test_tmkd(tdir):
-    spec = stages(tdir, "use tmkd\nstage a { data: sst2, steps: 4, loss: tmkd(base, bert, small) }")
+    spec = stages(tdir, "use tmkd\nstage a { data: sst2, steps: 4, loss: tmkd([base, bert], small) }")
     sig, batch = make_inputs(spec)
     s = sig["small"][("task_logits", None)]
     want = sum(0.5 * ((s - sig[m][("task_logits", None)]) ** 2).mean() for m in ("base", "bert"))
@@ -535,7 +535,7 @@ def test_tmkd(tdir):
 
 
 def test_mt_bert_weighs_each_teacher_per_example_by_its_ce(tdir):
-    spec = stages(tdir, "use mt_bert\nstage a { data: sst2, steps: 4, loss: mt_bert(base, bert, small) }")
+    spec = stages(tdir, "use mt_bert\nstage a { data: sst2, steps: 4, loss: mt_bert([base, bert], small) }")
     sig, batch = make_inputs(spec)
     value, parts, graph, _ = total(spec, 0, sig, batch)
     s = sig["small"][("task_logits", None)]
@@ -556,7 +556,7 @@ def test_mt_bert_weighs_each_teacher_per_example_by_its_ce(tdir):
 
 
 def test_uncertainty_splits_the_batch_by_student_entropy(tdir):
-    spec = stages(tdir, "use uncertainty\nstage a { data: sst2, steps: 4, micro_batch: 4, loss: uncertainty(base, bert, small) }")
+    spec = stages(tdir, "use uncertainty\nstage a { data: sst2, steps: 4, micro_batch: 4, loss: uncertainty([base, bert], small) }")
     sig, batch = make_inputs(spec)
     s = sig["small"][("task_logits", None)]
     ent = -(F.softmax(s, -1) * F.log_softmax(s, -1)).sum(-1)
@@ -568,7 +568,7 @@ def test_uncertainty_splits_the_batch_by_student_entropy(tdir):
 
 def test_rl_kd_agent_weights_and_reinforce_loss(tdir):
     spec = stages(tdir, "use rl_kd\nteacher semantic = hf(\"" + str(tdir) + "/t2\") { head: none }\n"
-                        "stage a { data: sst2, steps: 4, loss: rl_kd(base, bert, small, semantic, T: 10) }")
+                        "stage a { data: sst2, steps: 4, loss: rl_kd([base, bert], small, semantic, T: 10) }")
     sig, batch = make_inputs(spec)
     value, parts, _, (agent,) = total(spec, 0, sig, batch, step=3)
     s = sig["small"][("task_logits", None)]
@@ -591,7 +591,7 @@ def test_rl_kd_agent_weights_and_reinforce_loss(tdir):
 
 def test_dgkd_drops_each_teacher_with_p_and_never_both(tdir):
     spec = stages(tdir, "use dgkd\nassistant mid = like(bert) { layers: 3, head: classify(3) }\n"
-                        "stage a { data: sst2, steps: 4, loss: dgkd(bert, mid, small, p: 25%) }")
+                        "stage a { data: sst2, steps: 4, loss: dgkd([bert, mid], small, p: 25%) }")
     sig, batch = make_inputs(spec)
     s = sig["small"][("task_logits", None)]
     sce = {m: 0.25 * soft_ce(sig[m][("task_logits", None)], s, 10) for m in ("bert", "mid")}
@@ -731,3 +731,99 @@ def test_every_intervention_kind_of_the_language_has_a_runtime_class():
     from gkdlang import builtins as Bt
 
     assert set(Bt.INTERVENTIONS) | {"progressive_lr"} <= set(ivs.INTERVENTIONS)
+
+
+# ---------------------------------------------------------------- multi-teacher methods with three teachers
+
+THREE = 'teacher third = hf("{tdir}/t4") {{ head: classify(3) }}\n'
+
+
+def test_tmkd_three_teachers(tdir):
+    spec = stages(tdir, THREE.format(tdir=tdir) + "use tmkd\nstage a { data: sst2, steps: 4, loss: tmkd([base, bert, third], small) }")
+    sig, batch = make_inputs(spec)
+    s = sig["small"][("task_logits", None)]
+    want = sum(((s - sig[m][("task_logits", None)]) ** 2).mean() for m in ("base", "bert", "third")) / 3
+    close(total(spec, 0, sig, batch)[0], want + hard_ce(batch["labels"], s) / 3)
+
+
+def test_mt_bert_three_teachers(tdir):
+    spec = stages(tdir, THREE.format(tdir=tdir) + "use mt_bert\nstage a { data: sst2, steps: 4, loss: mt_bert([base, bert, third], small) }")
+    sig, batch = make_inputs(spec)
+    value, _, graph, _ = total(spec, 0, sig, batch)
+    s = sig["small"][("task_logits", None)]
+    want = hard_ce(batch["labels"], s)
+    for m in ("base", "bert", "third"):
+        t = sig[m][("task_logits", None)]
+        w = 1 / (1 + F.cross_entropy(t, batch["labels"], reduction="none"))
+        want += (w * -(F.softmax(t, -1) * F.log_softmax(s, -1)).sum(-1)).mean()
+    patience = [t for t in spec.stages[0].loss if t.fn == "mse"]
+    # PKD-skip per teacher: base (2 blocks) -> teacher block 0; bert, third (4 blocks) -> teacher block 1; student 0
+    assert sorted((t.target.inputs[0].inputs[0].inputs[0].model, t.target.inputs[0].inputs[0].inputs[0].layer)
+                  for t in patience) == [("base", 0), ("bert", 1), ("third", 1)]
+    assert len({t.target.inputs[0].module for t in patience}) == 3  # one projection per teacher
+    for term in patience:
+        leaf = term.target.inputs[0].inputs[0].inputs[0]
+        p = proj(graph, term.target.inputs[0].module)
+        want += ((F.normalize(p(cls(sig[leaf.model][("hidden", leaf.layer)])), dim=-1)
+                  - F.normalize(cls(sig["small"][("hidden", 0)]), dim=-1)) ** 2).mean()
+    close(value, want)
+
+
+def test_uncertainty_three_teachers_split_the_batch(tdir):
+    spec = stages(tdir, THREE.format(tdir=tdir) + "use uncertainty\nstage a { data: sst2, steps: 4, micro_batch: 4, "
+                  "loss: uncertainty([base, bert, third], small) }")
+    sig, batch = make_inputs(spec)
+    s = sig["small"][("task_logits", None)]
+    ent = -(F.softmax(s, -1) * F.log_softmax(s, -1)).sum(-1)
+    order = sorted(range(B), key=lambda i: float(ent[i]))
+    # four examples over three teachers (smallest first): slices of 2, 1 and 1 by ascending entropy
+    teacher_of = {order[0]: "base", order[1]: "base", order[2]: "bert", order[3]: "third"}
+    per = sum(kl(sig[teacher_of[i]][("task_logits", None)][i:i + 1], s[i:i + 1]) for i in range(B)) / B
+    close(total(spec, 0, sig, batch)[0], 0.5 * per + 0.5 * hard_ce(batch["labels"], s))
+
+
+def test_rl_kd_three_teachers(tdir):
+    spec = stages(tdir, THREE.format(tdir=tdir) + "use rl_kd\nteacher semantic = hf(\"" + str(tdir) + "/t2\") { head: none }\n"
+                  "stage a { data: sst2, steps: 4, loss: rl_kd.average([base, bert, third], small, T: 10) }\n"
+                  "stage b after a { data: sst2, steps: 4, loss: rl_kd([base, bert, third], small, semantic, T: 10) }")
+    sig, batch = make_inputs(spec)
+    s = sig["small"][("task_logits", None)]
+    names = ("base", "bert", "third")
+    avg = sum(soft_ce(sig[m][("task_logits", None)], s, 10) for m in names) / 3
+    close(total(spec, 0, sig, batch)[0], 0.5 * avg + 0.5 * hard_ce(batch["labels"], s))
+    value, parts, _, (agent,) = total(spec, 1, sig, batch, step=2)
+    group = agent.group
+    state = torch.cat([cls(sig["semantic"][("hidden", 1)]), *(F.softmax(sig[m][("task_logits", None)], -1) for m in names)], -1)
+    probs = torch.sigmoid(agent.agent(state))
+    assert probs.shape == (B, 3)
+    actions = (torch.rand(probs.shape, generator=ivs._generator(SEED, group, 2, 0, 0)) < probs).float()
+    kd = 0.0
+    for i in range(B):
+        kept = [m for j, m in enumerate(names) if actions[i, j]]
+        kd += sum(soft_ce(sig[m][("task_logits", None)][i:i + 1], s[i:i + 1], 10) for m in kept) / max(len(kept), 1) / B
+    reward = -F.cross_entropy(s, batch["labels"], reduction="none")
+    log_pi = (actions * probs.log() + (1 - actions) * (1 - probs).log()).sum(-1)
+    policy = -((reward - reward.mean()) * log_pi).mean()
+    close(parts[f"{group}/policy"], policy)
+    close(value, 0.5 * kd + 0.5 * hard_ce(batch["labels"], s) + policy)
+
+
+def test_dgkd_three_teachers_each_dropped_on_its_own(tdir):
+    spec = stages(tdir, THREE.format(tdir=tdir) + "use dgkd\nassistant mid = like(bert) { layers: 3, head: classify(3) }\n"
+                  "stage a { data: sst2, steps: 4, loss: dgkd([bert, mid, third], small, p: 25%) }")
+    assert [iv.models for iv in spec.stages[0].interventions] == [["bert"], ["mid"], ["third"]]
+    sig, batch = make_inputs(spec)
+    s = sig["small"][("task_logits", None)]
+    sce = {m: 0.5 / 3 * soft_ce(sig[m][("task_logits", None)], s, 10) for m in ("bert", "mid", "third")}
+    hard = 0.5 * hard_ce(batch["labels"], s)
+    kept_counts = dict.fromkeys(sce, 0)
+    steps = 400
+    for step in range(steps):
+        value = total(spec, 0, sig, batch, step=step)[0]
+        kept = [c for r in (1, 2, 3) for c in itertools.combinations(sce, r)
+                if abs(value - float(hard + sum(sce[m] for m in c))) < 1e-5]
+        assert len(kept) == 1, (step, value)
+        for m in kept[0]:
+            kept_counts[m] += 1
+    for m, n in kept_counts.items():  # kept w.p. 0.75 + 0.25^3 / 3 (one of three rescued when all drop)
+        assert abs(n / steps - (0.75 + 0.25 ** 3 / 3)) < 0.06, (m, n)

@@ -156,23 +156,23 @@ stage finetune {{ data: sst2, steps: 4, batch: 8, loss: continuation_kd(bert, sm
     "tmkd": ("""use tmkd
 {T}teacher base = hf("{f}2") {{ head: classify(2), init: random }}
 student small = like(base) {{ layers: 2, head: classify(2) }}
-stage finetune {{ data: sst2, steps: 4, batch: 8, loss: tmkd(base, bert, small) }}""", ["tmkd.tmkd/mse"]),
+stage finetune {{ data: sst2, steps: 4, batch: 8, loss: tmkd([base, bert], small) }}""", ["tmkd.tmkd/mse"]),
     "mt_bert": ("""use mt_bert
 {T}teacher base = hf("{f}2") {{ head: classify(2), init: random }}
 student small = like(base) {{ layers: 2, head: classify(2) }}
-stage finetune {{ data: sst2, steps: 4, batch: 8, loss: mt_bert(base, bert, small, T: 1) }}""",
+stage finetune {{ data: sst2, steps: 4, batch: 8, loss: mt_bert([base, bert], small, T: 1) }}""",
                 ["mt_bert.mt_bert/soft_ce", "mt_bert.patience/mse"]),
     "uncertainty": ("""use uncertainty
 {T}teacher base = hf("{f}2") {{ head: classify(2), init: random }}
 student small = like(base) {{ layers: 2, head: classify(2) }}
-stage finetune {{ data: sst2, steps: 4, batch: 8, micro_batch: 4, loss: uncertainty(base, bert, small, T: 1) }}""",
+stage finetune {{ data: sst2, steps: 4, batch: 8, micro_batch: 4, loss: uncertainty([base, bert], small, T: 1) }}""",
                     ["uncertainty.uncertainty/kl"]),
     "rl_kd": ("""use rl_kd
 {T}teacher base = hf("{f}2") {{ head: classify(2), init: random }}
 teacher semantic = hf("{f}2") {{ head: none, init: random }}
 student small = like(base) {{ layers: 2, head: classify(2) }}
-stage average {{ data: sst2, steps: 4, batch: 8, loss: rl_kd.average(base, bert, small, T: 10) }}
-stage select after average {{ data: sst2, steps: 4, batch: 8, loss: rl_kd(base, bert, small, semantic, T: 10) }}""",
+stage average {{ data: sst2, steps: 4, batch: 8, loss: rl_kd.average([base, bert], small, T: 10) }}
+stage select after average {{ data: sst2, steps: 4, batch: 8, loss: rl_kd([base, bert], small, semantic, T: 10) }}""",
               ["rl_kd.average/soft_ce", "select1/policy"]),
     "takd": ("""use takd
 {T}assistant mid = like(bert) {{ layers: 3, head: classify(2) }}
@@ -183,7 +183,7 @@ stage student_kd after assistant_kd {{ data: sst2, steps: 4, batch: 8, loss: tak
 {T}assistant mid = like(bert) {{ layers: 3, head: classify(2) }}
 student small = like(bert) {{ layers: 2, head: classify(2) }}
 stage assistant_kd {{ data: sst2, steps: 4, batch: 8, loss: takd(bert, mid) }}
-stage student_kd after assistant_kd {{ data: sst2, steps: 4, batch: 8, loss: dgkd(bert, mid, small, p: 25%) }}""",
+stage student_kd after assistant_kd {{ data: sst2, steps: 4, batch: 8, loss: dgkd([bert, mid], small, p: 25%) }}""",
              ["dgkd.dgkd/ce"]),
     "glmd_vc": ("""use glmd
 teacher bert = hf("{f}4") {{ head: lm, init: random }}
@@ -278,7 +278,7 @@ def test_interrupted_run_with_random_interventions_resumes_exactly(workdir, monk
     text += """use rl_kd
 student small = like(bert) { layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }
 stage select { data: sst2, steps: 5, batch: 8, micro_batch: 4, save_every: 2,
-  loss: rl_kd(base, bert, small, semantic, T: 10) + replace_layers(bert, small, p: linear(0.3, 1, until: 66%)) }
+  loss: rl_kd([base, bert], small, semantic, T: 10) + replace_layers(bert, small, p: linear(0.3, 1, until: 66%)) }
 """
     path = workdir / "resume.gkd"
     path.write_text(text)
@@ -367,3 +367,56 @@ stage finetune { data: sst2, steps: 9, batch: 8, save_every: 4, loss: sid(bert, 
     assert phases(out)[-5:] == straight[-5:]
     a, b = student_tensors(outs["straight"][1]), student_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+#: the multi-teacher methods with three teachers (the library takes a list of any length)
+THREE_TEACHERS = {
+    "tmkd": ("use tmkd\nstage finetune { data: sst2, steps: 4, batch: 8, loss: tmkd([base, bert, third], small) }",
+             ["tmkd.tmkd/mse"]),
+    "mt_bert": ("use mt_bert\nstage finetune { data: sst2, steps: 4, batch: 8, loss: mt_bert([base, bert, third], small) }",
+                ["mt_bert.mt_bert/soft_ce", "mt_bert.patience/mse"]),
+    "uncertainty": ("use uncertainty\nstage finetune { data: sst2, steps: 4, batch: 8, micro_batch: 4, "
+                    "loss: uncertainty([base, bert, third], small) }", ["uncertainty.uncertainty/kl"]),
+    "rl_kd": ('use rl_kd\nteacher semantic = hf("bert2") { head: none, init: random }\n'
+              "stage average { data: sst2, steps: 4, batch: 8, loss: rl_kd.average([base, bert, third], small) }\n"
+              "stage select after average { data: sst2, steps: 4, batch: 8, loss: rl_kd([base, bert, third], small, semantic) }",
+              ["rl_kd.average/soft_ce", "rl_kd.rl_kd/soft_ce", "select"]),
+    "dgkd": ("use dgkd\nassistant mid = like(bert) { layers: 3, head: classify(2) }\n"
+             "stage assistant_kd { data: sst2, steps: 4, batch: 8, loss: ce(labels, mid.task_logits) }\n"
+             "stage student_kd after assistant_kd { data: sst2, steps: 4, batch: 8, loss: dgkd([bert, mid, third], small) }",
+             ["dgkd.dgkd/ce"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(THREE_TEACHERS))
+def test_multi_teacher_method_runs_with_three_teachers(workdir, method):
+    from gkdlang.lower import check_file
+    from planner.build import build_plan
+    from runtime.recipe import run
+
+    body, wanted = THREE_TEACHERS[method]
+    text = (header("bert") + teacher("bert", "bert") + teacher("base", "bert", 2) + teacher("third", "bert", 4)
+            + 'student small = like(base) { layers: 2, head: classify(2) }\n' + body + "\n")
+    path = workdir / f"three-{method}.gkd"
+    path.write_text(text)
+    checked = check_file(path)
+    assert checked.ok, [f"{d.code}: {d.message}" for d in checked.diagnostics]
+    last = checked.spec.stages[-1]
+    assert {"base", "bert", "third"} <= set(last.teachers) or method == "dgkd"
+    case = workdir / f"three-{method}"
+    case.mkdir()
+    plan = build_plan(checked.spec, gkdc_version="test", spec_path=str(path), plan_path=str(case / "plan.json"))
+    (case / "plan.json").write_text(plan.model_dump_json())
+    run(plan, case / "plan.json", case / "out", resume=False, progress=False, max_steps=2)
+    records = [json.loads(line) for line in (case / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["total"]) for r in records)
+    _assert_terms(records, wanted)
+    final = [r for r in records if r["stage"] == last.name]
+    readers = {name.split("<-")[1].split(".")[0] for r in final for name in r["terms"] if "<-" in name}
+    if method == "dgkd":  # one drop unit per teacher (each kept w.p. > 3/4 per step)
+        assert [iv.models for iv in last.interventions] == [["bert"], ["mid"], ["third"]]
+    elif method == "rl_kd":  # the agent keeps or skips each of the three per example
+        (iv,) = last.interventions
+        assert [u["teacher"] for u in iv.params["units"]] == ["base", "bert", "third"]
+    else:  # every teacher's terms ran
+        assert readers >= {"base", "bert", "third"}, readers

@@ -348,7 +348,7 @@ def _gathered(x: Tensor) -> tuple[Tensor, int]:
 
 
 def _as_sets(
-    name: str, target: Tensor, pred: Tensor, mask: Tensor | None, heads: int | None = None
+    name: str, target: Tensor, pred: Tensor, mask: Tensor | None, heads: int | None = None, center: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Views as ``[B, n, d]`` sets of points plus a ``[B, n]`` mask.
 
@@ -377,9 +377,9 @@ def _as_sets(
     keep = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if keep is None else keep
     if heads is not None:
         t, s, keep = _split_heads(name, t, heads), _split_heads(name, s, heads), keep.repeat_interleave(heads, 0)
-    # centring changes no distance or angle but keeps the Gram-matrix identities below well conditioned
-    t = t - t.mean(dim=1, keepdim=True)
-    s = s - s.mean(dim=1, keepdim=True)
+    if center:  # centring changes no distance or angle but keeps the Gram-matrix identities below well conditioned
+        t = t - t.mean(dim=1, keepdim=True)
+        s = s - s.mean(dim=1, keepdim=True)
     return t, s, keep
 
 
@@ -451,18 +451,11 @@ def distance(
     return _masked_mean(F.smooth_l1_loss(d_s, d_t, beta=beta, reduction="none"), pairs)
 
 
-def _neighbours(keep: Tensor, t: Tensor, window: int | None, topk: int | None) -> tuple[Tensor, Tensor]:
-    """Per anchor, the candidate neighbour ids ``[b, n, m]`` and whether each is valid.
-
-    All points by default; the ``window // 2`` positions on each side (CKD); or the ``topk`` nearest
-    points by *teacher* distance (MGSKD), so teacher and student angles are taken over the same triplets.
-    """
+def _neighbours(keep: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
+    """Per anchor, the candidate neighbour ids ``[b, n, m]`` and whether each is valid: all points by default, or
+    the ``window // 2`` positions on each side (CKD)."""
     b, n = keep.shape
     idx = torch.arange(n, device=keep.device)
-    if topk is not None:
-        dist = _pair_dist(t).masked_fill(~_window_pairs(keep, None), float("inf"))
-        near, ids = dist.topk(min(topk, n), dim=-1, largest=False)
-        return ids, near.isfinite()
     if window is None:
         ids = idx.expand(b, n, n)
     else:
@@ -477,16 +470,49 @@ def _neighbours(keep: Tensor, t: Tensor, window: int | None, topk: int | None) -
     return ids, valid
 
 
-def _angles(x: Tensor, ids: Tensor) -> Tensor:
-    """cos of the angle at anchor a between neighbours p and q, ``[b, n, m, m]``, via the Gram matrix.
+def attended_triplets(x: Tensor, keep: Tensor, k: int, heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MGSKD's triplets (Liu et al. 2022): anchors are the ``k`` most attended points, and each anchor's
+    neighbours the ``k`` points it attends to most, in the self-attention of ``x`` itself.
+
+    ``x`` ``[B, n, d]`` (the teacher's states) is split into ``heads`` relation heads; per head the attention is
+    ``softmax_j(x_i . x_j / sqrt(d / heads))`` over kept keys, with kept queries only. A point's global score is
+    the attention it receives, summed over heads and queries; anchor a's local score of j is the attention from
+    a to j summed over heads (j != a). Returns (anchor ids ``[B, k1]``, anchor valid, neighbour ids
+    ``[B, k1, k2]``, neighbour valid) with k1 = k2 = min(k, n).
+    """
+    B, n, d = x.shape
+    if heads < 1 or d % heads:
+        raise RunError(f"angle: option heads={heads} does not divide the width {d}")
+    xh = x.detach().reshape(B, n, heads, d // heads).transpose(1, 2)  # [B, H, n, dh]
+    scores = xh @ xh.transpose(-1, -2) / math.sqrt(d // heads)
+    pair = keep[:, None, :, None] & keep[:, None, None, :]
+    probs = F.softmax(scores.masked_fill(~keep[:, None, None, :], _NEG), dim=-1) * pair
+    m = min(k, n)
+    global_score = probs.sum(dim=(1, 2)).masked_fill(~keep, -math.inf)  # [B, n]: attention received
+    top, anchors = global_score.topk(m, dim=-1)
+    anchor_ok = top.isfinite()
+    local = probs.sum(1)  # [B, n, n]: attention from row to column
+    local = local.masked_fill(~keep[:, None, :], -math.inf)
+    local = local.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device)[None], -math.inf)
+    rows = torch.gather(local, 1, anchors[..., None].expand(B, m, n))  # [B, k1, n]
+    near, ids = rows.topk(m, dim=-1)
+    return anchors, anchor_ok, ids, near.isfinite()
+
+
+def _angles(x: Tensor, ids: Tensor, anchors: Tensor | None = None) -> Tensor:
+    """cos of the angle at anchor a between neighbours p and q, ``[b, A, m, m]``, via the Gram matrix.
 
     (x_p - x_a).(x_q - x_a) = G_pq - G_ap - G_aq + G_aa, so no ``[b, n, m, d]`` difference tensor is built.
+    ``anchors`` ``[b, A]`` picks the anchors (default: every point, A = n); ``ids`` ``[b, A, m]`` their neighbours.
     """
-    b, n, m = ids.shape
+    b, n_anchor, m = ids.shape
     gram = x @ x.transpose(1, 2)
     bi = torch.arange(b, device=x.device)[:, None, None]
-    g_aa = gram.diagonal(dim1=1, dim2=2)[:, :, None]
-    g_ap = gram[bi, torch.arange(n, device=x.device)[None, :, None], ids]
+    if anchors is None:
+        anchors = torch.arange(n_anchor, device=x.device)[None, :].expand(b, n_anchor)
+    g_diag = gram.diagonal(dim1=1, dim2=2)
+    g_aa = torch.gather(g_diag, 1, anchors)[:, :, None]
+    g_ap = gram[bi, anchors[:, :, None], ids]
     g_pp = gram[bi, ids, ids]
     g_pq = gram[bi[..., None], ids[..., :, None], ids[..., None, :]]
     dots = g_pq - g_ap[..., :, None] - g_ap[..., None, :] + g_aa[..., None]
@@ -507,23 +533,34 @@ def angle(
 ) -> Tensor:
     """Triplet-angle relation loss (CKD, MGSKD, RKD angle).
 
-    For every kept anchor a and two distinct neighbours p, q the cosine of the angle p-a-q is computed on
-    each side; the loss is smooth-L1 (``beta``) between teacher and student cosines, mean over triplets.
-    Neighbours: all kept points (O(n^3) memory per example), the points within ``window // 2`` of the
-    anchor (CKD), or the ``topk`` (the language's ``top_k``) nearest to it in the teacher (MGSKD). ``heads``
-    relates each of that many feature slices separately.
+    For an anchor a and two distinct neighbours p, q the cosine of the angle p-a-q is computed on each side;
+    the loss is smooth-L1 (``beta``) between teacher and student cosines, mean over triplets. By default every
+    kept point is an anchor and its neighbours are all kept points (O(n^3) memory per example), or the points
+    within ``window // 2`` of it (CKD); ``heads`` then relates each of that many feature slices separately
+    (MGSKD's sample level). ``topk`` (the language's ``top_k``) gives MGSKD's token- and span-level triplets
+    (``attended_triplets``): the k most attended points of the *teacher* are the anchors, and the k points each
+    anchor attends to most its neighbours, with the attention over ``heads`` relation heads (default 1); the
+    angles of those triplets are taken on the whole vectors of both sides.
     """
     if top_k is not None:
         if topk is not None and topk != top_k:
             raise RunError(f"angle: options topk={topk} and top_k={top_k} disagree; give one")
         topk = top_k
     _check_window("angle", window, topk)
-    t, s, keep = _as_sets("angle", target, pred, mask, heads)
-    ids, valid = _neighbours(keep, t, window, topk)
+    if topk is not None:
+        raw_t, _, keep = _as_sets("angle", target, pred, mask, None, center=False)
+        anchors, anchor_ok, ids, valid = attended_triplets(raw_t, keep, topk, heads or 1)
+        t, s, _ = _as_sets("angle", target, pred, mask, None)
+        a_t, a_s = _angles(t, ids, anchors), _angles(s, ids, anchors)
+        anchor_ok = anchor_ok & torch.gather(keep, 1, anchors)
+    else:
+        t, s, keep = _as_sets("angle", target, pred, mask, heads)
+        ids, valid = _neighbours(keep, window)
+        a_t, a_s = _angles(t, ids), _angles(s, ids)
+        anchor_ok = keep
     m = ids.shape[-1]
     distinct = ~torch.eye(m, dtype=torch.bool, device=ids.device)
-    triplets = keep[:, :, None, None] & valid[..., :, None] & valid[..., None, :] & distinct
-    a_t, a_s = _angles(t, ids), _angles(s, ids)
+    triplets = anchor_ok[:, :, None, None] & valid[..., :, None] & valid[..., None, :] & distinct
     return _masked_mean(F.smooth_l1_loss(a_s, a_t, beta=beta, reduction="none"), triplets)
 
 

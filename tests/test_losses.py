@@ -369,19 +369,39 @@ def naive_cos_angle(x, a, p, q):
     return dot / (math.sqrt(sum(m * m for m in u)) * math.sqrt(sum(n * n for n in v)))
 
 
-def naive_angle_loss(t, s, mask, window=None, topk=None, beta=1.0):
+def naive_attention(x, real, heads):
+    """att[h][i][j]: softmax over the real keys j of x_i . x_j / sqrt(d_h) in relation head h (real queries i)."""
+    d = len(x[0]) // heads
+    att = []
+    for h in range(heads):
+        part = [row[h * d:(h + 1) * d] for row in x]
+        rows = {}
+        for i in real:
+            logits = {j: sum(a * b for a, b in zip(part[i], part[j])) / math.sqrt(d) for j in real}
+            top = max(logits.values())
+            z = sum(math.exp(v - top) for v in logits.values())
+            rows[i] = {j: math.exp(v - top) / z for j, v in logits.items()}
+        att.append(rows)
+    return att
+
+
+def naive_angle_loss(t, s, mask, window=None, topk=None, beta=1.0, heads=1):
     vals = []
     for b in range(t.shape[0]):
         tl, sl = t[b].double().tolist(), s[b].double().tolist()
         n = len(tl)
-        for a in range(n):
-            if not mask[b, a]:
-                continue
-            cand = [j for j in range(n) if j != a and mask[b, j]]
+        real = [j for j in range(n) if mask[b, j]]
+        anchors = real
+        if topk is not None:  # MGSKD: the k most attended tokens of the teacher, each with the k it attends to most
+            att = naive_attention(tl, real, heads)
+            received = {j: sum(att[h][i][j] for h in range(heads) for i in real) for j in real}
+            anchors = sorted(real, key=lambda j: -received[j])[:topk]
+        for a in anchors:
+            cand = [j for j in real if j != a]
             if window is not None:
                 cand = [j for j in cand if abs(j - a) <= window // 2]
             if topk is not None:
-                cand = sorted(cand, key=lambda j: naive_dist(tl, a, j))[:topk]
+                cand = sorted(cand, key=lambda j: -sum(att[h][a][j] for h in range(heads)))[:topk]
             for p in cand:
                 for q in cand:
                     if p == q:
@@ -391,12 +411,25 @@ def naive_angle_loss(t, s, mask, window=None, topk=None, beta=1.0):
     return naive_mean(vals)
 
 
-@pytest.mark.parametrize("window,topk", [(None, None), (3, None), (None, 3)])
-def test_angle_matches_naive(window, topk):
+@pytest.mark.parametrize("window,topk,heads", [(None, None, None), (3, None, None), (None, 3, None), (None, 3, 2),
+                                              (None, 2, 4)])
+def test_angle_matches_naive(window, topk, heads):
     t, s = rnd(B, S, D), rnd(B, S, 5, seed=1)
     mask = token_mask()
-    got = grad_check(L.angle, t, s, mask=mask, window=window, topk=topk, beta=0.5)
-    assert got.item() == pytest.approx(naive_angle_loss(t, s, mask, window, topk, beta=0.5), rel=1e-4, abs=1e-6)
+    got = grad_check(L.angle, t, s, mask=mask, window=window, topk=topk, beta=0.5, heads=heads)
+    want = naive_angle_loss(t, s, mask, window, topk, beta=0.5, heads=heads or 1)
+    assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_angle_top_k_picks_the_most_attended_tokens_not_the_nearest():
+    # token 0 is far from everything but, with a large norm along the shared direction, every query attends to it
+    t = torch.zeros(1, 4, 2)
+    t[0, :, 0] = torch.tensor([6.0, 1.0, 1.1, 0.9])
+    t[0, :, 1] = torch.tensor([0.0, 0.3, -0.2, 0.1])
+    keep = torch.ones(1, 4, dtype=torch.bool)
+    anchors, ok, ids, valid = L.attended_triplets(t, keep, 2, 1)
+    assert ok.all() and anchors[0, 0] == 0  # the most attended point is an anchor
+    assert bool(valid.all()) and (ids[0] == 0).any()  # and the others attend to it most
 
 
 def test_relations_are_zero_for_scaled_rotated_copies():

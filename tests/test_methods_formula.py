@@ -180,15 +180,33 @@ def distance_loop(t, s, heads=1, window=None):
     return sum(losses) / max(len(losses), 1)
 
 
+def mgskd_triplets(x_t, heads, k):
+    """MGSKD (Liu et al. 2022, the authors' TokenPhraseLoss): in the teacher's self-attention over `heads`
+    relation heads, the k most attended tokens are the anchors and each anchor's k most attended tokens (itself
+    excluded) its neighbours."""
+    n, d = x_t.shape
+    xh = x_t.reshape(n, heads, d // heads).transpose(0, 1)
+    att = F.softmax(xh @ xh.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)  # [H, n, n]
+    anchors = att.sum((0, 1)).topk(min(k, n)).indices.tolist()
+    local = att.sum(0)
+    out = []
+    for a in anchors:
+        row = local[a].clone()
+        row[a] = -1.0
+        out.append((a, row.topk(min(k, n - 1)).indices.tolist()))
+    return out
+
+
 def angle_loop(t, s, heads=1, window=None, topk=None):
     losses = []
-    for x_t, x_s in _sets(t, s, heads):
+    for x_t, x_s in (_sets(t, s, 1) if topk is not None else _sets(t, s, heads)):
         n = len(x_t)
-        for a in range(n):
-            if topk is not None:
-                near = sorted((j for j in range(n) if j != a), key=lambda j: float((x_t[j] - x_t[a]).norm()))[:topk]
-            else:
-                near = [j for j in range(n) if j != a and (window is None or abs(j - a) <= window // 2)]
+        if topk is not None:  # the triplets come from the teacher's attention; the angles use whole vectors
+            plan = mgskd_triplets(x_t, heads, topk)
+        else:
+            plan = [(a, [j for j in range(n) if j != a and (window is None or abs(j - a) <= window // 2)])
+                    for a in range(n)]
+        for a, near in plan:
             for p, q in itertools.permutations(near, 2):
                 cos_t = F.cosine_similarity(x_t[p] - x_t[a], x_t[q] - x_t[a], dim=0, eps=1e-12)
                 cos_s = F.cosine_similarity(x_s[p] - x_s[a], x_s[q] - x_s[a], dim=0, eps=1e-12)
@@ -332,7 +350,9 @@ def test_mgskd_token_span_and_sample_structure(tdir):
     assert bounds[-1][1] == int(MASK.sum(1).min()) and all(e - s_ <= max(1, int(0.4 * 4)) for s_, e in bounds)
     pool = lambda x: torch.stack([x[:, a:b].mean(1) for a, b in bounds], 1)  # noqa: E731
     want += distance_loop(pool(token_t), pool(token_s), heads=2) + angle_loop(pool(token_t), pool(token_s), heads=2, topk=3)
-    want += 4 * angle_loop(cls(t[("hidden", 3)]), cls(s[("hidden", 1)]))
+    # sample level (the authors' SampleLoss): angles among the examples' mean-pooled states, over relation heads
+    pooled = lambda x: (x * MASK[..., None]).sum(1) / MASK.sum(1, keepdim=True)  # noqa: E731
+    want += 4 * angle_loop(pooled(t[("hidden", 3)]), pooled(s[("hidden", 1)]), heads=2)
     close(value, want)
 
 

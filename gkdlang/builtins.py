@@ -137,7 +137,7 @@ INTERVENTIONS: dict[str, InterventionDef] = {
                                       "Theseus module replacement: teacher block groups swapped for student blocks"),
     "interchange": InterventionDef({"fraction": "fraction", "map": "map", "way": "symbol"}, True,
                                    "DIITO interchange intervention: a second pass with swapped token-span states"),
-    "perturb": InterventionDef({"eps": "number"}, True,
+    "perturb": InterventionDef({"eps": "number", "norm": "symbol"}, True,
                                "LRC-BERT gradient perturbation of the student's embeddings: two passes per step"),
     "drop": InterventionDef({"p": "fraction", "per": "symbol"}, False,
                             "DGKD: each group of terms dropped with probability p per step (per: teacher, one group "
@@ -157,6 +157,8 @@ STRICT_METHODS: dict[str, tuple[str, str]] = {
 }
 
 WEIGH_BY = ("teacher_ce", "student_entropy")
+#: how perturb normalises the embedding gradient: over the whole micro-batch, or each position on its own
+PERTURB_NORMS = ("batch", "token")
 EVERY = ("step", "epoch")
 INTERCHANGE_WAYS = ("consecutive", "random", "masked")
 POLICIES = ("reinforce",)

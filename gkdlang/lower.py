@@ -1472,11 +1472,14 @@ class _Lowerer:
         eps = self._num(kw["eps"], "eps", scope) if "eps" in kw else 1e-5
         if eps <= 0:
             raise self.err("bad-value", kw["eps"].span, "eps must be positive")
+        norm = self._symbol_value(kw.get("norm"), "norm", B.PERTURB_NORMS, scope, "batch")
         iv = Intervention(kind="perturb", models=[s], span=e.span, params={
-            "model": s, "on": "embeddings", "eps": eps, "direction": "gradient", "norm": "l2", "passes": 2,
-            "first_pass_grads": "discarded", "grad_accumulation": False,
+            "model": s, "on": "embeddings", "eps": eps, "direction": "gradient", "norm": "l2", "over": norm,
+            "passes": 2, "first_pass_grads": "discarded", "grad_accumulation": False,
             "meaning": "pass 1 computes the stage loss and its gradient g w.r.t. the embedding output e; pass 2 "
-                       "recomputes every term with e + eps * g / ||g||; only pass 2's gradients update the weights"})
+                       "recomputes every term with e + eps * g / ||g|| (over: batch, the L2 norm of the whole "
+                       "micro-batch's g; over: token, of each position's g, as GKD's F.normalize(g, dim=-1)); a "
+                       "non-finite g perturbs nothing; only pass 2's gradients update the weights"})
         return Objective((), (iv,))
 
     def _iv_drop(self, e: ast.Call, scope: Scope) -> Objective:

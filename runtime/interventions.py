@@ -572,11 +572,18 @@ def _input_edit(block: nn.Module, edit: Callable[[Tensor], Tensor]) -> Iterator[
         handle.remove()
 
 
-def perturbation(grad: Tensor | None, like: Tensor, eps: float) -> Tensor:
-    """``eps * g / ||g||_2`` over the whole micro-batch's embedding output (zero where there is no gradient)."""
-    if grad is None:
+def perturbation(grad: Tensor | None, like: Tensor, eps: float, over: str = "batch") -> Tensor:
+    """``eps * g / ||g||_2``: the norm of the whole micro-batch's embedding gradient (``over="batch"``) or of each
+    position's (``over="token"``, GKD's ``F.normalize(g, p=2, dim=-1)``). Zero where there is no gradient, and for
+    a gradient that is not finite (GKD skips the perturbation then)."""
+    if grad is None or not bool(torch.isfinite(grad).all()):
         return torch.zeros_like(like)
-    return (eps * grad / grad.float().norm().clamp_min(1e-12)).detach().to(like.dtype)
+    g = grad.float()
+    if over == "token":
+        return (eps * F.normalize(g, p=2, dim=-1)).detach().to(like.dtype)
+    if over != "batch":
+        raise RunError(f"perturb: over '{over}' is not one of batch, token")
+    return (eps * g / g.norm().clamp_min(1e-12)).detach().to(like.dtype)
 
 
 class Perturb(Base):
@@ -589,6 +596,7 @@ class Perturb(Base):
     def __init__(self, iv: Intervention, setup: Setup) -> None:
         super().__init__(iv, setup)
         self.eps = float(self.params_.get("eps", 1e-5))
+        self.over = str(self.params_.get("over", "batch"))
         if self.params_.get("on", "embeddings") != "embeddings" or self.params_.get("direction", "gradient") != \
                 "gradient":
             raise RunError("perturb: only the gradient direction on the embeddings is implemented")
@@ -608,7 +616,7 @@ class Perturb(Base):
         grad = None
         if loss.requires_grad and e.requires_grad:
             (grad,) = torch.autograd.grad(loss, e, allow_unused=True)
-        delta = perturbation(grad, e, self.eps)
+        delta = perturbation(grad, e, self.eps, self.over)
         with _input_edit(block0, lambda x: x + delta):
             return run()
 

@@ -378,3 +378,22 @@ def test_teacher_list_bad_input_has_a_code_and_position(loss, extra, code, at):
         assert d.span.line == 8 and d.span.col == line.index(at) + 1, (d.span, line)
     else:  # inside the library: the message names the library line, the related span the user's call
         assert d.span.file.startswith("<stdlib>/") and any(r[0].file == "t.gkd" and r[0].line == 8 for r in d.related)
+
+
+def test_lrc_bert_perturbs_each_position_by_its_unit_gradient():
+    (iv,) = stage("lrc_bert", "contrast").interventions
+    assert (iv.params["eps"], iv.params["over"]) == (1.0, "token")
+    text = PERTURB.format(opts="eps: 0.5, norm: tokens")
+    result = check_source(text, "q.gkd", base_dir=CASES)
+    (d,) = [d for d in result.diagnostics if d.severity == "error"]
+    line = text.splitlines()[d.span.line - 1]
+    assert (d.code, d.span.line, d.span.col) == ("bad-value", 4, line.index("tokens") + 1) and "batch, token" in d.message
+    ok = check_source(PERTURB.format(opts="norm: batch"), "q.gkd", base_dir=CASES).spec.stages[0].interventions[0]
+    assert (ok.params["eps"], ok.params["over"]) == (1e-5, "batch")
+
+
+PERTURB = """teacher bert = hf("tiny-bert") {{ head: classify(2) }}
+student small = like(bert) {{ layers: 2, head: classify(2) }}
+data d = jsonl("data/sst2.jsonl") {{ text: sentence, label: label }}
+stage s {{ data: d, steps: 10, loss: kl(bert.task_logits, small.task_logits) + perturb(small, {opts}) }}
+"""

@@ -713,13 +713,15 @@ def test_diito_interchange_pass_takes_the_next_examples_states(tdir):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_lrc_bert_perturbation_moves_embeddings_along_the_first_pass_gradient(tdir):
+@pytest.mark.parametrize("over", ["token", "batch"])
+def test_lrc_bert_perturbation_moves_embeddings_along_the_first_pass_gradient(tdir, over):
     from planner.plan import CapturePoint, ModelCapture
     from runtime.adapters import capture
 
     spec = stages(tdir, "use lrc_bert\nstage a { data: sst2, steps: 4, micro_batch: 4, batch: 4, loss: lrc_bert(bert, small) }")
     (iv,) = ivs.build(spec.stages[0], spec.models, SEED, 1e-3)
-    iv.eps = 0.5  # large enough to change the loss visibly
+    assert (iv.eps, iv.over) == (1.0, "token")  # the library's default: GKD's per-position unit gradient
+    iv.over = over
     model = _bert(2, 5)
     batch = {"input_ids": torch.randint(1, V, (B, S)), "attention_mask": torch.ones(B, S, dtype=torch.long)}
     plan = ModelCapture(model="small", points=[CapturePoint(kind="task_logits")], stop_after_layer=None, needs_head=True)
@@ -741,10 +743,21 @@ def test_lrc_bert_perturbation_moves_embeddings_along_the_first_pass_gradient(td
         return loss_of(model.classifier(model.bert.pooler(x)))
 
     (g,) = torch.autograd.grad(from_embeddings(e), e)
-    want = from_embeddings(e + 0.5 * g / g.norm())
+    if over == "token":  # GKD: hidden_states + F.normalize(grad, p=2, dim=-1), each position a unit step
+        delta = g / g.norm(dim=-1, keepdim=True)
+    else:
+        delta = g / g.norm()
+    want = from_embeddings(e + delta)
     close(float(got), want)
     assert float(got) > float(from_embeddings(e))  # a step up the loss
     assert all(p.grad is None for p in model.parameters())  # pass 1 left no weight gradient
+
+
+def test_perturbation_of_a_non_finite_gradient_is_zero():
+    g = torch.tensor([[1.0, float("nan")], [3.0, 4.0]])
+    assert torch.equal(ivs.perturbation(g, g, 1.0, "token"), torch.zeros(2, 2))
+    torch.testing.assert_close(ivs.perturbation(g.nan_to_num(0.0), g, 2.0, "token"),
+                               torch.tensor([[2.0, 0.0], [1.2, 1.6]]))
 
 
 def test_every_intervention_kind_of_the_language_has_a_runtime_class():

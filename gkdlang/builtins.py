@@ -74,7 +74,7 @@ DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd"})
 #: transform -> options (keyword -> kind)
 TRANSFORMS: dict[str, dict[str, str]] = {
     "project": {"to": "model", "dim": "int", "shared": "bool"},
-    "relation": {"heads": "int"},
+    "relation": {"heads": "int", "softmax": "bool"},
     "pool": {"how": "symbol"},
     "normalize": {},
     "select": {"vocab": "name"},

@@ -1677,8 +1677,10 @@ class _Lowerer:
             if it.feat.dim % heads:
                 raise self.err("relation-heads", (kw.get("heads") or e).span,
                                f"{heads} relation heads do not divide width {it.feat.dim} of {_describe(it)}")
-            node = OpNode(op="relation", inputs=[it.node], params={"heads": heads})
-            items.append(replace(it, node=node, feat=Feat("relation", heads=heads, probs=True)))
+            softmax = self._bool(kw["softmax"], "softmax", scope) if "softmax" in kw else True
+            params = {"heads": heads} if softmax else {"heads": heads, "softmax": False}
+            node = OpNode(op="relation", inputs=[it.node], params=params)
+            items.append(replace(it, node=node, feat=Feat("relation", heads=heads, probs=softmax)))
         return replace(xs, items=tuple(items))
 
     def _default_heads(self, it: Item) -> int:

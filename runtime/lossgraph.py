@@ -271,7 +271,8 @@ class LossGraph(nn.Module):
         pred = self._eval(term.pred, signals, ctx)
         mask = MASKS[term.mask](batch) if term.mask is not None else None
         options = {k: _value(v, ctx.progress, ctx.step, ctx.epoch) for k, v in term.options.items()}
-        if pred.dim() == 4 and "key_mask" not in options and term.id in self._key_masked:
+        if (pred.dim() == 4 and "key_mask" not in options and term.id in self._key_masked
+                and pred.shape[-1] == batch["attention_mask"].shape[-1]):  # (relations of pooled spans have none)
             # attention-shaped signals: padded keys never count, whatever the query mask
             options["key_mask"] = batch["attention_mask"].bool()
         return target, pred, mask, options
@@ -346,7 +347,10 @@ def _heads(graph: LossGraph, node: OpNode, params: dict[str, Any]) -> int:
 
 def _op_relation(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
     mask = ctx.batch["attention_mask"].bool()
-    return T.relation(xs[0], _heads(graph, node, params), mask, log=bool(params.get("log", False)))
+    if xs[0].dim() == 3 and xs[0].shape[1] != mask.shape[1]:  # pooled spans: every position is real
+        mask = None
+    return T.relation(xs[0], _heads(graph, node, params), mask, log=bool(params.get("log", False)),
+                      softmax=bool(params.get("softmax", True)))
 
 
 def _op_pool(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:

@@ -40,12 +40,14 @@ class Projection(nn.Module):
         return self.linear(x.to(self.linear.weight.dtype))
 
 
-def relation(x: Tensor, heads: int, mask: Tensor | None = None, *, log: bool = False) -> Tensor:
+def relation(x: Tensor, heads: int, mask: Tensor | None = None, *, log: bool = False, softmax: bool = True) -> Tensor:
     """MiniLM / MiniLMv2 self-relation: ``softmax(X_r X_r^T / sqrt(d_r))`` per relation head.
 
     ``x`` ``[b, s, width]`` is split into ``heads`` heads of ``d_r = width / heads``; padded keys
     (``mask`` False) get probability 0. Returns ``[b, heads, s, s]`` probabilities, or log-probabilities
     with ``log=True`` (then ``kl(..., inputs="log_probs")`` avoids a log of a rounded probability).
+    ``softmax=False`` returns the scaled scores ``X_r X_r^T / sqrt(d_r)`` themselves, 0 wherever the query or
+    the key is padded (MGSKD's pair-wise token relations).
     """
     if x.dim() != 3:
         raise RunError(f"relation: input must be [batch, seq, width], got {_shape(x)}")
@@ -55,9 +57,14 @@ def relation(x: Tensor, heads: int, mask: Tensor | None = None, *, log: bool = F
     d_r = width // heads
     xr = x.float().reshape(b, s, heads, d_r).transpose(1, 2)
     scores = xr @ xr.transpose(-1, -2) / math.sqrt(d_r)
+    if mask is not None and mask.shape != (b, s):
+        raise RunError(f"relation: mask shape {_shape(mask)} does not match input {_shape(x)}")
+    if not softmax:
+        if mask is None:
+            return scores
+        pair = mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :]
+        return scores * pair
     if mask is not None:
-        if mask.shape != (b, s):
-            raise RunError(f"relation: mask shape {_shape(mask)} does not match input {_shape(x)}")
         # a finite fill keeps a row with no real key finite (uniform) instead of NaN
         scores = scores.masked_fill(~mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
     out = F.log_softmax(scores, dim=-1)

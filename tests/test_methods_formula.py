@@ -345,11 +345,27 @@ def test_mgskd_token_span_and_sample_structure(tdir):
     t, s = sig["bert"], sig["small"]
     value, parts, _, _ = total(spec, 0, sig, batch, step=5)
     token_t, token_s = t[("hidden", 1)], s[("hidden", 0)]
-    want = distance_loop(token_t, token_s, heads=2) + angle_loop(token_t, token_s, heads=2, topk=3)
+
+    def pair_mse(x_t, x_s, mask=None):
+        """The authors' pair loss: per relation head the scaled dot products x_i . x_j / sqrt(d_h), squared
+        difference summed over the real (i, j) pairs of every head, divided by their count."""
+        total_sq, count = 0.0, 0
+        for b in range(x_t.shape[0]):
+            real = range(x_t.shape[1]) if mask is None else [i for i in range(x_t.shape[1]) if mask[b, i]]
+            for h in range(2):
+                dt, ds = x_t.shape[-1] // 2, x_s.shape[-1] // 2
+                a, c = x_t[b, :, h * dt:(h + 1) * dt], x_s[b, :, h * ds:(h + 1) * ds]
+                for i in real:
+                    for j in real:
+                        total_sq += float(a[i] @ a[j] / math.sqrt(dt) - c[i] @ c[j] / math.sqrt(ds)) ** 2
+                        count += 1
+        return total_sq / count
+
+    want = pair_mse(token_t, token_s, MASK) + angle_loop(token_t, token_s, heads=2, topk=3)
     bounds = span_segmentation(SEED, 5, batch, 0.4)
     assert bounds[-1][1] == int(MASK.sum(1).min()) and all(e - s_ <= max(1, int(0.4 * 4)) for s_, e in bounds)
     pool = lambda x: torch.stack([x[:, a:b].mean(1) for a, b in bounds], 1)  # noqa: E731
-    want += distance_loop(pool(token_t), pool(token_s), heads=2) + angle_loop(pool(token_t), pool(token_s), heads=2, topk=3)
+    want += pair_mse(pool(token_t), pool(token_s)) + angle_loop(pool(token_t), pool(token_s), heads=2, topk=3)
     # sample level (the authors' SampleLoss): angles among the examples' mean-pooled states, over relation heads
     pooled = lambda x: (x * MASK[..., None]).sum(1) / MASK.sum(1, keepdim=True)  # noqa: E731
     want += 4 * angle_loop(pooled(t[("hidden", 3)]), pooled(s[("hidden", 1)]), heads=2)

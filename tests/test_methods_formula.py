@@ -183,7 +183,7 @@ def distance_loop(t, s, heads=1, window=None):
 def mgskd_triplets(x_t, heads, k):
     """MGSKD (Liu et al. 2022, the authors' TokenPhraseLoss): in the teacher's self-attention over `heads`
     relation heads, the k most attended tokens are the anchors and each anchor's k most attended tokens (itself
-    excluded) its neighbours."""
+    excluded) its neighbours (positions are indices into x_t, the example's real tokens)."""
     n, d = x_t.shape
     xh = x_t.reshape(n, heads, d // heads).transpose(0, 1)
     att = F.softmax(xh @ xh.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)  # [H, n, n]
@@ -197,9 +197,17 @@ def mgskd_triplets(x_t, heads, k):
     return out
 
 
-def angle_loop(t, s, heads=1, window=None, topk=None):
+def angle_loop(t, s, heads=1, window=None, topk=None, mask=None):
+    """Mean over every triplet of every example (and head) of smooth L1 between the two sides' cos(p-a-q);
+    with `mask` ([b, s] for [b, s, d] inputs) only each example's real tokens take part."""
+    if mask is not None:
+        t = [t[b][mask[b]] for b in range(t.shape[0])]
+        s = [s[b][mask[b]] for b in range(len(t))]
+        sets = [pair for x_t, x_s in zip(t, s) for pair in _sets(x_t[None], x_s[None], 1 if topk is not None else heads)]
+    else:
+        sets = list(_sets(t, s, 1) if topk is not None else _sets(t, s, heads))
     losses = []
-    for x_t, x_s in (_sets(t, s, 1) if topk is not None else _sets(t, s, heads)):
+    for x_t, x_s in sets:
         n = len(x_t)
         if topk is not None:  # the triplets come from the teacher's attention; the angles use whole vectors
             plan = mgskd_triplets(x_t, heads, topk)
@@ -361,7 +369,7 @@ def test_mgskd_token_span_and_sample_structure(tdir):
                         count += 1
         return total_sq / count
 
-    want = pair_mse(token_t, token_s, MASK) + angle_loop(token_t, token_s, heads=2, topk=3)
+    want = pair_mse(token_t, token_s, MASK) + angle_loop(token_t, token_s, heads=2, topk=3, mask=MASK)
     bounds = span_segmentation(SEED, 5, batch, 0.4)
     assert bounds[-1][1] == int(MASK.sum(1).min()) and all(e - s_ <= max(1, int(0.4 * 4)) for s_, e in bounds)
     pool = lambda x: torch.stack([x[:, a:b].mean(1) for a, b in bounds], 1)  # noqa: E731

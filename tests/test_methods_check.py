@@ -397,3 +397,13 @@ student small = like(bert) {{ layers: 2, head: classify(2) }}
 data d = jsonl("data/sst2.jsonl") {{ text: sentence, label: label }}
 stage s {{ data: d, steps: 10, loss: kl(bert.task_logits, small.task_logits) + perturb(small, {opts}) }}
 """
+
+
+def test_relation_scores_option():
+    text = STAIRS.format(loss="mse(relation(bert.hidden[1], heads: 2, softmax: false), relation(small.hidden[1], heads: 2, "
+                              "softmax: false)) where not pad")
+    (term,) = check_source(text, "r.gkd", base_dir=CASES).spec.stages[0].loss
+    assert term.pred.params == {"heads": 2, "softmax": False} and term.mask == "not pad"
+    bad = STAIRS.format(loss="mse(relation(bert.hidden[1], softmax: 3), relation(small.hidden[1]))")
+    (d,) = [d for d in check_source(bad, "r.gkd", base_dir=CASES).diagnostics if d.severity == "error"]
+    assert (d.code, d.span.line, d.span.col) == ("type-mismatch", 4, bad.splitlines()[3].index("3)") + 1)

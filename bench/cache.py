@@ -89,7 +89,9 @@ def bytes_and_kl(work: Path, lines: int, batch: int, seq: int, T: float) -> None
     from runtime.lossgraph import LossGraph
 
     data = _subset(HELDOUT, lines, work / "heldout.txt")
-    spec = _spec(work / "heldout.gkd", spec_text(data, steps=1, batch=batch, seq=seq, T=T, cache="topk()"))
+    # its own cache folder: the epoch benchmark caches other data at another T in the same work folder
+    spec = _spec(work / "heldout.gkd", spec_text(data, steps=1, batch=batch, seq=seq, T=T,
+                                                 cache=f'topk(path: "{work / "cache-heldout"}")'))
     job = _job(spec, work)
     start = time.perf_counter()
     res = cache.write_cache(job)

@@ -265,14 +265,44 @@ def test_every_method_spec_has_a_tiny_variant():
     assert names == set(SPECS)
 
 
-def test_interrupted_run_with_random_interventions_resumes_exactly(workdir, monkeypatch):
-    """RL-KD's agent (trained, with a reward baseline), Theseus' random replacement and per-micro-batch draws:
-    a run that crashes after its step-2 checkpoint and is resumed ends with the uninterrupted weights."""
+def crash_and_resume(workdir: Path, monkeypatch, text: str, name: str, crash_after: int):
+    """Run ``text`` straight, then again crashing at step ``crash_after + 1`` and resuming from the checkpoint.
+
+    Returns (straight run dir, resumed run dir, the resumed run's result)."""
     from gkdlang.lower import check_file
     from planner.build import build_plan
     from runtime import recipe
     from runtime.errors import RunError
 
+    path = workdir / f"{name}.gkd"
+    path.write_text(text)
+    spec = check_file(path).spec
+    outs = {}
+    for arm in ("straight", "crashed"):
+        plan_path = workdir / f"{name}-{arm}.json"
+        plan_path.write_text(build_plan(spec, gkdc_version="t", spec_path=str(path)).model_dump_json())
+        outs[arm] = (plan_path, workdir / f"{name}-{arm}")
+    plan_path, out = outs["straight"]
+    recipe.run(recipe.Plan.model_validate_json(plan_path.read_text()), plan_path, out, resume=False, progress=False)
+    real_step = recipe.train_step
+
+    def crash(env, live, batches, step):
+        if step == crash_after:
+            raise RunError("simulated crash")
+        return real_step(env, live, batches, step)
+
+    plan_path, out = outs["crashed"]
+    plan = recipe.Plan.model_validate_json(plan_path.read_text())
+    monkeypatch.setattr(recipe, "train_step", crash)
+    with pytest.raises(RunError, match="simulated crash"):
+        recipe.run(plan, plan_path, out, resume=False, progress=False)
+    monkeypatch.setattr(recipe, "train_step", real_step)
+    return outs["straight"][1], out, recipe.run(plan, plan_path, out, resume=True, progress=False)
+
+
+def test_interrupted_run_with_random_interventions_resumes_exactly(workdir, monkeypatch):
+    """RL-KD's agent (trained, with a reward baseline), Theseus' random replacement and per-micro-batch draws:
+    a run that crashes after its step-2 checkpoint and is resumed ends with the uninterrupted weights."""
     from test_recipe import student_tensors
 
     text = header("bert") + teacher("bert", "bert") + teacher("base", "bert", 2) + teacher("semantic", "bert", 2, "none")
@@ -281,33 +311,9 @@ student small = like(bert) { layers: 2, head: classify(2), init: copy(bert, laye
 stage select { data: sst2, steps: 5, batch: 8, micro_batch: 4, save_every: 2,
   loss: rl_kd([base, bert], small, semantic, T: 10) + replace_layers(bert, small, p: linear(0.3, 1, until: 66%)) }
 """
-    path = workdir / "resume.gkd"
-    path.write_text(text)
-    spec = check_file(path).spec
-    outs = {}
-    for name in ("straight", "crashed"):
-        plan_path = workdir / f"resume-{name}.json"
-        plan_path.write_text(build_plan(spec, gkdc_version="t", spec_path=str(path)).model_dump_json())
-        outs[name] = (plan_path, workdir / f"resume-{name}")
-    plan_path, out = outs["straight"]
-    recipe.run(recipe.Plan.model_validate_json(plan_path.read_text()), plan_path, out, resume=False, progress=False)
-
-    real_step = recipe.train_step
-
-    def crash_at_4(env, live, batches, step):
-        if step == 3:
-            raise RunError("simulated crash")
-        return real_step(env, live, batches, step)
-
-    plan_path, out = outs["crashed"]
-    plan = recipe.Plan.model_validate_json(plan_path.read_text())
-    monkeypatch.setattr(recipe, "train_step", crash_at_4)
-    with pytest.raises(RunError, match="simulated crash"):
-        recipe.run(plan, plan_path, out, resume=False, progress=False)
-    monkeypatch.setattr(recipe, "train_step", real_step)
-    result = recipe.run(plan, plan_path, out, resume=True, progress=False)
+    straight_dir, out, result = crash_and_resume(workdir, monkeypatch, text, "resume", crash_after=3)
     assert result.resumed_from == "select:2"
-    straight, resumed = student_tensors(outs["straight"][1]), student_tensors(out)
+    straight, resumed = student_tensors(straight_dir), student_tensors(out)
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
@@ -316,41 +322,14 @@ stage select { data: sst2, steps: 5, batch: 8, micro_batch: 4, save_every: 2,
 def test_sid_plateau_unlocks_during_a_run_and_resumes_exactly(workdir, monkeypatch):
     """SID's plateau state (current layer, best window, count) is checkpointed with the student: a run that crashes
     after its step-4 checkpoint and is resumed unlocks at the same steps and ends with the uninterrupted weights."""
-    from gkdlang.lower import check_file
-    from planner.build import build_plan
-    from runtime import recipe
-    from runtime.errors import RunError
-
     from test_recipe import student_tensors
 
     text = header("bert") + teacher("bert", "bert") + """use sid
 student small = like(bert) { layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }
 stage finetune { data: sst2, steps: 9, batch: 8, save_every: 4, loss: sid(bert, small, patience: 1, window: 2, min_delta: 10) }
 """
-    path = workdir / "sid-resume.gkd"
-    path.write_text(text)
-    spec = check_file(path).spec
-    outs = {}
-    for name in ("straight", "crashed"):
-        plan_path = workdir / f"sid-{name}.json"
-        plan_path.write_text(build_plan(spec, gkdc_version="t", spec_path=str(path)).model_dump_json())
-        outs[name] = (plan_path, workdir / f"sid-{name}")
-    plan_path, out = outs["straight"]
-    recipe.run(recipe.Plan.model_validate_json(plan_path.read_text()), plan_path, out, resume=False, progress=False)
-    real_step = recipe.train_step
-
-    def crash_at_6(env, live, batches, step):
-        if step == 5:
-            raise RunError("simulated crash")
-        return real_step(env, live, batches, step)
-
-    plan_path, out = outs["crashed"]
-    plan = recipe.Plan.model_validate_json(plan_path.read_text())
-    monkeypatch.setattr(recipe, "train_step", crash_at_6)
-    with pytest.raises(RunError, match="simulated crash"):
-        recipe.run(plan, plan_path, out, resume=False, progress=False)
-    monkeypatch.setattr(recipe, "train_step", real_step)
-    assert recipe.run(plan, plan_path, out, resume=True, progress=False).resumed_from == "finetune:4"
+    straight_dir, out, result = crash_and_resume(workdir, monkeypatch, text, "sid", crash_after=5)
+    assert result.resumed_from == "finetune:4"
 
     def phases(out_dir):
         records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -358,7 +337,7 @@ stage finetune { data: sst2, steps: 9, batch: 8, save_every: 4, loss: sid(bert, 
 
     # min_delta 10: no window ever improves on the first, so with window 2 and patience 1 a layer unlocks every
     # 4 steps: layer 0 for steps 1-4, layers 0 and 1 for 5-8, then the soft CE alone
-    straight = phases(outs["straight"][1])
+    straight = phases(straight_dir)
     cos0, cos1 = "sid.sid/cos[pool(small.hidden[0])", "sid.sid/cos[pool(small.hidden[1])"
     assert {t for _, terms in straight for t in terms} == {cos0, cos1, "sid.sid/kl[small.attn_probs[0]",
                                                           "sid.sid/kl[small.attn_probs[1]", "sid.sid/soft_ce[small.task_logits"}
@@ -366,7 +345,7 @@ stage finetune { data: sst2, steps: 9, batch: 8, save_every: 4, loss: sid(bert, 
     assert [step for step, terms in straight if cos0 in terms] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert straight[-1] == (9, ["sid.sid/soft_ce[small.task_logits"])
     assert phases(out)[-5:] == straight[-5:]
-    a, b = student_tensors(outs["straight"][1]), student_tensors(out)
+    a, b = student_tensors(straight_dir), student_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

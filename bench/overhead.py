@@ -8,7 +8,7 @@ hand side calls HF with ``output_hidden_states`` and calls the same loss kernels
 directly, so the ratio measures the recipe's machinery, not the kernels. Steps are interleaved
 (recipe, hand, recipe, ...) so machine noise hits both alike; the median ratio is printed.
 
-    python bench/overhead.py [--steps 30] [--batch 8] [--seq 128] [--width 128]
+    python bench/overhead.py [--steps 60] [--batch 8] [--seq 128] [--width 128]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import transformers as tf
 
 from gkdlang.arch import arch_from_config
 from gkdlang.spec import LossTerm, LRScheduleSpec, OpNode, OptimizerSpec, Schedule, SignalNode, Span, StageSpec
+from planner.dsconfig import GRADIENT_CLIPPING
 from planner.plan import CapturePoint, ModelCapture
 from runtime import engine as eng
 from runtime import losses as L
@@ -79,7 +80,8 @@ def recipe_side(teacher, student, d_s, d_t, batch: int, steps: int, out: Path):
     optimizer = R.build_optimizer(module, OptimizerSpec(lr=1e-4), "bench")
     scheduler = R.build_lr_schedule(optimizer, LRScheduleSpec(), steps)
     config = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9,
+              "gradient_clipping": GRADIENT_CLIPPING}
     engine = eng.init_student(module, optimizer, scheduler, config, stage="bench")
     stage = StageSpec(name="bench", data="d", loss=graph.terms, students=["s"], teachers=["t"], span=SPAN)
     live = R._LiveStage(engine, {"t": teacher}, {"t": cap.model_copy(update={"model": "t"})}, graph, _Data(),
@@ -105,6 +107,8 @@ def hand_side(teacher, student, proj_init: torch.nn.Linear):
         mse = 0.5 * L.mse(t_out.hidden_states[1], proj(s_out.hidden_states[1]), mask=keep)
         loss = kl + mse
         loss.backward()
+        # the recipe's engine clips at the plan's gradient_clipping (1.0, also DeepSpeed 0.19's default): same math
+        torch.nn.utils.clip_grad_norm_(params, GRADIENT_CLIPPING)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {"total": loss.item(), "kl": kl.item(), "mse": mse.item()}
@@ -114,7 +118,7 @@ def hand_side(teacher, student, proj_init: torch.nn.Linear):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -137,8 +141,8 @@ def main() -> None:
             losses = fn(iter([{"teacher": b, "student": b}]))
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-            if i == 0:
-                print(f"step 1 {name:6s} losses: " + ", ".join(f"{k}={v:.6f}" for k, v in losses.items()))
+            if i in (0, len(data) - 1):  # the same losses at the last step too: both sides train the same way
+                print(f"step {i + 1} {name:6s} losses: " + ", ".join(f"{k}={v:.6f}" for k, v in losses.items()))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"batch {args.batch} x {args.seq}, student width {args.width}, {args.steps} interleaved steps")
     print(f"median step: recipe {med['recipe'] * 1e3:.1f} ms, hand-written {med['hand'] * 1e3:.1f} ms")

@@ -170,12 +170,17 @@ def bytes_per_example(model: ModelSpec, capture: ModelCapture) -> int:
     return sum(_width(model, p.kind) * d for p in capture.points if p.kind in EXAMPLE_KINDS)
 
 
+def packed_logits_width(k: int, tail: str, samples: int) -> int:
+    """Values per token of cached logits as the loss reads them: ``tail: sampled`` 2 (k + samples) + 1 (weights,
+    ids, sum p log p), ``tail: bucket`` 2k + 1 (probabilities, ids, tail mass); see runtime/cache.py."""
+    return 2 * (k + (samples if tail == "sampled" else 0)) + 1
+
+
 def loaded_bytes(model: ModelSpec, capture: ModelCapture, micro: int, seq: int) -> int:
     """Bytes of a micro-batch's cached signals once read: logits packed fp32 (J weights, J ids, one scalar;
     J = k + samples), the rest in fp32 (the loss kernels' dtype)."""
     assert model.cache is not None
-    c = model.cache
-    packed = 2 * (c.k + (c.samples if c.tail == "sampled" else 0)) + 1
+    packed = packed_logits_width(model.cache.k, model.cache.tail, model.cache.samples)
     per_token = sum(packed * 4 if p.kind == "logits" else _width(model, p.kind) * 4
                     for p in capture.points if p.kind in TOKEN_KINDS)
     per_example = sum(_width(model, p.kind) * 4 for p in capture.points if p.kind in EXAMPLE_KINDS)

@@ -48,7 +48,8 @@ import torch
 from torch import Tensor
 
 from gkdlang.spec import CacheSpec, LossTerm, ModelSpec, SignalNode, Spec, StageSpec
-from planner.offline import EXAMPLE_KINDS, SHORT_VOCAB, TOKEN_KINDS, cache_dir, cache_temperature, offline_problems
+from planner.offline import (EXAMPLE_KINDS, SHORT_VOCAB, TOKEN_KINDS, cache_dir, cache_temperature, offline_problems,
+                             packed_logits_width)
 from planner.plan import ModelCapture
 from runtime.errors import RunError
 from runtime.losses import LOSSES, sampled_kl, sparse_kl
@@ -522,8 +523,7 @@ class CacheReader:
 
 def packed_width(contract: Contract) -> int:
     """Last dim of the packed logits rows: 2 (k + samples) + 1 (``sampled``), 2k + 1 (``bucket``)."""
-    j = contract.k + contract.samples if contract.tail == "sampled" else contract.k
-    return 2 * j + 1
+    return packed_logits_width(contract.k, contract.tail, contract.samples)
 
 
 def pack_logits(parts: Mapping[str, Tensor], contract: Contract) -> tuple[Tensor, Tensor]:
@@ -544,8 +544,7 @@ def pack_logits(parts: Mapping[str, Tensor], contract: Contract) -> tuple[Tensor
     samples = _unpack_ids(parts["logits.samples"]).float()
     weights = torch.cat([values, (tail / m)[:, None].expand(-1, m)], dim=-1)
     neg_entropy = torch.special.xlogy(values, values).sum(-1) + parts["logits.tail_xlogx"].float()
-    j = k + m
-    pad = torch.zeros(2 * j + 1)
+    pad = torch.zeros(packed_width(contract))
     return torch.cat([weights, ids, samples, neg_entropy[:, None]], dim=-1), pad
 
 

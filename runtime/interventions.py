@@ -756,7 +756,7 @@ class Plateau(Base):
                 seen.append(values[term] / weight)
         if not seen:  # the group's terms did not run this step (nothing to learn from)
             return
-        x = _mean_over_ranks(sum(seen), self.state.device)
+        x = float(_all_ranks_mean(torch.tensor([sum(seen)], dtype=torch.float64, device=self.state.device)))
         count = int(self.state[self.COUNT]) + 1
         total = _bits_f64(self.state[self.SUM]) + x
         if count < self.window:
@@ -772,17 +772,6 @@ class Plateau(Base):
             self._start_group(k + 1)
         else:
             self.state[self.BAD] = bad
-
-
-def _mean_over_ranks(x: float, device: torch.device) -> float:
-    """``x`` averaged over the data-parallel ranks (one small all-reduce; ``x`` itself on one rank)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    value = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(value)
-    return float(value.item()) / dist.get_world_size()
 
 
 # ================================================================ registry

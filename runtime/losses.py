@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.errors import RunError
+from runtime.transforms import relation
 
 LossFn = Callable[..., Tensor]
 
@@ -377,10 +378,14 @@ def _as_sets(
     keep = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if keep is None else keep
     if heads is not None:
         t, s, keep = _split_heads(name, t, heads), _split_heads(name, s, heads), keep.repeat_interleave(heads, 0)
-    if center:  # centring changes no distance or angle but keeps the Gram-matrix identities below well conditioned
-        t = t - t.mean(dim=1, keepdim=True)
-        s = s - s.mean(dim=1, keepdim=True)
+    if center:
+        t, s = _centred(t), _centred(s)
     return t, s, keep
+
+
+def _centred(x: Tensor) -> Tensor:
+    """Centring changes no distance or angle but keeps the Gram-matrix identities below well conditioned."""
+    return x - x.mean(dim=1, keepdim=True)
 
 
 def _split_heads(name: str, x: Tensor, heads: int) -> Tensor:
@@ -483,10 +488,9 @@ def attended_triplets(x: Tensor, keep: Tensor, k: int, heads: int) -> tuple[Tens
     B, n, d = x.shape
     if heads < 1 or d % heads:
         raise RunError(f"angle: option heads={heads} does not divide the width {d}")
-    xh = x.detach().reshape(B, n, heads, d // heads).transpose(1, 2)  # [B, H, n, dh]
-    scores = xh @ xh.transpose(-1, -2) / math.sqrt(d // heads)
     pair = keep[:, None, :, None] & keep[:, None, None, :]
-    probs = F.softmax(scores.masked_fill(~keep[:, None, None, :], _NEG), dim=-1) * pair
+    # MiniLM's self-relation is this per-head attention; padded queries attend to nothing
+    probs = relation(x.detach(), heads, keep) * pair  # [B, H, n, n]
     m = min(k, n)
     global_score = probs.sum(dim=(1, 2)).masked_fill(~keep, -math.inf)  # [B, n]: attention received
     top, anchors = global_score.topk(m, dim=-1)
@@ -548,9 +552,9 @@ def angle(
         topk = top_k
     _check_window("angle", window, topk)
     if topk is not None:
-        raw_t, _, keep = _as_sets("angle", target, pred, mask, None, center=False)
+        raw_t, raw_s, keep = _as_sets("angle", target, pred, mask, None, center=False)
         anchors, anchor_ok, ids, valid = attended_triplets(raw_t, keep, topk, heads or 1)
-        t, s, _ = _as_sets("angle", target, pred, mask, None)
+        t, s = _centred(raw_t), _centred(raw_s)
         a_t, a_s = _angles(t, ids, anchors), _angles(s, ids, anchors)
         anchor_ok = anchor_ok & torch.gather(keep, 1, anchors)
     else:

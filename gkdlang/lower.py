@@ -1492,9 +1492,8 @@ class _Lowerer:
             raise self.err("bad-value", kw["p"].span, "p below 100%: a unit dropped at every step never trains")
         if "per" in kw:  # per: teacher -- each teacher's terms form a drop unit of their own (DGKD)
             self._symbol_value(kw["per"], "per", ("teacher",), scope, "teacher")
-            parts = self._per_teacher(obj)
             out = Objective()
-            for part in parts:
+            for part, _ in self._per_teacher(obj):
                 one = self._drop_group(e, part, p)
                 out = Objective(out.terms + one.terms, out.interventions + one.interventions)
             return out
@@ -1510,23 +1509,17 @@ class _Lowerer:
                        "other drop groups; if every drop group of the stage is dropped, one drawn at random is kept"})
         return Objective(terms, obj.interventions + (iv,))
 
-    @staticmethod
-    def _teachers_of(obj: Objective) -> list[str]:
-        out: list[str] = []
-        for t in obj.terms:
-            out.extend(m for m in _node_models(t.target.node) if m not in out)
-        return out
-
-    def _per_teacher(self, obj: Objective) -> list[Objective]:
-        """The terms of ``obj`` split by the teacher they read (first-appearance order); teacher-free terms and
-        terms reading two teachers are a type-mismatch."""
+    def _per_teacher(self, obj: Objective) -> list[tuple[Objective, str]]:
+        """The terms of ``obj`` split by the teacher they read (first-appearance order), each with that teacher;
+        teacher-free terms and terms reading two teachers are a type-mismatch."""
         groups: dict[str, list[Term]] = {}
         for t in obj.terms:
             models = _node_models(t.target.node)
             if len(models) != 1:
                 raise self.err("type-mismatch", t.span, "split per teacher: each term must read exactly one teacher")
             groups.setdefault(models[0], []).append(t)
-        return [Objective(tuple(ts), obj.interventions if i == 0 else ()) for i, ts in enumerate(groups.values())]
+        return [(Objective(tuple(ts), obj.interventions if i == 0 else ()), teacher)
+                for i, (teacher, ts) in enumerate(groups.items())]
 
     def _units(self, e: ast.Call, scope: Scope, fname: str) -> list[tuple[Objective, str]]:
         """The per-teacher units of weigh([...]) / select_teacher([...]): loss expressions reading one teacher each."""
@@ -1536,7 +1529,7 @@ class _Lowerer:
             if len(value) < 2:
                 raise self.err("type-mismatch", e.args[0].span, f"{fname}(x) needs x to read at least two teachers "
                                "(e.g. a loss over a list of teachers), or a list of loss expressions")
-            return [(obj, self._teachers_of(obj)[0]) for obj in value]
+            return value
         if not isinstance(value, list) or len(value) < 2:
             raise self.err("type-mismatch", e.args[0].span, f"{fname}([...]) takes a list of at least two loss "
                            "expressions, one per teacher, or one loss expression over a list of teachers")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gkdlang.spec import INTERVENTION_CONSTRUCTS, OP_TYPES
+
 #: signal attribute -> (layered, description)
 SIGNALS: dict[str, tuple[bool, str]] = {
     "logits": (False, "LM head output [b, s, vocab]"),
@@ -71,20 +73,12 @@ RELATION_LOSSES = frozenset({"distance", "angle"})
 #: losses whose two sides may be distributions given as probabilities
 DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd"})
 
-#: transform -> options (keyword -> kind)
+_OP_OF_TRANSFORM = {op.transform: op for op in OP_TYPES if op.transform}
+#: transform -> options (keyword -> kind), from the op class each lowers to; ``align`` re-pairs items (no op)
 TRANSFORMS: dict[str, dict[str, str]] = {
-    "project": {"to": "model", "dim": "int", "shared": "bool"},
-    "relation": {"heads": "int", "softmax": "bool"},
-    "pool": {"how": "symbol"},
-    "normalize": {},
-    "select": {"vocab": "name"},
-    "concat": {},
-    "mean": {},
-    "attend": {},
-    "anneal": {"phi": "schedule"},
-    "align": {"map": "map"},
-    "stack": {},
-    "spans": {"max": "fraction"},
+    name: dict(_OP_OF_TRANSFORM[name].options) if name != "align" else {"map": "map"}
+    for name in ("project", "relation", "pool", "normalize", "select", "concat", "mean", "attend", "anneal", "align",
+                 "stack", "spans")
 }
 
 #: functions that regroup or gate the terms of a loss expression -> options. ``choose`` also takes a layered
@@ -130,22 +124,11 @@ class InterventionDef:
     doc: str
 
 
-#: interventions -> definition. Each is documented in docs/language.md; the runtime implements them from the
-#: Intervention params (kind, models, params) the checker writes, which are complete and explicit.
+#: interventions -> definition, from their Spec classes (gkdlang.spec: fields, defaults, options). Each is
+#: documented in docs/language.md; the runtime builds its component from the class's fields.
 INTERVENTIONS: dict[str, InterventionDef] = {
-    "replace_layers": InterventionDef({"p": "schedule", "map": "map"}, True,
-                                      "Theseus module replacement: teacher block groups swapped for student blocks"),
-    "interchange": InterventionDef({"fraction": "fraction", "map": "map", "way": "symbol"}, True,
-                                   "DIITO interchange intervention: a second pass with swapped token-span states"),
-    "perturb": InterventionDef({"eps": "number", "norm": "symbol"}, True,
-                               "LRC-BERT gradient perturbation of the student's embeddings: two passes per step"),
-    "drop": InterventionDef({"p": "fraction", "per": "symbol"}, False,
-                            "DGKD: each group of terms dropped with probability p per step (per: teacher, one group "
-                            "per teacher)"),
-    "weigh": InterventionDef({"by": "symbol", "hard": "bool"}, False,
-                             "per-teacher weights from teacher CE (MT-BERT) or student entropy (Uncertainty)"),
-    "select_teacher": InterventionDef({"policy": "symbol", "state": "model", "reward": "symbol", "lr": "number"},
-                                      False, "RL-KD: a REINFORCE agent picks the teachers of each example"),
+    cls.model_fields["kind"].default: InterventionDef(dict(cls.options), cls.rewrites_forward, cls.doc)
+    for cls in INTERVENTION_CONSTRUCTS
 }
 
 #: libraries whose methods compare signals with no projection by design, and the code a width or head

@@ -7,7 +7,7 @@ from typing import Any
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import Intervention, LossTerm, LRScheduleSpec, OptimizerSpec, StageSpec
+from gkdlang.spec import Intervention, LossTerm, Weigh, LRScheduleSpec, OptimizerSpec, StageSpec
 from gkdlang.values import Objective, Symbol
 from gkdlang.lower.context import Lowerer, Scope, Skip, describe, kind_of, node_models
 from gkdlang.lower.readers import (
@@ -210,13 +210,12 @@ def check_perturb(lw: Lowerer, iv: Intervention, opts, fields, ranks: int, batch
     return {"grad_accum_allowed": False}
 
 
-def check_weigh(lw: Lowerer, iv: Intervention, opts, fields, ranks: int, batch: int, data: str) -> None:
-    params = iv.params
-    if params.get("needs_labels") and data in lw.data and lw.data[data].label is None:
+def check_weigh(lw: Lowerer, iv: Weigh, opts, fields, ranks: int, batch: int, data: str) -> None:
+    if iv.needs_labels and data in lw.data and lw.data[data].label is None:
         raise lw.err("no-labels", iv.span, f"weigh(by: teacher_ce) needs labels but data '{data}' has none",
                      "add `label: <column>` to the data block")
-    n = len(params["units"])
-    if not params.get("hard"):
+    n = len(iv.units)
+    if not iv.hard:
         return
     micro = fields.get("micro_batch")
     per_rank = micro if micro is not None else batch // max(ranks, 1)

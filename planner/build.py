@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gkdlang.diagnostics import Diagnostic
 from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
-from planner import dsconfig, offline, placement
+from planner import dsconfig, offline_notes, placement
 from planner.graph import SignalGraph, build_graph
 from planner.params import ParamCounts, count_params_for
 from planner.plan import ModelCapture, Plan, ResolvedModel, StagePlan
@@ -61,7 +61,7 @@ def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str 
             continue
         stages.append(result)
         notes += stage_notes(spec, graph, st, spec_dir)
-        notes += offline.comparison_notes(spec, st, result.captures, params, world, result.placement.teacher_strategy)
+        notes += offline_notes.comparison_notes(spec, st, result.captures, params, world, result.placement.teacher_strategy)
     if failures:
         return PlanFailure(failures)
     launch, hostfile = launch_command(spec.cluster, plan_path, master_port(spec.source_hash))

@@ -240,11 +240,11 @@ def tokenized(job: CacheJob, tokenizer: Any) -> Any:
 def build_teacher(job: CacheJob, seed: int) -> torch.nn.Module:
     """The teacher as the online run builds it (same seed, so a random-init teacher gets the same weights)."""
     from runtime import models as M
-    from runtime.recipe import _pruned, _seed_everything
+    from runtime.stagekit import pruned, seed_everything
 
-    _seed_everything(seed)
+    seed_everything(seed)
     net = M.build_model(job.model, job.base_dir, {})
-    return _pruned(net, job.capture).eval()
+    return pruned(net, job.capture).eval()
 
 
 def expected_contract(job: CacheJob, tokenizer: Any, tokens: Any, weights: str) -> Contract:
@@ -276,7 +276,7 @@ def write_cache(job: CacheJob, *, rank: int = 0, world: int = 1, seed: int | Non
     ``limit_shards`` stops after writing that many shards (tests of resume; a killed run looks the same).
     """
     from runtime import models as M
-    from runtime.recipe import SEED
+    from runtime.stagekit import SEED
 
     seed = SEED + 1000 * job.stage_index if seed is None else seed
     tokenizer = M.load_tokenizer(_student_spec(job), job.spec.models, job.base_dir)
@@ -574,7 +574,7 @@ def open_teacher(job: CacheJob, tokenizer: Any, tokens: Any, *, rank: int = 0, w
         if rank == 0:
             write_cache(job, rank=0, world=1)  # only marks it complete when other ranks wrote their part
         barrier()
-    from runtime.recipe import SEED
+    from runtime.stagekit import SEED
 
     seed = SEED + 1000 * job.stage_index
     weights = weights_fingerprint(job.model, job.base_dir, lambda: build_teacher(job, seed))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Mapping
 
@@ -40,6 +40,15 @@ from gkdlang.spec import Interchanged, ModelSpec, Node, Schedule, SignalNode, St
 from planner.plan import CapturePoint, ModelCapture
 from runtime.adapters import adapter_for, capture
 from runtime.errors import RunError
+from runtime.intervention_kernels import (  # noqa: F401 (entropy, ...: part of this module's interface)
+    entropy,
+    entropy_weights,
+    teacher_ce_weights,
+    interchange_positions,
+    perturbation,
+    f64_bits,
+    bits_f64,
+)
 
 Signals = Mapping[str, Mapping[tuple[str, int | None], Tensor]]
 
@@ -175,41 +184,6 @@ class Drop(Base):
 
 
 # ================================================================ weigh (MT-BERT, Uncertainty)
-
-
-def entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Per-example prediction entropy ``[b]``; token logits ``[b, s, V]`` average their (masked) positions."""
-    logp = F.log_softmax(logits.detach().float(), dim=-1)
-    h = -(logp.exp() * logp).sum(-1)
-    if h.dim() == 1:
-        return h
-    w = torch.ones_like(h) if mask is None else mask.to(h.dtype)
-    return (h * w).sum(-1) / w.sum(-1).clamp_min(1)
-
-
-def entropy_weights(h: Tensor, n_units: int, classes: int, hard: bool) -> Tensor:
-    """``[n_units, b]`` weights from student entropies ``h`` (units listed from smallest to largest teacher).
-
-    hard: examples sorted by entropy are split into ``n_units`` near-equal slices, unit i takes slice i (the
-    most uncertain go to the last unit). soft: the entropy normalised by ``log(classes)`` places each example
-    on [0, n_units - 1]; the two nearest units share it linearly (two units: ``1 - h``, ``h``).
-    """
-    b = h.shape[0]
-    w = h.new_zeros(n_units, b)
-    if hard:
-        order = torch.argsort(h, stable=True)
-        for i, part in enumerate(torch.tensor_split(order, n_units)):
-            w[i, part] = 1.0
-        return w
-    x = (h / math.log(max(classes, 2))).clamp(0, 1) * (n_units - 1)
-    units = torch.arange(n_units, dtype=h.dtype, device=h.device)[:, None]
-    return (1 - (x[None, :] - units).abs()).clamp_min(0)
-
-
-def teacher_ce_weights(teacher_logits: Tensor, labels: Tensor) -> Tensor:
-    """MT-BERT: ``1 / (1 + CE(label_i, teacher_i))`` per example (unlabelled rows: CE 0, weight 1)."""
-    ce = F.cross_entropy(teacher_logits.detach().float(), labels.long(), ignore_index=-100, reduction="none")
-    return 1.0 / (1.0 + ce)
 
 
 class Weigh(Base):
@@ -423,36 +397,6 @@ class ReplaceLayers(Base):
 # ================================================================ interchange (DIITO)
 
 
-def interchange_positions(attention: Tensor, fraction: float, way: str, gen: torch.Generator,
-                          tokens: Tensor | None = None) -> Tensor:
-    """``[b, s]`` bool: the positions of each example whose states are taken from the source example.
-
-    ``consecutive``: one span of ``max(1, round(fraction * n_i))`` of the example's n_i real positions;
-    ``random``: that many real positions anywhere; ``masked``: the masked-LM positions (``tokens != -100``).
-    """
-    b, s = attention.shape
-    out = torch.zeros(b, s, dtype=torch.bool)
-    real = attention.bool().cpu()
-    for i in range(b):
-        where = real[i].nonzero().flatten()
-        n = len(where)
-        if n == 0:
-            continue
-        count = max(1, round(fraction * n))
-        if way == "consecutive":
-            start = int(torch.randint(0, n - count + 1, (1,), generator=gen))
-            out[i, where[start:start + count]] = True
-        elif way == "random":
-            out[i, where[torch.randperm(n, generator=gen)[:count]]] = True
-        elif way == "masked":
-            if tokens is None:
-                raise RunError("interchange(way: masked) needs masked-LM targets in the batch")
-            out[i] = tokens[i].cpu() != -100
-        else:
-            raise RunError(f"interchange: way '{way}' is not one of consecutive, random, masked")
-    return out.to(attention.device)
-
-
 @contextmanager
 def _output_edit(block: nn.Module, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
     handle = block.register_forward_hook(lambda m, args, out: _with_first(out, edit(_first(out))))
@@ -552,20 +496,6 @@ def _input_edit(block: nn.Module, edit: Callable[[Tensor], Tensor]) -> Iterator[
         handle.remove()
 
 
-def perturbation(grad: Tensor | None, like: Tensor, eps: float, norm: str = "batch") -> Tensor:
-    """``eps * g / ||g||_2``: the norm of the whole micro-batch's embedding gradient (``norm="batch"``) or of each
-    position's (``norm="token"``, GKD's ``F.normalize(g, p=2, dim=-1)``). Zero where there is no gradient, and for
-    a gradient that is not finite (GKD skips the perturbation then)."""
-    if grad is None or not bool(torch.isfinite(grad).all()):
-        return torch.zeros_like(like)
-    g = grad.float()
-    if norm == "token":
-        return (eps * F.normalize(g, p=2, dim=-1)).detach().to(like.dtype)
-    if norm != "batch":
-        raise RunError(f"perturb: norm '{norm}' is not one of batch, token")
-    return (eps * g / g.norm().clamp_min(1e-12)).detach().to(like.dtype)
-
-
 class Perturb(Base):
     """LRC-BERT: pass 1 computes the stage loss and its gradient g w.r.t. the student's embedding output e
     (only w.r.t. e: no weight gradient is kept); pass 2 recomputes every term with ``e + eps * g / ||g||``
@@ -636,14 +566,6 @@ class ProgressiveLR(Base):
 # ================================================================ plateau (SID)
 
 
-def _f64_bits(x: float) -> int:
-    return int(torch.tensor(x, dtype=torch.float64).view(torch.int64))
-
-
-def _bits_f64(bits: Tensor) -> float:
-    return float(bits.detach().cpu().clone().view(torch.float64))
-
-
 class Plateau(Base):
     """progressive(x, until: plateau(patience, min_delta, window, on)): layer group i+1 unlocks when group i's
     running loss stops improving.
@@ -676,8 +598,8 @@ class Plateau(Base):
         if not self.groups or any(not w for w in self.watch):
             raise RunError(f"plateau '{self.ident}': a layer group has no watched term")
         state = torch.zeros(5, dtype=torch.int64)
-        state[self.BEST] = _f64_bits(math.inf)
-        state[self.SUM] = _f64_bits(0.0)
+        state[self.BEST] = f64_bits(math.inf)
+        state[self.SUM] = f64_bits(0.0)
         self.register_buffer("state", state)
 
     # ------------------------------------------------------------ state
@@ -693,13 +615,13 @@ class Plateau(Base):
         self.state[self.CURRENT] = k
         self.state[self.BAD] = 0
         self.state[self.COUNT] = 0
-        self.state[self.BEST] = _f64_bits(math.inf)
-        self.state[self.SUM] = _f64_bits(0.0)
+        self.state[self.BEST] = f64_bits(math.inf)
+        self.state[self.SUM] = f64_bits(0.0)
 
     def describe(self) -> dict[str, float]:
         return {"current": int(self.state[self.CURRENT]), "bad": int(self.state[self.BAD]),
-                "count": int(self.state[self.COUNT]), "best": _bits_f64(self.state[self.BEST]),
-                "sum": _bits_f64(self.state[self.SUM])}
+                "count": int(self.state[self.COUNT]), "best": bits_f64(self.state[self.BEST]),
+                "sum": bits_f64(self.state[self.SUM])}
 
     # ------------------------------------------------------------ call points
 
@@ -727,14 +649,14 @@ class Plateau(Base):
             return
         x = float(_all_ranks_mean(torch.tensor([sum(seen)], dtype=torch.float64, device=self.state.device)))
         count = int(self.state[self.COUNT]) + 1
-        total = _bits_f64(self.state[self.SUM]) + x
+        total = bits_f64(self.state[self.SUM]) + x
         if count < self.window:
-            self.state[self.COUNT], self.state[self.SUM] = count, _f64_bits(total)
+            self.state[self.COUNT], self.state[self.SUM] = count, f64_bits(total)
             return
-        mean, best = total / count, _bits_f64(self.state[self.BEST])
-        self.state[self.COUNT], self.state[self.SUM] = 0, _f64_bits(0.0)
+        mean, best = total / count, bits_f64(self.state[self.BEST])
+        self.state[self.COUNT], self.state[self.SUM] = 0, f64_bits(0.0)
         if mean < best - self.min_delta:
-            self.state[self.BEST], self.state[self.BAD] = _f64_bits(mean), 0
+            self.state[self.BEST], self.state[self.BAD] = f64_bits(mean), 0
             return
         bad = int(self.state[self.BAD]) + 1
         if bad >= self.patience:

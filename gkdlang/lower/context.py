@@ -42,7 +42,6 @@ from gkdlang.values import (
     Trigger,
 )
 
-STDLIB = Path(__file__).parent.with_name("stdlib")
 
 #: one evaluator per AST expression class
 Evaluator = Callable[["Lowerer", Any, "Scope"], Any]

@@ -13,7 +13,8 @@ from gkdlang.diagnostics import did_you_mean
 from gkdlang.parser import ParseError, parse
 from gkdlang.spec import CacheSpec, ClusterSpec, DataSpec, HeadSpec, InitSpec, ModelSpec, Span, StageSpec, VocabSpec
 from gkdlang.values import ItemSet, NumVal
-from gkdlang.lower.context import Lowerer, MethodDef, STDLIB, Scope, Skip
+from gkdlang.digest import STDLIB
+from gkdlang.lower.context import Lowerer, MethodDef, Scope, Skip
 from gkdlang.lower.readers import (
     check_arity,
     read_block,

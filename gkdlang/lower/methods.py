@@ -10,7 +10,8 @@ from typing import Any
 from gkdlang import ast
 from gkdlang.diagnostics import did_you_mean
 from gkdlang.values import Objective
-from gkdlang.lower.context import Lowerer, MethodDef, STDLIB, Scope, Skip
+from gkdlang.digest import STDLIB
+from gkdlang.lower.context import Lowerer, MethodDef, Scope, Skip
 
 
 def call_method(lw: Lowerer, m: MethodDef, e: ast.Call, scope: Scope) -> Objective:

@@ -40,6 +40,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "duplicate-definition": ("error", "Two declarations with the same name."),
     "duplicate-option": ("error", "The same key twice in one block or call."),
     "unused-definition": ("warning", "A model or data source declared but never used."),
+    "not-executed": ("warning", "A key the checker accepts but `gkdc run` does not execute yet (`eval_every`, data "
+                                "`split`): it has no effect on the run."),
     # models
     "model-source": ("error", "A model source that is neither a local directory with config.json nor a catalog model."),
     "bad-config": ("error", "A config.json gkdc cannot read (invalid JSON or unsupported architecture)."),

@@ -454,7 +454,7 @@ class ReplaceLayers(Intervention):
     meaning: str = ("each step, student block j replaces teacher blocks groups[j] with probability p (else the "
                     "frozen teacher blocks run in its place); embeddings and head are the student's")
 
-    options: ClassVar[dict[str, str]] = {"p": "schedule", "map": "map"}
+    options: ClassVar[dict[str, str]] = {"p": "schedule"}
     rewrites_forward: ClassVar[bool] = True
     doc: ClassVar[str] = "Theseus module replacement: teacher block groups swapped for student blocks"
 
@@ -614,7 +614,7 @@ AnyIntervention = Annotated[Union[ReplaceLayers, Interchange, Perturb, Drop, Wei
 
 
 class OptimizerSpec(Frozen):
-    name: Literal["adamw", "adam", "sgd", "lamb"] = "adamw"
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

@@ -7,7 +7,7 @@ clock or the machine, so the same spec gives a byte-identical plan.
 Decisions made here (documented in the plan's ``notes``):
 
 - ``total_steps``: a stage's ``steps``; for ``epochs`` over a jsonl source whose files exist at plan time,
-  ``ceil(epochs * train_rows / batch)`` (one example per non-empty line, less the ``split`` fraction);
+  ``ceil(epochs * train_rows / batch)`` (one example per non-empty line; ``split`` is not executed yet);
   otherwise -1: the size is unknown until the runtime tokenises the data, and a note says so.
 - launch: one rank runs in-process (``gkdc run PLAN``); several use the ``deepspeed`` launcher with
   ``--module runtime.worker PLAN`` (the runtime appends its own arguments); more than one node adds
@@ -164,7 +164,7 @@ def total_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str | N
     if rows is None:
         return -1, (f"stage '{st.name}': {st.epochs:g} epochs of '{data.name}' ({data.format}); its size is known "
                     f"only after tokenisation, so total_steps is -1 and the runtime counts it")
-    train_rows = math.floor(rows * (1 - (data.split or 0.0)))
+    train_rows = rows  # data `split` is not executed yet (warning not-executed): the run trains on every row
     steps = max(1, math.ceil(st.epochs * train_rows / st.batch))
     return steps, (f"stage '{st.name}': {steps} steps = ceil({st.epochs:g} epochs x {train_rows} training rows "
                    f"of '{data.name}' / batch {st.batch})")

@@ -715,11 +715,20 @@ def _build_interchange(iv: S.Interchange, setup: Setup) -> Interchange:
                        pass_points={m: list(points.values()) for m, points in leaves.items()}, seed=setup.seed)
 
 
+def _trained(iv: S.Perturb | S.ProgressiveLR, setup: Setup) -> None:
+    """The component acts on the student the stage trains; the Spec names it, so check they agree."""
+    if iv.model not in setup.stage.students:
+        raise RunError(f"stage '{setup.stage.name}': {iv.kind} acts on '{iv.model}', which the stage does not train "
+                       f"(it trains {', '.join(setup.stage.students)})")
+
+
 def _build_perturb(iv: S.Perturb, setup: Setup) -> Perturb:
+    _trained(iv, setup)
     return Perturb(eps=iv.eps, norm=iv.norm, seed=setup.seed)
 
 
 def _build_progressive_lr(iv: S.ProgressiveLR, setup: Setup) -> ProgressiveLR:
+    _trained(iv, setup)
     return ProgressiveLR(below=iv.below_lr, windows=[(w.start, w.until, w.layer) for w in iv.windows], seed=setup.seed)
 
 

@@ -18,6 +18,7 @@ from gkdlang.lower.readers import (
     read_fraction,
     read_int,
     read_kwargs,
+    not_executed,
     read_num,
 )
 
@@ -69,6 +70,7 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl) -> StageSpec:
             lw.err("missing-option", decl.options.span, f"stage '{decl.name.name}' needs '{key}'")
     data = lw.guard(read_data_name, lw, opts["data"]) if "data" in opts else None
     fields: dict[str, Any] = lw.guard(lower_duration, lw, decl, opts) or {}
+    not_executed(lw, opts, "stage")
     for key in ("batch", "micro_batch", "seq_len", "eval_every", "save_every"):
         if key in opts:
             value = lw.guard(read_int, lw, opts[key], key, 1)
@@ -233,6 +235,9 @@ def lower_optimizer(lw: Lowerer, expr: ast.Expr) -> OptimizerSpec:
     if not (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name)):
         raise lw.err("type-mismatch", expr.span, "optimizer is adamw(lr: ..., betas: (..), weight_decay: ..)")
     name = expr.func.id
+    if name == "lamb":  # GKD's optimizer: refused rather than silently trained with another
+        raise lw.err("unknown-function", expr.func.span, "optimizer 'lamb' is not implemented by gkdc's runtime",
+                     f"optimizers: {', '.join(B.OPTIMIZERS)} (adamw with a larger lr is the usual stand-in)")
     if name not in B.OPTIMIZERS:
         raise lw.err("unknown-function", expr.func.span, f"unknown optimizer '{name}'",
                      did_you_mean(name, B.OPTIMIZERS) or f"optimizers: {', '.join(B.OPTIMIZERS)}")

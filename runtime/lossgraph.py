@@ -289,17 +289,13 @@ class LossGraph(nn.Module):
             return self._eval(node, signals, ctx)
         if isinstance(node, SignalNode):
             return self._signal(node, signals, ctx, raw=True)
-        params = {k: _value(v, ctx.progress, ctx.step, ctx.epoch) for k, v in node.params.items()}
-        options[f"{role}_cols"] = self._kept_columns(node, params, ctx)
+        options[f"{role}_cols"] = self._kept_columns(node, ctx)
         return self._signal(node.inputs[0], signals, ctx, raw=True)
 
-    def _kept_columns(self, node: OpNode, params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
-        if "keep_ids" in params:
-            return torch.as_tensor(params["keep_ids"], dtype=torch.long)
-        name = params.get("vocab")
-        keep = self.keep_ids.get(name) if name is not None else next(iter(self.keep_ids.values()), None)
+    def _kept_columns(self, node: SelectVocab, ctx: _Ctx) -> torch.Tensor:
+        keep = self.keep_ids.get(node.vocab)
         if keep is None:
-            raise RunError(f"loss term '{ctx.term.id}': select_vocab needs the kept rows of vocab '{name}'")
+            raise RunError(f"loss term '{ctx.term.id}': select_vocab needs the kept rows of vocab '{node.vocab}'")
         return torch.as_tensor(keep, dtype=torch.long)
 
     def _term_value(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:

@@ -117,6 +117,8 @@ NOT_EXECUTED = {
 }
 DATA_FORMATS = ("text", "jsonl", "json", "parquet", "csv")
 DTYPES = ("fp32", "bf16", "fp16")
+#: bytes per element of each dtype: the one table (planner memory, signal sizes, cache storage)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 @dataclass(frozen=True)
 class InterventionDef:

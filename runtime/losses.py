@@ -23,7 +23,6 @@ A mask that selects nothing gives a zero loss that is still connected to ``pred`
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from typing import Callable, NamedTuple
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gkdlang.diagnostics import closest
 from runtime.errors import RunError
 from runtime.transforms import relation
 
@@ -775,8 +775,8 @@ LOSSES: dict[str, LossFn] = {
 
 
 def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = closest(word, choices)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 def get_loss(name: str) -> LossFn:

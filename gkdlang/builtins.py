@@ -76,12 +76,10 @@ RELATION_LOSSES = frozenset({"distance", "angle"})
 #: losses whose two sides may be distributions given as probabilities
 DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd", "gjsd"})
 
-_OP_OF_TRANSFORM = {op.transform: op for op in OP_TYPES if op.transform}
 #: transform -> options (keyword -> kind), from the op class each lowers to; ``align`` re-pairs items (no op)
 TRANSFORMS: dict[str, dict[str, str]] = {
-    name: dict(_OP_OF_TRANSFORM[name].options) if name != "align" else {"map": "map"}
-    for name in ("project", "relation", "pool", "normalize", "select", "concat", "mean", "attend", "anneal", "align",
-                 "stack", "spans")
+    **{op.transform: dict(op.options) for op in OP_TYPES if op.transform},
+    "align": {"map": "map"},
 }
 
 #: functions that regroup or gate the terms of a loss expression -> options. ``choose`` also takes a layered
@@ -120,6 +118,8 @@ NOT_EXECUTED = {
 }
 DATA_FORMATS = ("text", "jsonl", "json", "parquet", "csv")
 DTYPES = ("fp32", "bf16", "fp16")
+#: bytes per element of each dtype: the one table (planner memory, signal sizes, cache storage)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 @dataclass(frozen=True)
 class InterventionDef:

@@ -133,10 +133,17 @@ class Collector:
         return sorted(self.items, key=key)
 
 
+def closest(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The candidate most like ``name`` (difflib ratio at least ``cutoff``), or None: the one matcher behind
+    every did-you-mean of gkdc (checker, model catalog, hardware catalog, runtime registries)."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=cutoff)
+    return matches[0] if matches else None
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """``"did you mean 'x'?"`` for the closest candidate, or None."""
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean '{matches[0]}'?" if matches else None
+    match = closest(name, candidates)
+    return f"did you mean '{match}'?" if match else None
 
 
 # ---------------------------------------------------------------- rendering

@@ -376,13 +376,12 @@ class Interchanged(OpNode):
     intervention: str
 
 
-OP_TYPES: tuple[type[OpNode], ...] = (Project, Relation, Pool, Normalize, SelectVocab, Choose, Attend, Anneal, Concat,
-                                      Mean, Stack, Spans, Interchanged)
-Op = Annotated[Union[Project, Relation, Pool, Normalize, SelectVocab, Choose, Attend, Anneal, Concat, Mean, Stack,
-                     Spans, Interchanged], Field(discriminator="op")]
+#: every op a Spec can hold: the transforms in the order the docs list them, then the ops the checker inserts
+OP_TYPES: tuple[type[OpNode], ...] = (Project, Relation, Pool, Normalize, SelectVocab, Concat, Mean, Attend, Anneal,
+                                      Stack, Spans, Choose, Interchanged)
+Op = Annotated[Union[OP_TYPES], Field(discriminator="op")]
 Node = Annotated[Union[SignalNode, Op], Field(discriminator="node")]
-for _op in (OpNode, Project, Relation, Pool, Normalize, SelectVocab, Choose, Attend, Anneal, Concat, Mean, Stack,
-            Spans, Interchanged):
+for _op in (OpNode, *OP_TYPES):
     _op.model_rebuild()
 
 
@@ -606,8 +605,9 @@ class Plateau(Intervention):
 #: the constructs a user writes (``weigh(...)``, ...), in the order the docs list them
 INTERVENTION_CONSTRUCTS: tuple[type[Intervention], ...] = (ReplaceLayers, Interchange, Perturb, Drop, Weigh,
                                                           SelectTeacher)
-AnyIntervention = Annotated[Union[ReplaceLayers, Interchange, Perturb, Drop, Weigh, SelectTeacher, ProgressiveLR,
-                                  Plateau], Field(discriminator="kind")]
+#: every intervention a Spec can hold: the constructs, then those the ``progressive`` combinator lowers to
+INTERVENTION_TYPES: tuple[type[Intervention], ...] = (*INTERVENTION_CONSTRUCTS, ProgressiveLR, Plateau)
+AnyIntervention = Annotated[Union[INTERVENTION_TYPES], Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------- stages and cluster

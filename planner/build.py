@@ -22,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gkdlang.diagnostics import Diagnostic
-from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
+from gkdlang.spec import ClusterSpec, ModelSpec, Spec, StageSpec
 from planner import dsconfig, offline_notes, placement
 from planner.graph import SignalGraph, build_graph
 from planner.params import ParamCounts, count_params_for
 from planner.plan import ModelCapture, Plan, ResolvedModel, StagePlan
+from planner.datasize import count_rows
 from planner.describe import describe_capture, fmt_bytes
 
-#: jsonl files larger than this are not counted at plan time (planning must stay fast)
-MAX_COUNTED_BYTES = 256 * 2**20
 BASE_PORT = 29500
 
 
@@ -168,24 +167,6 @@ def total_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str | N
     steps = max(1, math.ceil(st.epochs * train_rows / st.batch))
     return steps, (f"stage '{st.name}': {steps} steps = ceil({st.epochs:g} epochs x {train_rows} training rows "
                    f"of '{data.name}' / batch {st.batch})")
-
-
-def count_rows(data: DataSpec, spec_dir: Path) -> int | None:
-    """Examples in a text or jsonl source (one per non-empty line, as the runtime reads them) when its files
-    exist and are small enough to count."""
-    if data.format not in ("jsonl", "text"):
-        return None
-    files = sorted({f for pattern in data.paths for f in _glob(pattern, spec_dir)})
-    if not files or sum(f.stat().st_size for f in files) > MAX_COUNTED_BYTES:
-        return None
-    return sum(sum(1 for line in f.open("rb") if line.strip()) for f in files)
-
-
-def _glob(pattern: str, base: Path) -> list[Path]:
-    path = Path(pattern)
-    if path.is_absolute():
-        return [p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file()]
-    return [p for p in base.glob(pattern) if p.is_file()]
 
 
 def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path) -> list[str]:

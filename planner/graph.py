@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 import networkx as nx
 
+from gkdlang.builtins import DTYPE_BYTES as BYTES_PER_ELEMENT
 from gkdlang.spec import LAYERED_KINDS, LossTerm, ModelSpec, Node, OpNode, Project, SignalNode, Spec, StageSpec
 from planner.plan import CapturePoint, ModelCapture
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8}
+DTYPE_BYTES = {**BYTES_PER_ELEMENT, "int64": 8}
 HEAD_KINDS = frozenset({"logits", "task_logits"})
 DATA_KINDS = frozenset({"labels", "tokens"})
 ATTENTION_KINDS = frozenset({"attn_scores", "attn_probs"})

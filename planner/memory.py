@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass, field
 
 from gkdlang.arch import ArchInfo
+from gkdlang.builtins import DTYPE_BYTES
 from gkdlang.spec import ModelSpec, OpNode, Project, StageSpec
 from planner.graph import numel, signal_shape
 from planner.hardware import Device
@@ -46,7 +47,6 @@ from planner.plan import MemoryItem, ModelCapture, Placement, RankMemory
 
 GiB = 2**30
 MiB = 2**20
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 #: CUDA context (~500 MiB on Hopper), cuBLAS/cuDNN workspaces, NCCL channel buffers and caching-allocator slack.
 RUNTIME_OVERHEAD_GPU = 1 * GiB

@@ -23,11 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gkdlang.builtins import DTYPE_BYTES
 from gkdlang.spec import ModelSpec, Node, OpNode, Schedule, SignalNode, Spec, StageSpec
+from planner.datasize import count_rows as count_data_rows
 from planner.plan import ModelCapture
 
 #: Bytes of one element per storage dtype.
-STORE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+STORE_BYTES = DTYPE_BYTES
 #: Bytes of the tail mass per token (always fp32: it is 1 - sum of the stored values, small and exact).
 TAIL_BYTES = 4
 #: Bytes of the tail's sum of p log p per token (``tail: sampled``; fp32).
@@ -39,8 +41,6 @@ TOKEN_KINDS = frozenset({"logits", "embeddings", "hidden", "query", "key", "valu
 EXAMPLE_KINDS = frozenset({"task_logits"})
 #: Option keys a cached ``kl`` term may carry.
 CACHED_KL_OPTIONS = frozenset({"T", "scale_t2"})
-#: Files larger than this are not counted at plan time (planning must stay fast).
-MAX_COUNTED_BYTES = 256 * 2**20
 
 
 def index_bytes(vocab: int) -> int:
@@ -191,17 +191,8 @@ def loaded_bytes(model: ModelSpec, capture: ModelCapture, micro: int, seq: int) 
 
 
 def count_rows(spec: Spec, stage: StageSpec, base: Path | None = None) -> int | None:
-    """Examples of the stage's data (non-empty lines of text/jsonl files) when they exist and are small."""
-    data = spec.data[stage.data]
-    if data.format not in ("text", "jsonl"):
-        return None
-    base = base if base is not None else Path(spec.file).parent
-    files = sorted({f for pattern in data.paths
-                    for f in (Path(pattern).parent.glob(Path(pattern).name) if Path(pattern).is_absolute()
-                              else base.glob(pattern)) if f.is_file()})
-    if not files or sum(f.stat().st_size for f in files) > MAX_COUNTED_BYTES:
-        return None
-    return sum(sum(1 for line in f.open("rb") if line.strip()) for f in files)
+    """Examples of the stage's data (``planner.datasize``), relative to the spec file's directory by default."""
+    return count_data_rows(spec.data[stage.data], base if base is not None else Path(spec.file).parent)
 
 
 _ROWS: dict[tuple, int | None] = {}

@@ -220,7 +220,8 @@ class _Side:
             z = torch.nn.functional.linear(part, self.weight.detach(), None if self.bias is None else self.bias.detach())
         else:
             z = part if self.cols is None else part.index_select(-1, self.cols)
-        z = z.detach().to(torch.float32, copy=True)
+        # a head's fresh fp32 output is ours already; anything else is copied (the kernels overwrite it)
+        z = z.detach().to(torch.float32, copy=not (isinstance(self.value, HeadLogits) and z.dtype == torch.float32))
         if self.T != 1.0:
             z.div_(self.T)
         return z.clamp_(min=_NEG)
@@ -257,6 +258,7 @@ def _run(pred: _Side, target: _Side | None, kernel: Callable, extra_rows, row_w:
         row, g = kernel(x, y, extra_rows(r0, r1) if extra_rows is not None else None)
         total += (row * w).sum()
         if not grad_pred:
+            del x, y, g, row
             continue
         g.mul_((w / pred.T)[:, None])
         if fused:
@@ -269,6 +271,7 @@ def _run(pred: _Side, target: _Side | None, kernel: Callable, extra_rows, row_w:
             grad[r0:r1].index_copy_(-1, pred.cols, g.to(grad.dtype))
         else:
             grad[r0:r1] = g
+        del x, y, g, row  # before the next chunk's operands exist
     return total, grad, (g_w, g_b)
 
 

@@ -239,3 +239,64 @@ def test_gjsd_half_is_jsd_and_endpoints_are_kl():
 def test_gjsd_rejects_beta_outside_unit_interval():
     with pytest.raises(RunError, match=r"beta must be in \[0, 1\], got 1.5"):
         L.gjsd(rnd(2, 5), rnd(2, 5), beta=1.5)
+
+
+# ---------------------------------------------------------------- the runtime's fused capture
+
+
+def _tiny(model_type, tied, seed):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {"gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 97, "n_positions": 32},
+           "llama": {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "intermediate_size": 64, "vocab_size": 97, "max_position_embeddings": 32}}[model_type]
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, tie_word_embeddings=tied, **cfg))
+
+
+@pytest.mark.parametrize("model_type,tied", [("gpt2", True), ("llama", False), ("llama", True)])
+def test_fused_capture_gives_the_same_loss_and_gradients(model_type, tied):
+    from planner.plan import CapturePoint, ModelCapture
+    from runtime.adapters.capture import capture
+
+    student, teacher = _tiny(model_type, tied, 0).eval(), _tiny(model_type, tied, 1).eval()  # no dropout
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][1, 6:] = 0
+    results = []
+    for fused in (False, True):
+        cap = lambda m: ModelCapture(model=m, points=[CapturePoint(kind="logits")], stop_after_layer=None,  # noqa
+                                     needs_head=True, fused_head=fused)
+        t = capture(teacher, batch, cap("t"), grad=False).logits
+        s = capture(student, batch, cap("s"), grad=True).logits
+        assert isinstance(s, HeadLogits) == fused and isinstance(t, HeadLogits) == fused
+        student.zero_grad(set_to_none=True)
+        value = L.kl(t, s, T=2.0, mask=batch["attention_mask"].bool()) + 0.5 * L.ce(ids, s)
+        value.backward()
+        results.append((value.item(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (plain, g_plain), (fused_value, g_fused) = results
+    assert fused_value == pytest.approx(plain, rel=1e-5)
+    for name, g in g_plain.items():
+        assert (g_fused[name] - g).abs().max().item() <= 1e-5 * max(g.abs().max().item(), 1e-6), name
+
+
+def test_loss_graph_hands_kernels_raw_logits_and_column_ids():
+    from gkdlang.arch import arch_from_config
+    from gkdlang.spec import LossTerm, OpNode, SignalNode, Span
+    from runtime.lossgraph import LossGraph
+
+    span = Span(file="t", line=1, col=1, end_line=1, end_col=1)
+    keep = torch.tensor([3, 0, 7, 9, 11])
+    picked = OpNode(op="select_vocab", inputs=[SignalNode(model="t", kind="logits")], params={"vocab": "v"})
+    term = LossTerm(id="kl", fn="kl", target=picked, pred=SignalNode(model="s", kind="logits"), span=span,
+                    options={"T": 2.0})
+    arch = arch_from_config({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 13})
+    graph = LossGraph([term], {"t": arch, "s": arch}, keep_ids={"v": keep})
+    t = rnd(2, 4, 13).bfloat16()
+    h, w = rnd(2, 4, 8).bfloat16().requires_grad_(True), rnd(5, 8, seed=1).bfloat16().requires_grad_(True)
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)}
+    total, _ = graph({"t": {("logits", None): t}, "s": {("logits", None): HeadLogits(h, w)}}, batch, 0.0)
+    total.backward()
+    expect = L.dense_kl(t.index_select(-1, keep), F.linear(h, w), T=2.0)
+    assert total.item() == pytest.approx(expect.item(), rel=1e-2)  # bf16 head, fp32 loss
+    assert h.grad.dtype == torch.bfloat16 and w.grad is not None

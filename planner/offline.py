@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gkdlang.builtins import DTYPE_BYTES
-from gkdlang.spec import ModelSpec, Node, OpNode, Schedule, SignalNode, Spec, StageSpec
+from gkdlang.spec import ModelSpec, Node, Schedule, SignalNode, Spec, StageSpec
 from planner.datasize import count_rows as count_data_rows
 from planner.plan import ModelCapture
 
@@ -142,7 +142,7 @@ def _width(model: ModelSpec, kind: str) -> int:
 def bytes_per_token(model: ModelSpec, capture: ModelCapture) -> int:
     """Disk bytes of one token's cached signals (per-example signals not included: see ``bytes_per_example``)."""
     assert model.cache is not None
-    c, d = model.cache, STORE_BYTES[model.cache.dtype]
+    d = STORE_BYTES[model.cache.dtype]
     total = 0
     for p in capture.points:
         if p.kind == "logits":

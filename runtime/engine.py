@@ -175,3 +175,14 @@ def autocast_dtype(config: dict[str, Any]) -> torch.dtype:
     if config.get("fp16", {}).get("enabled"):
         return torch.float16
     return torch.float32
+
+
+def all_ranks_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over the data-parallel ranks (detached; ``x`` itself for one rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x.detach()
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / dist.get_world_size()

@@ -4,6 +4,7 @@ import, at module level or inside a function), so a lazy import cannot hide a wr
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -94,6 +95,20 @@ def test_no_import_circles(graph):
 def test_no_module_over_the_size_limit():
     long = {str(p.relative_to(ROOT)): n for p in _sources() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert set(long) == set(OVER_LIMIT), f"modules over {MAX_LINES} lines: {long}; known: {sorted(OVER_LIMIT)}"
+
+
+#: runtime modules with a collective outside runtime/engine.py, each with why
+COLLECTIVES_ELSEWHERE = {
+    "runtime/losses.py": "nce(gather: true) gathers negatives; the fused logit work (issue 12) is editing this file",
+}
+
+
+def test_collectives_only_in_the_engine():
+    call = re.compile(r"\b(?:dist|ds_comm)\.(?:all_reduce|all_gather\w*|barrier|broadcast\w*|reduce_scatter\w*|"
+                      r"gather|scatter|send|recv)\(")
+    found = {str(p.relative_to(ROOT)) for p in (ROOT / "runtime").rglob("*.py")
+             if p.name != "engine.py" and call.search(p.read_text(encoding="utf-8"))}
+    assert found == set(COLLECTIVES_ELSEWHERE), f"collectives outside runtime/engine.py: {sorted(found)}"
 
 
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import Intervention, LossTerm, Weigh, LRScheduleSpec, OptimizerSpec, StageSpec
+from gkdlang.spec import Interchange, Intervention, LossTerm, LRScheduleSpec, OptimizerSpec, Perturb, StageSpec, Weigh
 from gkdlang.values import Objective, Symbol
 from gkdlang.lower.context import Lowerer, Scope, Skip, describe, kind_of, node_models
 from gkdlang.lower.readers import (
@@ -172,7 +172,7 @@ def stage_interventions(lw: Lowerer, objective: Objective, opts: dict[str, ast.E
     """Checks of interventions against each other and the stage's keys; returns forced stage fields."""
     ivs = objective.interventions
     forced: dict[str, Any] = {}
-    rewriting = [iv for iv in ivs if iv.kind in B.INTERVENTIONS and B.INTERVENTIONS[iv.kind].rewrites_forward]
+    rewriting = [iv for iv in ivs if iv.rewrites_forward]
     if len(rewriting) > 1:
         a, b = rewriting[0], rewriting[1]
         raise lw.err("incompatible-methods", b.span, f"{b.kind} and {a.kind} both rewrite the student's "
@@ -181,16 +181,13 @@ def stage_interventions(lw: Lowerer, objective: Objective, opts: dict[str, ast.E
     ranks = lw.cluster.nodes * lw.cluster.gpus_per_node if lw.cluster else 1
     batch = fields.get("batch", 32)
     for iv in ivs:
-        if iv.kind == "interchange":
-            forced.update(check_interchange(lw, iv, opts, fields))
-        elif iv.kind == "perturb":
-            forced.update(check_perturb(lw, iv, opts, fields, ranks, batch))
-        elif iv.kind == "weigh":
-            check_weigh(lw, iv, opts, fields, ranks, batch, data)
+        check = STAGE_CHECKS.get(type(iv))
+        if check is not None:
+            forced.update(check(lw, iv, opts, fields, ranks, batch, data) or {})
     return forced
 
 
-def check_interchange(lw: Lowerer, iv: Intervention, opts, fields) -> dict[str, Any]:
+def check_interchange(lw: Lowerer, iv: Interchange, opts, fields, ranks: int, batch: int, data: str) -> dict[str, Any]:
     # DIITO backpropagates through the swapped states; recomputing them under checkpointing breaks that
     if fields.get("activation_checkpointing") is True:
         raise lw.err("interchange-checkpointing", opts["activation_checkpointing"].span,
@@ -200,7 +197,7 @@ def check_interchange(lw: Lowerer, iv: Intervention, opts, fields) -> dict[str, 
     return {"activation_checkpointing": False}
 
 
-def check_perturb(lw: Lowerer, iv: Intervention, opts, fields, ranks: int, batch: int) -> dict[str, Any]:
+def check_perturb(lw: Lowerer, iv: Perturb, opts, fields, ranks: int, batch: int, data: str) -> dict[str, Any]:
     # pass 1's gradients are discarded, which accumulated micro-batch gradients cannot survive
     micro = fields.get("micro_batch")
     if micro is not None and micro * ranks < batch:
@@ -227,6 +224,12 @@ def check_weigh(lw: Lowerer, iv: Weigh, opts, fields, ranks: int, batch: int, da
         raise lw.err("batch-too-small", where, f"hard selection splits each micro-batch across {n} teachers, "
                      f"but {what} leaves {per_rank} example{'s' if per_rank != 1 else ''} per rank",
                      f"use at least {n} examples per rank and micro-batch", related=[(iv.span, "weigh is here")])
+
+
+#: intervention class -> its check against the stage's keys (and the stage fields it forces)
+STAGE_CHECKS: dict[type[Intervention], Callable[..., dict[str, Any] | None]] = {
+    Interchange: check_interchange, Perturb: check_perturb, Weigh: check_weigh,
+}
 
 
 def lower_optimizer(lw: Lowerer, expr: ast.Expr) -> OptimizerSpec:

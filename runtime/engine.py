@@ -254,3 +254,17 @@ def gathered_tensors(tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     tensor = tensor.to("cpu")
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+@contextlib.contextmanager
+def gathered_pair(source: torch.Tensor, target: torch.Tensor) -> Iterator[bool]:
+    """``source`` readable and ``target`` writable in full for the block (each gathered if ZeRO-3 partitions
+    it); yields whether this rank writes (rank 0 for a partitioned target, whose value ZeRO then scatters)."""
+    with contextlib.ExitStack() as stack:
+        if is_partitioned(source):
+            stack.enter_context(deepspeed.zero.GatheredParameters([source], modifier_rank=None))
+        if is_partitioned(target):
+            stack.enter_context(deepspeed.zero.GatheredParameters([target], modifier_rank=0))
+            yield ds_comm.get_rank() == 0
+        else:
+            yield True

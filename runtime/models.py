@@ -281,7 +281,7 @@ def _blocks_path(net: nn.Module, num_layers: int, name: str) -> str:
     best, size = None, -1
     for path, module in net.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            count = sum(p.numel() for p in module.parameters())
+            count = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
             if count > size:
                 best, size = path, count
     if best is None:
@@ -336,20 +336,25 @@ def copy_init(net: nn.Module, model: ModelSpec, built: dict[str, nn.Module]) -> 
     layers = _copy_layers(model, n_dst, n_src)
     dst = (_prefix_of(net), _blocks_path(net, n_dst, model.name))
     src = (_prefix_of(source), _blocks_path(source, n_src, str(model.init.source)))
-    src_state, copied = source.state_dict(), 0
-    with torch.no_grad():
-        for key, tensor in net.state_dict().items():
-            value = src_state.get(_source_key(key, dst, src, layers))
-            if value is None:
-                continue
-            if value.shape != tensor.shape:
-                raise RunError(
-                    f"model '{model.name}': init copy from '{model.init.source}': tensor {key} has shape "
-                    f"{tuple(tensor.shape)} but the source's is {tuple(value.shape)}; make the student's width "
-                    f"(and heads, intermediate, vocab, max_positions) match or use init random"
-                )
-            tensor.copy_(value.to(tensor.dtype))
-            copied += 1
+    from runtime import engine as eng
+
+    src_state = dict(named_tensors(source))
+    copied = 0
+    for key, tensor in named_tensors(net):
+        value = src_state.get(_source_key(key, dst, src, layers))
+        if value is None:
+            continue
+        if eng.full_shape(value) != eng.full_shape(tensor):
+            raise RunError(
+                f"model '{model.name}': init copy from '{model.init.source}': tensor {key} has shape "
+                f"{eng.full_shape(tensor)} but the source's is {eng.full_shape(value)}; make the student's width "
+                f"(and heads, intermediate, vocab, max_positions) match or use init random"
+            )
+        # ZeRO-3 tensors (a partitioned student or source) are gathered one pair at a time
+        with eng.gathered_pair(value, tensor) as writes, torch.no_grad():
+            if writes:
+                tensor.data.copy_(value.data.to(tensor.dtype))
+        copied += 1
     if copied == 0:
         raise RunError(f"model '{model.name}': init copy found no tensor to copy in '{model.init.source}'")
     return copied

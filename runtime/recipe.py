@@ -497,7 +497,12 @@ def _build_teacher(env: "_RunEnv", name: str, placing: Placing, copied_from: boo
     model_spec = env.plan.spec.models[name]
     keep = None if copied_from else placing.keep_blocks.get(name)
     if model_spec.source_kind == "derived" or model_spec.init.kind in ("random", "copy"):
-        return _build_one(env, model_spec, built={})  # a teacher of random weights (tests, architecture studies)
+        net = _build_one(env, model_spec, built={})  # a teacher of random weights (tests, architecture studies)
+        if keep is not None:
+            from runtime.adapters import adapter_for
+
+            adapter_for(net).prune(net, keep, drop_head=True)
+        return net
     return M.build_teacher(model_spec, env.base_dir, keep_blocks=keep, drop_head=keep is not None,
                            zero3=placing.zero3.get(name), trust_remote_code=env.trust_remote_code,
                            allow_pickle=env.allow_pickle)
@@ -707,6 +712,16 @@ def _single_student(stage: StageSpec) -> str:
     if len(stage.students) != 1:
         raise RunError(f"stage '{stage.name}': trains {len(stage.students)} models; this runtime trains one per stage")
     return stage.students[0]
+
+
+def _pruned(module: nn.Module, capture: ModelCapture) -> nn.Module:
+    """A teacher built whole without the blocks and head its planned forward never runs (random-init teachers;
+    teachers with weights are built pruned, ``runtime.models.build_teacher``)."""
+    from runtime.adapters import adapter_for
+
+    if capture.stop_after_layer is not None and not capture.needs_head:
+        adapter_for(module).prune(module, capture.stop_after_layer + 1, drop_head=True)
+    return module
 
 
 def _capture_of(captures: Mapping[str, ModelCapture], name: str, stage: StageSpec) -> ModelCapture:

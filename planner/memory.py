@@ -390,13 +390,20 @@ def kept_teacher_params(counts: ParamCounts, cap: ModelCapture) -> int:
     return counts.embeddings + (cap.stop_after_layer + 1) * counts.per_layer + counts.final_norm
 
 
+def teacher_window_params(counts: ParamCounts) -> int:
+    """Parameters a ZeRO-3 teacher may hold gathered at once: ``PREFETCH_BLOCKS`` blocks and the largest of
+    embeddings / head. ``planner.dsconfig`` writes it as the teacher engine's ``stage3_max_live_parameters``
+    (with reuse distance 0), so DeepSpeed releases every other gathered block."""
+    return PREFETCH_BLOCKS * counts.per_layer + max(counts.embeddings, counts.head)
+
+
 def teacher_items(model: ModelSpec, counts: ParamCounts, cap: ModelCapture, strategy: str,
                   cluster: ClusterShape) -> tuple[list[MemoryItem], list[MemoryItem]]:
     """(student-rank items, node CPU items) for a teacher's weights under a strategy."""
     d = DTYPE_BYTES[model.dtype]
     name = f"teacher:{model.name}"
     full = kept_teacher_params(counts, cap) * d
-    window = PREFETCH_BLOCKS * counts.per_layer * d + max(counts.embeddings, counts.head) * d
+    window = teacher_window_params(counts) * d
     gpn = cluster.gpus_per_node
     if strategy == "replicated":
         return [MemoryItem(name=f"{name}.weights", bytes=full, note=f"{model.dtype}, replicated")], []
@@ -694,7 +701,7 @@ def host_save_items(models: StageModels, rank: RankMemory, device: Device, rank_
     """Per-rank host bytes while a stage's trained weights are written: the model states (not the step's
     temporaries) plus one gathered tensor, and on rank 0 its fp32 copy being written."""
     kept = [i for i in host_train_items(rank, device)
-            if not i.name.startswith(_STEP_ITEMS) or i.name.endswith((".weights", ".window"))]
+            if not i.name.startswith(_STEP_ITEMS) or i.name.endswith(".weights")]
     largest = max((_largest_tensor(c) for _, c, _ in models.students), default=0)
     gathered = largest * DTYPE_BYTES["fp32"] * (2 if rank_index == 0 else 1)
     return [*kept, MemoryItem(name="host.save_gather", bytes=gathered, device="cpu",

@@ -42,6 +42,7 @@ def prepare_process() -> tuple[int, int]:
     all-reduce op is marked incompatible: otherwise the first ``initialize`` JIT-compiles it with g++ (~55 s)
     only to speed up collectives that gloo already does correctly.
     """
+    _bounded_heap()
     launched = "RANK" in os.environ  # a launcher chose the port; a lone process picks its own
     defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for key, value in defaults.items():
@@ -61,6 +62,30 @@ def prepare_process() -> tuple[int, int]:
                 raise RunError(f"could not start the distributed backend: {err}") from err
             os.environ["MASTER_PORT"] = str(_free_port())
     return ds_comm.get_rank(), ds_comm.get_world_size()
+
+
+#: Host allocations at least this large get their own mapping (returned to the OS when freed).
+MMAP_THRESHOLD = 1 << 20
+
+
+def _bounded_heap() -> None:
+    """Make glibc map every allocation of ``MMAP_THRESHOLD`` bytes or more on its own.
+
+    Building a partitioned model interleaves long-lived partitions with short-lived gathered modules; with
+    glibc's dynamic threshold (up to 32 MiB) both land in the heap and the freed gathers stay resident as
+    fragmentation: measured on 2 CPU ranks with a 3 GB sharded teacher, peak RSS 4.6 / 4.0 GiB without this
+    and 2.85 / 2.89 GiB with it (bench/scale.py). A no-op where glibc is not the allocator.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def device() -> torch.device:

@@ -121,11 +121,23 @@ def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str,
     chosen = result.chosen.placement
     models = placement.stage_models(spec, st, captures, {m: p for m, p in params.items() if m in loaded})
     captures = [c.model_copy(update={"fused_head": fused_head(models, c.model, chosen)}) for c in captures]
+    host, host_node = _host_memory(spec, st, captures, {m: p for m, p in params.items() if m in loaded}, world,
+                                   chosen, result.memory)
     return StagePlan(
         name=st.name, captures=captures, placement=chosen, memory=result.memory, step_time_s=result.step_time_s,
         step_time_parts=dict(result.step_time_parts), total_steps=total_steps(spec, st, spec_dir)[0],
         alternatives=result.alternatives, deepspeed_config=dsconfig.student_ds_config(chosen, st, world),
-        teacher_configs=_teacher_configs(spec, captures, st, chosen, world))
+        teacher_configs=_teacher_configs(spec, captures, st, chosen, world), host=host, host_node_peak=host_node)
+
+
+def _host_memory(spec: Spec, st: StageSpec, captures: list[ModelCapture], params: dict[str, ParamCounts],
+                 world: int, chosen, memory) -> tuple[list, int]:
+    """Host memory per rank and phase of the chosen placement (``planner.memory.host_memory``)."""
+    from planner.hardware import device_for
+    from planner.memory import host_memory
+
+    models = placement.stage_models(spec, st, captures, params)
+    return host_memory(models, placement.cluster_shape(spec, device_for(spec.cluster), world), chosen, memory)
 
 
 def _teacher_configs(spec: Spec, captures: list[ModelCapture], st: StageSpec, chosen, world: int) -> dict:

@@ -61,6 +61,20 @@ class RankMemory(Frozen):
     """1 - total_gpu / capacity_gpu."""
 
 
+class HostMemory(Frozen):
+    """Predicted host (CPU RAM) bytes of one rank at the peak of each phase: loading the stage's models,
+    training, writing the trained weights (``planner.memory.host_phases``)."""
+
+    rank: int
+    """0, or 1 for every other rank (only rank 0 writes files)."""
+    phases: dict[str, int]
+    """``load`` / ``train`` / ``save`` -> bytes."""
+    peak: int
+    """The largest phase."""
+    items: dict[str, list[MemoryItem]] = Field(default_factory=dict)
+    """Each phase's items."""
+
+
 class Placement(Frozen):
     teacher_strategy: dict[str, Literal["replicated", "sharded", "cpu_offload", "nvme_offload", "separate", "offline"]]
     zero_stage: Literal[0, 1, 2, 3]
@@ -97,6 +111,10 @@ class StagePlan(Frozen):
     """Config passed to ``deepspeed.initialize`` for the student."""
     teacher_configs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """DeepSpeed config per teacher that runs as an engine (sharded / offloaded); empty for plain replicas."""
+    host: list[HostMemory] = Field(default_factory=list)
+    """Predicted host memory per rank and phase (rank 0, then the other ranks)."""
+    host_node_peak: int = 0
+    """Predicted host bytes of one node at its worst phase (all its ranks together)."""
 
 
 class ResolvedModel(Frozen):

@@ -85,7 +85,7 @@ def run(
     kept = logger.open((state.stage, state.step) if state else None)
     env = _RunEnv(plan, base_dir, out_dir, rank, world, trust_remote_code, allow_pickle, logger, global_step=kept)
     env.weight_files.update(state.trained if state else {})
-    trained = {name: ckpt.read_weights(Path(p)) for name, p in (state.trained if state else {}).items()}
+    trained = {name: _weights_file(Path(p)) for name, p in (state.trained if state else {}).items()}
     results = []
     try:
         for index, (stage, stage_plan) in enumerate(zip(plan.spec.stages, plan.stages)):
@@ -108,12 +108,12 @@ def run_stage(
     index: int,
     stage: StageSpec,
     stage_plan: StagePlan,
-    trained: dict[str, dict[str, torch.Tensor]],
+    trained: dict[str, Path],
     start: int,
     resume_tag: str | None,
     max_steps: int | None,
 ) -> StageResult:
-    """Setup, train and save one stage; ``trained[name]`` receives the trained model's weights."""
+    """Setup, train and save one stage; ``trained[name]`` receives the file of the trained model's weights."""
     total = _capped(stage_plan, max_steps)
     live, models = setup_stage(env, index, stage, stage_plan, trained, total, max_steps)
     total = live.total  # counted from the data when the plan could not (total_steps -1)
@@ -131,9 +131,15 @@ def run_stage(
     env.logger.end_stage()
 
     student = models.modules[live.student]
-    trained[live.student] = eng.full_state_dict(student)
+    # gathered one tensor at a time and written by rank 0: no rank holds the whole trained model
+    path = ckpt.stage_weights_path(env.out_dir, index)
+    from runtime import models as M
+
+    M.write_weights(student, path, rank=env.rank)
+    eng.barrier()
+    trained[live.student] = path
     finish_stage(env, index, stage.name, total, live.student, trained)
-    env.exports[live.student] = (student, models.tokenizer, models.vocab_maps.get(live.student))
+    env.exports[live.student] = (student.config, models.tokenizer, models.vocab_maps.get(live.student))
     for engine in [live.engine, *live.teachers.values()]:
         eng.release(engine)
     return StageResult(stage.name, total, last)
@@ -144,7 +150,7 @@ def setup_stage(
     index: int,
     stage: StageSpec,
     stage_plan: StagePlan,
-    trained: Mapping[str, dict[str, torch.Tensor]],
+    trained: Mapping[str, Path],
     total: int,
     max_steps: int | None = None,
 ) -> tuple["_LiveStage", "StageModels"]:
@@ -158,7 +164,8 @@ def setup_stage(
     used = [t for t in used if t not in offline]
     whole = {m for iv in interventions for m in iv.built_models()} - {student_name}  # blocks run by interventions
     blocks_only = sorted(whole - set(used))
-    _seed_everything(SEED + 1000 * index)  # same init on every rank (ZeRO-3 partitions each rank's copy)
+    _seed_everything(SEED + 1000 * index)  # same init on every rank (replicas; ZeRO-3 inits on rank 0)
+    env.placing = _placing(stage, stage_plan, captures, used, whole)
     models = build_models(env, stage, [*used, *blocks_only], trained)
     data = StageData.build(env, stage, stage_plan, models, index)
     if total < 0:  # epochs over data the planner could not count: count the tokenised examples now
@@ -175,8 +182,7 @@ def setup_stage(
     scheduler = build_lr_schedule(optimizer, stage.schedule, total, [g["scale"] for g in groups])
     engine = eng.init_student(step_module, optimizer, scheduler, stage_plan.deepspeed_config, stage=stage.name)
     teachers = {
-        name: eng.init_teacher(models.modules[name] if name in whole else _pruned(models.modules[name], captures[name]),
-                               stage_plan.teacher_configs.get(name), name=name, stage=stage.name)
+        name: eng.init_teacher(models.modules[name], stage_plan.teacher_configs.get(name), name=name, stage=stage.name)
         for name in used
     }
     blocks = {name: eng.init_teacher(models.modules[name], stage_plan.teacher_configs.get(name), name=name,
@@ -399,19 +405,47 @@ class StageModels:
     """Student name -> its VocabMap, for students with a compressed vocabulary."""
 
 
+@dataclass(frozen=True)
+class Placing:
+    """How the stage's models are built so they start where the plan puts them (set by ``setup_stage``)."""
+
+    keep_blocks: dict[str, int] = field(default_factory=dict)
+    """Teacher -> blocks it is built with (its forward stops after them and never reaches its head)."""
+    zero3: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Model -> the ZeRO-3 config it is partitioned under while it is built (sharded / offloaded teachers,
+    a ZeRO-3 student)."""
+
+
+def _placing(stage: StageSpec, stage_plan: StagePlan, captures: Mapping[str, ModelCapture], used: list[str],
+             whole: set[str]) -> Placing:
+    keep = {}
+    for name in used:
+        cap = captures[name]
+        if name not in whole and cap.stop_after_layer is not None and not cap.needs_head:
+            keep[name] = cap.stop_after_layer + 1
+    zero3 = {name: cfg for name, cfg in stage_plan.teacher_configs.items() if cfg}
+    if stage_plan.placement.zero_stage == 3:
+        zero3.update({name: stage_plan.deepspeed_config for name in stage.students})
+    return Placing(keep, zero3)
+
+
 def build_models(
-    env: "_RunEnv", stage: StageSpec, teachers: list[str], trained: Mapping[str, dict[str, torch.Tensor]]
+    env: "_RunEnv", stage: StageSpec, teachers: list[str], trained: Mapping[str, Path]
 ) -> StageModels:
     """The stage's used ``teachers`` first (a student may copy its init from one), then the student.
 
-    Weights a model got in an earlier stage replace its init. The student is built in fp32: DeepSpeed keeps
-    the master weights and casts to the planned precision itself.
+    Each is built where the plan puts it (``env.placing``): a pruned teacher with only its blocks, a sharded
+    or offloaded teacher and a ZeRO-3 student partitioned while they are built. Weights a model got in an
+    earlier stage are streamed from their file into it (into its partitions under ZeRO-3). A replicated
+    student is built in fp32: DeepSpeed keeps the master weights and casts to the planned precision itself.
     """
     from runtime import models as M
     from runtime import vocab as V
 
     spec = env.plan.spec
-    built: dict[str, nn.Module] = {name: _build_one(env, spec.models[name], built={}) for name in teachers}
+    placing = env.placing
+    copy_sources = {str(spec.models[n].init.source) for n in stage.students if spec.models[n].init.kind == "copy"}
+    built: dict[str, nn.Module] = {name: _build_teacher(env, name, placing, name in copy_sources) for name in teachers}
     for name in stage.students:
         model_spec = spec.models[name]
         if name in trained:  # its weights come from the earlier stage: skip copying an init that is overwritten
@@ -421,7 +455,13 @@ def build_models(
             built[source] = _copy_source(env, source, built, trained)
         if model_spec.init.kind == "copy":
             model_spec = _vocab_of_copy_source(model_spec, built[str(model_spec.init.source)])
-        built[name] = _build_one(env, model_spec, built).float()
+        zero3 = placing.zero3.get(name) if model_spec.vocab is None else None  # compression slices whole rows
+        if zero3 is not None:
+            built[name] = M.build_student_partitioned(model_spec, zero3, trust_remote_code=env.trust_remote_code)
+            if model_spec.init.kind == "copy":
+                M.copy_init(built[name], model_spec, built)
+        else:
+            built[name] = _build_one(env, model_spec, built).float()
     vocab_maps = {}
     for name in stage.students:
         if spec.models[name].vocab is not None:
@@ -429,9 +469,9 @@ def build_models(
             # a derived student may already be built at the compressed size (its arch holds the kept rows)
             if built[name].get_input_embeddings().weight.shape[0] == vmap.full_size:
                 V.compress_student(built[name], vmap)
-    for name, state in trained.items():
+    for name, path in trained.items():
         if name in built:
-            _load_weights(built[name], state, name)
+            M.load_weights(built[name], path, name)
     tokenizer = M.load_tokenizer(spec.models[_single_student(stage)], spec.models, env.base_dir)
     archs = {name: m.arch for name, m in spec.models.items()}
     return StageModels({k: built[k] for k in [*teachers, *stage.students]}, archs, tokenizer, vocab_maps)
@@ -447,8 +487,26 @@ def _vocab_of_copy_source(model_spec: ModelSpec, source: nn.Module) -> ModelSpec
     return model_spec.model_copy(update={"arch": arch})
 
 
+def _build_teacher(env: "_RunEnv", name: str, placing: Placing, copied_from: bool) -> nn.Module:
+    """A teacher as the plan places it; one a student copies its init from keeps every block."""
+    from runtime import models as M
+
+    model_spec = env.plan.spec.models[name]
+    keep = None if copied_from else placing.keep_blocks.get(name)
+    if model_spec.source_kind == "derived" or model_spec.init.kind in ("random", "copy"):
+        net = _build_one(env, model_spec, built={})  # a teacher of random weights (tests, architecture studies)
+        if keep is not None:
+            from runtime.adapters import adapter_for
+
+            adapter_for(net).prune(net, keep, drop_head=True)
+        return net
+    return M.build_teacher(model_spec, env.base_dir, keep_blocks=keep, drop_head=keep is not None,
+                           zero3=placing.zero3.get(name), trust_remote_code=env.trust_remote_code,
+                           allow_pickle=env.allow_pickle)
+
+
 def _copy_source(
-    env: "_RunEnv", name: str, built: dict[str, nn.Module], trained: Mapping[str, dict[str, torch.Tensor]]
+    env: "_RunEnv", name: str, built: dict[str, nn.Module], trained: Mapping[str, Path]
 ) -> nn.Module:
     """The model a student copies its init from, holding the weights an earlier stage trained into it.
 
@@ -458,8 +516,10 @@ def _copy_source(
     spec = env.plan.spec
     model_spec = spec.models[name]
     if name in trained:
+        from runtime import models as M
+
         net = _build_one(env, model_spec.model_copy(update={"init": InitSpec(kind="random")}), built)
-        _load_weights(net, trained[name], name)
+        M.load_weights(net, trained[name], name)
         return net
     if model_spec.init.kind == "copy" and model_spec.init.source not in built:
         built[str(model_spec.init.source)] = _copy_source(env, str(model_spec.init.source), built, trained)
@@ -491,19 +551,15 @@ def build_vocab_map(env: "_RunEnv", vocab_name: str, built: dict[str, nn.Module]
     embeddings = None
     if vocab.remap != "unk":
         owner = built.get(vocab.source) or _build_one(env, source, built)
-        embeddings = owner.get_input_embeddings().weight.detach().float()
+        with eng.gathered(owner.get_input_embeddings()):  # one tensor, gathered when the owner is partitioned
+            embeddings = owner.get_input_embeddings().weight.detach().float().clone()
     return V.build_vocab_map(vocab, kept, embeddings, tokenizer.unk_token_id)
 
 
-def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    # tied weights may be stored once; anything else missing means the checkpoint is not this model's
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise RunError(
-            f"weights carried over for model '{name}' do not fit it (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); delete the output directory's checkpoints and run again"
-        )
+def _weights_file(path: Path) -> Path:
+    if not path.exists():
+        raise RunError(f"weights file {path} of a finished stage is missing; delete {path.parent} to start over")
+    return path
 
 
 class StageData:
@@ -575,9 +631,9 @@ def save_checkpoint(env: "_RunEnv", engine: Any, data: StageData, index: int, st
 def finish_stage(
     env: "_RunEnv", index: int, stage: str, steps: int, student: str, trained: Mapping[str, Any]
 ) -> None:
-    """Stage end: weights of the trained model to disk, then the record saying the stage is done."""
+    """Stage end (the trained model's weights are in ``trained[student]``): the record saying the stage is done."""
     if env.rank == 0:
-        env.weight_files[student] = str(ckpt.write_stage_weights(env.out_dir, index, trained[student]))
+        env.weight_files[student] = str(trained[student])
         record = ckpt.Progress(index, stage, steps, True, None, env.plan.spec_hash, dict(env.weight_files))
         ckpt.write_progress(env.out_dir, record)
         ckpt.prune_tags(env.out_dir, keep=None)
@@ -681,44 +737,38 @@ def _check_finite(env: "_RunEnv", stage: str, step: int, loss: torch.Tensor, par
     raise RunError(f"stage '{stage}', step {step + 1}: {where}; stopped, {kept}. Lower the learning rate or check the data")
 
 
-def save_final_student(env: "_RunEnv", trained: Mapping[str, dict[str, torch.Tensor]]) -> Path | None:
-    """Rank 0: every model the run trained, in HF format (safetensors) under ``out/models/<name>``, and the last
-    stage's student again under ``out/student``. Models trained before a resumed process started are rebuilt
-    from their weights on disk."""
+def save_final_student(env: "_RunEnv", trained: Mapping[str, Path]) -> Path | None:
+    """Rank 0: every model the run trained, in HF format (sharded safetensors) under ``out/models/<name>``, and
+    the last stage's student again under ``out/student``, copied tensor by tensor from the stage weights files.
+    Models trained before a resumed process started are rebuilt for their config and tokenizer."""
     from runtime import models as M
 
-    for stage in env.plan.spec.stages:
+    for index, stage in enumerate(env.plan.spec.stages):
         name = _single_student(stage)
         if name not in env.exports:
-            models = build_models(env, stage, [], trained)  # the student's weights are all on disk
-            env.exports[name] = (models.modules[name], models.tokenizer, models.vocab_maps.get(name))
+            env.placing = Placing(zero3={name: env.plan.stages[index].deepspeed_config}
+                                  if env.plan.stages[index].placement.zero_stage == 3 else {})
+            models = build_models(env, stage, [], {})  # only its config, tokenizer and vocabulary are read
+            env.exports[name] = (models.modules[name].config, models.tokenizer, models.vocab_maps.get(name))
+            del models
     last = _single_student(env.plan.spec.stages[-1])
     out = env.out_dir / "student"
     if env.rank == 0:
-        for name, (module, tokenizer, vocab_map) in env.exports.items():
-            fresh = _plain_copy(module, trained[name])
-            M.save_student(fresh, tokenizer, env.out_dir / "models" / name, vocab_map)
+        for name, (config, tokenizer, vocab_map) in env.exports.items():
+            M.export_student(config, trained[name], tokenizer, env.out_dir / "models" / name, vocab_map)
             if name == last:
-                M.save_student(fresh, tokenizer, out, vocab_map)
+                M.export_student(config, trained[name], tokenizer, out, vocab_map)
     eng.barrier()
     return out if env.rank == 0 else None
 
 
-def _plain_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A fresh fp32 CPU module with the gathered weights (the engine's copy may be sharded or bf16)."""
-    config = getattr(module, "config", None)
-    if config is None:
-        return module
-    fresh = type(module)(config)
-    _load_weights(fresh, state, "student")
-    return fresh.float().eval()
-
-
-def _write_rank_result(env: "_RunEnv", results: list[StageResult], trained: Mapping[str, Any]) -> None:
+def _write_rank_result(env: "_RunEnv", results: list[StageResult], trained: Mapping[str, Path]) -> None:
     """Every rank: what it finished, so multi-rank callers can check results beyond the launcher's exit code."""
+    from runtime.weights import tensor_sums
+
     path = env.out_dir / "ranks" / f"rank{env.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    sums = {name: float(sum(t.double().sum() for t in state.values())) for name, state in trained.items()}
+    sums = {name: tensor_sums(file) for name, file in trained.items()}  # of the weights each stage handed over
     record = {"rank": env.rank, "world": env.world, "stages": [asdict(r) for r in results], "weight_sums": sums}
     path.write_text(json.dumps(record, indent=1))
 
@@ -741,6 +791,8 @@ class _RunEnv:
     global_step: int = 0
     """Optimizer steps over all stages so far (TensorBoard's x axis)."""
     vocab_maps: dict[str, Any] = field(default_factory=dict)
+    placing: Placing = field(default_factory=lambda: Placing())
+    """How the current stage's models are built (see ``Placing``)."""
 
     def vocab_map(self, name: str, built: dict[str, nn.Module]) -> Any:
         """The VocabMap ``name``, built once per run (every stage and every resume derive the same one)."""

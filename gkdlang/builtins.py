@@ -51,6 +51,9 @@ LOSSES: dict[str, LossDef] = {
     "soft_ce": LossDef({"T": "schedule", "scale_t2": "bool"}, _DISTS,
                        "cross-entropy of the student's softmax(x/T) against the teacher's soft targets"),
     "jsd": LossDef({"T": "schedule"}, _DISTS, "Jensen-Shannon divergence of the two softmax(x/T)"),
+    "gjsd": LossDef({"beta": "number", "T": "schedule", "scale_t2": "bool"}, _DISTS,
+                    "generalized JSD as TRL's GKD trainer: beta 0 = forward KL, 1 = reverse KL, else "
+                    "beta KL(t||m) + (1-beta) KL(s||m), m = beta t + (1-beta) s"),
     "ce": LossDef({}, frozenset({"labels", "tokens"}), "hard cross-entropy against data labels or tokens"),
     "mse": LossDef({}, _SHAPES, "mean squared error"),
     "sse": LossDef({}, _SHAPES, "sum of squared errors over the feature dim, mean over positions"),
@@ -71,7 +74,7 @@ LOSSES: dict[str, LossDef] = {
 RELATION_LOSSES = frozenset({"distance", "angle"})
 
 #: losses whose two sides may be distributions given as probabilities
-DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd"})
+DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd", "gjsd"})
 
 #: transform -> options (keyword -> kind), from the op class each lowers to; ``align`` re-pairs items (no op)
 TRANSFORMS: dict[str, dict[str, str]] = {

@@ -25,6 +25,7 @@ from gkdlang.diagnostics import Diagnostic
 from gkdlang.spec import ClusterSpec, ModelSpec, Spec, StageSpec
 from planner import dsconfig, offline_notes, placement
 from planner.graph import SignalGraph, build_graph
+from planner.memory import fused_head
 from planner.params import ParamCounts, count_params_for
 from planner.plan import ModelCapture, Plan, ResolvedModel, StagePlan
 from planner.datasize import count_rows
@@ -59,7 +60,7 @@ def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str 
             failures.append(result)
             continue
         stages.append(result)
-        notes += stage_notes(spec, graph, st, spec_dir)
+        notes += stage_notes(spec, graph, st, spec_dir, result.captures)
         notes += offline_notes.comparison_notes(spec, st, result.captures, params, world, result.placement.teacher_strategy)
     if failures:
         return PlanFailure(failures)
@@ -108,13 +109,18 @@ def world_size(cluster: ClusterSpec) -> int:
 
 def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str, ParamCounts],
                 world: int, spec_dir: Path) -> StagePlan | Diagnostic:
-    captures = graph.captures(st)
+    fusable = graph.fusable_heads(st)
+    # marked fusable for the search, which prices each placement with the heads it can fuse; the plan records
+    # the heads the chosen placement fuses
+    captures = [c.model_copy(update={"fused_head": c.model in fusable}) for c in graph.captures(st)]
     # teachers that no term reads are not loaded, so the search must not count them
     loaded = {c.model for c in captures}
     result = placement.search(spec, st, captures, {m: p for m, p in params.items() if m in loaded}, world)
     if result.chosen is None:
         return infeasible(spec, st, result)
     chosen = result.chosen.placement
+    models = placement.stage_models(spec, st, captures, {m: p for m, p in params.items() if m in loaded})
+    captures = [c.model_copy(update={"fused_head": fused_head(models, c.model, chosen)}) for c in captures]
     return StagePlan(
         name=st.name, captures=captures, placement=chosen, memory=result.memory, step_time_s=result.step_time_s,
         step_time_parts=dict(result.step_time_parts), total_steps=total_steps(spec, st, spec_dir)[0],
@@ -169,11 +175,12 @@ def total_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str | N
                    f"of '{data.name}' / batch {st.batch})")
 
 
-def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path) -> list[str]:
-    """What the planner pruned or decided for a stage, in words."""
+def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path,
+                captures: list[ModelCapture] | None = None) -> list[str]:
+    """What the planner pruned or decided for a stage, in words (``captures``: the plan's, with fused heads)."""
     notes = [f"stage '{st.name}': teacher '{t}' is not read by any term and is not loaded"
              for t in graph.unused_teachers(st)]
-    for cap in graph.captures(st):
+    for cap in captures if captures is not None else graph.captures(st):
         if cap.model not in st.students:
             notes.append(f"stage '{st.name}': {describe_capture(cap, spec.models[cap.model])}")
     modules = graph.learned_modules(st)

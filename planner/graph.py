@@ -37,6 +37,10 @@ DTYPE_BYTES = {**BYTES_PER_ELEMENT, "int64": 8}
 HEAD_KINDS = frozenset({"logits", "task_logits"})
 DATA_KINDS = frozenset({"labels", "tokens"})
 ATTENTION_KINDS = frozenset({"attn_scores", "attn_probs"})
+#: losses whose runtime kernels are row-chunked (runtime/chunked.py) and accept a fused head
+CHUNKED_LOSSES = frozenset({"kl", "soft_ce", "jsd", "gjsd", "ce"})
+#: families whose LM head is one linear layer applied to the base model's output (after its final norm)
+FUSABLE_FAMILIES = frozenset({"gpt2", "llama", "qwen2", "mistral"})
 #: order of capture points inside one block (and of the whole model), for deterministic output
 KIND_ORDER = ("embeddings", "query", "key", "value", "attn_scores", "attn_probs", "ffn", "hidden",
               "logits", "task_logits", "labels", "tokens")
@@ -171,6 +175,34 @@ class SignalGraph:
             out[key.model] += numel(attrs["shape"], micro_batch, seq_len) * attrs["dtype_bytes"]
         return out
 
+    def fusable_heads(self, stage: str | StageSpec) -> frozenset[str]:
+        """Models of a stage whose logits nothing but chunked logit losses read (directly or through a vocabulary
+        column selection), with an LM head the runtime can fuse: the loss can form their logits chunk by chunk
+        from the final hidden states. Stages with interventions fuse nothing (they may read logits themselves)."""
+        st = self.stage(stage)
+        if st.interventions:
+            return frozenset()
+        consumers = self._stage_consumers(st)
+        out = set()
+        for key in self.captured_signals(st):
+            model = self.spec.models[key.model]
+            if key.kind != "logits" or model.head.kind != "lm" or model.arch.family not in FUSABLE_FAMILIES:
+                continue
+            readers = [v for v in self.graph.successors(key.node_id) if v in consumers]
+            if readers and all(self._reads_logits_chunked(v, consumers) for v in readers):
+                out.add(key.model)
+        return frozenset(out)
+
+    def _reads_logits_chunked(self, node: str, consumers: set[str]) -> bool:
+        attrs = self.graph.nodes[node]
+        if attrs["type"] == "term":
+            return attrs["fn"] in CHUNKED_LOSSES
+        if attrs["type"] != "op" or attrs["op"] != "select_vocab":
+            return False
+        after = [v for v in self.graph.successors(node) if v in consumers]
+        return bool(after) and all(self.graph.nodes[v]["type"] == "term" and self.graph.nodes[v]["fn"] in
+                                   CHUNKED_LOSSES - {"ce"} for v in after)
+
     def learned_modules(self, stage: str | StageSpec) -> dict[str, int]:
         """Learned module key -> parameter count (projections: in*out weights + out bias) used by a stage."""
         st = self.stage(stage)
@@ -208,6 +240,27 @@ class SignalGraph:
         points = [CapturePoint(kind=k.kind, layer=k.layer) for k in keys]
         return ModelCapture(model=model, points=points, stop_after_layer=stop, needs_head=needs_head,
                             eager_attention_layers=eager)
+
+
+def logit_losses(stage: StageSpec) -> dict[str, tuple[str, ...]]:
+    """Model -> the kernels of the stage's terms that read its logits directly or through a vocabulary column
+    selection (one entry per term, in loss order); the planner prices their memory per kernel."""
+    out: dict[str, list[str]] = {}
+    for term in stage.loss:
+        for node in (term.target, term.pred):
+            model = _logits_model(node)
+            if model is not None:
+                out.setdefault(model, []).append(term.fn)
+    return {m: tuple(fns) for m, fns in out.items()}
+
+
+def _logits_model(node: Node) -> str | None:
+    """The model whose logits a loss operand is (bare, or a vocabulary column selection of them)."""
+    if isinstance(node, SignalNode):
+        return node.model if node.kind == "logits" else None
+    if node.op == "select_vocab" and len(node.inputs) == 1 and isinstance(node.inputs[0], SignalNode):
+        return _logits_model(node.inputs[0])
+    return None
 
 
 def _leaves(node: Node) -> list[SignalKey]:

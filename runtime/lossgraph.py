@@ -46,6 +46,7 @@ from gkdlang.spec import (
 )
 from runtime.errors import RunError
 from runtime import transforms as T
+from runtime.chunked import HeadLogits
 from runtime.losses import LOSSES, check_options, get_loss, loss_options
 
 Signals = Mapping[str, Mapping[tuple[str, int | None], torch.Tensor]]
@@ -270,15 +271,32 @@ class LossGraph(nn.Module):
 
     def _operands(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> tuple[Any, torch.Tensor, Any, dict]:
         batch = ctx.batch
-        target = self._eval(term.target, signals, ctx)
-        pred = self._eval(term.pred, signals, ctx)
-        mask = MASKS[term.mask](batch) if term.mask is not None else None
         options = {k: _value(v, ctx.progress, ctx.step, ctx.epoch) for k, v in term.options.items()}
+        target = self._logit_operand(term, "target", term.target, signals, ctx, options)
+        pred = self._logit_operand(term, "pred", term.pred, signals, ctx, options)
+        mask = MASKS[term.mask](batch) if term.mask is not None else None
         if (pred.dim() == 4 and "key_mask" not in options and term.id in self._key_masked
                 and pred.shape[-1] == batch["attention_mask"].shape[-1]):  # (relations of pooled spans have none)
             # attention-shaped signals: padded keys never count, whatever the query mask
             options["key_mask"] = batch["attention_mask"].bool()
         return target, pred, mask, options
+
+    def _logit_operand(self, term: LossTerm, role: str, node: Node, signals: Signals, ctx: _Ctx, options: dict) -> Any:
+        """A term's operand; logits read by a chunked kernel (runtime/chunked.py) stay in the model's dtype, or as
+        the fused head, and a column selection over them becomes the kernel's ``{role}_cols`` option, so that no
+        fp32 or column-selected copy of the logits is made."""
+        if term.fn not in _CHUNKED or not _is_logits(node, select=f"{role}_cols" in loss_options(term.fn)):
+            return self._eval(node, signals, ctx)
+        if isinstance(node, SignalNode):
+            return self._signal(node, signals, ctx, raw=True)
+        options[f"{role}_cols"] = self._kept_columns(node, ctx)
+        return self._signal(node.inputs[0], signals, ctx, raw=True)
+
+    def _kept_columns(self, node: SelectVocab, ctx: _Ctx) -> torch.Tensor:
+        keep = self.keep_ids.get(node.vocab)
+        if keep is None:
+            raise RunError(f"loss term '{ctx.term.id}': select_vocab needs the kept rows of vocab '{node.vocab}'")
+        return torch.as_tensor(keep, dtype=torch.long)
 
     def _term_value(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:
         target, pred, mask, options = self._operands(term, signals, ctx)
@@ -291,7 +309,11 @@ class LossGraph(nn.Module):
                            "weighed per example")
         target, pred, mask, options = self._operands(term, signals, ctx)
         b = pred.shape[0]
-        one = lambda x, i: x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == b else x
+        def one(x, i):
+            if isinstance(x, HeadLogits):
+                return x.rows(i)
+            return x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == b else x
+
         values = [
             LOSSES[term.fn](one(target, i), one(pred, i), mask=one(mask, i), **{k: one(v, i) for k, v in options.items()})
             for i in range(b)
@@ -306,7 +328,7 @@ class LossGraph(nn.Module):
         inputs = [self._eval(x, signals, ctx) for x in node.inputs]
         return OPS[node.op](self, node, inputs, ctx)
 
-    def _signal(self, node: SignalNode, signals: Signals, ctx: _Ctx) -> torch.Tensor:
+    def _signal(self, node: SignalNode, signals: Signals, ctx: _Ctx, raw: bool = False) -> torch.Tensor:
         if node.model is None:
             return ctx.batch[node.kind]
         try:
@@ -316,6 +338,11 @@ class LossGraph(nn.Module):
             raise RunError(
                 f"loss term '{ctx.term.id}': signal {node.model}.{where} was not captured (plan and loss disagree)"
             ) from None
+        if raw:
+            return value
+        if isinstance(value, HeadLogits):
+            raise RunError(f"loss term '{ctx.term.id}': {node.model}.logits were planned fused (never materialised) "
+                           f"but this term reads them through a transform; re-run `gkdc plan`")
         # kernels compute in fp32 whatever precision the model ran in
         return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
 
@@ -452,6 +479,17 @@ LAZY_OPS: dict[str, Callable[[LossGraph, OpNode, Signals, _Ctx], torch.Tensor]] 
 }
 """Ops that evaluate their own inputs: ``choose`` computes only the chosen one; ``interchanged`` reads the
 counterfactual pass of its intervention."""
+
+_CHUNKED = frozenset({"kl", "soft_ce", "jsd", "gjsd", "ce", "cached_kl", "cached_kl_bucket"})
+"""Kernels that take logits in the model's dtype (or a fused head) and upcast one chunk of rows at a time."""
+
+
+def _is_logits(node: Node, select: bool) -> bool:
+    """A bare ``logits`` signal, or (``select``) a vocabulary column selection of one."""
+    if isinstance(node, SignalNode):
+        return node.model is not None and node.kind == "logits"
+    return select and node.op == "select_vocab" and len(node.inputs) == 1 and _is_logits(node.inputs[0], False)
+
 
 _BATCH_COUPLED = frozenset({"nce"})
 """Kernels whose value for one example depends on the others (no per-example weights)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gkdlang.spec import INTERVENTION_CONSTRUCTS, OP_TYPES
+from gkdlang.spec import INTERVENTION_CONSTRUCTS, OP_TYPES, Plateau
 
 #: signal attribute -> (layered, description)
 SIGNALS: dict[str, tuple[bool, str]] = {
@@ -92,9 +92,7 @@ COMBINATORS: dict[str, dict[str, str]] = {
 }
 
 #: conditions evaluated by the runtime on a stage's running losses -> options (``progressive(x, until: ...)``)
-TRIGGERS: dict[str, dict[str, str]] = {
-    "plateau": {"patience": "int", "min_delta": "number", "window": "int", "on": "symbol"},
-}
+TRIGGERS: dict[str, dict[str, str]] = {"plateau": dict(Plateau.options)}
 
 POOLS = ("mean", "cls", "max")
 

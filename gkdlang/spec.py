@@ -601,6 +601,9 @@ class Plateau(Intervention):
                     "group plateaus the progressive terms stop and the `then` group starts. deadlines[i]: the "
                     "progress at which unlock i+1 happens at the latest (None: none)")
 
+    options: ClassVar[dict[str, str]] = {"patience": "int", "min_delta": "number", "window": "int", "on": "symbol"}
+    """The options of the trigger ``plateau(...)`` (``builtins.TRIGGERS``)."""
+
 
 #: the constructs a user writes (``weigh(...)``, ...), in the order the docs list them
 INTERVENTION_CONSTRUCTS: tuple[type[Intervention], ...] = (ReplaceLayers, Interchange, Perturb, Drop, Weigh,

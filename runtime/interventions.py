@@ -448,12 +448,12 @@ class Interchange(Base):
         block = adapter_for(hf).layers(hf)[layer]
         points = self.pass_points.get(model_name, [])
         kinds = {p.kind for p in points}
-        plan = ModelCapture(model=model_name, points=points, stop_after_layer=None,
-                            needs_head=bool(kinds & {"logits", "task_logits"}),
-                            eager_attention_layers=sorted({p.layer for p in points
-                                                           if p.kind in ("attn_scores", "attn_probs")}))
+        wanted = ModelCapture(model=model_name, points=points, stop_after_layer=None,
+                              needs_head=bool(kinds & {"logits", "task_logits"}),
+                              eager_attention_layers=sorted({p.layer for p in points
+                                                             if p.kind in ("attn_scores", "attn_probs")}))
         with _output_edit(block, lambda h: torch.where(where, source.to(h.dtype), h)):
-            return capture(model, batch, plan, grad=grad)
+            return capture(model, batch, wanted, grad=grad)
 
     def teacher_passes(self, teachers: Mapping[str, nn.Module], batch: dict[str, Tensor], signals: Signals,
                        info: StepInfo) -> dict[str, Any]:
@@ -768,19 +768,19 @@ def build(stage: StageSpec, models: Mapping[str, ModelSpec], seed: int, lr: floa
     return out
 
 
-def with_points(plan: ModelCapture, extra: list[CapturePoint]) -> ModelCapture:
-    """``plan`` also capturing ``extra``: the head when a head signal is added, deep enough for every block."""
-    have = {(p.kind, p.layer) for p in plan.points}
+def with_points(wanted: ModelCapture, extra: list[CapturePoint]) -> ModelCapture:
+    """``wanted`` also capturing ``extra``: the head when a head signal is added, deep enough for every block."""
+    have = {(p.kind, p.layer) for p in wanted.points}
     added = [p for p in dict.fromkeys(extra) if (p.kind, p.layer) not in have]
     if not added:
-        return plan
-    points = [*plan.points, *added]
-    needs_head = plan.needs_head or any(p.kind in ("logits", "task_logits") for p in added)
-    stop = plan.stop_after_layer
+        return wanted
+    points = [*wanted.points, *added]
+    needs_head = wanted.needs_head or any(p.kind in ("logits", "task_logits") for p in added)
+    stop = wanted.stop_after_layer
     if stop is not None:
         stop = None if needs_head else max([stop, *(p.layer for p in added if p.layer is not None)])
-    if not plan.points and not needs_head:  # a model the plan runs whole (no points): stop after the deepest
+    if not wanted.points and not needs_head:  # a model the plan runs whole (no points): stop after the deepest
         stop = max((p.layer for p in added if p.layer is not None), default=None)
-    eager = sorted({*plan.eager_attention_layers, *(p.layer for p in added if p.kind in ("attn_scores", "attn_probs"))})
-    return plan.model_copy(update={"points": points, "needs_head": needs_head, "stop_after_layer": stop,
-                                   "eager_attention_layers": eager})
+    eager = sorted({*wanted.eager_attention_layers, *(p.layer for p in added if p.kind in ("attn_scores", "attn_probs"))})
+    return wanted.model_copy(update={"points": points, "needs_head": needs_head, "stop_after_layer": stop,
+                                     "eager_attention_layers": eager})

@@ -445,7 +445,11 @@ def build_models(
     spec = env.plan.spec
     placing = env.placing
     copy_sources = {str(spec.models[n].init.source) for n in stage.students if spec.models[n].init.kind == "copy"}
-    built: dict[str, nn.Module] = {name: _build_teacher(env, name, placing, name in copy_sources) for name in teachers}
+    # teachers built partitioned draw random numbers (zero.Init initialises before loading): keep the students'
+    # init the same whatever the teachers' placement
+    with torch.random.fork_rng(devices=[]):
+        built: dict[str, nn.Module] = {name: _build_teacher(env, name, placing, name in copy_sources)
+                                       for name in teachers}
     for name in stage.students:
         model_spec = spec.models[name]
         if name in trained:  # its weights come from the earlier stage: skip copying an init that is overwritten

@@ -90,3 +90,24 @@ def test_the_check_catches_a_whole_copy(model_dirs, tmp_path):
     ranks = _run(model_dirs, tmp_path, "whole")
     assert max(r["teacher_build"] / r["teacher_bytes"] for r in ranks) > TEACHER_BOUND
     assert max(r["student_build_load"] / r["student_bytes"] for r in ranks) > STUDENT_BOUND
+
+
+@pytest.mark.deepspeed
+def test_a_run_with_a_sharded_teacher_ends_with_the_replicated_runs_student(tmp_path):
+    import torch
+
+    from test_multirank import _launch
+    from test_recipe import make_plan, student_tensors
+
+    students = []
+    for sharded in (False, True):
+        root = tmp_path / ("sharded" if sharded else "replicated")
+        plan_path = make_plan(root, steps=(3,), zero=2, world=2, micro=2, accum=1, sharded_teacher=sharded)
+        proc = _launch(plan_path, root / "out")
+        done = list((root / "out" / "ranks").glob("rank*.json"))
+        assert len(done) == 2, f"a rank did not finish:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        students.append(student_tensors(root / "out"))
+    replicated, sharded = students
+    assert replicated.keys() == sharded.keys()
+    for key in replicated:
+        torch.testing.assert_close(sharded[key], replicated[key], rtol=1e-5, atol=1e-6)

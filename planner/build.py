@@ -7,7 +7,7 @@ clock or the machine, so the same spec gives a byte-identical plan.
 Decisions made here (documented in the plan's ``notes``):
 
 - ``total_steps``: a stage's ``steps``; for ``epochs`` over a jsonl source whose files exist at plan time,
-  ``ceil(epochs * train_rows / batch)`` (one example per non-empty line, less the ``split`` fraction);
+  ``ceil(epochs * train_rows / batch)`` (one example per non-empty line; ``split`` is not executed yet);
   otherwise -1: the size is unknown until the runtime tokenises the data, and a note says so.
 - launch: one rank runs in-process (``gkdc run PLAN``); several use the ``deepspeed`` launcher with
   ``--module runtime.worker PLAN`` (the runtime appends its own arguments); more than one node adds
@@ -22,16 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gkdlang.diagnostics import Diagnostic
-from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
-from planner import dsconfig, offline, placement
+from gkdlang.spec import ClusterSpec, ModelSpec, Spec, StageSpec
+from planner import dsconfig, offline_notes, placement
 from planner.graph import SignalGraph, build_graph
 from planner.memory import fused_head
 from planner.params import ParamCounts, count_params_for
 from planner.plan import ModelCapture, Plan, ResolvedModel, StagePlan
+from planner.datasize import count_rows
 from planner.describe import describe_capture, fmt_bytes
 
-#: jsonl files larger than this are not counted at plan time (planning must stay fast)
-MAX_COUNTED_BYTES = 256 * 2**20
 BASE_PORT = 29500
 
 
@@ -62,7 +61,7 @@ def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str 
             continue
         stages.append(result)
         notes += stage_notes(spec, graph, st, spec_dir, result.captures)
-        notes += offline.comparison_notes(spec, st, result.captures, params, world, result.placement.teacher_strategy)
+        notes += offline_notes.comparison_notes(spec, st, result.captures, params, world, result.placement.teacher_strategy)
     if failures:
         return PlanFailure(failures)
     launch, hostfile = launch_command(spec.cluster, plan_path, master_port(spec.source_hash))
@@ -170,28 +169,10 @@ def total_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str | N
     if rows is None:
         return -1, (f"stage '{st.name}': {st.epochs:g} epochs of '{data.name}' ({data.format}); its size is known "
                     f"only after tokenisation, so total_steps is -1 and the runtime counts it")
-    train_rows = math.floor(rows * (1 - (data.split or 0.0)))
+    train_rows = rows  # data `split` is not executed yet (warning not-executed): the run trains on every row
     steps = max(1, math.ceil(st.epochs * train_rows / st.batch))
     return steps, (f"stage '{st.name}': {steps} steps = ceil({st.epochs:g} epochs x {train_rows} training rows "
                    f"of '{data.name}' / batch {st.batch})")
-
-
-def count_rows(data: DataSpec, spec_dir: Path) -> int | None:
-    """Examples in a text or jsonl source (one per non-empty line, as the runtime reads them) when its files
-    exist and are small enough to count."""
-    if data.format not in ("jsonl", "text"):
-        return None
-    files = sorted({f for pattern in data.paths for f in _glob(pattern, spec_dir)})
-    if not files or sum(f.stat().st_size for f in files) > MAX_COUNTED_BYTES:
-        return None
-    return sum(sum(1 for line in f.open("rb") if line.strip()) for f in files)
-
-
-def _glob(pattern: str, base: Path) -> list[Path]:
-    path = Path(pattern)
-    if path.is_absolute():
-        return [p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file()]
-    return [p for p in base.glob(pattern) if p.is_file()]
 
 
 def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path,

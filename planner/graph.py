@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 import networkx as nx
 
-from gkdlang.spec import LAYERED_KINDS, LossTerm, ModelSpec, Node, OpNode, SignalNode, Spec, StageSpec
+from gkdlang.builtins import DTYPE_BYTES as BYTES_PER_ELEMENT
+from gkdlang.spec import LAYERED_KINDS, LossTerm, ModelSpec, Node, OpNode, Project, SignalNode, Spec, StageSpec
 from planner.plan import CapturePoint, ModelCapture
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8}
+DTYPE_BYTES = {**BYTES_PER_ELEMENT, "int64": 8}
 HEAD_KINDS = frozenset({"logits", "task_logits"})
 DATA_KINDS = frozenset({"labels", "tokens"})
 ATTENTION_KINDS = frozenset({"attn_scores", "attn_probs"})
@@ -209,7 +210,7 @@ class SignalGraph:
         for node in nx.ancestors(self.graph, f"stage:{st.name}"):
             attrs = self.graph.nodes[node]
             if attrs["type"] == "op" and attrs["module"] is not None:
-                out[attrs["module"]] = _module_params(attrs["params"])
+                out[attrs["module"]] = attrs["params"]
         return dict(sorted(out.items()))
 
     def consumers(self, key: SignalKey) -> list[str]:
@@ -268,13 +269,6 @@ def _leaves(node: Node) -> list[SignalKey]:
     return [leaf for child in node.inputs for leaf in _leaves(child)]
 
 
-def _module_params(params: dict) -> int:
-    d_in, d_out = params.get("in"), params.get("out")
-    if isinstance(d_in, int) and isinstance(d_out, int):
-        return d_in * d_out + d_out
-    return 0
-
-
 # ---------------------------------------------------------------- building
 
 
@@ -306,7 +300,8 @@ def _add_tree(g: nx.DiGraph, spec: Spec, tree: Node) -> str:
         return _add_signal(g, spec, SignalKey(tree.model, tree.kind, tree.layer))
     node = _op_id(tree)
     if node not in g:
-        g.add_node(node, type="op", op=tree.op, params=dict(tree.params), module=tree.module,
+        g.add_node(node, type="op", op=tree.op, params=tree.param_count() if isinstance(tree, Project) else 0,
+                   module=tree.module,
                    learned=tree.module is not None)
     for position, child in enumerate(tree.inputs):
         g.add_edge(_add_tree(g, spec, child), node, kind="input", position=position)

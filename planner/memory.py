@@ -39,7 +39,8 @@ import math
 from dataclasses import dataclass, field
 
 from gkdlang.arch import ArchInfo
-from gkdlang.spec import ModelSpec, OpNode, StageSpec
+from gkdlang.builtins import DTYPE_BYTES
+from gkdlang.spec import ModelSpec, OpNode, Project, StageSpec
 from planner.graph import numel, signal_shape
 from planner.hardware import Device
 from planner.params import ParamCounts
@@ -47,7 +48,6 @@ from planner.plan import MemoryItem, ModelCapture, Placement, RankMemory
 
 GiB = 2**30
 MiB = 2**20
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 #: CUDA context (~500 MiB on Hopper), cuBLAS/cuDNN workspaces, NCCL channel buffers and caching-allocator slack.
 RUNTIME_OVERHEAD_GPU = 1 * GiB
@@ -113,9 +113,8 @@ def learned_params(stage: StageSpec) -> int:
 
     def walk(node) -> None:
         if isinstance(node, OpNode):
-            d_in, d_out = node.params.get("in"), node.params.get("out")
-            if node.module is not None and isinstance(d_in, int) and isinstance(d_out, int):
-                modules[node.module] = d_in * d_out + d_out
+            if isinstance(node, Project) and node.module is not None and node.dim_out is not None:
+                modules[node.module] = node.param_count()
             for child in node.inputs:
                 walk(child)
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gkdlang.spec import Spec
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 
 
 class Frozen(BaseModel):

@@ -29,7 +29,6 @@ key-masked attention maps.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from typing import Callable, NamedTuple
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gkdlang.diagnostics import closest
 from runtime.chunked import (KERNELS, HeadLogits, _hard_ce, _log_softmax_ as _log_softmax_inplace, _weighted_nll,
                              chunked_loss, gjsd_kernel, row_weights)
 from runtime.errors import RunError
@@ -1061,8 +1061,8 @@ LOSSES: dict[str, LossFn] = {
 
 
 def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = closest(word, choices)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 def get_loss(name: str) -> LossFn:

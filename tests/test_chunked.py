@@ -282,12 +282,12 @@ def test_fused_capture_gives_the_same_loss_and_gradients(model_type, tied):
 
 def test_loss_graph_hands_kernels_raw_logits_and_column_ids():
     from gkdlang.arch import arch_from_config
-    from gkdlang.spec import LossTerm, OpNode, SignalNode, Span
+    from gkdlang.spec import LossTerm, SelectVocab, SignalNode, Span
     from runtime.lossgraph import LossGraph
 
     span = Span(file="t", line=1, col=1, end_line=1, end_col=1)
     keep = torch.tensor([3, 0, 7, 9, 11])
-    picked = OpNode(op="select_vocab", inputs=[SignalNode(model="t", kind="logits")], params={"vocab": "v"})
+    picked = SelectVocab(inputs=[SignalNode(model="t", kind="logits")], vocab="v")
     term = LossTerm(id="kl", fn="kl", target=picked, pred=SignalNode(model="s", kind="logits"), span=span,
                     options={"T": 2.0})
     arch = arch_from_config({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 13})

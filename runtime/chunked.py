@@ -290,7 +290,7 @@ class _ChunkedDense(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             return None, None
-        if not (g.numel() == 1 and float(g) == 1.0):
+        if not _is_one(g):
             grad.mul_(g.to(grad.dtype))
         return grad.view(ctx.shape), None
 
@@ -311,7 +311,7 @@ class _ChunkedHead(torch.autograd.Function):
         if g_h is None:
             return None, None, None, None
         h_shape, w_dtype, cols, w_shape, b_meta = ctx.meta
-        scale = None if (g.numel() == 1 and float(g) == 1.0) else g
+        scale = None if _is_one(g) else g
         if scale is not None:
             g_h.mul_(scale.to(g_h.dtype))
             g_w.mul_(scale)
@@ -324,6 +324,12 @@ class _ChunkedHead(torch.autograd.Function):
                 g_b = torch.zeros(b_meta[1], dtype=torch.float32, device=g_b.device).index_copy_(0, cols, g_b)
         return (g_h.view(h_shape), g_w.to(w_dtype),
                 None if g_b is None else g_b.to(b_meta[0]), None)
+
+
+def _is_one(g: Tensor) -> bool:
+    """Whether the incoming gradient is exactly 1 (then the precomputed one is used as is); read only on CPU, where
+    it costs no device sync (on a GPU scaling the buffer is cheaper than waiting for the value)."""
+    return g.device.type == "cpu" and g.numel() == 1 and float(g) == 1.0
 
 
 @dataclass

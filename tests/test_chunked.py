@@ -191,6 +191,13 @@ def test_outer_gradient_scales_the_precomputed_gradient():
     y = s.clone().requires_grad_(True)
     (3.0 * L.dense_kl(t, y)).backward()
     assert torch.allclose(x.grad, y.grad, rtol=1e-5, atol=1e-9)
+    h, w = rnd(B, S, H), rnd(V, H, scale=0.3, seed=2)
+    fused = [p.clone().requires_grad_(True) for p in (h, w)]
+    plain = [p.clone().requires_grad_(True) for p in (h, w)]
+    (3.0 * L.kl(t, HeadLogits(*fused), chunk=4)).backward()
+    (3.0 * L.dense_kl(t, F.linear(*plain))).backward()
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------- gjsd vs a naive float64 formula

@@ -51,6 +51,9 @@ def lower_loss(lw: Lowerer, e: ast.Call, fn: str, scope: Scope) -> Objective:
         t = options["T"]
         if min(t.value, t.end if t.end is not None else t.value) <= 0:
             raise lw.err("bad-temperature", kw["T"].span, f"temperature must be positive, got {fmt_number(t.value)}")
+    if fn == "gjsd" and "beta" in options and not 0 <= options["beta"] <= 1:
+        raise lw.err("bad-value", kw["beta"].span, f"gjsd's beta is in [0, 1] (0 = forward KL, 1 = reverse KL), got "
+                     f"{fmt_number(options['beta'])}")
     layer_map = None
     if "map" in kw:
         layer_map = lw.ev(kw["map"], scope)

@@ -80,6 +80,43 @@ class Candidate(Frozen):
     """Why it lost (or ``chosen``)."""
 
 
+class TokensPerStep(Frozen):
+    """What one optimizer step feeds the models, over all ranks (``planner.tokens``); the runtime logs the same."""
+
+    packed: bool
+    """Documents concatenated and cut into seq_len blocks (EOS between documents, no attention across them)."""
+    why: str
+    seq_len: int
+    real: float
+    """Real tokens per step: document tokens and EOS separators, no padding (expected value when padded)."""
+    computed: float
+    """Positions the models run per step, padding included (expected value when padded); the step time uses it."""
+    source: str
+    """How the figures were obtained (packed blocks, documents tokenised at plan time, or assumed full)."""
+
+
+class HostMemory(Frozen):
+    """Host memory of one node under the chosen placement, and what it was checked against."""
+
+    per_node: int
+    """Peak host bytes of all ranks of one node (on CPU runs host memory is the ranks' device memory)."""
+    per_rank: int
+    limit: int | None
+    """``cluster.cpu_memory``; None: not given, so the figure was not checked (warning ``no-cpu-memory``)."""
+
+
+class PinReport(Frozen):
+    """A placement the spec pinned: what was pinned, that it fits, and what the planner would have picked."""
+
+    pinned: list[str]
+    """Pinned keys: ``zero``, ``offload_optimizer``, ``offload_params``, ``micro_batch``, ``checkpointing``,
+    ``teacher <name>``."""
+    planner_choice: Candidate
+    """The placement the search picks with no pins."""
+    verdict: str
+    """One line: fits with what headroom, and how it compares with the planner's choice."""
+
+
 class StagePlan(Frozen):
     name: str
     captures: list[ModelCapture]
@@ -94,6 +131,11 @@ class StagePlan(Frozen):
     """Config passed to ``deepspeed.initialize`` for the student."""
     teacher_configs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """DeepSpeed config per teacher that runs as an engine (sharded / offloaded); empty for plain replicas."""
+    tokens: TokensPerStep | None = None
+    """Packing and the real tokens per step; None in plans written before gkdc planned them (padded data)."""
+    host: HostMemory | None = None
+    pin: PinReport | None = None
+    """Set when the spec pins part of the placement."""
 
 
 class ResolvedModel(Frozen):

@@ -82,7 +82,8 @@ def _sequence_level(node) -> str | None:
         return node.kind if node.kind in SEQUENCE_SIGNALS else None
     if isinstance(node, OpNode):
         if node.op in SEQUENCE_OPS:
-            return f"{node.op}(...)"
+            how = node.params.get("how")
+            return f"{node.op}(..., {how})" if how else f"{node.op}(...)"
         return next((found for child in node.inputs if (found := _sequence_level(child))), None)
     return None
 

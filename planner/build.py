@@ -86,13 +86,17 @@ def plan_warnings(plan: Plan) -> list[Diagnostic]:
         from planner import hardware
 
         assumed = fmt_bytes(hardware.lookup(c.gpu).memory)
-        what = (f"the cluster gives no cpu_memory, so each CPU rank was checked against the catalog's assumed "
-                f"{assumed}, not this machine's memory")
+        no_block = (c.span.line, c.span.col) == (c.span.end_line, c.span.end_col)  # the default cluster's span
+        where = "the spec has no cluster block (one CPU rank)" if no_block else "the cluster gives no cpu_memory"
+        what = (f"{where}, so each CPU rank was checked against the catalog's assumed {assumed}, not this "
+                f"machine's memory")
     else:
+        no_block = False
         what = "the cluster gives no cpu_memory, so host memory was not checked"
+    hint = (f"add cluster {{ gpus: 1 x cpu, cpu_memory: {_round_up_gb(need)}GB }} with this machine's memory"
+            if no_block else f"declare the host memory of one node, e.g. cpu_memory: {_round_up_gb(need)}GB")
     return [Diagnostic("no-cpu-memory", f"{what}: the plan needs {fmt_bytes(need)} of host memory per node "
-                       f"(stages: {per_stage})", c.span,
-                       f"declare the host memory of one node, e.g. cpu_memory: {_round_up_gb(need)}GB")]
+                       f"(stages: {per_stage})", c.span, hint)]
 
 
 def _round_up_gb(n: int) -> int:
@@ -270,10 +274,6 @@ def _is_cpu(spec: Spec) -> bool:
 
     dev = hardware.lookup(spec.cluster.gpu)
     return dev is not None and dev.is_cpu
-
-
-def _strategies(strategy: dict[str, str]) -> str:
-    return ", ".join(f"{m}={s}" for m, s in sorted(strategy.items())) or "none"
 
 
 def total_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str | None]:

@@ -137,9 +137,10 @@ def main() -> int:
 def markdown(rows, ratio: float, args) -> str:
     lines = [BEGIN, "## Packing", "",
              "`bench/packing.py`: the built-in example's GPT-2 pair on the shipped corpus (`examples/data/corpus.txt`,",
-             f"seq_len 64, batch 16, one CPU rank with {args.threads} torch thread(s), the same pinned placement), "
-             f"{args.steps} steps x {args.repeats} alternating runs per arm. Predicted = the plan (`stages[0].tokens`, `step_time_s`); measured = the",
-             "runtime's logged tokens and positions per step (all ranks) and the median wall time between steps.", "",
+             f"seq_len 64, batch 16, one CPU rank with {args.threads} torch thread(s), the same pinned placement),",
+             f"{args.steps} steps x {args.repeats} alternating runs per arm. Predicted = the plan (`stages[0].tokens`,",
+             "`step_time_s`); measured = the runtime's logged tokens and positions per step (all ranks) and the",
+             "median wall time between steps.", "",
              "| arm | real tokens/step (plan / run) | positions run/step (plan / run) | step time (plan / run) | "
              "real tokens/s (plan / run) |",
              "|---|---|---|---|---|"]
@@ -147,7 +148,17 @@ def markdown(rows, ratio: float, args) -> str:
         lines.append(f"| {'packed' if packed else 'padded'} | {t_pred:,.0f} / {t_meas:,.0f} | {p_pred:,.0f} / "
                      f"{p_meas:,.0f} | {s_pred * 1e3:.1f} ms / {s_meas * 1e3:.1f} ms | "
                      f"{t_pred / s_pred:,.0f} / {t_meas / s_meas:,.0f} |")
-    lines += ["", f"Real tokens per second, packed / padded: {ratio:.2f}x measured.", END]
+    (_, tp, tm, _, _, sp_, sm), (_, up, um, upp, upm, su, smu) = rows
+    predicted = (tp / sp_) / (up / su)
+    import os
+
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines += ["", f"Real tokens per second, packed / padded: {ratio:.2f}x measured, {predicted:.2f}x predicted. Tokens "
+              f"per step, run / plan: packed {tm / tp:.3f}, padded {um / up:.3f} (real) and {upm / upp:.3f} (positions "
+              f"run; the padded plan figures are expectations over the corpus's line lengths). Step time, run / plan: "
+              f"packed {sm / sp_:.2f}, padded {smu / su:.2f}: the planner's CPU figure ranks placements, it does not "
+              f"promise wall time (load average {load} over 1 / 5 / 15 min when this was written, "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", END]
     return "\n".join(lines)
 
 

@@ -151,8 +151,9 @@ def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str,
     # teachers that no term reads are not loaded, so the search must not count them
     loaded = {c.model for c in captures}
     seq = st.seq_len or spec.data[st.data].seq_len
-    lengths = stage_lengths(spec, st, spec_dir)
-    clipped = () if packing.packed or lengths is None else tuple(sorted(min(n, seq) for n in lengths.counts))
+    # packed blocks are full by construction: documents are tokenised only for padded data (or packed epochs)
+    lengths = None if packing.packed else stage_lengths(spec, st, spec_dir)
+    clipped = () if lengths is None else tuple(sorted(min(n, seq) for n in lengths.counts))
     counts = {m: p for m, p in params.items() if m in loaded}
     result = placement.search(spec, st, captures, counts, world, clipped)
     free = placement.search(spec, placement.unpinned(st), captures, counts, world, clipped) if st.pin else None

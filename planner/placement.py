@@ -2,10 +2,13 @@
 
 The search enumerates teacher strategy (per teacher) x ZeRO stage x optimizer / parameter offload x
 activation checkpointing x micro-batch, where micro-batch and gradient accumulation satisfy
-``batch = micro * accum * ranks``; a forced ``micro_batch`` / ``activation_checkpointing`` and
-``grad_accum_allowed: false`` narrow it. A placement fits when every rank's predicted GPU bytes stay under
-``(1 - SAFETY_MARGIN)`` of the device memory (the margin absorbs allocator fragmentation and what the model
-leaves out) and host / NVMe bytes under the cluster's ``cpu_memory`` / ``nvme`` when those are given.
+``batch = micro * accum * ranks``; the stage's pins (``StageSpec.pin`` and its ``micro_batch`` /
+``activation_checkpointing``) and ``grad_accum_allowed: false`` narrow it; pinned ZeRO / offload keys may reach
+combinations the unpinned search skips (``_valid_zero_options``). A placement fits when every rank's predicted GPU
+bytes stay under ``(1 - SAFETY_MARGIN)`` of the device memory (the margin absorbs allocator fragmentation and what
+the model leaves out) and host / NVMe bytes per node under the cluster's ``cpu_memory`` / ``nvme`` when those are
+given; otherwise its ``Shortfall`` names the resource (GPU of a rank, host per node or per rank, NVMe) that a
+refusal reports, and the advice says what would fit.
 The fastest fitting placement wins (ties: less memory, then simpler); runner-ups carry a short reason.
 
 Teacher strategies searched are those the runtime executes: ``replicated`` (plain module), ``sharded``

@@ -11,7 +11,7 @@ mask or construct that reads a sequence as one example (``cls``, ``task_logits``
 
 Unpacked data is truncated to ``seq_len`` and padded to the longest sequence of each micro-batch. Where the
 student's tokenizer is a local ``tokenizer.json``, the planner tokenises the documents (all of them up to
-``MAX_COUNTED_DOCS``, else an even sample) with the ``tokenizers`` library the runtime's fast tokenizer runs
+``MAX_COUNTED_CHARS`` of text, else an even sample of about that much) with the ``tokenizers`` library the runtime's fast tokenizer runs
 on, so it knows the real tokens per step and the padded width the models run; without one it says it assumed
 full sequences.
 """
@@ -25,8 +25,9 @@ from pathlib import Path
 
 from gkdlang.spec import DataSpec, ModelSpec, OpNode, SignalNode, Spec, StageSpec
 
-#: Documents tokenised at plan time; beyond this an even sample of this many (planning stays well under 1 s).
-MAX_COUNTED_DOCS = 20_000
+#: Characters tokenised at plan time; a larger corpus is sampled evenly down to about this much (the Rust tokenizer
+#: reads a few MB/s on one core, so planning stays well under a second; the padded figures are expectations anyway).
+MAX_COUNTED_CHARS = 1_000_000
 #: Documents per chunk the runtime packs at once; a chunk's last partial block is dropped (runtime.data.pack).
 PACK_CHUNK_DOCS = 10_000
 #: Signals that describe a whole sequence, so a packed block (several documents) would change their meaning.
@@ -127,7 +128,7 @@ def document_lengths(spec: Spec, stage: StageSpec, spec_dir: Path) -> Lengths | 
     docs = _documents(data, spec_dir)
     if not docs:
         return None
-    step = max(1, math.ceil(len(docs) / MAX_COUNTED_DOCS))
+    step = max(1, math.ceil(sum(map(len, docs)) / MAX_COUNTED_CHARS))
     try:
         from tokenizers import Tokenizer
 

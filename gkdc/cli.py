@@ -126,7 +126,7 @@ def _check_one(path: Path, with_plan: bool):
     if result.spec is not None and with_plan:
         plan, plan_diags = _build_plan(result.spec, path)
         diags.extend(plan_diags)
-        return diags, result.sources, result.spec if not plan_diags else None
+        return diags, result.sources, result.spec if plan is not None else None
     return diags, result.sources, result.spec
 
 
@@ -179,14 +179,14 @@ def cmd_fmt(args) -> int:
 def _build_plan(spec, path: Path, plan_path: Path | None = None):
     """(plan or None, diagnostics): the planner's failures become diagnostics with the cluster's span."""
     from gkdlang.diagnostics import Diagnostic
-    from planner.build import PlanFailure, build_plan
+    from planner.build import PlanFailure, build_plan, plan_warnings
 
     target = str(plan_path) if plan_path is not None else "plan.json"
     result = build_plan(spec, gkdc_version=__version__, spec_path=str(path), plan_path=target)
     if isinstance(result, PlanFailure):
         diags = [d if isinstance(d, Diagnostic) else Diagnostic(*d) for d in result.diagnostics]
         return None, diags
-    return result, []
+    return result, plan_warnings(result)  # warnings only: the plan stands
 
 
 def cmd_plan(args) -> int:

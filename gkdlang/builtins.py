@@ -159,7 +159,8 @@ MODEL_KEYS = {
     "embedding_size": "int", "max_positions": "int", "dtype": "symbol", "frozen": "bool", "init": "init",
     "head": "head", "cache": "cache",
 }
-DATA_KEYS = {"seq_len": "int", "text": "column", "pair": "column", "label": "column", "split": "fraction"}
+DATA_KEYS = {"seq_len": "int", "text": "column", "pair": "column", "label": "column", "split": "fraction",
+             "packing": "bool"}
 VOCAB_KEYS = {"keep": "keep", "rank": "rank", "protect": "strings", "remap": "remap", "multiple": "int"}
 STAGE_KEYS = {
     "data": "data", "steps": "int", "epochs": "number", "batch": "int", "micro_batch": "int", "seq_len": "int",
@@ -170,5 +171,13 @@ CLUSTER_KEYS = {
     "gpus": "gpus", "gpu": "string", "nodes": "int", "cpu_memory": "bytes", "nvme": "bytes",
     "gpu_memory": "bytes", "precision": "symbol",
 }
+#: ``placement [stage] { ... }`` keys (besides ``teacher <name>: <strategy>``) -> what the value must be
+PLACEMENT_KEYS = {"zero": "int", "offload_optimizer": "symbol", "offload_params": "symbol", "micro_batch": "int",
+                  "checkpointing": "bool"}
+OFFLOAD_TARGETS = ("none", "cpu", "nvme")
+#: teacher strategies a spec may pin: those the runtime runs (the planner's ``separate`` is modelled only)
+TEACHER_STRATEGIES = ("replicated", "sharded", "cpu_offload", "nvme_offload", "offline")
+#: ``cached`` reads as what it is in the plan: ``offline`` (signals read from the teacher's cache)
+TEACHER_STRATEGY_ALIASES = {"cached": "offline"}
 OPTIMIZER_KEYS = {"lr": "number", "betas": "pair", "eps": "number", "weight_decay": "number"}
 LR_SCHEDULE_KEYS = {"warmup": "fraction", "min_lr": "number"}

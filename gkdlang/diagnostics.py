@@ -88,7 +88,16 @@ CODES: dict[str, tuple[Severity, str]] = {
                         "the number of teachers."),
     "data-not-found": ("warning", "A data path that matches no file at check time (it must exist before `gkdc run`)."),
     "unknown-gpu": ("error", "A device name that the hardware catalog does not contain."),
-    "plan-infeasible": ("error", "No placement fits the cluster's memory; the message shows the best attempt per rank."),
+    "plan-infeasible": ("error", "No placement fits the cluster's memory; the message names the resource that does not "
+                        "fit (GPU or host memory, per rank or per node), the best attempt per rank and what would fit."),
+    "pin-does-not-fit": ("error", "A pinned placement (`placement { ... }`) that does not fit; the message names the "
+                         "resource, the per-rank breakdown and the placement the planner would pick."),
+    "pin-unavailable": ("error", "A pinned choice this cluster or stage cannot run (NVMe offload without `nvme`, "
+                        "`offline` for a teacher without a usable cache)."),
+    "packing-unsupported": ("error", "`packing: true` on data that a stage cannot pack (labels, sentence pairs, a "
+                            "masked LM, or a per-sequence signal)."),
+    "no-cpu-memory": ("warning", "The cluster gives no `cpu_memory`: host memory was not checked; the message states "
+                      "what the plan needs per node."),
 }
 
 

@@ -134,6 +134,15 @@ class _ToAst(Transformer):
     def cluster_decl(self, meta, c):
         return ast.ClusterDecl(self.s(meta), c[0])
 
+    def placement_decl(self, meta, c):
+        return ast.PlacementDecl(self.s(meta), c[0], c[1])
+
+    def placement_block(self, meta, entries):
+        return ast.Block(self.s(meta), tuple(entries))
+
+    def teacher_entry(self, meta, c):
+        return ast.TeacherEntry(self.s(meta), c[0], c[1])
+
     def let_decl(self, meta, c):
         return ast.LetDecl(self.s(meta), c[0], c[1])
 
@@ -254,7 +263,7 @@ def _expected(names) -> str:
     if {"NUMBER", "STRING", "NAME"} <= names:
         return "an expression"
     if {"TEACHER", "STAGE"} <= names:
-        return "a declaration (use, teacher, student, data, vocab, method, stage, cluster, let)"
+        return "a declaration (use, teacher, student, data, vocab, method, stage, cluster, placement, let)"
     items = sorted({_readable(n) for n in names})
     if len(items) > 8:
         items = items[:8] + ["..."]

@@ -160,6 +160,9 @@ class DataSpec(Frozen):
     seq_len: int = 512
     split: float | None = None
     """Fraction held out for evaluation, if any."""
+    packing: bool | None = None
+    """Concatenate documents and cut them into ``seq_len`` blocks; None: the planner decides per stage
+    (``planner.tokens.packing_choice``: packed where every model is causal and every signal is per token)."""
     span: Span
 
 
@@ -631,6 +634,28 @@ class LRScheduleSpec(Frozen):
     min_lr: float = 0.0
 
 
+TeacherStrategy = Literal["replicated", "sharded", "cpu_offload", "nvme_offload", "offline"]
+"""How a teacher is placed: a whole copy per rank, ZeRO-3 shards, shards offloaded to host memory or NVMe, or
+read from its cache (``offline``). The planner's ``separate`` (teachers on their own ranks) is not run, so not here."""
+
+
+class PlacementPin(Frozen):
+    """The placement choices a spec pins (``placement [stage] { ... }``); None leaves a choice to the planner.
+
+    ``micro_batch`` and ``activation_checkpointing`` are pinned through the stage's fields of the same names
+    (so every check that reads them sees the pin); their spans are kept here with the others.
+    """
+
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    offload_optimizer: Literal["none", "cpu", "nvme"] | None = None
+    offload_params: Literal["none", "cpu", "nvme"] | None = None
+    teachers: dict[str, TeacherStrategy] = Field(default_factory=dict)
+    spans: dict[str, Span] = Field(default_factory=dict)
+    """Where each pinned key was written: ``zero``, ``offload_optimizer``, ``offload_params``, ``micro_batch``,
+    ``checkpointing`` or ``teacher <name>``."""
+    span: Span
+
+
 class StageSpec(Frozen):
     name: str
     after: list[str] = Field(default_factory=list)
@@ -657,6 +682,8 @@ class StageSpec(Frozen):
     """False when a term forbids gradient accumulation (e.g. LRC-BERT gradient perturbation)."""
     eval_every: int | None = None
     save_every: int | None = None
+    pin: PlacementPin | None = None
+    """Placement choices the spec pins for this stage; None: the planner chooses everything."""
     span: Span
 
 

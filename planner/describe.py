@@ -76,4 +76,16 @@ def describe_placement(p: Placement) -> str:
             f"{p.precision}; teachers {teachers}")
 
 
+def pin_block(stage: str, p: Placement) -> str:
+    """The ``placement`` declaration that pins ``p`` for ``stage`` (to reproduce a placement one trusts)."""
+    keys = [f"zero: {p.zero_stage}"]
+    if p.offload_optimizer != "none":
+        keys.append(f"offload_optimizer: {p.offload_optimizer}")
+    if p.offload_params != "none":
+        keys.append(f"offload_params: {p.offload_params}")
+    keys += [f"micro_batch: {p.micro_batch}", f"checkpointing: {'true' if p.activation_checkpointing else 'false'}"]
+    keys += [f"teacher {name}: {strategy}" for name, strategy in sorted(p.teacher_strategy.items())]
+    return f"placement {stage} {{ {'; '.join(keys)} }}"
+
+
 # ---------------------------------------------------------------- the report

@@ -95,8 +95,23 @@ class StageModels:
     """Model -> kernels of the terms reading its logits (``SignalGraph.logit_losses``): their memory per kernel."""
     fusable: frozenset[str] = frozenset()
     """Models whose heads the loss can fuse (``SignalGraph.fusable_heads``); ``fused_head`` says when it does."""
+    lengths: tuple[int, ...] = ()
+    """Sorted token counts of unpacked documents, clipped to seq_len (``planner.tokens``); empty: every
+    sequence fills seq_len (packed data, or lengths unknown at plan time). Memory always plans for full
+    sequences (a micro-batch may hold one); the step time uses the expected padded width."""
     memo: dict = field(default_factory=dict, init=False, compare=False, repr=False, hash=False)
     """Item lists shared by the placements of one search (each depends on a few placement fields only)."""
+
+    def step_seq(self, micro: int) -> float:
+        """Positions per sequence the models run: seq_len, or a micro-batch's expected padded width."""
+        if not self.lengths:
+            return float(self.seq_len)
+        key = ("step_seq", micro)
+        if key not in self.memo:
+            from planner.tokens import expected_max
+
+            self.memo[key] = expected_max(list(self.lengths), micro)
+        return self.memo[key]
 
     @property
     def trainable(self) -> int:

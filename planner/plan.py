@@ -97,6 +97,43 @@ class Candidate(Frozen):
     """Why it lost (or ``chosen``)."""
 
 
+class TokensPerStep(Frozen):
+    """What one optimizer step feeds the models, over all ranks (``planner.tokens``); the runtime logs the same."""
+
+    packed: bool
+    """Documents concatenated and cut into seq_len blocks (EOS between documents, no attention across them)."""
+    why: str
+    seq_len: int
+    real: float
+    """Real tokens per step: document tokens and EOS separators, no padding (expected value when padded)."""
+    computed: float
+    """Positions the models run per step, padding included (expected value when padded); the step time uses it."""
+    source: str
+    """How the figures were obtained (packed blocks, documents tokenised at plan time, or assumed full)."""
+
+
+class HostCheck(Frozen):
+    """Host memory of one node under the chosen placement, and what it was checked against."""
+
+    per_node: int
+    """Peak host bytes of all ranks of one node (on CPU runs host memory is the ranks' device memory)."""
+    per_rank: int
+    limit: int | None
+    """``cluster.cpu_memory``; None: not given, so the figure was not checked (warning ``no-cpu-memory``)."""
+
+
+class PinReport(Frozen):
+    """A placement the spec pinned: what was pinned, that it fits, and what the planner would have picked."""
+
+    pinned: list[str]
+    """Pinned keys: ``zero``, ``offload_optimizer``, ``offload_params``, ``micro_batch``, ``checkpointing``,
+    ``teacher <name>``."""
+    planner_choice: Candidate
+    """The placement the search picks with no pins."""
+    verdict: str
+    """One line: fits with what headroom, and how it compares with the planner's choice."""
+
+
 class StagePlan(Frozen):
     name: str
     captures: list[ModelCapture]
@@ -115,6 +152,12 @@ class StagePlan(Frozen):
     """Predicted host memory per rank and phase (rank 0, then the other ranks)."""
     host_node_peak: int = 0
     """Predicted host bytes of one node at its worst phase (all its ranks together)."""
+    tokens: TokensPerStep | None = None
+    """Packing and the real tokens per step; None in plans written before gkdc planned them (padded data)."""
+    host_check: HostCheck | None = None
+    """The host figure the placement search checked against ``cpu_memory`` (the worst phase of ``host``)."""
+    pin: PinReport | None = None
+    """Set when the spec pins part of the placement."""
 
 
 class ResolvedModel(Frozen):

@@ -234,8 +234,11 @@ def tokenized(job: CacheJob, tokenizer: Any) -> Any:
     student = _student_spec(job)
     max_positions = min(spec.models[m].arch.max_positions for m in [*stage.teachers, *stage.students])
     texts = D.load_texts(data_spec, job.base_dir)
+    from planner.tokens import packing_choice  # the decision the plan recorded for this stage
+
     return D.tokenize(texts, data_spec, tokenizer, job.seq_len, causal=not student.arch.is_encoder,
-                      num_labels=student.head.num_labels, max_positions=max_positions)
+                      num_labels=student.head.num_labels, max_positions=max_positions,
+                      packed=packing_choice(spec, stage).packed)
 
 
 def build_teacher(job: CacheJob, seed: int) -> torch.nn.Module:

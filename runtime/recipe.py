@@ -242,8 +242,11 @@ def train_step(
     lr = engine.optimizer.param_groups[0]["lr"]
     accum = engine.gradient_accumulation_steps()
     sums: dict[str, float] = {}
+    fed = torch.zeros(2, dtype=torch.long)  # real tokens and positions run (with padding) on this rank
     for micro in range(accum):
         inputs = next(batches)
+        mask = inputs["student"]["attention_mask"]
+        fed += torch.tensor([int(mask.sum()), mask.numel()])
         info = ivs.StepInfo(step, epoch, progress, micro, env.rank)
         signals = {
             name: model.signals(inputs["teacher"]) if isinstance(model, cache.CachedTeacher)
@@ -261,10 +264,21 @@ def train_step(
     for iv in live.interventions:  # triggers on running losses (SID's plateau) see the step's values
         iv.observe(sums, ivs.StepInfo(step, epoch, progress, rank=env.rank))
     total = sums.pop("total", 0.0)
+    tokens, positions = _all_ranks_sum(fed.to(engine.device)).tolist()  # TokensPerStep counts all ranks
     record = {"stage": live.stage.name, "stage_index": live.index, "step": step + 1, "lr": lr, "total": total,
-              "terms": sums}
+              "terms": sums, "tokens": tokens, "positions": positions}
     env.logger.log_step(record, env.next_global_step())
     return {"total": total, **sums}
+
+
+def _all_ranks_sum(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    y = x.clone()
+    dist.all_reduce(y)
+    return y
 
 
 # ================================================================ components
@@ -588,6 +602,7 @@ class StageData:
             texts, data_spec, models.tokenizer, stage.seq_len or data_spec.seq_len,
             causal=not student.arch.is_encoder, vocab_map=models.vocab_maps.get(student.name),
             num_labels=student.head.num_labels, max_positions=max_positions,
+            packed=stage_plan.tokens is not None and stage_plan.tokens.packed,
         )
         micro = stage_plan.placement.micro_batch
         sampler = D.ResumableSampler(len(tokens), stage.batch, micro, env.rank, env.world, SEED + index)

@@ -49,7 +49,7 @@ def _spec_text(k: int = 16, dtype: str = "fp32", T: float = 2.0, extra: str = ""
     return f"""
 teacher t = hf("teacher") {{ dtype: fp32, cache: topk(k: {k}, dtype: {dtype}{tail}) }}
 student s = like(t) {{ layers: 1, dtype: fp32 }}
-data corpus = text("corpus.txt") {{ seq_len: 12 }}
+data corpus = text("corpus.txt") {{ seq_len: 12, packing: false }}  # the tests index cached examples by line
 stage distill {{
   data: corpus
   {steps}
@@ -134,6 +134,21 @@ def test_write_cache_shards_contract_and_bytes_per_token(workdir, tmp_path):
     assert bytes_per_token(job.model, logits_only) == per_token
     stored = sum(ex[name].numel() * ex[name].element_size() for name in ex if name.startswith("logits."))
     assert stored == n * per_token
+
+
+def test_a_packed_stage_caches_its_blocks(workdir, tmp_path):
+    """Packed data (the default without `packing: false`): the cache's examples are the run's blocks, every one
+    seq_len real tokens, in the order the runtime's sampler indexes them."""
+    spec_path = workdir / "packed.gkd"
+    spec_path.write_text(_spec_text(k=8).replace(", packing: false", ""))
+    spec = check_file(spec_path).spec
+    graph = build_graph(spec)
+    job = cache.jobs_for(spec, {s.name: graph.captures(s) for s in spec.stages}, workdir, out=tmp_path / "p")[0]
+    res = cache.write_cache(job)
+    contract = cache.Contract.from_file(res.directory / cache.CONTRACT_FILE)
+    stream = sum(len(line.split()) + 1 for line in LINES)  # one token per word plus EOS after each line
+    assert contract.examples == stream // 12 and res.tokens == contract.examples * 12
+    assert cache.CacheReader(res.directory, contract).example(0)["logits.values"].shape == (12, 8)
 
 
 def test_default_cache_of_a_49k_vocabulary_fits_300_bytes_per_token():

@@ -125,6 +125,10 @@ def test_planner_case(path: Path):
     assert result.spec is not None, render_text(result.diagnostics, result.sources)
     _, diags = _build_plan(result.spec, path)
     assert reported(diags) >= expectations(path), render_text(diags, result.sources)
+    if path.stem == "pin_does_not_fit":
+        assert "GPU memory of rank 0: needs" in diags[0].message and "unpinned, the planner picks" in diags[0].hint
+    if path.stem == "host_infeasible":
+        assert "host memory per node: needs" in diags[0].message and "cpu_memory of at least" in diags[0].hint
 
 
 # ---------------------------------------------------------------- all errors in one run

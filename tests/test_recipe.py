@@ -30,7 +30,7 @@ from gkdlang.spec import (
     Spec,
     StageSpec,
 )
-from planner.plan import CapturePoint, ModelCapture, Placement, Plan, ResolvedModel, StagePlan
+from planner.plan import CapturePoint, ModelCapture, Placement, Plan, ResolvedModel, StagePlan, TokensPerStep
 from runtime.errors import RunError
 
 SPAN = Span(file="spec.gkd", line=1, col=1, end_line=1, end_col=2)
@@ -130,6 +130,7 @@ def make_plan(
     lr: float = 3e-3,
     precision: str = "fp32",
     sharded_teacher: bool = False,
+    packed: bool = False,
 ) -> Path:
     """Write teacher, corpus, spec and plan.json under ``root``; stage 0 distills, stage 1 adds hard labels."""
     root.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,8 @@ def make_plan(
                                 precision=precision),
             memory=[], step_time_s=0.0, total_steps=n,
             deepspeed_config=ds_config(zero, micro, accum, world, precision),
-            teacher_configs={"t": teacher_cfg} if sharded_teacher else {}))
+            teacher_configs={"t": teacher_cfg} if sharded_teacher else {},
+            tokens=TokensPerStep(packed=packed, why="test", seq_len=SEQ, real=0.0, computed=0.0, source="test")))
     spec = Spec(file=str(spec_path), source_hash="test", models=models, data=data, stages=stages,
                 cluster=ClusterSpec(gpus_per_node=world, span=SPAN))
     launch = ["deepspeed", "--num_gpus", str(world), "--module", "runtime.worker", "plan.json", "out"]

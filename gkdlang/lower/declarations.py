@@ -274,6 +274,8 @@ def lower_data(lw: Lowerer, decl: ast.DataDecl) -> None:
     if "split" in opts:
         fields["split"] = read_fraction(lw, opts["split"], "split")
         not_executed(lw, opts, "data")
+    if "packing" in opts:
+        fields["packing"] = read_bool(lw, opts["packing"], "packing")
     for pattern in paths:
         full = Path(pattern) if Path(pattern).is_absolute() else lw.base_dir / pattern
         if not any(full.parent.glob(full.name)) if full.parent.exists() else True:

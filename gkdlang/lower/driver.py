@@ -1,6 +1,7 @@
 """The lowering driver: the passes run in order over a parsed module, giving the checked Spec.
 
-Order: duplicates, ``use``, ``let`` and ``method``, models (bases first), data, vocab, cluster, stages (whose
+Order: duplicates, ``use``, ``let`` and ``method``, models (bases first), data, vocab, cluster, placements
+(``placement`` blocks: pins per stage), stages (whose
 loss expressions run the expression, method, combinator, intervention, transform and loss passes), final
 checks. A construct that fails is reported and skipped (``Skip``), so checking goes on with the rest.
 """
@@ -28,6 +29,7 @@ from gkdlang.lower.declarations import (
     models_in_dependency_order,
 )
 from gkdlang.lower.expressions import EXPRESSIONS
+from gkdlang.lower.placement import lower_placements
 from gkdlang.lower.stages import lower_stages
 from gkdlang.parser import ParseError, parse
 from gkdlang.spec import Span, Spec
@@ -92,7 +94,10 @@ def lower_module(lw: Lowerer) -> Spec | None:
         if isinstance(decl, ast.VocabDecl):
             lw.guard(lower_vocab, lw, decl)
     cluster = lw.cluster = lower_cluster(lw, next((d for d in decls if isinstance(d, ast.ClusterDecl)), None))
-    stages = lower_stages(lw, [d for d in decls if isinstance(d, ast.StageDecl)])
+    stage_decls = [d for d in decls if isinstance(d, ast.StageDecl)]
+    pins = lower_placements(lw, [d for d in decls if isinstance(d, ast.PlacementDecl)],
+                            [d.name.name for d in stage_decls])
+    stages = lower_stages(lw, stage_decls, pins)
     final_checks(lw, decls, stages)
     if lw.d.has_errors() or cluster is None:
         return None

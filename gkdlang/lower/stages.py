@@ -10,6 +10,7 @@ from gkdlang.diagnostics import did_you_mean
 from gkdlang.spec import Interchange, Intervention, LossTerm, LRScheduleSpec, OptimizerSpec, Perturb, StageSpec, Weigh
 from gkdlang.values import Objective, Symbol
 from gkdlang.lower.context import Lowerer, Scope, Skip, describe, kind_of, node_models
+from gkdlang.lower.placement import PinDraft, merge_stage_fields, stage_draft, stage_pin
 from gkdlang.lower.readers import (
     check_arity,
     read_block,
@@ -23,11 +24,12 @@ from gkdlang.lower.readers import (
 )
 
 
-def lower_stages(lw: Lowerer, decls: list[ast.StageDecl]) -> list[StageSpec]:
+def lower_stages(lw: Lowerer, decls: list[ast.StageDecl],
+                 pins: dict[str | None, PinDraft] | None = None) -> list[StageSpec]:
     by_name = {d.name.name: d for d in decls}
     lowered: dict[str, StageSpec] = {}
     for decl in decls:
-        stage = lw.guard(lower_stage, lw, decl)
+        stage = lw.guard(lower_stage, lw, decl, pins or {})
         if stage is not None:
             lowered.setdefault(decl.name.name, stage)
     for decl in decls:
@@ -61,10 +63,12 @@ def stage_order(lw: Lowerer, decls, by_name) -> list[str]:
     return order
 
 
-def lower_stage(lw: Lowerer, decl: ast.StageDecl) -> StageSpec:
+def lower_stage(lw: Lowerer, decl: ast.StageDecl, pins: dict[str | None, PinDraft] | None = None) -> StageSpec:
     # every key is read under its own guard so that one bad value does not hide the errors of the others
     errors_before = len(lw.d.errors)
     opts = read_block(lw, decl.options, B.STAGE_KEYS, "stage")
+    own_opts = dict(opts)  # the stage block's own keys (a placement block may add micro_batch / checkpointing)
+    draft = stage_draft(pins or {}, decl.name.name)
     for key in ("data", "loss"):
         if key not in opts and not near_miss(decl.options, key):
             lw.err("missing-option", decl.options.span, f"stage '{decl.name.name}' needs '{key}'")
@@ -76,10 +80,14 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl) -> StageSpec:
             value = lw.guard(read_int, lw, opts[key], key, 1)
             if value is not None:
                 fields[key] = value
+    if "activation_checkpointing" in opts:
+        value = lw.guard(read_bool, lw, opts["activation_checkpointing"], "activation_checkpointing")
+        if value is not None:
+            fields["activation_checkpointing"] = value
+    lw.guard(merge_stage_fields, lw, draft, opts, fields)
     if "micro_batch" in fields and fields["micro_batch"] > fields.get("batch", 32):
         lw.err("bad-value", opts["micro_batch"].span, "micro_batch is larger than the global batch")
-    readers = {"activation_checkpointing": lambda e: read_bool(lw, e, "activation_checkpointing"),
-               "optimizer": lambda e: lower_optimizer(lw, e), "schedule": lambda e: lower_lr_schedule(lw, e)}
+    readers = {"optimizer": lambda e: lower_optimizer(lw, e), "schedule": lambda e: lower_lr_schedule(lw, e)}
     for key, read in readers.items():
         if key in opts:
             value = lw.guard(read, opts[key])
@@ -95,9 +103,12 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl) -> StageSpec:
         raise Skip()
     teachers += [m for iv in objective.interventions for m in iv.models
                  if m not in students and m not in teachers and lw.models[m].role != "student"]
+    pin = stage_pin(lw, draft, own_opts, decl.name.name, teachers, own=decl.name.name in (pins or {}))
+    if len(lw.d.errors) > errors_before:
+        raise Skip()
     return StageSpec(name=decl.name.name, after=[a.name for a in decl.after], data=data, loss=terms,
                      interventions=list(objective.interventions), students=students, teachers=teachers,
-                     span=decl.span, **fields)
+                     pin=pin, span=decl.span, **fields)
 
 
 def lower_duration(lw: Lowerer, decl: ast.StageDecl, opts: dict[str, ast.Expr]) -> dict[str, Any]:

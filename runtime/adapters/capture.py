@@ -141,6 +141,10 @@ def _model_inputs(batch: dict[str, Tensor], adapter: Adapter, name: str) -> dict
     inputs: dict[str, Any] = {k: batch[k] for k in adapter.model_inputs if k in batch}
     if adapter.causal:
         inputs["use_cache"] = False
+    if adapter.causal and "position_ids" in batch:
+        # packed blocks: restarting position ids and no mask make transformers build a block-diagonal causal mask
+        inputs["position_ids"] = batch["position_ids"]
+        inputs.pop("attention_mask", None)
     return inputs
 
 

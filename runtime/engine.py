@@ -202,6 +202,17 @@ def autocast_dtype(config: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
+def all_ranks_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over the data-parallel ranks (``x`` itself for one rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    y = x.clone()
+    dist.all_reduce(y)
+    return y
+
+
 def all_ranks_mean(x: torch.Tensor) -> torch.Tensor:
     """The mean of ``x`` over the data-parallel ranks (detached; ``x`` itself for one rank)."""
     import torch.distributed as dist

@@ -264,21 +264,11 @@ def train_step(
     for iv in live.interventions:  # triggers on running losses (SID's plateau) see the step's values
         iv.observe(sums, ivs.StepInfo(step, epoch, progress, rank=env.rank))
     total = sums.pop("total", 0.0)
-    tokens, positions = _all_ranks_sum(fed.to(engine.device)).tolist()  # TokensPerStep counts all ranks
+    tokens, positions = eng.all_ranks_sum(fed.to(engine.device)).tolist()  # TokensPerStep counts all ranks
     record = {"stage": live.stage.name, "stage_index": live.index, "step": step + 1, "lr": lr, "total": total,
               "terms": sums, "tokens": tokens, "positions": positions}
     env.logger.log_step(record, env.next_global_step())
     return {"total": total, **sums}
-
-
-def _all_ranks_sum(x: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    y = x.clone()
-    dist.all_reduce(y)
-    return y
 
 
 # ================================================================ components

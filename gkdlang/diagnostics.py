@@ -85,6 +85,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     "batch-too-small": ("error", "Hard per-teacher selection (Uncertainty) with a per-rank micro-batch smaller than "
                         "the number of teachers."),
     "data-not-found": ("warning", "A data path that matches no file at check time (it must exist before `gkdc run`)."),
+    "bad-path": ("error", "A data or cache path that is empty, holds a NUL, or is too long (4,096 characters, 255 per name)."),
+    "path-outside-root": ("error", "A data or cache path that resolves outside the spec's project and every `--allow-path` "
+                          "folder (see docs/security.md)."),
+    "data-is-directory": ("error", "A data path that names a folder; name its files with a glob."),
     "unknown-gpu": ("error", "A device name that the hardware catalog does not contain."),
     "plan-infeasible": ("error", "No placement fits the cluster's memory; the message shows the best attempt per rank."),
 }

@@ -26,7 +26,7 @@ from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
 from planner import dsconfig, offline, placement
 from planner.graph import SignalGraph, build_graph
 from planner.params import ParamCounts, count_params_for
-from planner.plan import ModelCapture, Plan, ResolvedModel, StagePlan
+from planner.plan import ModelCapture, Plan, ResolvedModel, StagePlan, sealed
 from planner.describe import describe_capture, fmt_bytes
 
 #: jsonl files larger than this are not counted at plan time (planning must stay fast)
@@ -68,9 +68,9 @@ def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str 
     if hostfile is not None:
         notes.append(f"multi-node: write Plan.hostfile to {_hostfile_path(plan_path)} and replace the "
                      f"placeholder host names (worker-0 ...) with the real ones")
-    return Plan(gkdc_version=gkdc_version, spec_hash=spec.source_hash, spec_file=spec_path, spec=spec,
-                models=[resolved_model(m, params[m.name]) for m in spec.models.values()], stages=stages,
-                world_size=world, launch=launch, hostfile=hostfile, notes=notes)
+    return sealed(Plan(gkdc_version=gkdc_version, spec_hash=spec.source_hash, spec_file=spec_path, spec=spec,
+                       models=[resolved_model(m, params[m.name]) for m in spec.models.values()], stages=stages,
+                       world_size=world, launch=launch, hostfile=hostfile, notes=notes))
 
 
 def _unknown_device(cluster: ClusterSpec) -> Diagnostic | None:

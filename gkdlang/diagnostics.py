@@ -25,7 +25,9 @@ CODES: dict[str, tuple[Severity, str]] = {
     "syntax-unexpected-eof": ("error", "The file ends inside a declaration (an unclosed brace or bracket)."),
     "bad-number": ("error", "A number with a unit that does not fit where it is used (e.g. `40GB` as a step count)."),
     "bad-string": ("error", "A string literal with an invalid escape."),
-    "nesting-too-deep": ("error", "An expression nested more than 100 levels deep (split it with `let`)."),
+    "nesting-too-deep": ("error", "An expression nested more than 100 levels deep, brackets nested deeper, or a flat sum "
+                         "or product of more than 400 operands (split it with `let`)."),
+    "spec-too-large": ("error", "A spec file over 256 KiB characters (25x the largest shipped spec)."),
     # names
     "unknown-name": ("error", "A name that is not a declared model, data source, constant or parameter."),
     "unknown-model": ("error", "A model name that no `teacher`/`student` declaration defines."),

@@ -137,31 +137,13 @@ def _check_one(path: Path, with_plan: bool, allowed: list[str] | tuple[str, ...]
         is_file = False
     if not is_file:
         return [Diagnostic("file-not-found", f"no such file: {_short(_display(path))}", None)], {}, None
-    refused = _path_rule(path, allowed)
-    if refused is not None:
-        return refused
-    result = check_file(path, display_name=_display(path))
+    result = check_file(path, display_name=_display(path), allowed_paths=allowed)
     diags = list(result.diagnostics)
     if result.spec is not None and with_plan:
         plan, plan_diags = _build_plan(result.spec, path)
         diags.extend(plan_diags)
         return diags, result.sources, result.spec if not plan_diags else None
     return diags, result.sources, result.spec
-
-
-def _path_rule(path: Path, allowed) -> tuple | None:
-    """The path rule (gkdlang.paths) on the syntax tree, before lowering reads any file: (diags, sources, None)
-    when a data or cache path is refused, else None (syntax errors are left to the full check)."""
-    from gkdlang.parser import ParseError, parse
-    from gkdlang.paths import check_paths
-
-    try:
-        text = path.read_text(encoding="utf-8")
-        module = parse(text, _display(path))
-    except (OSError, UnicodeDecodeError, ParseError):
-        return None
-    diags = check_paths(module, path.parent, allowed)
-    return (diags, {_display(path): text}, None) if diags else None
 
 
 def _short(text: str, width: int = 120) -> str:

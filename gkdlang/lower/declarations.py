@@ -89,7 +89,31 @@ def load_library(lw: Lowerer, name: str, file: Path) -> dict[str, MethodDef]:
 
 
 def lower_let(lw: Lowerer, decl: ast.LetDecl) -> None:
+    later = {d.name.name: d for d in lw.module.decls if isinstance(d, ast.LetDecl) and d.span.line >= decl.span.line
+             and d is not decl}
+    for name in _names_in(decl.value):
+        if name.id not in lw.lets and (name.id in later or name.id == decl.name.name):
+            where = later[name.id].span.line if name.id in later else decl.span.line
+            raise lw.err("unknown-name", name.span, f"'{name.id}' is used before its definition (line {where})"
+                         if name.id != decl.name.name else f"'{name.id}' is defined in terms of itself",
+                         "a `let` can use only the constants declared above it")
     lw.lets[decl.name.name] = lw.ev(decl.value, Scope(lw.lets))
+
+
+def _names_in(expr: ast.Node) -> list[ast.Name]:
+    """Every Name in an expression, iteratively (no recursion limit)."""
+    import dataclasses
+
+    out, stack = [], [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Name):
+            out.append(node)
+        if isinstance(node, tuple):
+            stack.extend(node)
+        elif dataclasses.is_dataclass(node) and isinstance(node, ast.Node):
+            stack.extend(getattr(node, f.name) for f in dataclasses.fields(node) if f.name != "span")
+    return out
 
 
 def models_in_dependency_order(lw: Lowerer, decls) -> list[ast.ModelDecl]:
@@ -298,7 +322,10 @@ def lower_vocab(lw: Lowerer, decl: ast.VocabDecl) -> None:
         raise lw.err("type-mismatch", opts["keep"].span, "keep is a percentage (50%) or a row count")
     fraction = keep.value if keep.unit == "percent" else None
     raw_rows = keep.value * full if fraction is not None else keep.value
-    if raw_rows > full or raw_rows <= 0:
+    if raw_rows <= 0 or keep.value < 0:
+        raise lw.err("bad-value", opts["keep"].span, f"keep must keep at least one row, got "
+                     f"{'0%' if fraction is not None and raw_rows <= 0 else int(raw_rows)}")
+    if raw_rows > full:
         raise lw.err("vocab-too-large", opts["keep"].span,
                      f"keep of {int(raw_rows)} rows is outside 1..{full}, the vocabulary of '{source}'")
     rows = min(full, int(math.ceil(raw_rows / multiple)) * multiple)
@@ -348,6 +375,8 @@ def lower_cluster(lw: Lowerer, decl: ast.ClusterDecl | None) -> ClusterSpec | No
         if "gpus" in opts:
             value = opts["gpus"]
             if isinstance(value, ast.HwSpec):
+                if value.count < 1:
+                    raise lw.err("bad-value", value.span, f"gpus must be at least 1, got {value.count}")
                 fields["gpus_per_node"], fields["gpu"] = value.count, value.device
             else:
                 fields["gpus_per_node"] = read_int(lw, value, "gpus", minimum=1)
@@ -370,11 +399,11 @@ def lower_cluster(lw: Lowerer, decl: ast.ClusterDecl | None) -> ClusterSpec | No
 
 def final_checks(lw: Lowerer, decls, stages: list[StageSpec]) -> None:
     if not any(isinstance(d, ast.ModelDecl) and d.role in ("student", "assistant") for d in decls):
-        lw.err("no-student", lw.module.span if decls else None,
+        lw.err("no-student", lw.module.span,
                "the spec declares no student (student <name> = like(<teacher>) { ... })")
     stage_decls = [d for d in decls if isinstance(d, ast.StageDecl)]
     if not stage_decls:
-        lw.err("no-stages", lw.module.span if decls else None, "the spec declares no stage")
+        lw.err("no-stages", lw.module.span, "the spec declares no stage")
     for name, decl in lw.model_decls.items():
         if name not in lw.used and name in lw.models and lw.models[name].role == "teacher":
             lw.err("unused-definition", decl.name.span, f"teacher '{name}' is never used")

@@ -217,6 +217,8 @@ def read_bytes(lw: Lowerer, expr: ast.Expr, key: str) -> int:
     v = lw.ev(expr, Scope(lw.lets))
     if not isinstance(v, NumVal) or v.unit != "bytes":
         raise lw.err("bad-number", expr.span, f"{key} is a size like 512GB or 64GiB")
+    if v.value <= 0:
+        raise lw.err("bad-value", expr.span, f"{key} must be a positive size, got {fmt_number(v.value)} bytes")
     return int(v.value)
 
 

@@ -87,6 +87,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "batch-too-small": ("error", "Hard per-teacher selection (Uncertainty) with a per-rank micro-batch smaller than "
                         "the number of teachers."),
     "data-not-found": ("warning", "A data path that matches no file at check time (it must exist before `gkdc run`)."),
+    "missing-weights": ("error", "A local teacher folder whose safetensors lack a head the spec reads (e.g. a BertModel "
+                        "folder, no MLM head, read for logits): it would train against a random head."),
     "bad-path": ("error", "A data or cache path that is empty, holds a NUL, or is too long (4,096 characters, 255 per name)."),
     "path-outside-root": ("error", "A data or cache path that resolves outside the spec's project and every `--allow-path` "
                           "folder (see docs/security.md)."),

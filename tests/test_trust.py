@@ -465,3 +465,49 @@ def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp
         holder.wait()
     code, err = _cli("run", str(plan_path), "--out", str(out), "--no-progress")  # the lock died with its holder
     assert code == 0, err
+
+
+# ---------------------------------------------------------------- teacher weights
+
+
+def _bert_base_folder(folder: Path) -> Path:
+    """A tiny BertModel (no MLM head, no classifier) saved as safetensors."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=128, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_check_refuses_a_teacher_folder_without_the_head_it_is_read_for(tmp_path):
+    _bert_base_folder(tmp_path / "teacher")
+    (tmp_path / "c.txt").write_text("hello world\n")
+    spec = tmp_path / "spec.gkd"
+    spec.write_text('teacher t = hf("teacher")\nstudent s = like(t) { layers: 1 }\ndata c = text("c.txt") { seq_len: 16 }\n'
+                    'stage x { data: c, steps: 1, loss: kl(t.logits, s.logits) }\n')
+    code, err = _cli("check", "--no-plan", str(spec))
+    assert code == 1 and "spec.gkd:1:1: error: teacher 't' has head: lm and is read for logits" in err, err
+    assert "[missing-weights]" in err
+    # hidden states only: still refused with head: lm (the runtime loads the declared head), fine with head: none
+    spec.write_text(spec.read_text().replace("kl(t.logits, s.logits)", "mse(t.hidden[1], s.hidden[0])"))
+    code, err = _cli("check", "--no-plan", str(spec))
+    assert code == 1 and "declare head: none" in err, err
+    spec.write_text(spec.read_text().replace('hf("teacher")', 'hf("teacher") { head: none }'))
+    code, err = _cli("check", "--no-plan", str(spec))
+    assert "missing-weights" not in err, err
+
+
+def test_run_refuses_teacher_weights_that_transformers_reports_missing(tmp_path):
+    from gkdlang.lower import check_source
+    from runtime.models import build_model
+
+    _bert_base_folder(tmp_path / "teacher")
+    (tmp_path / "c.txt").write_text("hello world\n")
+    text = ('teacher t = hf("teacher") { head: none }\nstudent s = like(t) { layers: 1 }\n'
+            'data c = text("c.txt") { seq_len: 16 }\nstage x { data: c, steps: 1, loss: mse(t.hidden[1], s.hidden[0]) }\n')
+    spec = check_source(text, "spec.gkd", base_dir=tmp_path).spec
+    assert build_model(spec.models["t"], tmp_path, {}) is not None  # head: none loads what the folder has
+    with_head = spec.models["t"].model_copy(update={"head": spec.models["t"].head.model_copy(update={"kind": "lm"})})
+    with pytest.raises(RunError, match=r"teacher 't': .* has no weights for \d+ tensor\(s\) \(cls\.predictions"):
+        build_model(with_head, tmp_path, {})  # a plan that got past the check (edited, or an older gkdc)

@@ -397,7 +397,36 @@ def lower_cluster(lw: Lowerer, decl: ast.ClusterDecl | None) -> ClusterSpec | No
         return None
 
 
+def check_teacher_weights(lw: Lowerer, stages: list[StageSpec]) -> None:
+    """A local teacher folder holds the heads the spec reads (gkdlang.weights: safetensors headers, no torch)."""
+    from gkdlang import weights as W
+
+    for name, kinds in W.read_kinds(stages).items():
+        model = lw.models.get(name)
+        if model is None or model.role != "teacher" or model.source_kind != "local" or model.init.kind != "pretrained":
+            continue
+        folder = Path(model.source)
+        folder = folder if folder.is_absolute() else lw.base_dir / folder
+        try:
+            names = W.folder_names(folder)
+        except (W.HeaderError, OSError) as exc:
+            lw.err("missing-weights", model.span, f"teacher '{name}': cannot read the weights in {folder}: {exc}")
+            continue
+        if names is None:
+            continue
+        lacks = W.missing_head(model, names)
+        if lacks is not None:
+            reads = sorted(kinds & {"logits", "task_logits"})
+            lw.err("missing-weights", model.span,
+                   f"teacher '{name}' has head: {model.head.kind}" + (f" and is read for {', '.join(reads)}"
+                                                                       if reads else "") +
+                   f", but {folder} has no {lacks}: it would be initialised randomly",
+                   "point hf(...) at a folder saved with its head (e.g. BertForMaskedLM)" +
+                   ("" if reads else ", or declare head: none (only hidden states and attention are read)"))
+
+
 def final_checks(lw: Lowerer, decls, stages: list[StageSpec]) -> None:
+    check_teacher_weights(lw, stages)
     if not any(isinstance(d, ast.ModelDecl) and d.role in ("student", "assistant") for d in decls):
         lw.err("no-student", lw.module.span,
                "the spec declares no student (student <name> = like(<teacher>) { ... })")

@@ -114,12 +114,18 @@ def micro_batches(stage: StageSpec, world: int) -> list[tuple[int, int]]:
     if stage.batch % world:
         return []
     per_rank = stage.batch // world
-    pairs = [(m, per_rank // m) for m in _divisors(per_rank)]
     if stage.micro_batch is not None:
-        pairs = [(m, a) for m, a in pairs if m == stage.micro_batch]
+        pairs = [(stage.micro_batch, per_rank // stage.micro_batch)] if per_rank % stage.micro_batch == 0 else []
+    else:  # bounded: every pair is evaluated against every strategy, so a huge batch must not mean a huge search
+        pairs = [(m, per_rank // m) for m in _divisors(per_rank) if m <= MAX_MICRO][:MAX_PAIRS]
     if not stage.grad_accum_allowed:
         pairs = [(m, a) for m, a in pairs if a == 1]
     return pairs
+
+
+#: largest micro-batch per rank the search tries, and most (micro, accum) pairs per stage (the smallest)
+MAX_MICRO = 4096
+MAX_PAIRS = 32
 
 
 def _divisors(n: int) -> list[int]:

@@ -259,7 +259,7 @@ def lower_init(lw: Lowerer, expr: ast.Expr | None, role: str, base: str | None) 
         kw = read_kwargs(lw, expr, {"layers": "list"})
         layers = None
         if "layers" in kw:
-            layers = read_layer_list(lw, kw["layers"], lw.models[source].arch.num_layers, expr)
+            layers = read_layer_list(lw, kw["layers"], lw.models[source].arch.num_layers, expr, source)
         return InitSpec(kind="copy", source=source, layers=layers)
     raise lw.err("type-mismatch", expr.span, "init is random, pretrained or copy(<model>, layers: [...])")
 

@@ -72,6 +72,10 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl) -> StageSpec:
     for key in ("batch", "micro_batch", "seq_len", "eval_every", "save_every"):
         if key in opts:
             value = lw.guard(read_int, lw, opts[key], key, 1)
+            if value is not None and key in ("batch", "micro_batch", "seq_len") and value > MAX_SIZES[key]:
+                lw.err("bad-value", opts[key].span, f"{key} {value:,} is larger than gkdc plans for "
+                       f"(at most {MAX_SIZES[key]:,})")
+                value = None
             if value is not None:
                 fields[key] = value
     if "micro_batch" in fields and fields["micro_batch"] > fields.get("batch", 32):
@@ -97,6 +101,11 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl) -> StageSpec:
     return StageSpec(name=decl.name.name, after=[a.name for a in decl.after], data=data, loss=terms,
                      interventions=list(objective.interventions), students=students, teachers=teachers,
                      span=decl.span, **fields)
+
+
+#: largest batch (examples per optimizer step), micro-batch and sequence length a plan may have: far beyond any
+#: real run, and small enough that every planning phase stays bounded
+MAX_SIZES = {"batch": 10**7, "micro_batch": 2**16, "seq_len": 2**20}
 
 
 def check_positions(lw: Lowerer, decl: ast.StageDecl, opts: dict[str, ast.Expr], fields: dict[str, Any], data: str,

@@ -89,6 +89,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "data-not-found": ("warning", "A data path that matches no file at check time (it must exist before `gkdc run`)."),
     "missing-weights": ("error", "A local teacher folder whose safetensors lack a head the spec reads (e.g. a BertModel "
                         "folder, no MLM head, read for logits): it would train against a random head."),
+    "family-not-runnable": ("warning", "A model of a family the planner knows but the runtime cannot train yet (opt, bloom, "
+                            "glm): `gkdc plan` works, `gkdc run` refuses it."),
     "bad-path": ("error", "A data or cache path that is empty, holds a NUL, or is too long (4,096 characters, 255 per name)."),
     "path-outside-root": ("error", "A data or cache path that resolves outside the spec's project and every `--allow-path` "
                           "folder (see docs/security.md)."),

@@ -42,6 +42,12 @@ def verify_plan(plan: Plan, plan_path: Path, base_dir: Path, allowed_paths: Iter
     if plan.world_size != cluster.nodes * cluster.gpus_per_node or plan.world_size < 1:
         raise RunError(f"{where}: world_size {plan.world_size} is not the cluster's {cluster.nodes} x "
                        f"{cluster.gpus_per_node}; re-run `gkdc plan`")
+    from runtime.adapters.families import ADAPTERS
+
+    for m in plan.spec.models.values():
+        if m.arch.model_type not in ADAPTERS:
+            raise RunError(f"model '{m.name}' is a {m.arch.family} model ({m.arch.model_type}); gkdc plans this "
+                           f"family but cannot run it yet (runnable: {', '.join(sorted(ADAPTERS))})")
     for stage in plan.stages:
         check_ds_config(stage.deepspeed_config, f"{where}: stage '{stage.name}'")
         for teacher, cfg in stage.teacher_configs.items():

@@ -511,3 +511,25 @@ def test_run_refuses_teacher_weights_that_transformers_reports_missing(tmp_path)
     with_head = spec.models["t"].model_copy(update={"head": spec.models["t"].head.model_copy(update={"kind": "lm"})})
     with pytest.raises(RunError, match=r"teacher 't': .* has no weights for \d+ tensor\(s\) \(cls\.predictions"):
         build_model(with_head, tmp_path, {})  # a plan that got past the check (edited, or an older gkdc)
+
+
+# ---------------------------------------------------------------- families the runtime cannot run
+
+
+def test_runnable_families_match_the_runtime_adapters():
+    from gkdlang.arch import RUNNABLE_FAMILIES
+    from runtime.adapters.families import ADAPTERS
+
+    assert RUNNABLE_FAMILIES == {a.family for a in ADAPTERS.values()}
+
+
+def test_a_family_that_plans_but_cannot_run_warns_at_check_and_is_refused_by_run(tmp_path):
+    (tmp_path / "c.txt").write_text("hello world\n" * 10)
+    spec = tmp_path / "opt.gkd"
+    spec.write_text('teacher t = hf("tiny-opt")\nstudent s = like(t) { layers: 1 }\ndata c = text("c.txt") { seq_len: 16 }\n'
+                    'stage x { data: c, steps: 1, batch: 2, loss: kl(t.logits, s.logits) }\n')
+    code, err = _cli("check", str(spec))
+    assert code == 0 and "opt.gkd:1:13: warning:" in err and "[family-not-runnable]" in err, err
+    code, err = _cli("run", str(spec), "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 1 and "cannot run it yet" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -8,7 +8,7 @@ from typing import Any
 
 from gkdlang import ast
 from gkdlang import builtins as B
-from gkdlang.arch import OVERRIDE_KEYS, ArchError, ArchInfo, arch_from_config, derive_config
+from gkdlang.arch import RUNNABLE_FAMILIES, OVERRIDE_KEYS, ArchError, ArchInfo, arch_from_config, derive_config
 from gkdlang.diagnostics import did_you_mean
 from gkdlang.parser import ParseError, parse
 from gkdlang.spec import CacheSpec, ClusterSpec, DataSpec, HeadSpec, InitSpec, ModelSpec, Span, StageSpec, VocabSpec
@@ -176,6 +176,9 @@ def lower_model(lw: Lowerer, decl: ast.ModelDecl) -> None:
         raise lw.err("unknown-function", src.func.span, f"unknown model source '{func}'", hint)
     arch = arch_of(lw, config, decl.options.span if decl.options else src.span)
     check_arch(lw, arch, decl)
+    if arch.family not in RUNNABLE_FAMILIES and func == "hf":
+        lw.err("family-not-runnable", src.span, f"model '{name}' is a {arch.family} model: gkdc plans it, but "
+               f"`gkdc run` cannot train or capture this family yet (runnable: {', '.join(sorted(RUNNABLE_FAMILIES))})")
     role = decl.role
     frozen = read_bool(lw, opts["frozen"], "frozen") if "frozen" in opts else role == "teacher"
     dtype = read_symbol(lw, opts["dtype"], "dtype", B.DTYPES) if "dtype" in opts else "bf16"

@@ -131,11 +131,7 @@ def _check_one(path: Path, with_plan: bool, allowed: list[str] | tuple[str, ...]
     from gkdlang.diagnostics import Diagnostic
     from gkdlang.lower import check_file
 
-    try:
-        is_file = path.is_file()
-    except (OSError, ValueError):  # a name too long for the file system, a NUL
-        is_file = False
-    if not is_file:
+    if not _is_file(path):
         return [Diagnostic("file-not-found", f"no such file: {_short(_display(path))}", None)], {}, None
     result = check_file(path, display_name=_display(path), allowed_paths=allowed)
     diags = list(result.diagnostics)
@@ -144,6 +140,13 @@ def _check_one(path: Path, with_plan: bool, allowed: list[str] | tuple[str, ...]
         diags.extend(plan_diags)
         return diags, result.sources, result.spec if not plan_diags else None
     return diags, result.sources, result.spec
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL
+        return False
 
 
 def _short(text: str, width: int = 120) -> str:
@@ -161,7 +164,7 @@ def cmd_check(args) -> int:
         if args.format == "text":
             _emit(diags, srcs, "text")
             status = "ok" if not errors else f"{errors} error{'s' * (errors != 1)}"
-            print(f"{_display(path)}: {status}", file=sys.stderr)
+            print(f"{_short(_display(path))}: {status}", file=sys.stderr)
     if args.format != "text":
         _emit(all_diags, sources, args.format)
     return EXIT_ERRORS if failed else EXIT_OK
@@ -177,7 +180,11 @@ def cmd_fmt(args) -> int:
             text = path.read_text(encoding="utf-8")
             out = format_source(text, _display(path))
         except OSError as exc:
-            print(f"{path}: {exc.strerror}", file=sys.stderr)
+            print(f"{_short(str(path))}: {exc.strerror}", file=sys.stderr)
+            return EXIT_ERRORS
+        except UnicodeDecodeError as exc:
+            print(f"{_short(str(path))}:1:1: error: file is not UTF-8 (byte {exc.start})  [syntax-unexpected-char]",
+                  file=sys.stderr)
             return EXIT_ERRORS
         except ParseError as exc:
             _emit([exc.diagnostic], {_display(path): text}, "text")
@@ -259,8 +266,8 @@ def cmd_run(args) -> int:
     from planner.plan import Plan
 
     path: Path = args.file
-    if not path.is_file():
-        print(f"error: no such file: {path}", file=sys.stderr)
+    if not _is_file(path):
+        print(f"error: no such file: {_short(str(path))}", file=sys.stderr)
         return EXIT_USAGE
     if path.suffix == ".gkd":
         diags, sources, spec = _check_one(path, with_plan=False, allowed=args.allow_path)

@@ -105,3 +105,19 @@ def test_real_cli_subprocess(name):
 def test_plan_subcommand_reports_the_same(tmp_path):
     status = cli.main(["plan", str(BAD / "plan-tiny-gpu.gkd"), "-o", str(tmp_path / "p.json")])
     assert status == 1 and not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["check", "a" * 5000], ["plan", "a" * 5000], ["run", "a" * 5000], ["fmt", "BIN"],
+                                  ["run", "BADJSON"], ["run", "LIST"], ["run", "BIN"], ["check", "DIR"], ["fmt", "DIR"]])
+def test_hostile_command_lines_end_in_a_message(tmp_path, argv):
+    files = {"BIN": b"\xff\xfe\x00", "BADJSON": b'{"plan_schema_version": 1', "LIST": b"[]"}
+    for key, data in files.items():
+        (tmp_path / f"{key.lower()}.json").write_bytes(data)
+    (tmp_path / "dir").mkdir()
+    argv = [str(tmp_path / f"{a.lower()}.json") if a in files else str(tmp_path / "dir") if a == "DIR" else a
+            for a in argv]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = cli.main(argv)
+    assert status in (1, 2) and "error" in err.getvalue() or "Is a directory" in err.getvalue(), err.getvalue()
+    assert "Traceback" not in err.getvalue()

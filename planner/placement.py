@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from gkdlang.spec import Spec, StageSpec
 from planner.cost import StepCost, step_cost
+from planner.graph import logit_losses
 from planner.hardware import CATALOG, Device, device_for, training_precision
 from planner.memory import GiB, ClusterShape, StageModels, estimate, learned_params
 from planner.offline import offline_problems, stage_epochs
@@ -92,7 +93,8 @@ def stage_models(spec: Spec, stage: StageSpec, captures: list[ModelCapture],
     seq = stage.seq_len or spec.data[stage.data].seq_len
     offline = frozenset(m.name for m, _, c in teachers if not offline_problems(spec, stage, m.name, c))
     return StageModels(students=students, teachers=teachers, seq_len=seq, extra_trainable=learned_params(stage),
-                       offline=offline, epochs=stage_epochs(spec, stage) if offline else 1.0)
+                       offline=offline, epochs=stage_epochs(spec, stage) if offline else 1.0,
+                       logit_losses=logit_losses(stage), fusable=frozenset(c.model for c in captures if c.fused_head))
 
 
 def _whole(model: str) -> ModelCapture:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import re
 import shutil
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from runtime.errors import RunError
+from runtime.files import atomic_path, atomic_write
 
 PROGRESS_FILE = "progress.json"
 
@@ -58,21 +58,12 @@ def step_tag(stage: int, step: int) -> str:
     return f"stage{stage}-step{step:08d}"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_progress(out_dir: Path, progress: Progress) -> None:
     """Rank 0: record ``progress`` as the last complete checkpoint."""
     path = checkpoint_dir(out_dir) / PROGRESS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     record = asdict(progress) | {"trained": {k: Path(v).name for k, v in progress.trained.items()}}
-    _atomic_write_bytes(path, json.dumps(record, indent=1).encode())
+    atomic_write(path, json.dumps(record, indent=1), fsync=True)
 
 
 def read_progress(out_dir: Path) -> Progress | None:
@@ -152,9 +143,8 @@ def write_rank_state(out_dir: Path, tag: str, rank: int, sampler_state: dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors, fields = _rng_tensors(rng_state())
     meta = {"gkdc": json.dumps({"rng": fields, "sampler": sampler_state})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_rank_state(out_dir: Path, tag: str, rank: int) -> dict[str, Any]:
@@ -220,10 +210,9 @@ def write_stage_weights(out_dir: Path, stage: int, state: dict[str, torch.Tensor
 
     path = stage_weights_path(out_dir, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # tied weights share storage; safetensors refuses shared tensors, so store independent copies
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        # tied weights share storage; safetensors refuses shared tensors, so store independent copies
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp))
     return path
 
 
@@ -257,7 +246,7 @@ def write_spec(out_dir: Path, spec_json: str) -> None:
     """Rank 0: the embedded spec this run trains with, beside its checkpoints (what a resume compares against)."""
     path = checkpoint_dir(out_dir) / SPEC_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, spec_json.encode())
+    atomic_write(path, spec_json, fsync=True)
 
 
 def read_spec(out_dir: Path) -> dict[str, Any] | None:

@@ -422,17 +422,17 @@ def test_full_disk_names_the_file_and_is_not_masked_by_the_loss_curve(tmp_path, 
     import runtime.checkpoint as ckpt
     import runtime.metrics as metrics
 
-    real = ckpt._atomic_write_bytes
+    real = ckpt.atomic_write
 
-    def full(path, data):  # the disk fills up during training: the first checkpoint record cannot be written
+    def full(path, data, **kw):  # the disk fills up during training: the first checkpoint record cannot be written
         if Path(path).name != ckpt.PROGRESS_FILE:
-            return real(path, data)
+            return real(path, data, **kw)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     def curve(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "loss_curve.png")
 
-    monkeypatch.setattr(ckpt, "_atomic_write_bytes", full)
+    monkeypatch.setattr(ckpt, "atomic_write", full)
     monkeypatch.setattr(metrics, "plot_losses", curve)
     plan_path = make_plan(tmp_path, steps=(4,), save_every=2)
     code, err = _cli("run", str(plan_path), "--out", str(tmp_path / "out"), "--no-progress")

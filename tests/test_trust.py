@@ -533,3 +533,16 @@ def test_a_family_that_plans_but_cannot_run_warns_at_check_and_is_refused_by_run
     code, err = _cli("run", str(spec), "--out", str(tmp_path / "out"), "--no-progress")
     assert code == 1 and "cannot run it yet" in err and "Traceback" not in err, err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_eval_loads_no_pickle(tmp_path):
+    folder = _bert_base_folder(tmp_path / "model")
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    marker = tmp_path / "pwned"
+    with open(folder / "pytorch_model.bin", "wb") as fh:
+        pickle.dump(_Payload(marker), fh)
+    (tmp_path / "held.txt").write_text("hello world\n")
+    code, err = _cli("eval", str(folder), "--data", str(tmp_path / "held.txt"))
+    assert code == 1 and "loads no pickle" in err, err
+    assert not marker.exists()

@@ -55,6 +55,35 @@ def verify_plan(plan: Plan, plan_path: Path, base_dir: Path, allowed_paths: Iter
     check_spec_paths(plan, base_dir, allowed_paths)
 
 
+#: a spec file larger than this is not read to compare hashes (the front end refuses specs over 256 KiB anyway)
+MAX_SPEC_BYTES = 1 << 20
+
+
+def check_spec_origin(plan: Plan, plan_path: Path, spec_path: Path, allowed_paths: Iterable[str] = ()) -> None:
+    """The spec the plan names is where its data paths are resolved from, so it must be the plan's own: when the
+    file exists its text must have the plan's hash; when it does not, its folder must lie inside the plan's
+    project or an allowed root (a plan naming ``/etc/x.gkd`` cannot make ``passwd`` a relative data path)."""
+    from runtime.recipe import spec_digest
+
+    if spec_path.is_file():
+        try:
+            raw = spec_path.read_bytes() if spec_path.stat().st_size <= MAX_SPEC_BYTES else None
+            text = raw.decode("utf-8") if raw is not None else None
+        except (OSError, UnicodeDecodeError):
+            text = None
+        if text is None or spec_digest(text, plan.spec.uses) != plan.spec_hash:
+            raise RunError(f"{spec_path} changed since {plan_path} was made; re-run `gkdc plan {spec_path}`")
+        return
+    from gkdlang.paths import allowed_roots
+
+    base = spec_path.parent.resolve()
+    roots = allowed_roots(Path(plan_path).parent, allowed_paths)
+    if not any(base == r or r in base.parents for r in roots):
+        raise RunError(f"{plan_path} names the spec {spec_path}, which does not exist, in a folder outside the plan's "
+                       f"project ({', '.join(map(str, roots))}); run the plan beside its spec or allow the folder "
+                       "with --allow-path DIR")
+
+
 def check_ds_config(cfg: dict[str, Any], where: str) -> None:
     from planner.dsconfig import NVME_PATH
 

@@ -629,7 +629,7 @@ def _starting_point(plan: Plan, out_dir: Path, resume: bool, rank: int = 0) -> c
 def check_plan(plan: Plan, plan_path: Path, allowed_paths: tuple[str, ...] = ()) -> Path:
     """Refuse unknown plan schemas, edited plans (runtime.integrity) and plans whose spec changed; return the
     spec's directory (paths' base)."""
-    from runtime.integrity import verify_plan
+    from runtime.integrity import check_spec_origin, verify_plan
 
     if plan.plan_schema_version != PLAN_SCHEMA_VERSION:
         raise RunError(
@@ -637,8 +637,7 @@ def check_plan(plan: Plan, plan_path: Path, allowed_paths: tuple[str, ...] = ())
             f"(it reads version {PLAN_SCHEMA_VERSION}); re-run `gkdc plan`"
         )
     spec_path = _spec_path(plan, Path(plan_path))
-    if spec_path.exists() and spec_digest(spec_path.read_text(), plan.spec.uses) != plan.spec_hash:
-        raise RunError(f"{spec_path} changed since {plan_path} was made; re-run `gkdc plan {spec_path}`")
+    check_spec_origin(plan, Path(plan_path), spec_path, allowed_paths)
     verify_plan(plan, Path(plan_path), spec_path.parent.resolve(), allowed_paths)
     return spec_path.parent.resolve()
 

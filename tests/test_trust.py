@@ -546,3 +546,15 @@ def test_eval_loads_no_pickle(tmp_path):
     code, err = _cli("eval", str(folder), "--data", str(tmp_path / "held.txt"))
     assert code == 1 and "loads no pickle" in err, err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("spec_file", ["/etc/gkdc-nonexistent.gkd", "/etc/passwd"])
+def test_resealed_plan_cannot_move_its_base_folder(tmp_path, spec_file):
+    plan = load(make_plan(tmp_path, steps=(1,)))
+    data = plan.spec.data["corpus"].model_copy(update={"paths": ["passwd"]})
+    hostile = plan.model_copy(update={"spec_file": spec_file,
+                                      "spec": plan.spec.model_copy(update={"data": {"corpus": data}})})
+    plan_path = _write(sealed(hostile), tmp_path / "plan.json")
+    code, err = _cli("run", str(plan_path), "--out", str(tmp_path / "out"), "--no-progress")
+    assert code == 1 and ("does not exist, in a folder outside" in err or "changed since" in err), err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -25,7 +25,9 @@ CODES: dict[str, tuple[Severity, str]] = {
     "syntax-unexpected-eof": ("error", "The file ends inside a declaration (an unclosed brace or bracket)."),
     "bad-number": ("error", "A number with a unit that does not fit where it is used (e.g. `40GB` as a step count)."),
     "bad-string": ("error", "A string literal with an invalid escape."),
-    "nesting-too-deep": ("error", "An expression nested more than 100 levels deep (split it with `let`)."),
+    "nesting-too-deep": ("error", "An expression nested more than 100 levels deep, brackets nested deeper, or a flat sum "
+                         "or product of more than 400 operands (split it with `let`)."),
+    "spec-too-large": ("error", "A spec file over 256 KiB characters (25x the largest shipped spec)."),
     # names
     "unknown-name": ("error", "A name that is not a declared model, data source, constant or parameter."),
     "unknown-model": ("error", "A model name that no `teacher`/`student` declaration defines."),
@@ -87,6 +89,14 @@ CODES: dict[str, tuple[Severity, str]] = {
     "batch-too-small": ("error", "Hard per-teacher selection (Uncertainty) with a per-rank micro-batch smaller than "
                         "the number of teachers."),
     "data-not-found": ("warning", "A data path that matches no file at check time (it must exist before `gkdc run`)."),
+    "missing-weights": ("error", "A local teacher folder whose safetensors lack a head the spec reads (e.g. a BertModel "
+                        "folder, no MLM head, read for logits): it would train against a random head."),
+    "family-not-runnable": ("warning", "A model of a family the planner knows but the runtime cannot train yet (opt, bloom, "
+                            "glm): `gkdc plan` works, `gkdc run` refuses it."),
+    "bad-path": ("error", "A data or cache path that is empty, holds a NUL, or is too long (4,096 characters, 255 per name)."),
+    "path-outside-root": ("error", "A data or cache path that resolves outside the spec's project and every `--allow-path` "
+                          "folder (see docs/security.md)."),
+    "data-is-directory": ("error", "A data path that names a folder; name its files with a glob."),
     "unknown-gpu": ("error", "A device name that the hardware catalog does not contain."),
     "plan-infeasible": ("error", "No placement fits the cluster's memory; the message names the resource that does not "
                         "fit (GPU or host memory, per rank or per node), the best attempt per rank and what would fit."),

@@ -28,7 +28,7 @@ from planner.graph import SignalGraph, build_graph
 from planner.hardware import device_for
 from planner.memory import fused_head, host_memory
 from planner.params import ParamCounts, count_params_for
-from planner.plan import HostCheck, ModelCapture, PinReport, Plan, ResolvedModel, StagePlan, TokensPerStep
+from planner.plan import HostCheck, ModelCapture, PinReport, Plan, ResolvedModel, StagePlan, TokensPerStep, sealed
 from planner.datasize import count_rows
 from planner.describe import describe_capture, describe_placement, fmt_bytes
 
@@ -47,11 +47,18 @@ class PlanFailure:
 
 def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str = "plan.json") -> Plan | PlanFailure:
     """The plan of a checked spec; ``plan_path`` is where the caller will write it (it appears in ``launch``)."""
-    unknown = _unknown_device(spec.cluster)
+    unknown = _unknown_device(spec.cluster) or _bad_cluster(spec.cluster)
     if unknown is not None:
         return PlanFailure([unknown])
     graph = build_graph(spec)
-    params = {name: model_params(m) for name, m in spec.models.items()}
+    params, bad = {}, []
+    for name, m in spec.models.items():
+        try:
+            params[name] = model_params(m)
+        except ValueError as exc:  # a head or shape the family's parameter count cannot have
+            bad.append(Diagnostic("bad-config", f"model '{name}': {exc}", m.span))
+    if bad:
+        return PlanFailure(bad)
     world = world_size(spec.cluster)
     spec_dir = Path(spec_path).parent
     stages, failures, notes = [], [], []
@@ -69,9 +76,29 @@ def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str 
     if hostfile is not None:
         notes.append(f"multi-node: write Plan.hostfile to {_hostfile_path(plan_path)} and replace the "
                      f"placeholder host names (worker-0 ...) with the real ones")
-    return Plan(gkdc_version=gkdc_version, spec_hash=spec.source_hash, spec_file=spec_path, spec=spec,
-                models=[resolved_model(m, params[m.name]) for m in spec.models.values()], stages=stages,
-                world_size=world, launch=launch, hostfile=hostfile, notes=notes)
+    return sealed(Plan(gkdc_version=gkdc_version, spec_hash=spec.source_hash, spec_file=spec_path, spec=spec,
+                       models=[resolved_model(m, params[m.name]) for m in spec.models.values()], stages=stages,
+                       world_size=world, launch=launch, hostfile=hostfile, notes=notes))
+
+
+#: most ranks a plan may have (every per-rank figure is computed for each one)
+MAX_WORLD = 65536
+
+
+def _bad_cluster(cluster: ClusterSpec) -> Diagnostic | None:
+    """Counts below one or absurdly large, and memory sizes that are not positive: the checker's job, repeated
+    here so the planner never divides by zero or loops over a million ranks whatever Spec it is handed."""
+    if cluster.nodes < 1 or cluster.gpus_per_node < 1:
+        return Diagnostic("bad-value", f"the cluster has {cluster.nodes} node(s) x {cluster.gpus_per_node} device(s); "
+                          "both must be at least 1", cluster.span)
+    if cluster.nodes * cluster.gpus_per_node > MAX_WORLD:
+        return Diagnostic("bad-value", f"the cluster has {cluster.nodes * cluster.gpus_per_node:,} ranks; gkdc plans "
+                          f"at most {MAX_WORLD:,}", cluster.span)
+    for key in ("gpu_memory", "cpu_memory", "nvme"):
+        value = getattr(cluster, key)
+        if value is not None and value <= 0:
+            return Diagnostic("bad-value", f"{key} must be a positive size, got {value:,} bytes", cluster.span)
+    return None
 
 
 def plan_warnings(plan: Plan) -> list[Diagnostic]:

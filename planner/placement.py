@@ -171,12 +171,31 @@ def micro_batches(stage: StageSpec, world: int) -> list[tuple[int, int]]:
     if stage.batch % world:
         return []
     per_rank = stage.batch // world
-    pairs = [(m, per_rank // m) for m in range(1, per_rank + 1) if per_rank % m == 0]
     if stage.micro_batch is not None:
-        pairs = [(m, a) for m, a in pairs if m == stage.micro_batch]
+        pairs = [(stage.micro_batch, per_rank // stage.micro_batch)] if per_rank % stage.micro_batch == 0 else []
+    else:  # bounded: every pair is evaluated against every strategy, so a huge batch must not mean a huge search
+        pairs = [(m, per_rank // m) for m in _divisors(per_rank) if m <= MAX_MICRO][:MAX_PAIRS]
     if not stage.grad_accum_allowed:
         pairs = [(m, a) for m, a in pairs if a == 1]
     return pairs
+
+
+#: largest micro-batch per rank the search tries, and most (micro, accum) pairs per stage (the smallest)
+MAX_MICRO = 4096
+MAX_PAIRS = 32
+
+
+def _divisors(n: int) -> list[int]:
+    """The divisors of ``n`` in increasing order, in O(sqrt n) steps (a loop up to n hung on ``batch: 1e12``)."""
+    small, large = [], []
+    i = 1
+    while i * i <= n:
+        if n % i == 0:
+            small.append(i)
+            if i * i != n:
+                large.append(n // i)
+        i += 1
+    return small + large[::-1]
 
 
 def _zero_options(device: Device, world: int, nvme: bool, pin: PlacementPin | None = None) -> list[tuple[int, str, str]]:

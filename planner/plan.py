@@ -182,3 +182,20 @@ class Plan(Frozen):
     """argv of the launch command (``deepspeed --num_gpus N ...`` or in-process ``gkdc run``)."""
     hostfile: str | None = None
     notes: list[str] = Field(default_factory=list)
+    integrity: str = ""
+    """sha256 of every other field (``plan_digest``), set by the planner; ``gkdc run`` refuses a plan whose
+    content no longer matches it (an edited plan), so what runs is what ``gkdc plan`` decided."""
+
+
+def plan_digest(plan: Plan) -> str:
+    """sha256 of the plan's canonical JSON (sorted keys, no whitespace), its ``integrity`` field left out."""
+    import hashlib
+    import json
+
+    body = plan.model_dump(mode="json", exclude={"integrity"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(plan: Plan) -> Plan:
+    """``plan`` with its integrity digest set."""
+    return plan.model_copy(update={"integrity": plan_digest(plan)})

@@ -159,7 +159,8 @@ def load_checkpoint(engine: Any, directory: Path, tag: str) -> None:
     except Exception as err:
         raise RunError(f"could not read checkpoint '{directory / tag}': {err}") from err
     if path is None:
-        raise RunError(f"checkpoint '{directory / tag}' is missing or incomplete; delete it or run without --resume")
+        raise RunError(f"checkpoint '{directory / tag}' is missing or incomplete; resume cannot continue from it: "
+                       "start the run again with another --out")
 
 
 @contextlib.contextmanager

@@ -182,8 +182,17 @@ def _from_pretrained(model: ModelSpec, base_dir: Path, remote: bool, allow_pickl
             from runtime import engine as eng
 
             with eng.zero3_build(zero3):
-                return _auto_class(model).from_pretrained(where, **kwargs)
-        return _auto_class(model).from_pretrained(where, **kwargs)
+                net, info = _auto_class(model).from_pretrained(where, output_loading_info=True, **kwargs)
+        else:
+            net, info = _auto_class(model).from_pretrained(where, output_loading_info=True, **kwargs)
+        missing = list(info.get("missing_keys") or [])
+        if model.role == "teacher" and missing:
+            # transformers would initialise these randomly: a teacher must be trained in full
+            raise RunError(f"teacher '{model.name}': {where} has no weights for {len(missing)} tensor(s) "
+                           f"({', '.join(sorted(missing)[:4])}{', ...' if len(missing) > 4 else ''}); transformers "
+                           "would initialise them randomly. Use a folder saved with every head the spec reads "
+                           "(e.g. BertForMaskedLM for logits)")
+        return net
     except OSError as exc:
         if local:
             raise RunError(f"model '{model.name}': could not load weights from {where}: {exc}") from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,16 +72,19 @@ def run(
     allow_pickle: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
+    allowed_paths: tuple[str, ...] = (),
 ) -> RunResult:
     """Execute ``plan``; ``max_steps`` caps every stage's optimizer steps (smoke runs)."""
-    base_dir = check_plan(plan, plan_path)
+    base_dir = check_plan(plan, plan_path, allowed_paths)
     rank, world = eng.prepare_process()
     if world != plan.world_size:
-        launch = " ".join(plan.launch)
-        raise RunError(f"the plan was made for {plan.world_size} rank(s) but {world} started; launch it with: {launch}")
+        raise RunError(f"the plan was made for {plan.world_size} rank(s) but {world} started; "
+                       f"launch it with: gkdc run {plan_path}")
     _quiet_libraries()  # our own bar shows training progress; loading bars of every stage would bury it
     out_dir = Path(out_dir)
-    state = _starting_point(plan, out_dir, resume)
+    state = _starting_point(plan, out_dir, resume, rank)
+    if rank == 0:
+        ckpt.write_spec(out_dir, plan.spec.model_dump_json())
     logger = MetricsLogger(out_dir, enabled=rank == 0, show_bar=progress)
     kept = logger.open((state.stage, state.step) if state else None)
     env = _RunEnv(plan, base_dir, out_dir, rank, world, trust_remote_code, allow_pickle, logger, global_step=kept)
@@ -566,7 +570,7 @@ def build_vocab_map(env: "_RunEnv", vocab_name: str, built: dict[str, nn.Module]
 
 def _weights_file(path: Path) -> Path:
     if not path.exists():
-        raise RunError(f"weights file {path} of a finished stage is missing; delete {path.parent} to start over")
+        raise RunError(f"weights file {path} of a finished stage is missing; start the run again with another --out (this folder is kept)")
     return path
 
 
@@ -627,6 +631,7 @@ class StageData:
 def save_checkpoint(env: "_RunEnv", engine: Any, data: StageData, index: int, stage: str, step: int) -> None:
     """All ranks: engine state + rank state, then (rank 0) the progress record that makes it complete."""
     tag = ckpt.step_tag(index, step)
+    _check_weights_finite(env, engine, stage, step)  # never replace the last good checkpoint by a diverged one
     eng.save_checkpoint(engine, ckpt.checkpoint_dir(env.out_dir), tag)
     ckpt.write_rank_state(env.out_dir, tag, env.rank, data.sampler.state_dict())
     eng.barrier()
@@ -650,13 +655,14 @@ def finish_stage(
 
 
 def restore(env: "_RunEnv", engine: Any, tag: str, data: StageData) -> None:
-    eng.load_checkpoint(engine, ckpt.checkpoint_dir(env.out_dir), tag)
+    with ckpt.weights_only_loads():  # DeepSpeed unpickles its files: only tensors and allow-listed classes load
+        eng.load_checkpoint(engine, ckpt.checkpoint_dir(env.out_dir), tag)
     state = ckpt.read_rank_state(env.out_dir, tag, env.rank)
     data.sampler.load_state_dict(state["sampler"])  # refuses a checkpoint of other data or batch sizes
     ckpt.set_rng_state(state["rng"])
 
 
-def _starting_point(plan: Plan, out_dir: Path, resume: bool) -> ckpt.Progress | None:
+def _starting_point(plan: Plan, out_dir: Path, resume: bool, rank: int = 0) -> ckpt.Progress | None:
     state = ckpt.read_progress(out_dir)
     if not resume:
         if state is not None:
@@ -665,23 +671,39 @@ def _starting_point(plan: Plan, out_dir: Path, resume: bool) -> ckpt.Progress | 
     if state is None:
         return None  # nothing complete yet: start from the beginning
     if state.spec_hash != plan.spec_hash:
-        raise RunError(f"the checkpoints in {out_dir} were written for a different spec; start a new run")
+        old = ckpt.read_spec(out_dir)
+        if old is None:
+            raise RunError(f"the checkpoints in {out_dir} were written for a different spec, and the folder does "
+                           "not record which; start the run again with another --out")
+        allowed, refused = ckpt.spec_changes(old, plan.spec.model_dump(mode="json"))
+        if refused:
+            raise RunError(f"the checkpoints in {out_dir} were written for another spec and cannot continue with "
+                           f"this one: {'; '.join(refused[:4])}" + (f" (+{len(refused) - 4} more)" if len(refused) > 4
+                                                                    else "") +
+                           ". A resume may change optimizer, schedule and loss settings only; start the run again "
+                           "with another --out")
+        if rank == 0:
+            print(f"note: resuming {state.stage_name}:{state.step} with a changed spec: {'; '.join(allowed)}",
+                  file=sys.stderr)
     return state
 
 
 # ================================================================ checks and small helpers
 
 
-def check_plan(plan: Plan, plan_path: Path) -> Path:
-    """Refuse unknown plan schemas and plans whose spec changed; return the spec's directory (paths' base)."""
+def check_plan(plan: Plan, plan_path: Path, allowed_paths: tuple[str, ...] = ()) -> Path:
+    """Refuse unknown plan schemas, edited plans (runtime.integrity) and plans whose spec changed; return the
+    spec's directory (paths' base)."""
+    from runtime.integrity import check_spec_origin, verify_plan
+
     if plan.plan_schema_version != PLAN_SCHEMA_VERSION:
         raise RunError(
             f"{plan_path}: plan_schema_version {plan.plan_schema_version} is not supported by this gkdc "
             f"(it reads version {PLAN_SCHEMA_VERSION}); re-run `gkdc plan`"
         )
     spec_path = _spec_path(plan, Path(plan_path))
-    if spec_path.exists() and spec_digest(spec_path.read_text(), plan.spec.uses) != plan.spec_hash:
-        raise RunError(f"{spec_path} changed since {plan_path} was made; re-run `gkdc plan {spec_path}`")
+    check_spec_origin(plan, Path(plan_path), spec_path, allowed_paths)
+    verify_plan(plan, Path(plan_path), spec_path.parent.resolve(), allowed_paths)
     return spec_path.parent.resolve()
 
 
@@ -743,7 +765,28 @@ def _check_finite(env: "_RunEnv", stage: str, step: int, loss: torch.Tensor, par
     where = f"loss term '{bad}' is {parts[bad]}" if bad else "the loss is not finite on another rank"
     last = ckpt.read_progress(env.out_dir)
     kept = f"the last good checkpoint ({last.stage_name}:{last.step}) is kept" if last else "no checkpoint was written yet"
-    raise RunError(f"stage '{stage}', step {step + 1}: {where}; stopped, {kept}. Lower the learning rate or check the data")
+    raise RunError(f"stage '{stage}', step {step + 1}: {where}; stopped, {kept}. Fix the spec (a lower learning rate, "
+                   "loss weight or temperature; the data), re-plan it and resume with --resume: the resume names "
+                   "what changed")
+
+
+def _check_weights_finite(env: "_RunEnv", engine: Any, stage: str, step: int) -> None:
+    """Every rank: its (partition of the) trained weights are finite, or the run stops before writing them."""
+    finite = True
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            t = getattr(p, "ds_tensor", None)
+            t = p.data if t is None or t.numel() == 0 else t
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                finite = False
+                break
+    if eng.all_true(finite):
+        return
+    last = ckpt.read_progress(env.out_dir)
+    kept = f"the last good checkpoint ({last.stage_name}:{last.step}) is kept" if last else "no checkpoint was written yet"
+    raise RunError(f"stage '{stage}', step {step}: the trained weights are not finite (the run diverged); this "
+                   f"checkpoint was not written, {kept}. Lower the learning rate or the loss weights in the spec, "
+                   "re-plan it and resume with --resume")
 
 
 def save_final_student(env: "_RunEnv", trained: Mapping[str, Path]) -> Path | None:

@@ -514,7 +514,8 @@ def test_run_trains_from_the_cache_without_loading_the_teacher(workdir, tmp_path
     # 20 steps x batch 4 over 22 examples: 3.6 epochs, so the planner picks offline
     spec_path.write_text(_spec_text(steps="steps: 20").replace('cache: topk(k: 16, dtype: fp32)',
                                                                 f'cache: topk(k: 16, path: "{tmp_path / "c"}")'))
-    assert main(["cache", str(spec_path)]) == 0
+    allow = ["--allow-path", str(tmp_path)]  # the cache lives outside the spec's folder (docs/security.md)
+    assert main(["cache", str(spec_path), *allow]) == 0
     assert cache.is_complete(tmp_path / "c" / "distill")
     from runtime import recipe
 
@@ -522,11 +523,12 @@ def test_run_trains_from_the_cache_without_loading_the_teacher(workdir, tmp_path
     real = recipe.build_models
     monkeypatch.setattr(recipe, "build_models", lambda env, st, teachers, trained: built.append(list(teachers))
                         or real(env, st, teachers, trained))
-    assert main(["run", str(spec_path), "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-progress"]) == 0
+    assert main(["run", str(spec_path), "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-progress",
+                 *allow]) == 0
     assert built[0] == []  # the offline teacher was never built for training
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["stages"][0]["placement"]["teacher_strategy"] == {"t": "offline"}
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r.get("step")]
-    assert len(steps) == 2 and all(set(r["terms"]) == {t.id for t in check_file(spec_path).spec.stages[0].loss}
-                                   for r in steps)
+    ids = {t.id for t in check_file(spec_path, allowed_paths=[tmp_path]).spec.stages[0].loss}
+    assert len(steps) == 2 and all(set(r["terms"]) == ids for r in steps)

@@ -30,7 +30,7 @@ from gkdlang.spec import (
     Spec,
     StageSpec,
 )
-from planner.plan import CapturePoint, ModelCapture, Placement, Plan, ResolvedModel, StagePlan, TokensPerStep
+from planner.plan import CapturePoint, ModelCapture, Placement, Plan, ResolvedModel, StagePlan, TokensPerStep, sealed
 from runtime.errors import RunError
 
 SPAN = Span(file="spec.gkd", line=1, col=1, end_line=1, end_col=2)
@@ -170,11 +170,11 @@ def make_plan(
     spec = Spec(file=str(spec_path), source_hash="test", models=models, data=data, stages=stages,
                 cluster=ClusterSpec(gpus_per_node=world, span=SPAN))
     launch = ["deepspeed", "--num_gpus", str(world), "--module", "runtime.worker", "plan.json", "out"]
-    plan = Plan(gkdc_version="0.1.0", spec_hash=hashlib.sha256(spec_path.read_text().encode()).hexdigest(),
+    plan = sealed(Plan(gkdc_version="0.1.0", spec_hash=hashlib.sha256(spec_path.read_text().encode()).hexdigest(),
                 spec_file="spec.gkd", spec=spec,
                 models=[ResolvedModel(name="t", role="teacher", family="gpt2", parameters=0, trainable_parameters=0),
                         ResolvedModel(name="s", role="student", family="gpt2", parameters=0, trainable_parameters=0)],
-                stages=stage_plans, world_size=world, launch=launch)
+                stages=stage_plans, world_size=world, launch=launch))
     path = root / "plan.json"
     path.write_text(plan.model_dump_json(indent=1))
     return path

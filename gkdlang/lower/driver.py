@@ -32,6 +32,7 @@ from gkdlang.lower.expressions import EXPRESSIONS
 from gkdlang.lower.placement import lower_placements
 from gkdlang.lower.stages import lower_stages
 from gkdlang.parser import ParseError, parse
+from gkdlang.paths import check_paths
 from gkdlang.spec import Span, Spec
 
 
@@ -47,7 +48,8 @@ class CheckResult:
         return self.spec is not None and not any(d.severity == "error" for d in self.diagnostics)
 
 
-def check_file(path: str | Path, *, display_name: str | None = None) -> CheckResult:
+def check_file(path: str | Path, *, display_name: str | None = None,
+               allowed_paths: tuple[str | Path, ...] | list = ()) -> CheckResult:
     path = Path(path)
     name = display_name or str(path)
     try:
@@ -56,16 +58,21 @@ def check_file(path: str | Path, *, display_name: str | None = None) -> CheckRes
         span = Span(file=name, line=1, col=1, end_line=1, end_col=1)
         d = Diagnostic("syntax-unexpected-char", f"file is not UTF-8 (byte {exc.start})", span)
         return CheckResult(None, [d], {})
-    return check_source(text, name, base_dir=path.parent)
+    return check_source(text, name, base_dir=path.parent, allowed_paths=allowed_paths)
 
 
-def check_source(text: str, file: str = "<input>", *, base_dir: str | Path | None = None) -> CheckResult:
-    """Parse and lower a spec text; never raises for bad input."""
+def check_source(text: str, file: str = "<input>", *, base_dir: str | Path | None = None,
+                 allowed_paths: tuple[str | Path, ...] | list = ()) -> CheckResult:
+    """Parse and lower a spec text; never raises for bad input. ``allowed_paths``: folders beside the spec's project
+    where data and cache paths may point (gkdlang.paths, ``--allow-path``)."""
     sources = {file: text}
     try:
         module = parse(text, file)
     except ParseError as exc:
         return CheckResult(None, [exc.diagnostic], sources)
+    refused = check_paths(module, Path(base_dir or "."), allowed_paths)
+    if refused:  # the path rule runs before any pass reads a file: a refused path never reaches the file system
+        return CheckResult(None, sorted(refused, key=lambda d: (d.span.line, d.span.col)), sources, module)
     diags = Collector()
     lw = Lowerer(module, text, file, Path(base_dir or "."), diags, sources, EXPRESSIONS)
     spec = lower_module(lw)

@@ -13,7 +13,15 @@ from gkdlang.digest import STDLIB
 from gkdlang.lower.context import Lowerer, MethodDef, Scope, Skip
 
 
+#: deepest chain of methods calling methods (the standard library nests 4); each level is several Python frames
+MAX_CALL_DEPTH = 32
+
+
 def call_method(lw: Lowerer, m: MethodDef, e: ast.Call, scope: Scope) -> Objective:
+    if len(scope.stack) >= MAX_CALL_DEPTH:
+        chain = " -> ".join(scope.stack[:3] + ("...",) + scope.stack[-2:] + (m.qualname,))
+        raise lw.err("nesting-too-deep", e.span, f"methods call each other more than {MAX_CALL_DEPTH} deep ({chain})",
+                     "call the inner methods directly from a shallower one")
     if m.qualname in scope.stack:
         raise lw.err("method-recursion", e.span, f"method '{m.qualname}' calls itself "
                      f"({' -> '.join(scope.stack + (m.qualname,))})")

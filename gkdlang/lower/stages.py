@@ -78,6 +78,10 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl, pins: dict[str | None, PinDraf
     for key in ("batch", "micro_batch", "seq_len", "eval_every", "save_every"):
         if key in opts:
             value = lw.guard(read_int, lw, opts[key], key, 1)
+            if value is not None and key in ("batch", "micro_batch", "seq_len") and value > MAX_SIZES[key]:
+                lw.err("bad-value", opts[key].span, f"{key} {value:,} is larger than gkdc plans for "
+                       f"(at most {MAX_SIZES[key]:,})")
+                value = None
             if value is not None:
                 fields[key] = value
     if "activation_checkpointing" in opts:
@@ -103,12 +107,50 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl, pins: dict[str | None, PinDraf
         raise Skip()
     teachers += [m for iv in objective.interventions for m in iv.models
                  if m not in students and m not in teachers and lw.models[m].role != "student"]
+    check_positions(lw, decl, opts, fields, data, [*students, *teachers])
     pin = stage_pin(lw, draft, own_opts, decl.name.name, teachers, own=decl.name.name in (pins or {}))
     if len(lw.d.errors) > errors_before:
         raise Skip()
     return StageSpec(name=decl.name.name, after=[a.name for a in decl.after], data=data, loss=terms,
                      interventions=list(objective.interventions), students=students, teachers=teachers,
                      pin=pin, span=decl.span, **fields)
+
+
+#: largest batch (examples per optimizer step), micro-batch and sequence length a plan may have: far beyond any
+#: real run, and small enough that every planning phase stays bounded
+MAX_SIZES = {"batch": 10**7, "micro_batch": 2**16, "seq_len": 2**20}
+
+
+def check_positions(lw: Lowerer, decl: ast.StageDecl, opts: dict[str, ast.Expr], fields: dict[str, Any], data: str,
+                    models: list[str]) -> None:
+    """The stage's sequence length fits every model it runs (the runtime refuses a longer one after loading)."""
+    if data not in lw.data:
+        return
+    seq = fields.get("seq_len") or lw.data[data].seq_len
+    known = [m for m in models if m in lw.models]
+    if not known:
+        return
+    shortest = min(known, key=lambda m: lw.models[m].arch.max_positions)
+    limit = lw.models[shortest].arch.max_positions
+    if seq <= limit:
+        return
+    if "seq_len" not in opts and not ddecl_has(lw, data):
+        fields["seq_len"] = limit  # the default 512 is longer than the models: the stage runs at their length
+        return
+    if "seq_len" in opts:
+        span = opts["seq_len"].span
+    else:
+        ddecl = lw.data_decls.get(data)
+        entry = next((e for e in (ddecl.options.entries if ddecl and ddecl.options else ()) if e.key.name == "seq_len"),
+                     None)
+        span = entry.value.span if entry is not None else (ddecl.span if ddecl else decl.span)
+    raise lw.err("bad-value", span, f"seq_len {seq} is longer than model '{shortest}' accepts ({limit} positions)",
+                 f"use seq_len: {limit} or less")
+
+
+def ddecl_has(lw: Lowerer, data: str) -> bool:
+    ddecl = lw.data_decls.get(data)
+    return bool(ddecl and ddecl.options and any(e.key.name == "seq_len" for e in ddecl.options.entries))
 
 
 def lower_duration(lw: Lowerer, decl: ast.StageDecl, opts: dict[str, ast.Expr]) -> dict[str, Any]:

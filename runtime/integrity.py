@@ -63,7 +63,7 @@ def check_spec_origin(plan: Plan, plan_path: Path, spec_path: Path, allowed_path
     """The spec the plan names is where its data paths are resolved from, so it must be the plan's own: when the
     file exists its text must have the plan's hash; when it does not, its folder must lie inside the plan's
     project or an allowed root (a plan naming ``/etc/x.gkd`` cannot make ``passwd`` a relative data path)."""
-    from runtime.recipe import spec_digest
+    from gkdlang.digest import spec_hash as spec_digest  # the front end's hash, without the parser
 
     if spec_path.is_file():
         try:

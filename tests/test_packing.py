@@ -18,6 +18,14 @@ from runtime.errors import RunError
 from planner.plan import CapturePoint, ModelCapture
 from tests.test_data import dspec, tokenizer
 
+
+@pytest.fixture(autouse=True)
+def _allow_example_data(monkeypatch):
+    """These specs live in a temporary folder and read the repository's example data: allow it as the
+    documented GKDC_ALLOW_PATHS does (docs/security.md); subprocesses inherit it."""
+    monkeypatch.setenv("GKDC_ALLOW_PATHS", str(Path(__file__).resolve().parents[1] / "examples"))
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

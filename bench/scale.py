@@ -132,8 +132,9 @@ def pin(code: Path, plan_path: Path, fields: dict) -> None:
     if not fields:
         return
     env = {**os.environ, "PYTHONPATH": str(code)}
+    # cwd = the code's tree: ``python -c`` puts the working directory first on sys.path
     proc = subprocess.run([sys.executable, "-c", PIN_SCRIPT, str(plan_path), json.dumps(fields)], env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=code)
     if proc.returncode != 0:
         raise SystemExit(f"pinning failed:\n{proc.stderr[-3000:]}")
 

@@ -345,10 +345,10 @@ def _plan_load_error(path: Path, exc: Exception) -> int:
 
 def _atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so an interrupted write never leaves half a file."""
+    from runtime.files import atomic_write  # torch-free
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "duplicate-definition": ("error", "Two declarations with the same name."),
     "duplicate-option": ("error", "The same key twice in one block or call."),
     "unused-definition": ("warning", "A model or data source declared but never used."),
+    "not-executed": ("warning", "A key the checker accepts but `gkdc run` does not execute yet (`eval_every`, data "
+                                "`split`): it has no effect on the run."),
     # models
     "model-source": ("error", "A model source that is neither a local directory with config.json nor a catalog model."),
     "bad-config": ("error", "A config.json gkdc cannot read (invalid JSON or unsupported architecture)."),
@@ -140,10 +142,17 @@ class Collector:
         return sorted(self.items, key=key)
 
 
+def closest(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The candidate most like ``name`` (difflib ratio at least ``cutoff``), or None: the one matcher behind
+    every did-you-mean of gkdc (checker, model catalog, hardware catalog, runtime registries)."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=cutoff)
+    return matches[0] if matches else None
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """``"did you mean 'x'?"`` for the closest candidate, or None."""
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean '{matches[0]}'?" if matches else None
+    match = closest(name, candidates)
+    return f"did you mean '{match}'?" if match else None
 
 
 # ---------------------------------------------------------------- rendering

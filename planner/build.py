@@ -7,7 +7,7 @@ clock or the machine, so the same spec gives a byte-identical plan.
 Decisions made here (documented in the plan's ``notes``):
 
 - ``total_steps``: a stage's ``steps``; for ``epochs`` over a jsonl source whose files exist at plan time,
-  ``ceil(epochs * train_rows / batch)`` (one example per non-empty line, less the ``split`` fraction);
+  ``ceil(epochs * train_rows / batch)`` (one example per non-empty line; ``split`` is not executed yet);
   otherwise -1: the size is unknown until the runtime tokenises the data, and a note says so.
 - launch: one rank runs in-process (``gkdc run PLAN``); several use the ``deepspeed`` launcher with
   ``--module runtime.worker PLAN`` (the runtime appends its own arguments); more than one node adds
@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gkdlang.diagnostics import Diagnostic
-from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
-from planner import dsconfig, offline, placement, tokens
+from gkdlang.spec import ClusterSpec, ModelSpec, Spec, StageSpec
+from planner import dsconfig, offline_notes, placement, tokens
 from planner.graph import SignalGraph, build_graph
+from planner.memory import fused_head
 from planner.params import ParamCounts, count_params_for
 from planner.plan import HostMemory, ModelCapture, PinReport, Plan, ResolvedModel, StagePlan, TokensPerStep
+from planner.datasize import count_rows
 from planner.describe import describe_capture, describe_placement, fmt_bytes
 
-#: jsonl files larger than this are not counted at plan time (planning must stay fast)
-MAX_COUNTED_BYTES = 256 * 2**20
 BASE_PORT = 29500
 
 
@@ -60,8 +60,8 @@ def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str 
             failures += result
             continue
         stages.append(result)
-        notes += stage_notes(spec, graph, st, spec_dir)
-        notes += offline.comparison_notes(spec, st, result.captures, params, world, result.placement.teacher_strategy)
+        notes += stage_notes(spec, graph, st, spec_dir, result.captures)
+        notes += offline_notes.comparison_notes(spec, st, result.captures, params, world, result.placement.teacher_strategy)
     if failures:
         return PlanFailure(failures)
     launch, hostfile = launch_command(spec.cluster, plan_path, master_port(spec.source_hash))
@@ -139,7 +139,10 @@ def world_size(cluster: ClusterSpec) -> int:
 
 def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str, ParamCounts],
                 world: int, spec_dir: Path) -> StagePlan | list[Diagnostic]:
-    captures = graph.captures(st)
+    fusable = graph.fusable_heads(st)
+    # marked fusable for the search, which prices each placement with the heads it can fuse; the plan records
+    # the heads the chosen placement fuses
+    captures = [c.model_copy(update={"fused_head": c.model in fusable}) for c in graph.captures(st)]
     problems = [Diagnostic(code, message, span, hint)
                 for code, span, message, hint in placement.pin_problems(spec, st, captures)]
     packing = tokens.packing_choice(spec, st)
@@ -161,6 +164,8 @@ def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str,
         return [pin_refusal(spec, st, result, free) if st.pin is not None else infeasible(spec, st, result)]
     chosen = result.chosen.placement
     step = tokens.step_tokens(st.batch, chosen.micro_batch, seq, packing.packed, lengths)
+    models = placement.stage_models(spec, st, captures, {m: p for m, p in params.items() if m in loaded})
+    captures = [c.model_copy(update={"fused_head": fused_head(models, c.model, chosen)}) for c in captures]
     return StagePlan(
         name=st.name, captures=captures, placement=chosen, memory=result.memory, step_time_s=result.step_time_s,
         step_time_parts=dict(result.step_time_parts), total_steps=total_steps(spec, st, spec_dir)[0],
@@ -288,7 +293,7 @@ def total_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str | N
     if rows is None:
         return -1, (f"stage '{st.name}': {st.epochs:g} epochs of '{data.name}' ({data.format}); its size is known "
                     f"only after tokenisation, so total_steps is -1 and the runtime counts it")
-    train_rows = math.floor(rows * (1 - (data.split or 0.0)))
+    train_rows = rows  # data `split` is not executed yet (warning not-executed): the run trains on every row
     steps = max(1, math.ceil(st.epochs * train_rows / st.batch))
     return steps, (f"stage '{st.name}': {steps} steps = ceil({st.epochs:g} epochs x {train_rows} training rows "
                    f"of '{data.name}' / batch {st.batch})")
@@ -303,35 +308,18 @@ def _packed_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str]:
     if blocks is None:
         return -1, (f"stage '{st.name}': {st.epochs:g} epochs of packed '{data.name}'; its blocks are known only "
                     f"after tokenisation, so total_steps is -1 and the runtime counts it")
-    train = blocks - round(blocks * (data.split or 0.0))
+    train = blocks  # data `split` is not executed yet (warning not-executed): the run trains on every block
     steps = max(1, math.ceil(st.epochs * train / st.batch))
     return steps, (f"stage '{st.name}': {steps} steps = ceil({st.epochs:g} epochs x {train} packed blocks of "
                    f"{seq} tokens of '{data.name}' / batch {st.batch})")
 
 
-def count_rows(data: DataSpec, spec_dir: Path) -> int | None:
-    """Examples in a text or jsonl source (one per non-empty line, as the runtime reads them) when its files
-    exist and are small enough to count."""
-    if data.format not in ("jsonl", "text"):
-        return None
-    files = sorted({f for pattern in data.paths for f in _glob(pattern, spec_dir)})
-    if not files or sum(f.stat().st_size for f in files) > MAX_COUNTED_BYTES:
-        return None
-    return sum(sum(1 for line in f.open("rb") if line.strip()) for f in files)
-
-
-def _glob(pattern: str, base: Path) -> list[Path]:
-    path = Path(pattern)
-    if path.is_absolute():
-        return [p for p in Path(path.anchor).glob(str(path.relative_to(path.anchor))) if p.is_file()]
-    return [p for p in base.glob(pattern) if p.is_file()]
-
-
-def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path) -> list[str]:
-    """What the planner pruned or decided for a stage, in words."""
+def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path,
+                captures: list[ModelCapture] | None = None) -> list[str]:
+    """What the planner pruned or decided for a stage, in words (``captures``: the plan's, with fused heads)."""
     notes = [f"stage '{st.name}': teacher '{t}' is not read by any term and is not loaded"
              for t in graph.unused_teachers(st)]
-    for cap in graph.captures(st):
+    for cap in captures if captures is not None else graph.captures(st):
         if cap.model not in st.students:
             notes.append(f"stage '{st.name}': {describe_capture(cap, spec.models[cap.model])}")
     modules = graph.learned_modules(st)

@@ -43,6 +43,8 @@ def describe_capture(cap: ModelCapture, model: ModelSpec) -> str:
     runs = f"runs all {n} blocks" if cap.stop_after_layer is None else f"runs blocks 0..{cap.stop_after_layer} of {n}"
     head_name = "LM" if model.head.kind == "lm" else model.head.kind
     head = "head runs" if cap.needs_head else f"{head_name} head skipped"
+    if cap.fused_head:
+        head = f"{head_name} head fused into the loss (logits formed chunk by chunk, never materialised)"
     eager = f", eager attention in {_blocks(cap.eager_attention_layers)}" if cap.eager_attention_layers else ""
     return f"{model.role} '{model.name}' {runs}, {head}{eager}"
 

@@ -21,8 +21,9 @@ What one rank holds while training one micro-batch of a stage:
   CPU, attention dropout makes sdpa fall back to its fp32 math path (s^2 terms again) and dropout masks are
   stored in the activation dtype (GPUs store them as 1-byte bools). Activation checkpointing keeps one block
   input per block and recomputes one block at a time.
-- logits and loss (``logits_items``): ``b*s*V`` in the model dtype, the loss kernels' fp32 copies and
-  (log-)softmax outputs, and the two fp32 gradients the backward of the loss creates.
+- logits and loss (``student_logits``): ``b*s*V`` in the model dtype (none with a fused head), and per loss
+  kernel its measured bytes: a chunked kernel's logit gradient (model dtype) and chunk-sized fp32 temporaries,
+  a fused head's hidden-state and head-weight gradients (docs/cost-model.md, bench/loss_memory.py).
 - ZeRO communication buckets and a fixed runtime overhead: the catalog's ``Device.context`` but at least
   ``RUNTIME_OVERHEAD_GPU`` = 1 GiB on GPUs (CUDA context ~0.5 GiB, cuBLAS workspaces, NCCL buffers, allocator
   slack) and ``RUNTIME_OVERHEAD_CPU`` = 512 MiB on CPU (torch + DeepSpeed + transformers process, gloo).
@@ -38,7 +39,8 @@ import math
 from dataclasses import dataclass, field
 
 from gkdlang.arch import ArchInfo
-from gkdlang.spec import ModelSpec, OpNode, StageSpec
+from gkdlang.builtins import DTYPE_BYTES
+from gkdlang.spec import ModelSpec, OpNode, Project, StageSpec
 from planner.graph import numel, signal_shape
 from planner.hardware import Device
 from planner.params import ParamCounts
@@ -46,7 +48,6 @@ from planner.plan import MemoryItem, ModelCapture, Placement, RankMemory
 
 GiB = 2**30
 MiB = 2**20
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 #: CUDA context (~500 MiB on Hopper), cuBLAS/cuDNN workspaces, NCCL channel buffers and caching-allocator slack.
 RUNTIME_OVERHEAD_GPU = 1 * GiB
@@ -94,6 +95,10 @@ class StageModels:
     """Sorted token counts of unpacked documents, clipped to seq_len (``planner.tokens``); empty: every
     sequence fills seq_len (packed data, or lengths unknown at plan time). Memory always plans for full
     sequences (a micro-batch may hold one); the step time uses the expected padded width."""
+    logit_losses: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Model -> kernels of the terms reading its logits (``SignalGraph.logit_losses``): their memory per kernel."""
+    fusable: frozenset[str] = frozenset()
+    """Models whose heads the loss can fuse (``SignalGraph.fusable_heads``); ``fused_head`` says when it does."""
     memo: dict = field(default_factory=dict, init=False, compare=False, repr=False, hash=False)
     """Item lists shared by the placements of one search (each depends on a few placement fields only)."""
 
@@ -123,9 +128,8 @@ def learned_params(stage: StageSpec) -> int:
 
     def walk(node) -> None:
         if isinstance(node, OpNode):
-            d_in, d_out = node.params.get("in"), node.params.get("out")
-            if node.module is not None and isinstance(d_in, int) and isinstance(d_out, int):
-                modules[node.module] = d_in * d_out + d_out
+            if isinstance(node, Project) and node.module is not None and node.dim_out is not None:
+                modules[node.module] = node.param_count()
             for child in node.inputs:
                 walk(child)
 
@@ -360,24 +364,76 @@ def head_width(model: ModelSpec) -> int:
     return model.arch.vocab_size if model.head.kind == "lm" else (model.head.num_labels or 2)
 
 
-def student_logits(model: ModelSpec, micro: int, seq: int, d: int, needs_head: bool) -> list[MemoryItem]:
-    """LM logits in the model dtype, the loss's fp32 saved log-probs and the backward's two fp32 gradients."""
+#: fp32 elements of one chunk operand of the row-chunked logit kernels (runtime.chunked.CHUNK_ELEMENTS; a test
+#: keeps the two equal): a chunk holds CHUNK_ELEMENTS // V rows.
+CHUNK_ELEMENTS = 1 << 21
+#: Chunk-sized fp32 tensors alive at the peak of each chunked kernel, measured (profiler, fp32 and bf16, exact
+#: to 0.01 operand; docs/cost-model.md): the kernel's peak minus its gradient buffer, in chunk operands.
+#: ``kl`` (either direction) 4, ``soft_ce`` 4, ``jsd`` / ``gjsd`` 5, ``ce`` 1.
+CHUNK_OPERANDS = {"kl": 4, "soft_ce": 4, "jsd": 5, "gjsd": 5, "ce": 1}
+#: A fused head adds one chunk of logits in the model dtype (measured: +1.0 operand in fp32, +0.5 in bf16); a
+#: fused teacher head adds nothing at the peak (its chunk is freed into the kernel's fp32 copy).
+FUSED_CHUNK_DTYPE_OPERANDS = 1
+#: Bytes per logit element of a loss kernel that is not chunked (a dense autograd kernel reading the logits,
+#: e.g. mse on logits): its fp32 log-softmax output and two fp32 gradients, as F.cross_entropy (measured 12 B).
+DENSE_LOSS_BYTES = 12
+
+
+def chunk_bytes(rows: int, width: int, losses: tuple[str, ...], fused: bool, d: int) -> int:
+    """The largest working set of the chunked kernels among ``losses`` (terms run one after another)."""
+    chunk = min(rows, max(1, CHUNK_ELEMENTS // max(1, width))) * width
+    extra = FUSED_CHUNK_DTYPE_OPERANDS * chunk * d if fused else 0
+    return max((CHUNK_OPERANDS[f] * chunk * 4 + extra for f in losses if f in CHUNK_OPERANDS), default=0)
+
+
+def student_logits(model: ModelSpec, micro: int, seq: int, d: int, needs_head: bool,
+                   losses: tuple[str, ...] = (), fused: bool = False) -> list[MemoryItem]:
+    """Logits and logit-loss memory of one trained model, per kernel (docs/cost-model.md, bench/loss_memory.py).
+
+    ``losses``: the kernels of the terms reading these logits. A chunked kernel writes the logits' gradient
+    (model dtype) in its forward and keeps chunk-sized fp32 temporaries; a fused head (``fused``) has no logits
+    and no logit gradient, but per term the gradients of the hidden states (model dtype) and of the head
+    weight (fp32). Other kernels reading the logits cost ``DENSE_LOSS_BYTES`` per element.
+    """
     if not needs_head:
         return []
-    n = micro * (seq if model.head.kind == "lm" else 1) * head_width(model)
-    return [MemoryItem(name="logits.student", bytes=n * d, note="b*s*V model output"),
-            MemoryItem(name="loss.saved", bytes=n * 4, note="fp32 log-softmax output (the fp32 copy is freed)"),
-            MemoryItem(name="loss.backward", bytes=2 * n * 4, note="fp32 grads of log-probs and logits")]
+    rows = micro * (seq if model.head.kind == "lm" else 1)
+    width = head_width(model)
+    n = rows * width
+    chunked = [f for f in losses if f in CHUNK_OPERANDS]
+    dense = len(losses) - len(chunked) if losses else 1
+    items = []
+    if fused:
+        h = model.arch.hidden_size
+        items.append(MemoryItem(name="loss.head_grads", bytes=len(chunked) * (rows * h * d + width * h * 4),
+                                note=f"{len(chunked)} term(s): hidden-state grads ({d} B) + fp32 head-weight grads; "
+                                     "logits never materialised"))
+    else:
+        items.append(MemoryItem(name="logits.student", bytes=n * d, note="b*s*V model output"))
+        if chunked:
+            items.append(MemoryItem(name="loss.grad", bytes=len(chunked) * n * d,
+                                    note=f"logit gradient ({d} B/element) written by {len(chunked)} chunked term(s)"))
+    if chunked:
+        items.append(MemoryItem(name="loss.chunks", bytes=chunk_bytes(rows, width, tuple(chunked), fused, d),
+                                note=f"fp32 chunk temporaries of {', '.join(sorted(set(chunked)))}"))
+    if dense:
+        items += [MemoryItem(name="loss.saved", bytes=dense * n * 4,
+                             note=f"{dense} unchunked term(s): fp32 log-softmax output"),
+                  MemoryItem(name="loss.backward", bytes=dense * n * (DENSE_LOSS_BYTES - 4),
+                             note="fp32 grads of log-probs and logits")]
+    return items
 
 
 # ---------------------------------------------------------------- teachers
 
 
-def teacher_signal_bytes(model: ModelSpec, cap: ModelCapture, micro: int, seq: int) -> int:
-    """Captured signals of one teacher for a micro-batch, in its dtype (alive until the loss)."""
+def teacher_signal_bytes(model: ModelSpec, cap: ModelCapture, micro: int, seq: int, fused: bool = False) -> int:
+    """Captured signals of one teacher for a micro-batch, in its dtype (alive until the loss); a fused head keeps
+    the final hidden states in place of the logits."""
     d = DTYPE_BYTES[model.dtype]
-    return sum(numel(signal_shape(model, p.kind), micro, seq) * d for p in cap.points
-               if p.kind not in ("labels", "tokens"))
+    shape = lambda kind: ("b", "s", model.arch.hidden_size) if fused and kind == "logits" else \
+        signal_shape(model, kind)  # noqa: E731
+    return sum(numel(shape(p.kind), micro, seq) * d for p in cap.points if p.kind not in ("labels", "tokens"))
 
 
 def teacher_forward_peak(model: ModelSpec, counts: ParamCounts, cap: ModelCapture, micro: int, seq: int) -> int:
@@ -554,15 +610,19 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
         fixed += on_rank
         cpu += node_cpu
         if strategy != "separate":
-            signals.append(_memo(models, ("signals", m.name, strategy, p.micro_batch), lambda: MemoryItem(
-                name=f"signals.teacher:{m.name}", bytes=_signal_bytes(m, cap, strategy, p.micro_batch, models.seq_len),
-                note="read from the cache (top-k logits)" if strategy == "offline" else "")))
+            fused_t = fused_head(models, m.name, p)
+            signals.append(_memo(models, ("signals", m.name, strategy, p.micro_batch, fused_t), lambda: MemoryItem(
+                name=f"signals.teacher:{m.name}",
+                bytes=_signal_bytes(m, cap, strategy, p.micro_batch, models.seq_len, fused_t),
+                note="read from the cache (top-k logits)" if strategy == "offline" else
+                "final hidden states instead of logits (fused head)" if fused_t else "")))
             if strategy != "offline":
                 teacher_fwd.append(_memo(models, ("teacher.forward", m.name, p.micro_batch), lambda: MemoryItem(
                     name=f"teacher:{m.name}.forward",
                     bytes=teacher_forward_peak(m, c, cap, p.micro_batch, models.seq_len))))
     fixed += bucket_items(p.zero_stage, zero_buckets(), p.precision, cluster.world, models.trainable)
-    train = _memo(models, ("train", *where, p.micro_batch, p.activation_checkpointing, p.precision),
+    fused = tuple(sorted(n for n in models.fusable if fused_head(models, n, p)))
+    train = _memo(models, ("train", *where, p.micro_batch, p.activation_checkpointing, p.precision, fused),
                   lambda: _student_training_items(models, cluster.device, p))
     # phase 1: teachers run (their temporaries + signals); phase 2: student loss and backward
     phase1 = sum(i.bytes for i in signals) + max((i.bytes for i in teacher_fwd), default=0)
@@ -578,12 +638,12 @@ def _teacher_rank_items(model: ModelSpec, counts: ParamCounts, cap: ModelCapture
     return on_rank, [_per_rank(i, cluster.gpus_per_node) for i in node_cpu]
 
 
-def _signal_bytes(model: ModelSpec, cap: ModelCapture, strategy: str, micro: int, seq: int) -> int:
+def _signal_bytes(model: ModelSpec, cap: ModelCapture, strategy: str, micro: int, seq: int, fused: bool = False) -> int:
     if strategy == "offline":
         from planner.offline import loaded_bytes  # offline imports nothing from here, but keeps it lazy
 
         return loaded_bytes(model, cap, micro, seq)
-    return teacher_signal_bytes(model, cap, micro, seq)
+    return teacher_signal_bytes(model, cap, micro, seq, fused)
 
 
 def _student_training_items(models: StageModels, device: Device, p: Placement) -> list[MemoryItem]:
@@ -591,18 +651,39 @@ def _student_training_items(models: StageModels, device: Device, p: Placement) -
     d = DTYPE_BYTES[p.precision]
     for m, _, cap in models.students:
         items += student_items(m, cap, p.micro_batch, models.seq_len, d, device, p.activation_checkpointing,
-                               suffix="" if len(models.students) == 1 else f":{m.name}")
+                               suffix="" if len(models.students) == 1 else f":{m.name}",
+                               losses=models.logit_losses.get(m.name, ()), fused=fused_head(models, m.name, p))
     return items
 
 
+def fused_head(models: StageModels, name: str, p: Placement) -> bool:
+    """Whether the placement lets the runtime fuse the head of a model whose logits only chunked losses read: a
+    student's head weight must be whole on the rank (ZeRO < 3), a teacher replicated (not partitioned, offloaded,
+    elsewhere or cached)."""
+    if name not in models.fusable:
+        return False
+    if any(m.name == name for m, _, _ in models.students):
+        return p.zero_stage < 3
+    return p.teacher_strategy.get(name, "replicated") == "replicated"
+
+
 def student_items(model: ModelSpec, cap: ModelCapture, micro: int, seq: int, d: int, device: Device,
-                  checkpointing: bool, suffix: str = "") -> list[MemoryItem]:
-    """Activations, logits and loss temporaries of one trained model for one micro-batch."""
-    logits = student_logits(model, micro, seq, d, cap.needs_head or not cap.points)
-    loss = sum(i.bytes for i in logits if i.name.startswith("loss."))
+                  checkpointing: bool, suffix: str = "", losses: tuple[str, ...] = (),
+                  fused: bool = False) -> list[MemoryItem]:
+    """Activations, logits and loss temporaries of one trained model for one micro-batch (``losses``: kernels of
+    the terms reading its logits; ``fused``: its head is fused into them)."""
+    logits = student_logits(model, micro, seq, d, cap.needs_head or not cap.points, losses, fused)
+    loss = sum(i.bytes for i in logits if i.name.startswith("loss.") and i.name != "loss.head_grads")
     acts = student_activations(model.arch, micro, seq, act_shape(model.arch, d, device), checkpointing=checkpointing,
                                eager_layers=cap.eager_attention_layers, loss_bytes=loss)
-    return [i.model_copy(update={"name": i.name + suffix}) for i in [*acts, *logits]]
+    # the backward ends with the dense gradient of the token embeddings (V x h, before it is accumulated), when
+    # every activation and loss tensor is freed: it sets the peak of a step whose saved tensors are smaller
+    emb = model.arch.vocab_size * model.arch.hidden_size * d
+    freed = sum(i.bytes for i in [*acts, *logits])
+    tail = [MemoryItem(name="activations.embedding_grad", bytes=emb - freed,
+                       note="embedding gradient at the end of backward, beyond the freed activations")] \
+        if emb > freed else []
+    return [i.model_copy(update={"name": i.name + suffix}) for i in [*acts, *logits, *tail]]
 
 
 def _per_rank(item: MemoryItem, gpus_per_node: int) -> MemoryItem:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gkdlang.spec import Spec
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 
 
 class Frozen(BaseModel):
@@ -38,6 +38,9 @@ class ModelCapture(Frozen):
     """Whether the LM / task head must run (logits needed)."""
     eager_attention_layers: list[int] = Field(default_factory=list)
     """Blocks that must materialise attention probabilities (no fused kernel)."""
+    fused_head: bool = False
+    """The model's logits are never materialised: only chunked logit losses read them, so they take its final
+    hidden states and output layer and form logits one chunk of rows at a time (runtime/chunked.py)."""
 
 
 class MemoryItem(Frozen):

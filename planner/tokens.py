@@ -83,7 +83,7 @@ def _sequence_level(node) -> str | None:
         return node.kind if node.kind in SEQUENCE_SIGNALS else None
     if isinstance(node, OpNode):
         if node.op in SEQUENCE_OPS:
-            how = node.params.get("how")
+            how = getattr(node, "how", None)  # Pool's typed field
             return f"{node.op}(..., {how})" if how else f"{node.op}(...)"
         return next((found for child in node.inputs if (found := _sequence_level(child))), None)
     return None
@@ -140,7 +140,7 @@ def document_lengths(spec: Spec, stage: StageSpec, spec_dir: Path) -> Lengths | 
 
 
 def _documents(data: DataSpec, spec_dir: Path) -> list[str]:
-    from planner.build import MAX_COUNTED_BYTES, _glob
+    from planner.datasize import MAX_COUNTED_BYTES, _glob
 
     files = sorted({f for pattern in data.paths for f in _glob(pattern, spec_dir)})
     if not files or sum(f.stat().st_size for f in files) > MAX_COUNTED_BYTES:

@@ -14,7 +14,6 @@ never reads a half-written one. Older tags are deleted only after the newer reco
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from runtime.errors import RunError
+from runtime.files import atomic_path, atomic_write
 
 PROGRESS_FILE = "progress.json"
 
@@ -55,20 +55,11 @@ def step_tag(stage: int, step: int) -> str:
     return f"stage{stage}-step{step:08d}"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_progress(out_dir: Path, progress: Progress) -> None:
     """Rank 0: record ``progress`` as the last complete checkpoint."""
     path = checkpoint_dir(out_dir) / PROGRESS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, json.dumps(asdict(progress), indent=1).encode())
+    atomic_write(path, json.dumps(asdict(progress), indent=1), fsync=True)
 
 
 def read_progress(out_dir: Path) -> Progress | None:
@@ -105,9 +96,8 @@ def write_rank_state(out_dir: Path, tag: str, rank: int, sampler_state: dict[str
     """Every rank: its RNG and sampler state beside the engine checkpoint ``tag``."""
     path = checkpoint_dir(out_dir) / tag / f"rng-rank{rank}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"rng": rng_state(), "sampler": sampler_state}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"rng": rng_state(), "sampler": sampler_state}, tmp)
 
 
 def read_rank_state(out_dir: Path, tag: str, rank: int) -> dict[str, Any]:
@@ -128,10 +118,9 @@ def write_stage_weights(out_dir: Path, stage: int, state: dict[str, torch.Tensor
 
     path = stage_weights_path(out_dir, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # tied weights share storage; safetensors refuses shared tensors, so store independent copies
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        # tied weights share storage; safetensors refuses shared tensors, so store independent copies
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp))
     return path
 
 

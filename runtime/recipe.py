@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,12 +31,11 @@ from runtime.adapters import capture
 from runtime.errors import RunError
 from runtime.lossgraph import LossGraph
 from runtime.metrics import METRICS_FILE, MetricsLogger
+from runtime.stagekit import SEED, pruned as _pruned, seed_everything as _seed_everything  # noqa: F401 (SEED: used by callers)
 
 DEFAULT_SAVE_EVERY = 500
 """Optimizer steps between checkpoints when a stage gives no ``save_every`` (stage ends always save)."""
 
-SEED = 1234
-"""Base seed: model init, data order and random gates are functions of it and the stage index."""
 
 
 @dataclass(frozen=True)
@@ -639,8 +636,8 @@ def check_plan(plan: Plan, plan_path: Path) -> Path:
 
 
 def spec_digest(text: str, uses: list[str]) -> str:
-    """The front end's spec hash (gkdlang.lower.spec_hash): one definition, so the two can never drift."""
-    from gkdlang.lower import spec_hash
+    """The front end's spec hash (gkdlang.digest.spec_hash): one definition, so the two can never drift."""
+    from gkdlang.digest import spec_hash
 
     return spec_hash(text, uses)
 
@@ -673,15 +670,6 @@ def _single_student(stage: StageSpec) -> str:
     return stage.students[0]
 
 
-def _pruned(module: nn.Module, capture: ModelCapture) -> nn.Module:
-    """A teacher without the blocks and head its planned forward never runs (before any engine partitions it)."""
-    from runtime.adapters import adapter_for
-
-    if capture.stop_after_layer is not None and not capture.needs_head:
-        adapter_for(module).prune(module, capture.stop_after_layer + 1, drop_head=True)
-    return module
-
-
 def _capture_of(captures: Mapping[str, ModelCapture], name: str, stage: StageSpec) -> ModelCapture:
     if name not in captures:
         raise RunError(f"stage '{stage.name}': the plan lists no signals to capture for model '{name}'; re-run `gkdc plan`")
@@ -695,12 +683,6 @@ def _quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _check_finite(env: "_RunEnv", stage: str, step: int, loss: torch.Tensor, parts: Mapping[str, float]) -> None:

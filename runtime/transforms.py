@@ -9,7 +9,6 @@ bool with True = real token. Transforms keep the input dtype; the losses accumul
 
 from __future__ import annotations
 
-import difflib
 import math
 import random
 from typing import Callable, Sequence
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gkdlang.diagnostics import closest
 from runtime.errors import RunError
 
 
@@ -228,7 +228,7 @@ TRANSFORMS: dict[str, Callable[..., Tensor]] = {
 def get_transform(name: str) -> Callable[..., Tensor]:
     """The transform registered as ``name``, or a RunError naming the closest known one."""
     if name not in TRANSFORMS:
-        close = difflib.get_close_matches(name, [*TRANSFORMS, "project"], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        close = closest(name, [*TRANSFORMS, "project"])
+        hint = f"; did you mean {close!r}?" if close else ""
         raise RunError(f"unknown transform {name!r}{hint} (known: project, {', '.join(sorted(TRANSFORMS))})")
     return TRANSFORMS[name]

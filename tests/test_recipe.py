@@ -22,7 +22,7 @@ from gkdlang.spec import (
     LossTerm,
     LRScheduleSpec,
     ModelSpec,
-    OpNode,
+    Project,
     OptimizerSpec,
     Schedule,
     SignalNode,
@@ -84,7 +84,7 @@ def _capture(model: str, points: list[tuple[str, int | None]]) -> ModelCapture:
 
 def distill_terms(weight: Schedule | None = None) -> list[LossTerm]:
     """KL on logits (T=2, not pad) + MSE of the projected last hidden state."""
-    proj = OpNode(op="project", inputs=[_sig("s", "hidden", 1)], params={"in": 16, "out": 32}, module="fit_dense")
+    proj = Project(inputs=[_sig("s", "hidden", 1)], dim_in=16, dim_out=32, module="fit_dense")
     return [
         LossTerm(id="kd/kl[logits]", fn="kl", target=_sig("t", "logits"), pred=_sig("s", "logits"), mask="not pad",
                  options={"T": 2.0}, weight=weight or Schedule(value=1.0), span=SPAN),
@@ -310,7 +310,9 @@ def test_worker_reports_user_errors_without_traceback(tmp_path, capsys):
 
     assert main([str(tmp_path / "missing.json"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == f"error: plan file {tmp_path / 'missing.json'} does not exist"
-    (tmp_path / "bad.json").write_text('{"plan_schema_version": 1}')
+    from planner.plan import PLAN_SCHEMA_VERSION
+
+    (tmp_path / "bad.json").write_text(f'{{"plan_schema_version": {PLAN_SCHEMA_VERSION}}}')
     assert main([str(tmp_path / "bad.json"), str(tmp_path / "out"), "--local_rank=0"]) == 2
     assert "is not a valid gkdc plan" in capsys.readouterr().err
 

@@ -13,8 +13,10 @@ from gkdlang.diagnostics import did_you_mean
 from gkdlang.parser import ParseError, parse
 from gkdlang.spec import CacheSpec, ClusterSpec, DataSpec, HeadSpec, InitSpec, ModelSpec, Span, StageSpec, VocabSpec
 from gkdlang.values import ItemSet, NumVal
-from gkdlang.lower.context import Lowerer, MethodDef, STDLIB, Scope, Skip
+from gkdlang.digest import STDLIB
+from gkdlang.lower.context import Lowerer, MethodDef, Scope, Skip
 from gkdlang.lower.readers import (
+    not_executed,
     check_arity,
     read_block,
     read_bool,
@@ -271,6 +273,7 @@ def lower_data(lw: Lowerer, decl: ast.DataDecl) -> None:
         fields["seq_len"] = read_int(lw, opts["seq_len"], "seq_len", minimum=1)
     if "split" in opts:
         fields["split"] = read_fraction(lw, opts["split"], "split")
+        not_executed(lw, opts, "data")
     if "packing" in opts:
         fields["packing"] = read_bool(lw, opts["packing"], "packing")
     for pattern in paths:

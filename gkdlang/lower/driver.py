@@ -8,7 +8,6 @@ checks. A construct that fails is reported and skipped (``Skip``), so checking g
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pydantic
 
 from gkdlang import ast
 from gkdlang.diagnostics import Collector, Diagnostic
-from gkdlang.lower.context import STDLIB, Lowerer, MethodDef
+from gkdlang.digest import spec_hash
+from gkdlang.lower.context import Lowerer, MethodDef
 from gkdlang.lower.declarations import (
     check_duplicates,
     final_checks,
@@ -70,19 +70,6 @@ def check_source(text: str, file: str = "<input>", *, base_dir: str | Path | Non
     lw = Lowerer(module, text, file, Path(base_dir or "."), diags, sources, EXPRESSIONS)
     spec = lower_module(lw)
     return CheckResult(spec if not diags.has_errors() else None, diags.sorted(), sources, module)
-
-
-def spec_hash(text: str, uses: list[str]) -> str:
-    """sha256 of the spec text and of every ``use``d library (a library edit changes the plan too).
-
-    ``gkdc run`` recomputes it to refuse a plan whose spec changed since planning.
-    """
-    h = hashlib.sha256(text.encode())
-    for name in sorted(uses):
-        h.update(b"\0" + name.encode() + b"\0")
-        library = STDLIB / (name.replace(".", "/") + ".gkd")
-        h.update(library.read_bytes() if library.exists() else b"")  # a deleted library reads as "changed"
-    return h.hexdigest()
 
 
 def lower_module(lw: Lowerer) -> Spec | None:

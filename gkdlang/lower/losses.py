@@ -8,7 +8,7 @@ from typing import Any
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import OpNode
+from gkdlang.spec import SelectVocab
 from gkdlang.values import Item, ItemSet, LayerMap, Objective, PerModel, Symbol, Term
 from gkdlang.lower.context import Lowerer, Scope, describe, feat_group, fill_projection, fmt_number, vocab_label
 from gkdlang.lower.readers import items_of, read_kwargs, read_option, vocab_space
@@ -197,7 +197,7 @@ def auto_select(lw: Lowerer, t: Item, p: Item, e: ast.Call, rel) -> Item:
     if vocab.startswith("vocab:"):
         spec = lw.vocabs[vocab[len("vocab:"):]]
         if vocab_space(lw, spec.source) == t.feat.vocab:
-            node = OpNode(op="select_vocab", inputs=[t.node], params={"vocab": spec.name})
+            node = SelectVocab(inputs=[t.node], vocab=spec.name)
             return replace(t, node=node, feat=replace(t.feat, vocab=vocab))
     raise lw.err("vocab-mismatch", e.span, f"logits over different vocabularies ({vocab_label(t.feat.vocab)} "
                  f"vs {vocab_label(p.feat.vocab)})", "distill between models sharing a tokenizer, or declare "

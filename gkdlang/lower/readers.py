@@ -287,3 +287,11 @@ def read_data_name(lw: Lowerer, expr: ast.Expr) -> str:
         raise Skip()
     name = expr.id if isinstance(expr, ast.Name) else "?"
     raise lw.unknown("unknown-data", expr.span, name, lw.data)
+
+
+def not_executed(lw: Lowerer, opts: dict[str, ast.Expr], what: str) -> None:
+    """Warn about accepted keys the runtime does not execute yet (builtins.NOT_EXECUTED)."""
+    for key, missing in B.NOT_EXECUTED.items():
+        if key in opts:
+            lw.d.report("not-executed", opts[key].span, f"{what} key '{key}' is checked but not executed yet: {missing}",
+                        "remove it to silence this warning")

@@ -7,7 +7,7 @@ from typing import Any
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import Intervention, LossTerm, LRScheduleSpec, OptimizerSpec, StageSpec
+from gkdlang.spec import Intervention, LossTerm, Weigh, LRScheduleSpec, OptimizerSpec, StageSpec
 from gkdlang.values import Objective, Symbol
 from gkdlang.lower.context import Lowerer, Scope, Skip, describe, kind_of, node_models
 from gkdlang.lower.placement import PinDraft, merge_stage_fields, stage_draft, stage_pin
@@ -19,6 +19,7 @@ from gkdlang.lower.readers import (
     read_fraction,
     read_int,
     read_kwargs,
+    not_executed,
     read_num,
 )
 
@@ -73,6 +74,7 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl, pins: dict[str | None, PinDraf
             lw.err("missing-option", decl.options.span, f"stage '{decl.name.name}' needs '{key}'")
     data = lw.guard(read_data_name, lw, opts["data"]) if "data" in opts else None
     fields: dict[str, Any] = lw.guard(lower_duration, lw, decl, opts) or {}
+    not_executed(lw, opts, "stage")
     for key in ("batch", "micro_batch", "seq_len", "eval_every", "save_every"):
         if key in opts:
             value = lw.guard(read_int, lw, opts[key], key, 1)
@@ -221,13 +223,12 @@ def check_perturb(lw: Lowerer, iv: Intervention, opts, fields, ranks: int, batch
     return {"grad_accum_allowed": False}
 
 
-def check_weigh(lw: Lowerer, iv: Intervention, opts, fields, ranks: int, batch: int, data: str) -> None:
-    params = iv.params
-    if params.get("needs_labels") and data in lw.data and lw.data[data].label is None:
+def check_weigh(lw: Lowerer, iv: Weigh, opts, fields, ranks: int, batch: int, data: str) -> None:
+    if iv.needs_labels and data in lw.data and lw.data[data].label is None:
         raise lw.err("no-labels", iv.span, f"weigh(by: teacher_ce) needs labels but data '{data}' has none",
                      "add `label: <column>` to the data block")
-    n = len(params["units"])
-    if not params.get("hard"):
+    n = len(iv.units)
+    if not iv.hard:
         return
     micro = fields.get("micro_batch")
     per_rank = micro if micro is not None else batch // max(ranks, 1)
@@ -245,6 +246,9 @@ def lower_optimizer(lw: Lowerer, expr: ast.Expr) -> OptimizerSpec:
     if not (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name)):
         raise lw.err("type-mismatch", expr.span, "optimizer is adamw(lr: ..., betas: (..), weight_decay: ..)")
     name = expr.func.id
+    if name == "lamb":  # GKD's optimizer: refused rather than silently trained with another
+        raise lw.err("unknown-function", expr.func.span, "optimizer 'lamb' is not implemented by gkdc's runtime",
+                     f"optimizers: {', '.join(B.OPTIMIZERS)} (adamw with a larger lr is the usual stand-in)")
     if name not in B.OPTIMIZERS:
         raise lw.err("unknown-function", expr.func.span, f"unknown optimizer '{name}'",
                      did_you_mean(name, B.OPTIMIZERS) or f"optimizers: {', '.join(B.OPTIMIZERS)}")

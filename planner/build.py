@@ -338,7 +338,7 @@ def _packed_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str]:
     if blocks is None:
         return -1, (f"stage '{st.name}': {st.epochs:g} epochs of packed '{data.name}'; its blocks are known only "
                     f"after tokenisation, so total_steps is -1 and the runtime counts it")
-    train = blocks - round(blocks * (data.split or 0.0))
+    train = blocks  # data `split` is not executed yet (warning not-executed): the run trains on every block
     steps = max(1, math.ceil(st.epochs * train / st.batch))
     return steps, (f"stage '{st.name}': {steps} steps = ceil({st.epochs:g} epochs x {train} packed blocks of "
                    f"{seq} tokens of '{data.name}' / batch {st.batch})")

@@ -79,8 +79,8 @@ class Shortfall:
     def describe(self) -> str:
         where = {"gpu": f"GPU memory of rank {self.rank}", "nvme": "NVMe per node",
                  "host": "host memory per node" if self.scope == "node" else f"host memory of rank {self.rank}"}
-        margin = f" (limit {_gb(self.limit)} with a {SAFETY_MARGIN:.0%} margin)" if self.limit < self.capacity else ""
-        return f"{where[self.resource]}: needs {_gb(self.need)} of {_gb(self.capacity)} {self.what}{margin}"
+        margin = f"; limit {_gb(self.limit)} with a {SAFETY_MARGIN:.0%} margin" if self.limit < self.capacity else ""
+        return f"{where[self.resource]}: needs {_gb(self.need)} of {_gb(self.capacity)} ({self.what}{margin})"
 
 
 @dataclass(frozen=True)
@@ -286,21 +286,21 @@ def shortfall(memory: list[RankMemory], cluster: ClusterShape, host_node: int,
         worst = worst.model_copy(update={"total_gpu": host_rank})
     if worst.total_gpu > limit:
         if not dev.is_cpu:
-            return Shortfall("gpu", "rank", worst.rank, worst.total_gpu, dev.memory, limit, f"({dev.name})")
+            return Shortfall("gpu", "rank", worst.rank, worst.total_gpu, dev.memory, limit, dev.name)
         if cluster.cpu_per_node is None:
             return Shortfall("host", "rank", worst.rank, worst.total_gpu, dev.memory, limit,
-                             "(one CPU rank's memory; no cpu_memory given)")
+                             "one CPU rank's memory, no cpu_memory given")
         gpn = cluster.gpus_per_node
         return Shortfall("host", "node", worst.rank, worst.total_gpu * gpn, dev.memory * gpn, limit * gpn,
-                         f"(cpu_memory, {gpn} rank{'s' * (gpn > 1)} x {_gb(worst.total_gpu)})")
+                         f"cpu_memory, {gpn} rank{'s' * (gpn > 1)} x {_gb(worst.total_gpu)}")
     if cluster.cpu_per_node is not None and not dev.is_cpu and host_node > cluster.cpu_per_node:
         gpn = cluster.gpus_per_node
         return Shortfall("host", "node", worst.rank, host_node, cluster.cpu_per_node, cluster.cpu_per_node,
-                         f"(cpu_memory, {gpn} rank{'s' * (gpn > 1)} x {_gb(host_node // gpn)})")
+                         f"cpu_memory, {gpn} rank{'s' * (gpn > 1)} x {_gb(host_node // gpn)}")
     if cluster.nvme_per_node is not None:
         nvme = sum(i.bytes for r in memory[:1] for i in r.items if i.device == "nvme") * cluster.gpus_per_node
         if nvme > cluster.nvme_per_node:
-            return Shortfall("nvme", "node", 0, nvme, cluster.nvme_per_node, cluster.nvme_per_node, "(cluster.nvme)")
+            return Shortfall("nvme", "node", 0, nvme, cluster.nvme_per_node, cluster.nvme_per_node, "cluster.nvme")
     return None
 
 

@@ -78,7 +78,7 @@ def test_a_pinned_teacher_that_does_not_fit_is_a_located_error_naming_gpu_memory
     assert isinstance(result, PlanFailure)
     (diag,) = result.diagnostics
     assert diag.code == "pin-does-not-fit" and diag.span == PIN_SPAN
-    assert "GPU memory of rank 0: needs" in diag.message and "(A100-40GB)" in diag.message
+    assert "GPU memory of rank 0: needs" in diag.message and "(A100-40GB; limit" in diag.message
     assert "teacher:t.weights" in diag.message  # the per-rank breakdown
     assert diag.hint.startswith("unpinned, the planner picks ZeRO-") and "which fits" in diag.hint
     assert diag.related and diag.related[0][0] == KEY_SPAN
@@ -132,7 +132,7 @@ def test_cpu_cluster_refusal_is_host_memory_per_node():
     result = _search(spec, stage, 2)
     assert result.shortfall.resource == "host" and result.shortfall.scope == "node"
     assert result.shortfall.capacity == 2**20
-    assert "(cpu_memory, 2 ranks x" in result.shortfall.describe()
+    assert "(cpu_memory, 2 ranks x" in result.shortfall.describe() and "; limit" in result.shortfall.describe()
     diag = _plan(spec).diagnostics[0]
     assert "host memory per node: needs" in diag.message and "rank 0 host:" in diag.message
     assert "cpu_memory of at least" in diag.hint

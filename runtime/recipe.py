@@ -763,11 +763,15 @@ def _check_finite(env: "_RunEnv", stage: str, step: int, loss: torch.Tensor, par
         return
     bad = next((k for k, v in parts.items() if not math.isfinite(v)), None)
     where = f"loss term '{bad}' is {parts[bad]}" if bad else "the loss is not finite on another rank"
-    last = ckpt.read_progress(env.out_dir)
-    kept = f"the last good checkpoint ({last.stage_name}:{last.step}) is kept" if last else "no checkpoint was written yet"
+    kept = _kept(env)
     raise RunError(f"stage '{stage}', step {step + 1}: {where}; stopped, {kept}. Fix the spec (a lower learning rate, "
                    "loss weight or temperature; the data), re-plan it and resume with --resume: the resume names "
                    "what changed")
+
+
+def _kept(env: "_RunEnv") -> str:
+    last = ckpt.read_progress(env.out_dir)
+    return f"the last good checkpoint ({last.stage_name}:{last.step}) is kept" if last else "no checkpoint was written yet"
 
 
 def _check_weights_finite(env: "_RunEnv", engine: Any, stage: str, step: int) -> None:
@@ -782,8 +786,7 @@ def _check_weights_finite(env: "_RunEnv", engine: Any, stage: str, step: int) ->
                 break
     if eng.all_true(finite):
         return
-    last = ckpt.read_progress(env.out_dir)
-    kept = f"the last good checkpoint ({last.stage_name}:{last.step}) is kept" if last else "no checkpoint was written yet"
+    kept = _kept(env)
     raise RunError(f"stage '{stage}', step {step}: the trained weights are not finite (the run diverged); this "
                    f"checkpoint was not written, {kept}. Lower the learning rate or the loss weights in the spec, "
                    "re-plan it and resume with --resume")

@@ -11,6 +11,11 @@ Inputs: random token soup over the language's tokens, and mutations of the shipp
 
 Budget: ``GKDC_FUZZ_EXAMPLES`` (default 150 per property in CI). The long run is ``bench/fuzz_long.py`` (the same
 inputs from ``random.Random``, two processes): 200,000 cases, 0 crashes, recorded at the end of this docstring.
+
+Long run, 2026-12-02, commit after "A plan's spec_file must be its own", ``python bench/fuzz_long.py 200000 2``
+under the heavy lock on the 2-core machine: 200,000 cases in 289 s (692/s), 0 crashes (0 distinct). Outcomes:
+valued 74,191 refused / 5,335 planned / 213 plan-refused; mutated 79,599 refused / 560 planned / 99
+plan-refused; soup 40,003 refused. (The first 4,000-case runs while writing the generator: 0 crashes too.)
 """
 
 from __future__ import annotations

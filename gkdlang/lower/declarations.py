@@ -186,7 +186,7 @@ def lower_model(lw: Lowerer, decl: ast.ModelDecl) -> None:
     dtype = read_symbol(lw, opts["dtype"], "dtype", B.DTYPES) if "dtype" in opts else "bf16"
     init = lower_init(lw, opts.get("init"), role, base)
     head = lower_head(lw, opts.get("head"))
-    if arch.family == "glm" and head.kind == "classify":  # planner/params.py has no count for it, nor transformers a class
+    if arch.family == "glm" and head.kind == "classify":  # no parameter count, no transformers class
         raise lw.err("bad-value", opts["head"].span, "GLM models have no sequence-classification head",
                      "use head: lm (cloze-style classification) or head: none")
     cache = lower_cache(lw, opts["cache"], name, role, arch) if "cache" in opts else None

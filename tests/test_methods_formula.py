@@ -266,7 +266,8 @@ def test_pd_and_takd(tdir):
     t, s = sig["bert"][("task_logits", None)], sig["small"][("task_logits", None)]
     close(total(spec, 0, sig, batch)[0], hard_ce(batch["tokens"], sig["lm"][("logits", None)]))
     close(total(spec, 1, sig, batch)[0], soft_ce(t, s))
-    close(total(spec, 2, sig, batch)[0], 0.5 * soft_ce(t, s, 10) + 0.5 * hard_ce(batch["labels"], s))
+    # TAKD as GKD's command runs it: KL x T^2 at T = 10 plus the hard loss, weights 1 and 1
+    close(total(spec, 2, sig, batch)[0], kl(t, s, 10) + hard_ce(batch["labels"], s))
 
 
 def test_tinybert(tdir):
@@ -578,8 +579,8 @@ def test_tmkd(tdir):
     close(total(spec, 0, sig, batch)[0], want + 0.5 * hard_ce(batch["labels"], s))
 
 
-def test_mt_bert_weighs_each_teacher_per_example_by_its_ce(tdir):
-    spec = stages(tdir, "use mt_bert\nstage a { data: sst2, steps: 4, loss: mt_bert([base, bert], small) }")
+def test_mt_bert_pkd_cls_weighs_each_teacher_per_example_by_its_ce(tdir):
+    spec = stages(tdir, "use mt_bert\nstage a { data: sst2, steps: 4, loss: mt_bert.pkd_cls([base, bert], small) }")
     sig, batch = make_inputs(spec)
     value, parts, graph, _ = total(spec, 0, sig, batch)
     s = sig["small"][("task_logits", None)]
@@ -607,7 +608,7 @@ def test_uncertainty_splits_the_batch_by_student_entropy(tdir):
     order = sorted(range(B), key=lambda i: float(ent[i]))
     teacher_of = {i: ("base" if rank < B // 2 else "bert") for rank, i in enumerate(order)}
     per = sum(kl(sig[teacher_of[i]][("task_logits", None)][i:i + 1], s[i:i + 1]) for i in range(B)) / B
-    close(total(spec, 0, sig, batch)[0], 0.5 * per + 0.5 * hard_ce(batch["labels"], s))
+    close(total(spec, 0, sig, batch)[0], 0.5 * per / 2 + 0.5 * hard_ce(batch["labels"], s))  # GKD: / n teachers
 
 
 def test_rl_kd_agent_weights_and_reinforce_loss(tdir):
@@ -638,7 +639,7 @@ def test_dgkd_drops_each_teacher_with_p_and_never_both(tdir):
                         "stage a { data: sst2, steps: 4, loss: dgkd([bert, mid], small, p: 25%) }")
     sig, batch = make_inputs(spec)
     s = sig["small"][("task_logits", None)]
-    sce = {m: 0.25 * soft_ce(sig[m][("task_logits", None)], s, 10) for m in ("bert", "mid")}
+    sce = {m: 0.5 * soft_ce(sig[m][("task_logits", None)], s, 10) for m in ("bert", "mid")}  # summed (GKD's)
     hard = 0.5 * hard_ce(batch["labels"], s)
     kept_counts = {"bert": 0, "mid": 0}
     steps = 400
@@ -814,15 +815,15 @@ def test_mt_bert_three_teachers(tdir):
         w = 1 / (1 + F.cross_entropy(t, batch["labels"], reduction="none"))
         want += (w * -(F.softmax(t, -1) * F.log_softmax(s, -1)).sum(-1)).mean()
     patience = [t for t in spec.stages[0].loss if t.fn == "mse"]
-    # PKD-skip per teacher: base (2 blocks) -> teacher block 0; bert, third (4 blocks) -> teacher block 1; student 0
-    assert sorted((t.target.inputs[0].inputs[0].inputs[0].model, t.target.inputs[0].inputs[0].inputs[0].layer)
-                  for t in patience) == [("base", 0), ("bert", 1), ("third", 1)]
-    assert len({t.target.inputs[0].module for t in patience}) == 3  # one projection per teacher
+    # GKD's PKD defaults under MT-BERT: map uniform over every student block, whole sequences, one projection
+    # per teacher shared by its blocks: base (2 blocks) -> 0, 1; bert, third (4 blocks) -> 1, 3
+    assert sorted((t.target.inputs[0].model, t.target.inputs[0].layer) for t in patience) == [
+        ("base", 0), ("base", 1), ("bert", 1), ("bert", 3), ("third", 1), ("third", 3)]
+    assert len({t.target.module for t in patience}) == 3  # one projection per teacher
     for term in patience:
-        leaf = term.target.inputs[0].inputs[0].inputs[0]
-        p = proj(graph, term.target.inputs[0].module)
-        want += ((F.normalize(p(cls(sig[leaf.model][("hidden", leaf.layer)])), dim=-1)
-                  - F.normalize(cls(sig["small"][("hidden", 0)]), dim=-1)) ** 2).mean()
+        leaf, j = term.target.inputs[0], term.pred.layer
+        p = proj(graph, term.target.module)
+        want += ((p(sig[leaf.model][("hidden", leaf.layer)]) - sig["small"][("hidden", j)]) ** 2).mean()
     close(value, want)
 
 
@@ -836,7 +837,7 @@ def test_uncertainty_three_teachers_split_the_batch(tdir):
     # four examples over three teachers (smallest first): slices of 2, 1 and 1 by ascending entropy
     teacher_of = {order[0]: "base", order[1]: "base", order[2]: "bert", order[3]: "third"}
     per = sum(kl(sig[teacher_of[i]][("task_logits", None)][i:i + 1], s[i:i + 1]) for i in range(B)) / B
-    close(total(spec, 0, sig, batch)[0], 0.5 * per + 0.5 * hard_ce(batch["labels"], s))
+    close(total(spec, 0, sig, batch)[0], 0.5 * per / 3 + 0.5 * hard_ce(batch["labels"], s))  # GKD: / n teachers
 
 
 def test_rl_kd_three_teachers(tdir):
@@ -871,7 +872,7 @@ def test_dgkd_three_teachers_each_dropped_on_its_own(tdir):
     assert [iv.models for iv in spec.stages[0].interventions] == [["bert"], ["mid"], ["third"]]
     sig, batch = make_inputs(spec)
     s = sig["small"][("task_logits", None)]
-    sce = {m: 0.5 / 3 * soft_ce(sig[m][("task_logits", None)], s, 10) for m in ("bert", "mid", "third")}
+    sce = {m: 0.5 * soft_ce(sig[m][("task_logits", None)], s, 10) for m in ("bert", "mid", "third")}
     hard = 0.5 * hard_ce(batch["labels"], s)
     kept_counts = dict.fromkeys(sce, 0)
     steps = 400

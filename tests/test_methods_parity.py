@@ -1,0 +1,492 @@
+"""Parity with GKD's own code: each method's loss equals a transcription of what GLMKD computes.
+
+The reference is GitHub aitsc/GLMKD at 8d6cf11 (2023-08-04), the code GKD's published runs come from, under
+the flags of the method's own command in ``distill/readme.md``. Each ``glmkd_*`` function below is a
+transcription written for this test from reading that code (file:line in its docstring; no GLMKD code is
+copied). GLMKD's helpers (``distill/custom_loss.py``) reduce every loss with a plain ``.mean()`` over all
+its elements, a padding mask multiplying the values first, so padded positions count in the denominator.
+
+GLMKD runs GLM (pre-LN): ``layernorm_output`` of block i is the normalised input of block i (i = 0: the
+embeddings) and ``output`` the final norm's output; on gkdc's (post-LN, Hugging Face) signals these are
+``embeddings``, ``hidden[i - 1]`` and ``hidden[-1]``. Every comparison runs on the same fixed tensors with
+padding (rows of 6, 5 and 4 real tokens out of 6) and without, to 1e-5 relative.
+
+A method gkdc cannot yet express as GLMKD computes it is a strict ``xfail``: the transcription is here, the
+test states the difference, and it starts failing (so the mark must go) the day the two agree.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_methods_formula import B, C, H, S, V, proj, stages, tdir, total  # noqa: F401 (tdir is a fixture)
+
+PADDED = torch.tensor([[1] * 6, [1] * 5 + [0], [1] * 4 + [0] * 2, [1] * 6], dtype=torch.bool)
+MASKS = {"padded": PADDED, "unpadded": torch.ones(B, S, dtype=torch.bool)}
+THREE = 'teacher third = hf("{tdir}/t4") {{ head: classify(3) }}\n'
+
+
+class Signals(dict):
+    """One model's signals, random (seeded) on first use, with the shape the model gives."""
+
+    def __init__(self, arch, seed: int, mask: torch.Tensor):
+        super().__init__()
+        self.arch, self.gen, self.mask = arch, torch.Generator().manual_seed(seed), mask
+
+    def __missing__(self, key):
+        kind, _ = key
+        h, heads = self.arch.hidden_size, self.arch.num_heads
+        shapes = {"logits": (B, S, V), "task_logits": (B, C), "embeddings": (B, S, h), "hidden": (B, S, h),
+                  "query": (B, S, h), "key": (B, S, h), "value": (B, S, h), "attn_scores": (B, heads, S, S),
+                  "attn_probs": (B, heads, S, S)}
+        x = torch.randn(shapes[kind], generator=self.gen)
+        if kind == "attn_probs":
+            x = F.softmax(x.masked_fill(~self.mask[:, None, None, :], -1e9), dim=-1)
+        self[key] = x
+        return x
+
+
+def inputs(spec, mask):
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, V, (B, S), generator=gen).masked_fill(torch.rand(B, S, generator=gen) < 0.5, -100)
+    tokens = tokens.masked_fill(~mask, -100)
+    tokens[:, 1] = 3
+    batch = {"attention_mask": mask.long(), "labels": torch.tensor([0, 2, 1, 2]), "tokens": tokens,
+             "special_mask": torch.zeros(B, S, dtype=torch.long), "input_ids": torch.ones(B, S, dtype=torch.long)}
+    sig = {name: Signals(m.arch, i + 11, mask) for i, (name, m) in enumerate(sorted(spec.models.items()))}
+    return sig, batch
+
+
+def close(got, want):
+    assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+
+
+both = pytest.mark.parametrize("pad", sorted(MASKS))
+
+# ---------------------------------------------------------------- GLMKD's reductions (distill/custom_loss.py)
+
+
+def g_mean(loss, mask=None):
+    """CustomLoss.loss_handling: multiply by the mask, then one mean over every element (custom_loss.py:34-58)."""
+    return (loss if mask is None else loss * mask).mean()
+
+
+def g_kl(s, t):
+    """CustomLoss.kl_div per row: F.kl_div(log_softmax(s), softmax(t)).sum(-1) (custom_loss.py:78-88)."""
+    return F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="none").sum(-1)
+
+
+def g_ce(s, t):
+    """CustomLoss.cross_entropy per row: -(softmax(t) * log_softmax(s)).sum(-1) (custom_loss.py:90-100)."""
+    return (-F.softmax(t, -1) * F.log_softmax(s, -1)).sum(-1)
+
+
+def g_mse(s, t):
+    return F.mse_loss(s, t, reduction="none").mean()
+
+
+def hard(batch, logits):
+    """The model's own hard loss (`s_out['loss']`): mean cross-entropy on the labels."""
+    return F.cross_entropy(logits, batch["labels"])
+
+
+def g_pre_loss(s, t, hard_loss, *, T=1.0, soft=False, kl=False, mse=False, hard_on=False, soft_rate=1.0,
+               hard_rate=1.0, mse_t_w=1.0):
+    """GLMStudent.pre_loss in fine-tuning (distill_model.py:254-277): soft = MSE(s, t * w) | KL x T^2 | CE at T,
+    times the soft rate; hard = the model's loss times the hard rate. Per example when `hard_loss` is [b]."""
+    out = {}
+    if soft and soft_rate:
+        if mse:
+            out["soft"] = F.mse_loss(s, t * mse_t_w, reduction="none").mean(-1) * soft_rate
+        elif kl:
+            out["soft"] = g_kl(s / T, t / T) * T ** 2 * soft_rate
+        else:
+            out["soft"] = g_ce(s / T, t / T) * soft_rate
+    if hard_on and hard_rate:
+        out["hard"] = hard_loss * hard_rate
+    return out
+
+
+def tl(sig, m):
+    return sig[m][("task_logits", None)]
+
+
+# ---------------------------------------------------------------- single-teacher methods
+
+
+@both
+def test_kd(tdir, pad):
+    """readme `## KD`: --student_model=kd --distill_ft_soft --distill_ft_hard --distill_temperature=10."""
+    spec = stages(tdir, "use kd\nstage s { data: sst2, steps: 4, loss: kd(bert, small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    s = tl(sig, "small")
+    parts = g_pre_loss(s, tl(sig, "bert"), hard(batch, s), T=10, soft=True, hard_on=True)
+    close(total(spec, 0, sig, batch)[0], parts["soft"].mean() + parts["hard"])
+
+
+@both
+def test_pd_tinybert_prediction_glmd_task(tdir, pad):
+    """readme `## PD` 2, `## TinyBERT` 3 and `## LogitsDistil` 3: --distill_ft_soft at the default T = 1
+    (prepare.py:33), soft cross-entropy only."""
+    spec = stages(tdir, "use pd, tinybert, glmd\nstage a { data: sst2, steps: 4, loss: pd(bert, small) }\n"
+                        "stage b after a { data: sst2, steps: 4, loss: tinybert.prediction(bert, small) }\n"
+                        "stage c after b { data: sst2, steps: 4, loss: glmd.task(bert, small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    s = tl(sig, "small")
+    want = g_pre_loss(s, tl(sig, "bert"), hard(batch, s), soft=True)["soft"].mean()
+    for i in range(3):
+        close(total(spec, i, sig, batch)[0], want)
+
+
+def glmkd_pkd(t_hidden, s_hidden, k, ls, *, only_cls, normalized, wo_final, beta):
+    """PKD.inter_loss (distill_model.py:1013-1041): teacher block inputs k, 2k, .., Lt - k (hidden[k-1], ..)
+    and, unless --pkd_wo_final, the final outputs; student block inputs 1 .. Ls - 1 (hidden[0 .. Ls-2]);
+    [CLS] only / L2-normalised by flag; MSE summed over the layers, times beta."""
+    pairs = [((j + 1) * k - 1, j) for j in range(ls - 1)] + ([] if wo_final else [(k * ls - 1, ls - 1)])
+    loss = 0.0
+    for i, j in pairs:
+        a, b = s_hidden[j], t_hidden[i]
+        if only_cls:
+            a, b = a[:, 0], b[:, 0]
+        if normalized:
+            a, b = F.normalize(a, p=2, dim=-1), F.normalize(b, p=2, dim=-1)
+        loss = loss + g_mse(a, b)
+    return loss * beta
+
+
+@both
+def test_pkd(tdir, pad):
+    """readme `## PKD`: --distill_ft_soft --distill_ft_soft_kl --distill_ft_hard --distill_temperature=10
+    --pkd_normalized_patience --pkd_alpha=0.5 --pkd_beta=100 --pkd_wo_final --pkd_only_cls; PKD.pre_loss
+    (distill_model.py:1043-1050) weighs hard by 1 - alpha and soft by alpha."""
+    spec = stages(tdir, "use pkd\nstage a { data: sst2, steps: 4, loss: pkd(bert, small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    s = tl(sig, "small")
+    th = {i: sig["bert"][("hidden", i)] for i in range(4)}
+    sh = {j: sig["small"][("hidden", j)] for j in range(2)}
+    want = glmkd_pkd(th, sh, 2, 2, only_cls=True, normalized=True, wo_final=True, beta=100)
+    parts = g_pre_loss(s, tl(sig, "bert"), hard(batch, s), T=10, soft=True, kl=True, hard_on=True)
+    want = want + 0.5 * parts["soft"].mean() + 0.5 * parts["hard"]
+    close(total(spec, 0, sig, batch)[0], want)
+
+
+def glmkd_alp(t_cls, s_cls, lam):
+    """ALP_KD.inter_loss (distill_model.py:1776-1806): teacher block inputs 1 .. Lt - 1 plus the output (every
+    block's output on gkdc's signals), the same on the student; alpha = softmax(s_cls . t_cls^T) over teacher
+    layers, MSE(s_cls_j, sum_l alpha_jl t_cls_l) summed over student layers; `lam` multiplies nothing in GLMKD
+    (--alp_kd_lambda is never read), so GLMKD's own value is lam = 1."""
+    tc = torch.stack(t_cls, 1)  # [b, Lt, d]
+    loss = 0.0
+    for sj in s_cls:
+        alpha = F.softmax(torch.bmm(sj[:, None], tc.transpose(1, 2)), -1)  # [b, 1, Lt]
+        loss = loss + g_mse(sj, torch.bmm(alpha, tc)[:, 0])
+    return lam * loss
+
+
+@both
+@pytest.mark.parametrize("variant", ["alp_kd", "alp_kd.glmkd"])
+def test_alp_kd(tdir, pad, variant):
+    """readme `## ALP_KD`: --alp_kd_lambda=0.2 --distill_soft_rate=0.7 --distill_hard_rate=0.1
+    --distill_temperature=20 --distill_ft_soft --distill_ft_hard. `alp_kd` is the command as written (the
+    flag read: 0.2), `alp_kd.glmkd` what GLMKD computes (weight 1)."""
+    spec = stages(tdir, f"use alp_kd\nstage a {{ data: sst2, steps: 4, loss: {variant}(bert, small) }}")
+    sig, batch = inputs(spec, MASKS[pad])
+    s = tl(sig, "small")
+    t_cls = [sig["bert"][("hidden", i)][:, 0] for i in range(4)]
+    s_cls = [sig["small"][("hidden", j)][:, 0] for j in range(2)]
+    parts = g_pre_loss(s, tl(sig, "bert"), hard(batch, s), T=20, soft=True, hard_on=True, soft_rate=0.7,
+                       hard_rate=0.1)
+    lam = 1.0 if variant.endswith("glmkd") else 0.2
+    close(total(spec, 0, sig, batch)[0], glmkd_alp(t_cls, s_cls, lam) + parts["soft"].mean() + parts["hard"])
+
+
+@both
+def test_takd(tdir, pad):
+    """readme `## TAKD`: --student_model=kd --distill_ft_soft --distill_ft_soft_kl --distill_ft_hard
+    --distill_temperature=10 (rates at their default 1, prepare.py:31-32)."""
+    spec = stages(tdir, "use takd\nstage a { data: sst2, steps: 4, loss: takd(bert, small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    s = tl(sig, "small")
+    parts = g_pre_loss(s, tl(sig, "bert"), hard(batch, s), T=10, soft=True, kl=True, hard_on=True)
+    close(total(spec, 0, sig, batch)[0], parts["soft"].mean() + parts["hard"])
+
+
+# ---------------------------------------------------------------- multi-teacher methods
+
+
+@both
+def test_tmkd(tdir, pad):
+    """readme `## TMKD` 2: --distill_ft_soft --distill_ft_soft_mse --distill_ft_hard --distill_hard_rate=1/n
+    --multi_teacher_model=tmkd (AvgTeacher.compute, multi_teacher_model.py:92-130: per teacher pre_loss, then
+    the mean over the teachers)."""
+    spec = stages(tdir, THREE.format(tdir=tdir) + "use tmkd\nstage a { data: sst2, steps: 4, loss: tmkd([base, bert, third], small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    s = tl(sig, "small")
+    per = [sum(g_pre_loss(s, tl(sig, m), hard(batch, s), soft=True, mse=True, hard_on=True, hard_rate=1 / 3)[k].mean()
+               for k in ("soft", "hard")) for m in ("base", "bert", "third")]
+    close(total(spec, 0, sig, batch)[0], sum(per) / 3)
+
+
+@both
+def test_rl_kd_average_stage(tdir, pad):
+    """readme `## RL-KD` 1: --distill_ft_soft --distill_temperature=10 --rl_kd_only_avg --rl_kd_alpha=0.5
+    (RL_KD.compute, multi_teacher_model.py:327-427: mean of the teachers' pre_loss, x alpha, + (1 - alpha) hard)."""
+    spec = stages(tdir, THREE.format(tdir=tdir) + "use rl_kd\nstage a { data: sst2, steps: 4, loss: rl_kd.average([base, bert, third], small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    s = tl(sig, "small")
+    avg = sum(g_pre_loss(s, tl(sig, m), None, T=10, soft=True)["soft"].mean() for m in ("base", "bert", "third")) / 3
+    close(total(spec, 0, sig, batch)[0], 0.5 * avg + 0.5 * hard(batch, s))
+
+
+def glmkd_dgkd(sig, s, batch, kept):
+    """AvgTeacher.compute with --avgmt_sum_loss --avgmt_teacher_survival_p=0.75 (multi_teacher_model.py:109-130):
+    each kept teacher adds its pre_loss (soft CE at T = 10 x 0.5; --distill_ft_hard is not given), then one hard
+    loss x 0.5 is added because survival_p < 1; the sum is returned. A teacher is kept when random() <= 0.75."""
+    return sum(g_pre_loss(s, tl(sig, m), None, T=10, soft=True, soft_rate=0.5)["soft"].mean() for m in kept) \
+        + 0.5 * hard(batch, s)
+
+
+@both
+def test_dgkd(tdir, pad):
+    """readme `## DGKD`. gkdc's draw decides which teachers are kept; for that set the value is GLMKD's."""
+    spec = stages(tdir, THREE.format(tdir=tdir) + "use dgkd\nassistant mid = like(bert) { layers: 3, head: classify(3) }\n"
+                  "stage a { data: sst2, steps: 4, loss: dgkd([bert, mid, third], small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    s = tl(sig, "small")
+    names = ("bert", "mid", "third")
+    subsets = [c for r in (1, 2, 3) for c in itertools.combinations(names, r)]
+    seen = set()
+    for step in range(40):
+        value = total(spec, 0, sig, batch, step=step)[0]
+        match = [c for c in subsets if abs(value - float(glmkd_dgkd(sig, s, batch, c))) <= 1e-5 * abs(value)]
+        assert len(match) == 1, (step, value)
+        seen.add(match[0])
+    assert len(seen) > 2
+
+
+@pytest.mark.xfail(strict=True, reason="GLMKD may drop every teacher (p^n per step, the loss is then 0.5 x hard); "
+                                       "gkdc's drop keeps one (min_kept: 1), and drop has no option to change it yet")
+def test_dgkd_all_teachers_dropped(tdir):
+    spec = stages(tdir, "use dgkd\nassistant mid = like(bert) { layers: 3, head: classify(3) }\n"
+                        "stage a { data: sst2, steps: 4, loss: dgkd([bert, mid], small, p: 95%) }")
+    sig, batch = inputs(spec, PADDED)
+    s = tl(sig, "small")
+    values = [total(spec, 0, sig, batch, step=step)[0] for step in range(60)]
+    assert any(abs(v - float(glmkd_dgkd(sig, s, batch, ()))) < 1e-6 for v in values)
+
+
+def glmkd_uncertainty_rate(s_logits, n):
+    """Uncertainty.compute with --uncertainty_hard (multi_teacher_model.py:226-247): the student's entropy over
+    log(C); rank r = 1 for the most uncertain example; teacher i (GLMKD's order) takes the examples with
+    i < r / b * n <= i + 1."""
+    ent = g_ce(s_logits, s_logits) / math.log(s_logits.shape[-1])
+    rank = (-ent).sort(0).indices.sort(0).indices.unsqueeze(-1) + 1.0
+    rank = rank / rank.shape[0] * n
+    return (rank > torch.arange(0, n)) & (rank <= torch.arange(1, n + 1))
+
+
+@both
+def test_uncertainty(tdir, pad):
+    """readme `## Uncertainty`: --student_model=kd --distill_ft_soft --distill_temperature=1 --distill_ft_soft_kl
+    --distill_soft_rate=0.5 --distill_hard_rate=0.5 --multi_teacher_model=uncertainty --uncertainty_hard: the mean
+    over teachers of mean_b(rate x KL), + 0.5 hard. GLMKD's teachers in GLMKD's order (largest first) are gkdc's
+    list reversed."""
+    spec = stages(tdir, THREE.format(tdir=tdir) + "use uncertainty\nstage a { data: sst2, steps: 4, micro_batch: 4, "
+                  "loss: uncertainty([base, bert, third], small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    s = tl(sig, "small")
+    glmkd_order = ("third", "bert", "base")
+    rate = glmkd_uncertainty_rate(s, 3).float()
+    per = [(rate[:, i] * g_pre_loss(s, tl(sig, m), None, soft=True, kl=True, soft_rate=0.5)["soft"]).mean()
+           for i, m in enumerate(glmkd_order)]
+    close(total(spec, 0, sig, batch)[0], sum(per) / 3 + 0.5 * hard(batch, s))
+
+
+@both
+def test_mt_bert(tdir, pad):
+    """readme `## MT-BERT`: --student_model=pkd --distill_ft_soft --distill_temperature=1 --pkd_alpha=1
+    --pkd_beta=1 --multi_teacher_model=mt_bert --mt_has_loss --mt_bert_fit_teacher. MT_BERT.compute
+    (multi_teacher_model.py:154-209): per teacher, the teacher's states through its fit_dense (one per teacher,
+    every layer), PKD's inter loss with its defaults (whole sequences, final outputs kept, not normalised,
+    beta 1), PKD's pre_loss (alpha x soft CE; no hard: --distill_ft_hard absent) per example x 1 / (1 + the
+    teacher's CE), mean; summed over teachers, + the hard loss."""
+    spec = stages(tdir, THREE.format(tdir=tdir) + "use mt_bert\nstage a { data: sst2, steps: 4, loss: mt_bert([base, bert, third], small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    value, _, graph, _ = total(spec, 0, sig, batch)
+    s = tl(sig, "small")
+    fit = {}
+    for term in spec.stages[0].loss:
+        if term.fn == "mse":
+            fit[term.target.inputs[0].model] = proj(graph, term.target.module)
+    assert sorted(fit) == ["base", "bert", "third"]
+    sh = {j: sig["small"][("hidden", j)] for j in range(2)}
+    want = hard(batch, s)
+    for m, layers in (("base", 2), ("bert", 4), ("third", 4)):
+        t = tl(sig, m)
+        soft = g_pre_loss(s, t, None, soft=True)["soft"] * 1 / (1 + F.cross_entropy(t, batch["labels"], reduction="none"))
+        th = {i: fit[m](sig[m][("hidden", i)]) for i in range(layers)}
+        want = want + soft.mean() + glmkd_pkd(th, sh, layers // 2, 2, only_cls=False, normalized=False,
+                                               wo_final=False, beta=1)
+    close(value, want)
+
+
+# ---------------------------------------------------------------- differences gkdc cannot express yet
+
+
+@both
+@pytest.mark.xfail(strict=True, reason="GLMKD averages TinyBERT's MSEs over every position (padded keys of the "
+                                       "scores hold the same fill on both sides) and passes embeddings and hidden "
+                                       "states through one shared fit_dense; gkdc averages over real tokens and "
+                                       "projects embeddings separately")
+def test_tinybert_intermediate(tdir, pad):
+    """TinyBERT.inter_loss (distill_model.py:552-613), readme `## TinyBERT` 1-2: teacher block inputs 0, k, ..,
+    Lt - k and the output against student block inputs 0 .. Ls - 1 and the output, all student states through
+    `self.fit_dense` (distill_model.py:533-546); attention scores of teacher blocks k-1, .., Lt-1 against every
+    student block; every MSE a mean over all elements."""
+    spec = stages(tdir, "use tinybert\nstage a { data: corpus, steps: 4, loss: tinybert.intermediate(bert, small) }",
+                  "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
+    mask = MASKS[pad]
+    sig, batch = inputs(spec, mask)
+    value, _, graph, _ = total(spec, 0, sig, batch)
+    fit = proj(graph, spec.stages[0].loss[0].pred.module)
+    t, s = sig["bert"], sig["small"]
+    keys = mask[:, None, None, :]
+    want = g_mse(fit(s[("embeddings", None)]), t[("embeddings", None)])
+    for j in range(2):
+        want = want + g_mse(fit(s[("hidden", j)]), t[("hidden", 2 * j + 1)])
+        fill = lambda x: x.masked_fill(~keys, -65504.0)  # noqa: E731 (GLM's scores after its mask)
+        want = want + g_mse(fill(s[("attn_scores", j)]), fill(t[("attn_scores", 2 * j + 1)]))
+    close(value, want)
+
+
+@both
+@pytest.mark.xfail(strict=True, reason="GLMKD's cosine loss counts each padded position as 1 - cos(0, 0) = 1 and "
+                                       "its KL averages the MLM positions' values over all b x s positions")
+def test_distilbert(tdir, pad):
+    """DistilBERT.inter_loss / pre_loss (distill_model.py:741-800), readme `## DistilBERT`: --distill_temperature=2
+    --distilbert_alpha_ce=5 --distilbert_alpha_mlm=2 --distilbert_alpha_cos=1 --distilbert_cos_mask_padding."""
+    spec = stages(tdir, "use distilbert\nstage a { data: corpus, steps: 4, loss: distilbert(lmt, lm, T: 2) }")
+    mask = MASKS[pad]
+    sig, batch = inputs(spec, mask)
+    t, s = sig["lmt"], sig["lm"]
+    real = mask[..., None].float()
+    so, to = (s[("hidden", 1)] * real).view(-1, 32), (t[("hidden", 3)] * real).view(-1, 32)
+    cos = F.cosine_embedding_loss(so, to, so.new_ones(so.shape[0]), reduction="none").mean()
+    lm_mask = (batch["tokens"] != -100)[..., None].float()  # GLM's loss_mask: the predicted positions
+    st, tt = s[("logits", None)] * lm_mask / 2, t[("logits", None)] * lm_mask / 2
+    kl = g_kl(st, tt).mean() * 4 * 5
+    mlm = F.cross_entropy(s[("logits", None)].reshape(-1, V), batch["tokens"].reshape(-1), ignore_index=-100)
+    close(total(spec, 0, sig, batch)[0], cos + kl + 2 * mlm)
+
+
+@both
+@pytest.mark.xfail(strict=True, reason="GLMKD's MiniLM passes attention probabilities through a second softmax "
+                                       "and leaves padded keys in the value relations (a bug of GLMKD's; gkdc's "
+                                       "minilm follows the paper)")
+def test_minilm(tdir, pad):
+    """MiniLM.inter_loss (distill_model.py:697-713): kl_div(s_probs, t_probs) softmaxes the probabilities again;
+    value relations V_h V_h^T / sqrt(d_h) with no key mask; means over every (b, H, query) row."""
+    spec = stages(tdir, "use minilm\nstage a { data: corpus, steps: 4, loss: minilm(bert, small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    t, s = sig["bert"], sig["small"]
+
+    def rel(v):
+        v = v.view(B, S, H, -1).permute(0, 2, 1, 3)
+        return v @ v.transpose(-1, -2) / math.sqrt(v.shape[-1])
+
+    want = g_kl(s[("attn_probs", 1)], t[("attn_probs", 3)]).mean()
+    want = want + g_kl(rel(s[("value", 1)]), rel(t[("value", 3)])).mean()
+    close(total(spec, 0, sig, batch)[0], want)
+
+
+def glmkd_minilmv2(sig, heads, t_layer):
+    """MiniLMv2.inter_loss (distill_model.py:649-674): per relation head softmax(X X^T / sqrt(d_r)) of Q, K, V
+    over every key (no padding mask), KL mean over every (b, head, query) row, summed over Q, K, V."""
+    def rel(x):
+        x = x.view(B, S, heads, -1).permute(0, 2, 1, 3)
+        return x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1])
+
+    return sum(g_kl(rel(sig["small"][(k, 1)]), rel(sig["bert"][(k, t_layer)])).mean() for k in ("query", "key", "value"))
+
+
+def test_minilmv2_unpadded(tdir):
+    """readme `## MiniLMv2`: --minilmv2_relation_heads=48 --minilmv2_teacher_layer=12 (here: 4 heads, the last
+    block). Without padding GLMKD and gkdc agree."""
+    spec = stages(tdir, "use minilmv2\nstage a { data: corpus, steps: 4, loss: minilmv2(bert, small, heads: 4) }")
+    sig, batch = inputs(spec, MASKS["unpadded"])
+    close(total(spec, 0, sig, batch)[0], glmkd_minilmv2(sig, 4, 3))
+
+
+@pytest.mark.xfail(strict=True, reason="with padding GLMKD's relations also attend to padded keys and its KL "
+                                       "averages over padded query rows; gkdc's relation masks both")
+def test_minilmv2_padded(tdir):
+    spec = stages(tdir, "use minilmv2\nstage a { data: corpus, steps: 4, loss: minilmv2(bert, small, heads: 4) }")
+    sig, batch = inputs(spec, PADDED)
+    close(total(spec, 0, sig, batch)[0], glmkd_minilmv2(sig, 4, 3))
+
+
+# ---------------------------------------------------------------- schedules at several points of training
+
+
+def glmkd_stair(it, n, max_t):
+    """Annealing_KD / Continuation_KD's phi (distill_model.py:2135-2136, 2231-2232): T = (1 - it / N) max_T,
+    phi = 1 - (max(1, ceil(T)) - 1) / max_T: max_T levels over the iterations, whatever the epochs."""
+    return 1 - (max(1, math.ceil((1 - it / n) * max_t)) - 1) / max_t
+
+
+def test_annealing_kd_phi_agrees_on_a_seven_epoch_stage(tdir):
+    """readme `## Annealing_KD` 2: --annealing_kd_max_t=7 --distill_ft_soft --distill_ft_soft_mse: MSE(s, phi t)
+    with GLMKD's phi. gkdc's stairs(every: epoch) steps once per epoch: on a 7-epoch stage (the iteration
+    count a multiple of 7) both give phi = (e + 1) / 7 at every iteration of epoch e, except where GLMKD's
+    float arithmetic rounds (1 - it / N) x 7 just above an integer: at it = 60 of 70 it is 1.0000000000000004,
+    so GLMKD's last level starts one iteration late (checked below)."""
+    spec = stages(tdir, "use annealing_kd\nstage a { data: sst2, steps: 4, loss: annealing_kd(bert, small) }")
+    sig, batch = inputs(spec, PADDED)
+    s, t = tl(sig, "small"), tl(sig, "bert")
+    n, per_epoch = 70, 10
+    assert glmkd_stair(60, n, 7) == pytest.approx(6 / 7) and glmkd_stair(61, n, 7) == 1.0
+    for it in (0, 5, 9, 10, 33, 45, 59, 61, 69):
+        phi = glmkd_stair(it, n, 7)
+        want = g_pre_loss(s, t, None, soft=True, mse=True, mse_t_w=phi)["soft"].mean()
+        close(total(spec, 0, sig, batch, progress=it / n, step=it, epoch=it // per_epoch)[0], want)
+
+
+@pytest.mark.xfail(strict=True, reason="GLMKD's phi has max_T levels over the iterations; gkdc's steps per epoch "
+                                       "(agreeing only on a max_T-epoch stage) and has no progress-based stairs yet")
+def test_annealing_kd_phi_on_a_three_epoch_stage(tdir):
+    spec = stages(tdir, "use annealing_kd\nstage a { data: sst2, steps: 4, loss: annealing_kd(bert, small) }")
+    sig, batch = inputs(spec, PADDED)
+    s, t = tl(sig, "small"), tl(sig, "bert")
+    n, per_epoch = 30, 10
+    for it in (0, 5, 12, 20, 29):
+        want = g_pre_loss(s, t, None, soft=True, mse=True, mse_t_w=glmkd_stair(it, n, 7))["soft"].mean()
+        close(total(spec, 0, sig, batch, progress=it / n, step=it, epoch=it // per_epoch)[0], want)
+
+
+def glmkd_continuation(s, t, hard_b, it, n, max_t=10, margin=1.0, sep=0.666, den=1.333):
+    """Continuation_KD.pre_loss (distill_model.py:2230-2245), readme `# Continuation_KD`: psi = it / (den N),
+    1 once it > sep N; per example psi x hard + (1 - psi) x soft x [soft > margin x phi], soft = the per-example
+    MSE(s, phi t) (--distill_ft_soft_mse); the mean over the batch."""
+    phi = glmkd_stair(it, n, max_t)
+    psi = 1.0 if it > sep * n else it / (den * n)
+    soft = F.mse_loss(s, t * phi, reduction="none").mean(-1)
+    loss = psi * hard_b + (1 - psi) * soft * (soft > margin * phi).float() if psi < 1 else psi * hard_b
+    return loss.mean()
+
+
+@pytest.mark.xfail(strict=True, reason="GLMKD's Continuation-KD gates each example's whole MSE by soft > margin x "
+                                       "phi, uses a 10-level stair for phi and psi = it / (1.333 N) then 1; gkdc's "
+                                       "hinge MSE and linear schedules differ at every point")
+def test_continuation_kd(tdir):
+    spec = stages(tdir, "use continuation_kd\nstage a { data: sst2, steps: 4, loss: continuation_kd(bert, small) }")
+    sig, batch = inputs(spec, PADDED)
+    s, t = tl(sig, "small"), tl(sig, "bert")
+    hard_b = F.cross_entropy(s, batch["labels"], reduction="none")
+    n = 100
+    for it in (0, 10, 40, 66, 67, 90):
+        close(total(spec, 0, sig, batch, progress=it / n, step=it)[0], glmkd_continuation(s, t, hard_b, it, n))

@@ -344,17 +344,22 @@ def test_mt_bert(tdir, pad):
 # ---------------------------------------------------------------- differences gkdc cannot express yet
 
 
-@both
-@pytest.mark.xfail(strict=True, reason="GLMKD averages TinyBERT's MSEs over every position (padded keys of the "
-                                       "scores hold the same fill on both sides) and passes embeddings and hidden "
-                                       "states through one shared fit_dense; gkdc averages over real tokens and "
-                                       "projects embeddings separately")
-def test_tinybert_intermediate(tdir, pad):
+TINYBERT_ATT = ("GLMKD's attention MSE divides by every (query, key) entry, padded keys adding 0; gkdc's "
+                 "averages over real pairs")
+
+
+@pytest.mark.parametrize("variant,pad", [
+    pytest.param("intermediate", "padded", marks=pytest.mark.xfail(
+        strict=True, reason=TINYBERT_ATT + ", and its embedding and hidden-state MSEs over real tokens")),
+    ("intermediate", "unpadded"),
+    pytest.param("intermediate_glmkd", "padded", marks=pytest.mark.xfail(strict=True, reason=TINYBERT_ATT)),
+    ("intermediate_glmkd", "unpadded")])
+def test_tinybert_intermediate(tdir, variant, pad):
     """TinyBERT.inter_loss (distill_model.py:552-613), readme `## TinyBERT` 1-2: teacher block inputs 0, k, ..,
     Lt - k and the output against student block inputs 0 .. Ls - 1 and the output, all student states through
     `self.fit_dense` (distill_model.py:533-546); attention scores of teacher blocks k-1, .., Lt-1 against every
     student block; every MSE a mean over all elements."""
-    spec = stages(tdir, "use tinybert\nstage a { data: corpus, steps: 4, loss: tinybert.intermediate(bert, small) }",
+    spec = stages(tdir, f"use tinybert\nstage a {{ data: corpus, steps: 4, loss: tinybert.{variant}(bert, small) }}",
                   "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
     mask = MASKS[pad]
     sig, batch = inputs(spec, mask)
@@ -368,6 +373,23 @@ def test_tinybert_intermediate(tdir, pad):
         fill = lambda x: x.masked_fill(~keys, -65504.0)  # noqa: E731 (GLM's scores after its mask)
         want = want + g_mse(fill(s[("attn_scores", j)]), fill(t[("attn_scores", 2 * j + 1)]))
     close(value, want)
+
+
+@both
+def test_tinybert_glmkd_embedding_and_hidden_terms(tdir, pad):
+    """What intermediate_glmkd already computes exactly with padding: the shared-projection MSEs over every
+    position (all but the attention terms)."""
+    spec = stages(tdir, "use tinybert\nstage a { data: corpus, steps: 4, loss: tinybert.intermediate_glmkd(bert, small) }",
+                  "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    _, parts, graph, _ = total(spec, 0, sig, batch)
+    fit = proj(graph, spec.stages[0].loss[0].pred.module)
+    t, s = sig["bert"], sig["small"]
+    want = g_mse(fit(s[("embeddings", None)]), t[("embeddings", None)])
+    want = want + sum(g_mse(fit(s[("hidden", j)]), t[("hidden", 2 * j + 1)]) for j in range(2))
+    hidden = [term.id for term in spec.stages[0].loss if term.target.kind != "attn_scores"]
+    assert len(hidden) == 3
+    close(sum(parts[k] for k in hidden), want)
 
 
 @both

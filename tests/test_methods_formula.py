@@ -497,15 +497,18 @@ def test_ckd(tdir):
 
 def test_universal_kd(tdir):
     spec = stages(tdir, "use universal_kd\nstage a { data: sst2, steps: 4, loss: universal_kd(bert, small) }",
-                  "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
+                  "{ layers: 3, hidden: 16, heads: 2, head: classify(3) }")
     sig, batch = make_inputs(spec)
     value, _, graph, _ = total(spec, 0, sig, batch)
     t, s = sig["bert"], sig["small"]
-    projections = [proj(graph, node.module) for node in spec.stages[0].loss[0].target.inputs[1:]]
-    teachers = torch.stack([p(cls(t[("hidden", l)])) for l, p in enumerate(projections)], 1)
+    features = [term for term in spec.stages[0].loss if term.target.node == "op"]
+    # blocks 0 .. L-2 on both sides, each through its own map (teacher: 3 maps, student: 2)
+    teachers = torch.stack([proj(graph, node.module)(cls(t[("hidden", l)]))
+                            for l, node in enumerate(features[0].target.inputs[1:])], 1)
+    assert teachers.shape[1] == 3 and len(features) == 2
     want = 0.0
-    for j in range(2):
-        sj = cls(s[("hidden", j)])
+    for j, term in enumerate(features):
+        sj = proj(graph, term.pred.module)(cls(s[("hidden", j)]))
         alpha = F.softmax(torch.einsum("bd,bld->bl", sj, teachers), -1)
         want += 0.5 * kl(torch.einsum("bl,bld->bd", alpha, teachers), sj)
     close(value, want + 0.5 * kl(t[("task_logits", None)], s[("task_logits", None)]))

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runtime.lossgraph import LossGraph
 from test_methods_formula import B, C, H, S, V, proj, stages, tdir, total  # noqa: F401 (tdir is a fixture)
 
 PADDED = torch.tensor([[1] * 6, [1] * 5 + [0], [1] * 4 + [0] * 2, [1] * 6], dtype=torch.bool)
@@ -687,28 +688,35 @@ def test_mgskd(tdir, pad):
 
 
 @both
-@pytest.mark.xfail(strict=True, reason="GLMKD's Universal-KD reads blocks 0 .. L-2 on both sides (block inputs "
-                                       "1 .. L-1) and projects the student too (one bias-free map per block on each "
-                                       "side); gkdc uses every block and projects the teacher only")
 def test_universal_kd(tdir, pad):
     """Universal_KD (distill_model.py:1956-2035), readme `## Universal_KD` 1: --distill_ft_soft
-    --distill_ft_soft_kl --distill_soft_rate=0.5 --universal_kd_gamma=0.5 --universal_kd_size=0: per student
-    layer j, alpha = softmax(W_s s_j . W_t t_l) over teacher layers, KL(softmax(sum_l alpha t'_l) ||
-    softmax(s'_j)) on [CLS] x gamma; plus 0.5 x KL of the task logits (T = 1)."""
+    --distill_ft_soft_kl --distill_soft_rate=0.5 --universal_kd_gamma=0.5 --universal_kd_size=0: block inputs
+    1 .. L-1 (hidden[0 .. L-2]) on both sides, [CLS], one bias-free map per block on each side (t_fit_dense_0[i],
+    s_fit_dense[j]); per student block alpha = softmax(s'_j . t'_l) over teacher blocks, KL(softmax(sum_l alpha
+    t'_l) || softmax(s'_j)) x gamma, summed; plus 0.5 x KL of the task logits (T = 1). GLMKD's maps are gkdc's
+    weights with the bias at 0 (gkdc's maps have one)."""
     spec = stages(tdir, "use universal_kd\nstage a { data: sst2, steps: 4, loss: universal_kd(bert, small) }",
                   "{ layers: 3, hidden: 16, heads: 2, head: classify(3) }")
     sig, batch = inputs(spec, MASKS[pad])
-    value, _, graph, _ = total(spec, 0, sig, batch)
-    # GLMKD's maps are parameters: the teacher's taken as gkdc's own projections of those blocks, the student's
-    # as the identity, so that what differs is the blocks read
-    fit_t = [proj(graph, node.module) for node in spec.stages[0].loss[0].target.inputs[1:]]
-    tcls = torch.stack([fit_t[i](sig["bert"][("hidden", i)][:, 0]) for i in range(3)], 1)  # blocks 0 .. Lt-2
+    archs = {n: m.arch for n, m in spec.models.items()}
+    torch.manual_seed(0)
+    graph = LossGraph(spec.stages[0].loss, archs, seed=7)
+    with torch.no_grad():
+        for p in graph.projections.values():
+            p.linear.bias.zero_()
+    feature = spec.stages[0].loss[0]
+    fit_t = [graph.projections[n.module.replace(".", "_")] for n in feature.target.inputs[1:]]
+    fit_s = graph.projections[feature.pred.module.replace(".", "_")]
+    assert len(fit_t) == 3 and len([t for t in spec.stages[0].loss if t.fn == "kl"]) == 3  # 2 student blocks + task
+    value, _ = graph(sig, batch, 0.0, graph.active_terms(0.0))
+    tcls = torch.stack([fit_t[i](sig["bert"][("hidden", i)][:, 0]) for i in range(3)], 1)
     want = 0.0
-    for j in range(2):  # blocks 0 .. Ls-2
-        sj = sig["small"][("hidden", j)][:, 0]
+    for j in range(2):
+        sj = graph.projections[f"{feature.pred.module.rsplit('.', 1)[0]}.{j}".replace(".", "_")](sig["small"][("hidden", j)][:, 0])
         alpha = F.softmax(torch.bmm(sj[:, None], tcls.transpose(1, 2)), -1)
         want = want + 0.5 * g_kl(sj, torch.bmm(alpha, tcls)[:, 0]).mean()
     want = want + g_pre_loss(tl(sig, "small"), tl(sig, "bert"), None, soft=True, kl=True, soft_rate=0.5)["soft"].mean()
+    assert fit_s is not None
     close(value, want)
 
 

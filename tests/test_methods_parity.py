@@ -832,3 +832,89 @@ def test_mobilebert_stages(tdir):
         want = want + sum(w * g_mse(s_h[i], t_h[i]) for i, w in enumerate(hid))
         want = 0.5 * want + (F.cross_entropy(s[("logits", None)].reshape(-1, V), batch["tokens"].reshape(-1)) if mlm else 0)
         close(total(spec, 0, sig, batch, progress=it / n, step=it)[0], want)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def _leaves(sig, model, keys):
+    out = []
+    for k in keys:
+        x = sig[model][k].detach().requires_grad_(True)
+        sig[model][k] = x
+        out.append(x)
+    return out
+
+
+def _grads(value, tensors):
+    return [g if g is not None else torch.zeros_like(x)
+            for g, x in zip(torch.autograd.grad(value, tensors, allow_unused=True, retain_graph=True), tensors)]
+
+
+def _same_grads(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    assert any(float(w.abs().sum()) > 0 for w in want)
+
+
+def _graph(spec):
+    torch.manual_seed(0)
+    return LossGraph(spec.stages[0].loss, {n: m.arch for n, m in spec.models.items()}, seed=7)
+
+
+@both
+def test_mt_bert_trains_each_teachers_projection(tdir, pad):
+    """GLMKD's MT-BERT passes the teachers' states through fit_dense_i and F.mse_loss keeps the target's graph
+    (multi_teacher_model.py:179-186): the maps learn; gkdc keeps a target's graph when learned maps build it."""
+    spec = stages(tdir, "use mt_bert\nstage a { data: sst2, steps: 4, loss: mt_bert.patience([base, bert], small) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    graph = _graph(spec)
+    sh = _leaves(sig, "small", [("hidden", 0), ("hidden", 1)])
+    params = [p for p in graph.parameters()]
+    value, _ = graph(sig, batch, 0.0, graph.active_terms(0.0))
+    fit = {term.target.inputs[0].model: graph.projections[term.target.module.replace(".", "_")]
+           for term in spec.stages[0].loss}
+    want = sum(glmkd_pkd({i: fit[m](sig[m][("hidden", i)]) for i in range(n)}, dict(enumerate(sh)), n // 2, 2,
+                         only_cls=False, normalized=False, wo_final=False, beta=1) for m, n in (("base", 2), ("bert", 4)))
+    close(value, want)
+    _same_grads(_grads(value, params + sh), _grads(want, params + sh))
+
+
+@both
+def test_alp_kd_gradient_reaches_the_student_through_alpha(tdir, pad):
+    """GLMKD's ALP-KD target sum_l alpha_l t_l depends on the student through alpha and is not detached
+    (distill_model.py:1794-1804)."""
+    spec = stages(tdir, "use alp_kd\nstage a { data: sst2, steps: 4, loss: 0.2 * mse(attend(bert.cls, small.cls), small.cls) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    graph = _graph(spec)
+    sh = _leaves(sig, "small", [("hidden", 0), ("hidden", 1)])
+    value, _ = graph(sig, batch, 0.0, graph.active_terms(0.0))
+    want = glmkd_alp([sig["bert"][("hidden", i)][:, 0] for i in range(4)], [x[:, 0] for x in sh], 0.2)
+    close(value, want)
+    _same_grads(_grads(value, sh), _grads(want, sh))
+
+
+@both
+def test_universal_kd_gradients(tdir, pad):
+    """Universal-KD's teacher maps, student maps and student states all get GLMKD's gradients."""
+    spec = stages(tdir, "use universal_kd\nstage a { data: sst2, steps: 4, loss: universal_kd.attended("
+                        "project(bert.cls[0:-1], to: small, shared: false), project(small.cls[0:-1], shared: false)) }",
+                  "{ layers: 3, hidden: 16, heads: 2, head: classify(3) }")
+    sig, batch = inputs(spec, MASKS[pad])
+    graph = _graph(spec)
+    with torch.no_grad():
+        for p in graph.projections.values():
+            p.linear.bias.zero_()
+    sh = _leaves(sig, "small", [("hidden", 0), ("hidden", 1)])
+    params = [p.linear.weight for p in graph.projections.values()]
+    value, _ = graph(sig, batch, 0.0, graph.active_terms(0.0))
+    feature = spec.stages[0].loss[0]
+    fit_t = [graph.projections[n.module.replace(".", "_")] for n in feature.target.inputs[1:]]
+    tcls = torch.stack([fit_t[i](sig["bert"][("hidden", i)][:, 0]) for i in range(3)], 1)
+    want = 0.0
+    for j, term in enumerate(spec.stages[0].loss):
+        sj = graph.projections[term.pred.module.replace(".", "_")](sh[j][:, 0])
+        alpha = F.softmax(torch.bmm(sj[:, None], tcls.transpose(1, 2)), -1)
+        want = want + 0.5 * g_kl(sj, torch.bmm(alpha, tcls)[:, 0]).mean()
+    close(value, want)
+    _same_grads(_grads(value, params + sh), _grads(want, params + sh))

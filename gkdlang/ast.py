@@ -27,7 +27,7 @@ class Ident(Node):
 @dataclass(frozen=True)
 class Number(Node):
     text: str
-    """The literal as written (``150k``, ``5%``, ``40GB``); lower.py interprets the unit."""
+    """The literal as written (``150k``, ``5%``, ``40GB``); gkdlang.lower interprets the unit."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The language's vocabulary: signals, losses, transforms, layer maps, schedules, masks, and block keys.
 
-Explicit ``name -> spec`` tables with did-you-mean lookup; lower.py interprets them, docs/language.md
+Explicit ``name -> spec`` tables with did-you-mean lookup; gkdlang.lower interprets them, docs/language.md
 documents them (and a test checks that every name here appears in the docs).
 """
 

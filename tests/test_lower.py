@@ -165,3 +165,20 @@ def test_model_defaults():
 def test_number_units(text, value, unit):
     v = number_value(text)
     assert v.value == pytest.approx(value) and v.unit == unit
+
+
+def test_pass_registries_cover_the_builtin_tables():
+    """Each builtins table the checker accepts names from has exactly one lowering function per name."""
+    import typing
+
+    from gkdlang import ast as A
+    from gkdlang import builtins as Bt
+    from gkdlang.lower.combinators import COMBINATORS
+    from gkdlang.lower.expressions import EXPRESSIONS
+    from gkdlang.lower.interventions import INTERVENTIONS
+    from gkdlang.lower.transforms import TRANSFORMS
+
+    assert set(TRANSFORMS) == set(Bt.TRANSFORMS)
+    assert set(COMBINATORS) == set(Bt.COMBINATORS)
+    assert set(INTERVENTIONS) == set(Bt.INTERVENTIONS)
+    assert set(EXPRESSIONS) == set(typing.get_args(A.Expr))  # one evaluator per expression node

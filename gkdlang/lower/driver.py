@@ -1,0 +1,118 @@
+"""The lowering driver: the passes run in order over a parsed module, giving the checked Spec.
+
+Order: duplicates, ``use``, ``let`` and ``method``, models (bases first), data, vocab, cluster, stages (whose
+loss expressions run the expression, method, combinator, intervention, transform and loss passes), final
+checks. A construct that fails is reported and skipped (``Skip``), so checking goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydantic
+
+from gkdlang import ast
+from gkdlang.diagnostics import Collector, Diagnostic
+from gkdlang.lower.context import STDLIB, Lowerer, MethodDef
+from gkdlang.lower.declarations import (
+    check_duplicates,
+    final_checks,
+    lower_cluster,
+    lower_data,
+    lower_let,
+    lower_model,
+    lower_use,
+    lower_vocab,
+    models_in_dependency_order,
+)
+from gkdlang.lower.expressions import EXPRESSIONS
+from gkdlang.lower.stages import lower_stages
+from gkdlang.parser import ParseError, parse
+from gkdlang.spec import Span, Spec
+
+
+@dataclass
+class CheckResult:
+    spec: Spec | None
+    diagnostics: list[Diagnostic]
+    sources: dict[str, str]
+    module: ast.Module | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.spec is not None and not any(d.severity == "error" for d in self.diagnostics)
+
+
+def check_file(path: str | Path, *, display_name: str | None = None) -> CheckResult:
+    path = Path(path)
+    name = display_name or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        span = Span(file=name, line=1, col=1, end_line=1, end_col=1)
+        d = Diagnostic("syntax-unexpected-char", f"file is not UTF-8 (byte {exc.start})", span)
+        return CheckResult(None, [d], {})
+    return check_source(text, name, base_dir=path.parent)
+
+
+def check_source(text: str, file: str = "<input>", *, base_dir: str | Path | None = None) -> CheckResult:
+    """Parse and lower a spec text; never raises for bad input."""
+    sources = {file: text}
+    try:
+        module = parse(text, file)
+    except ParseError as exc:
+        return CheckResult(None, [exc.diagnostic], sources)
+    diags = Collector()
+    lw = Lowerer(module, text, file, Path(base_dir or "."), diags, sources, EXPRESSIONS)
+    spec = lower_module(lw)
+    return CheckResult(spec if not diags.has_errors() else None, diags.sorted(), sources, module)
+
+
+def spec_hash(text: str, uses: list[str]) -> str:
+    """sha256 of the spec text and of every ``use``d library (a library edit changes the plan too).
+
+    ``gkdc run`` recomputes it to refuse a plan whose spec changed since planning.
+    """
+    h = hashlib.sha256(text.encode())
+    for name in sorted(uses):
+        h.update(b"\0" + name.encode() + b"\0")
+        library = STDLIB / (name.replace(".", "/") + ".gkd")
+        h.update(library.read_bytes() if library.exists() else b"")  # a deleted library reads as "changed"
+    return h.hexdigest()
+
+
+def lower_module(lw: Lowerer) -> Spec | None:
+    decls = lw.module.decls
+    check_duplicates(lw, decls)
+    for decl in decls:
+        if isinstance(decl, ast.Use):
+            lw.guard(lower_use, lw, decl)
+    for decl in decls:
+        if isinstance(decl, ast.LetDecl):
+            lw.guard(lower_let, lw, decl)
+        elif isinstance(decl, ast.MethodDecl):
+            lw.methods.setdefault(decl.name.name, MethodDef(decl.name.name, decl, lw.lets))
+    for decl in models_in_dependency_order(lw, decls):
+        lw.guard(lower_model, lw, decl)
+    for decl in decls:
+        if isinstance(decl, ast.DataDecl):
+            # recorded before lowering so a data source that fails is not also reported as unknown
+            lw.data_decls.setdefault(decl.name.name, decl)
+            lw.guard(lower_data, lw, decl)
+    for decl in decls:
+        if isinstance(decl, ast.VocabDecl):
+            lw.guard(lower_vocab, lw, decl)
+    cluster = lw.cluster = lower_cluster(lw, next((d for d in decls if isinstance(d, ast.ClusterDecl)), None))
+    stages = lower_stages(lw, [d for d in decls if isinstance(d, ast.StageDecl)])
+    final_checks(lw, decls, stages)
+    if lw.d.has_errors() or cluster is None:
+        return None
+    try:
+        return Spec(file=lw.file, source_hash=spec_hash(lw.text, sorted(lw.libraries)),
+                    models=lw.models, data=lw.data, vocabs=lw.vocabs, stages=stages, cluster=cluster,
+                    uses=sorted(lw.libraries))
+    except pydantic.ValidationError as exc:  # a gap between checks and the model: report, never crash
+        lw.err("bad-value", None, f"internal consistency check failed: {exc.errors()[0]['msg']}")
+        return None

@@ -139,7 +139,7 @@ INTERVENTIONS: dict[str, InterventionDef] = {
                                    "DIITO interchange intervention: a second pass with swapped token-span states"),
     "perturb": InterventionDef({"eps": "number", "norm": "symbol"}, True,
                                "LRC-BERT gradient perturbation of the student's embeddings: two passes per step"),
-    "drop": InterventionDef({"p": "fraction", "per": "symbol"}, False,
+    "drop": InterventionDef({"p": "fraction", "per": "symbol", "min_kept": "int"}, False,
                             "DGKD: each group of terms dropped with probability p per step (per: teacher, one group "
                             "per teacher)"),
     "weigh": InterventionDef({"by": "symbol", "hard": "bool"}, False,

@@ -149,7 +149,7 @@ def _terms_of(stage: StageSpec, group: str) -> list[str]:
 
 class Drop(Base):
     """Each step the group's terms are left out with probability p; one joint draw per step decides every drop
-    group of the stage, so that when all are dropped one (drawn) is kept (``min_kept: 1``)."""
+    group of the stage, so that when all are dropped one (drawn) is kept (``min_kept: 1``; ``0``: none, GKD's DGKD)."""
 
     kind = "drop"
 
@@ -159,7 +159,8 @@ class Drop(Base):
         self.terms = set(_terms_of(setup.stage, self.group))
         self.stage_groups = sorted((str(i.params["group"]), float(i.params["p"]))
                                    for i in setup.stage.interventions if i.kind == "drop")
-        self.min_kept = int(self.params_.get("min_kept", 1))
+        # one joint draw decides every drop group of the stage, so they must agree on the rescue: the largest
+        self.min_kept = max(int(i.params.get("min_kept", 1)) for i in setup.stage.interventions if i.kind == "drop")
 
     def dropped(self, step: int) -> set[str]:
         """Drop groups of the stage left out at ``step``."""

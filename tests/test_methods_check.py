@@ -407,3 +407,22 @@ def test_relation_scores_option():
     bad = STAIRS.format(loss="mse(relation(bert.hidden[1], softmax: 3), relation(small.hidden[1]))")
     (d,) = [d for d in check_source(bad, "r.gkd", base_dir=CASES).diagnostics if d.severity == "error"]
     assert (d.code, d.span.line, d.span.col) == ("type-mismatch", 4, bad.splitlines()[3].index("3)") + 1)
+
+
+@pytest.mark.parametrize("loss, code, at", [
+    ("drop(soft_ce(bert.task_logits, small.task_logits), min_kept: -1)", "bad-value", "-1"),
+    ("drop(soft_ce(bert.task_logits, small.task_logits), min_kept: 0.5)", "bad-number", "0.5"),
+])
+def test_drop_min_kept_bad_input_has_a_code_and_position(loss, code, at):
+    text = STAIRS.format(loss=loss)
+    result = check_source(text, "d.gkd", base_dir=CASES)
+    errors = [d for d in result.diagnostics if d.severity == "error"]
+    assert [(d.code, d.span.line) for d in errors] == [(code, 4)], errors
+    assert errors[0].span.col == text.splitlines()[3].index(loss) + loss.index(at) + 1
+
+
+def test_drop_min_kept_reaches_the_intervention():
+    for extra, want in (("", 1), (", min_kept: 0", 0), (", min_kept: 2", 2)):
+        text = STAIRS.format(loss=f"drop(soft_ce(bert.task_logits, small.task_logits){extra})")
+        (iv,) = check_source(text, "d.gkd", base_dir=CASES).spec.stages[0].interventions
+        assert iv.params["min_kept"] == want

@@ -52,8 +52,8 @@ class Schedule(Frozen):
     until: float = 1.0
     levels: int | None = None
     """stairs: how many distinct values (period k has level min(k, levels - 1))."""
-    every: Literal["step", "epoch"] | None = None
-    """stairs: the period that moves to the next level."""
+    every: Literal["step", "epoch", "stage"] | None = None
+    """stairs: the period that moves to the next level (``stage``: each n-th of the stage's steps)."""
 
     def at(self, frac: float, *, step: int = 0, epoch: int = 0) -> float:
         """Value at training progress ``frac`` in [0, 1] (``stairs``: at optimizer step ``step`` / epoch ``epoch``)."""
@@ -65,7 +65,10 @@ class Schedule(Frozen):
             levels = max(int(self.levels or 1), 1)
             if levels == 1:
                 return self.end
-            k = min(epoch if self.every == "epoch" else step, levels - 1)
+            if self.every == "stage":  # GKD's Annealing-KD: level floor(frac * n); the epsilon absorbs 6/7*7 = 5.999..
+                k = min(math.floor(frac * levels + 1e-9), levels - 1)
+            else:
+                k = min(epoch if self.every == "epoch" else step, levels - 1)
             return self.value + (self.end - self.value) * k / (levels - 1)
         if frac <= self.start:
             return self.value

@@ -309,6 +309,14 @@ def test_stairs_schedule_lowers_to_levels_per_epoch():
     assert phi.at(0.0, step=7, epoch=0) == 0.25  # every: epoch ignores the step
 
 
+def test_stairs_every_stage_splits_the_stage_into_equal_parts():
+    result = check_source(STAIRS.format(loss="mse(anneal(bert.task_logits, phi: stairs(0.25, 1, levels: 4, "
+                                             "every: stage)), small.task_logits)"), "s.gkd", base_dir=CASES)
+    phi = result.spec.stages[0].loss[0].target.params["phi"]
+    assert phi.every == "stage"
+    assert [phi.at(x, epoch=9) for x in (0.0, 0.24, 0.25, 0.5, 0.74, 0.75, 1.0)] == [0.25, 0.25, 0.5, 0.75, 0.75, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("loss, code, at", [
     ("stairs(0.5, 1) * ce(labels, small.task_logits)", "missing-option", "stairs"),
     ("stairs(0.5, 1, levels: 0) * ce(labels, small.task_logits)", "bad-value", "0)"),

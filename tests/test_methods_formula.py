@@ -531,7 +531,7 @@ def test_lrc_bert_cos_nce(tdir):
 
 def test_annealing_and_continuation_kd(tdir):
     spec = stages(tdir, "use annealing_kd, continuation_kd\n"
-                        "stage a { data: sst2, steps: 4, loss: annealing_kd(bert, small, max_T: 7) }\n"
+                        "stage a { data: sst2, steps: 4, loss: annealing_kd(bert, small, max_T: 7, every: epoch) }\n"
                         "stage b after a { data: sst2, steps: 4, loss: continuation_kd(bert, small, max_T: 10, margin: 1) }")
     sig, batch = make_inputs(spec)
     t, s = sig["bert"][("task_logits", None)], sig["small"][("task_logits", None)]
@@ -541,6 +541,11 @@ def test_annealing_and_continuation_kd(tdir):
         for step, progress in ((epoch * 5, 0.1), (epoch * 5 + 4, 0.9)):  # a step function of the epoch only
             close(total(spec, 0, sig, batch, progress=progress, step=step, epoch=epoch)[0], ((s - phi * t) ** 2).mean())
     assert total(spec, 0, sig, batch, epoch=0)[0] != pytest.approx(total(spec, 0, sig, batch, epoch=1)[0])
+    # the default, every: stage: T = ceil((1 - progress) x 7), whatever the epoch
+    default = stages(tdir, "use annealing_kd\nstage a { data: sst2, steps: 4, loss: annealing_kd(bert, small) }")
+    for progress in (0.0, 0.1, 0.3, 0.5, 0.86, 0.99):
+        phi = 1 - (max(1, math.ceil((1 - progress) * 7)) - 1) / 7
+        close(total(default, 0, sig, batch, progress=progress, epoch=0)[0], ((s - phi * t) ** 2).mean())
     for x in (0.3, 0.8):
         phi = 0.1 + 0.9 * min(1.0, x / 0.666)
         psi = 0.0 if x <= 0.666 else 0.75 * (x - 0.666) / (1 - 0.666)

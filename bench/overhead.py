@@ -22,7 +22,7 @@ import torch
 import transformers as tf
 
 from gkdlang.arch import arch_from_config
-from gkdlang.spec import LossTerm, LRScheduleSpec, OpNode, OptimizerSpec, Schedule, SignalNode, Span, StageSpec
+from gkdlang.spec import LossTerm, LRScheduleSpec, OptimizerSpec, Project, Schedule, SignalNode, Span, StageSpec
 from planner.dsconfig import GRADIENT_CLIPPING
 from planner.plan import CapturePoint, ModelCapture
 from runtime import engine as eng
@@ -46,7 +46,7 @@ def models(width: int, vocab: int) -> tuple[tf.GPT2LMHeadModel, tf.GPT2LMHeadMod
 
 def terms(d_s: int, d_t: int) -> list[LossTerm]:
     sig = lambda m, k, l=None: SignalNode(model=m, kind=k, layer=l)  # noqa: E731
-    proj = OpNode(op="project", inputs=[sig("s", "hidden", 0)], params={"in": d_s, "out": d_t}, module="p")
+    proj = Project(inputs=[sig("s", "hidden", 0)], dim_in=d_s, dim_out=d_t, module="p")
     return [
         LossTerm(id="kl", fn="kl", target=sig("t", "logits"), pred=sig("s", "logits"), mask="not pad",
                  options={"T": T}, span=SPAN),

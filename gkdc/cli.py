@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("files", nargs="+", type=Path)
     c.add_argument("--format", choices=("text", "json", "github"), default="text")
     c.add_argument("--no-plan", action="store_true", help="skip the memory feasibility check")
+    c.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
+                    help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
     c.set_defaults(func=cmd_check)
 
     f = sub.add_parser("fmt", help="format specs canonically")
@@ -58,11 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--explain", action="store_true", help="say why each choice was made")
     pl.add_argument("--format", choices=("text", "json", "github"), default="text", help="diagnostics format")
     pl.add_argument("--schema", action="store_true", help="print the plan's JSON Schema and exit")
+    pl.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
+                    help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
     pl.set_defaults(func=cmd_plan)
 
     g = sub.add_parser("graph", help="write the signal graph as .dot (or .svg/.png with Graphviz)")
     g.add_argument("file", type=Path)
     g.add_argument("-o", "--output", type=Path, required=True)
+    g.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
+                    help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
     g.set_defaults(func=cmd_graph)
 
     e = sub.add_parser("eval", help="held-out perplexity or accuracy of saved models (e.g. runs/x/models/*)")
@@ -77,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("file", type=Path, help="spec.gkd")
     ca.add_argument("--stage", default=None, help="only this stage (default: every stage reading a cached teacher)")
     ca.add_argument("--out", type=Path, default=None, help="write under DIR/<stage> instead of the spec's cache path")
+    ca.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
+                    help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
     ca.set_defaults(func=cmd_cache)
 
     r = sub.add_parser("run", help="execute a plan (or a spec, planning it first) with DeepSpeed")
@@ -87,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     r.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
+                    help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
     r.set_defaults(func=cmd_run)
     return p
 
@@ -94,8 +104,10 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- check / fmt
 
 
-def _emit(diags, sources, fmt: str, stream=sys.stderr) -> None:
+def _emit(diags, sources, fmt: str, stream=None) -> None:
     from gkdlang.diagnostics import render_github, render_json, render_text
+
+    stream = stream or sys.stderr  # looked up per call: callers may redirect stderr
 
     if not diags:
         return
@@ -114,26 +126,37 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _check_one(path: Path, with_plan: bool):
+def _check_one(path: Path, with_plan: bool, allowed: list[str] | tuple[str, ...] = ()):
     """(diagnostics, sources, spec) for one file, including the planner's feasibility check."""
     from gkdlang.diagnostics import Diagnostic
     from gkdlang.lower import check_file
 
-    if not path.is_file():
-        return [Diagnostic("file-not-found", f"no such file: {_display(path)}", None)], {}, None
-    result = check_file(path, display_name=_display(path))
+    if not _is_file(path):
+        return [Diagnostic("file-not-found", f"no such file: {_short(_display(path))}", None)], {}, None
+    result = check_file(path, display_name=_display(path), allowed_paths=allowed)
     diags = list(result.diagnostics)
     if result.spec is not None and with_plan:
         plan, plan_diags = _build_plan(result.spec, path)
         diags.extend(plan_diags)
-        return diags, result.sources, result.spec if not plan_diags else None
+        return diags, result.sources, result.spec if plan is not None else None
     return diags, result.sources, result.spec
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL
+        return False
+
+
+def _short(text: str, width: int = 120) -> str:
+    return text if len(text) <= width else text[: width // 2] + "..." + text[-width // 2 + 3:]
 
 
 def cmd_check(args) -> int:
     all_diags, sources, failed = [], {}, 0
     for path in args.files:
-        diags, srcs, spec = _check_one(path, not args.no_plan)
+        diags, srcs, spec = _check_one(path, not args.no_plan, args.allow_path)
         sources.update(srcs)
         all_diags.extend(diags)
         errors = sum(1 for d in diags if d.severity == "error")
@@ -141,7 +164,7 @@ def cmd_check(args) -> int:
         if args.format == "text":
             _emit(diags, srcs, "text")
             status = "ok" if not errors else f"{errors} error{'s' * (errors != 1)}"
-            print(f"{_display(path)}: {status}", file=sys.stderr)
+            print(f"{_short(_display(path))}: {status}", file=sys.stderr)
     if args.format != "text":
         _emit(all_diags, sources, args.format)
     return EXIT_ERRORS if failed else EXIT_OK
@@ -157,7 +180,11 @@ def cmd_fmt(args) -> int:
             text = path.read_text(encoding="utf-8")
             out = format_source(text, _display(path))
         except OSError as exc:
-            print(f"{path}: {exc.strerror}", file=sys.stderr)
+            print(f"{_short(str(path))}: {exc.strerror}", file=sys.stderr)
+            return EXIT_ERRORS
+        except UnicodeDecodeError as exc:
+            print(f"{_short(str(path))}:1:1: error: file is not UTF-8 (byte {exc.start})  [syntax-unexpected-char]",
+                  file=sys.stderr)
             return EXIT_ERRORS
         except ParseError as exc:
             _emit([exc.diagnostic], {_display(path): text}, "text")
@@ -179,14 +206,14 @@ def cmd_fmt(args) -> int:
 def _build_plan(spec, path: Path, plan_path: Path | None = None):
     """(plan or None, diagnostics): the planner's failures become diagnostics with the cluster's span."""
     from gkdlang.diagnostics import Diagnostic
-    from planner.build import PlanFailure, build_plan
+    from planner.build import PlanFailure, build_plan, plan_warnings
 
     target = str(plan_path) if plan_path is not None else "plan.json"
     result = build_plan(spec, gkdc_version=__version__, spec_path=str(path), plan_path=target)
     if isinstance(result, PlanFailure):
         diags = [d if isinstance(d, Diagnostic) else Diagnostic(*d) for d in result.diagnostics]
         return None, diags
-    return result, []
+    return result, plan_warnings(result)  # warnings only: the plan stands
 
 
 def cmd_plan(args) -> int:
@@ -198,7 +225,7 @@ def cmd_plan(args) -> int:
     if args.file is None:
         print("gkdc plan: error: a spec file is required (or --schema)", file=sys.stderr)
         return EXIT_USAGE
-    diags, sources, spec = _check_one(args.file, with_plan=False)
+    diags, sources, spec = _check_one(args.file, with_plan=False, allowed=args.allow_path)
     _emit(diags, sources, args.format)
     if spec is None:
         return EXIT_ERRORS
@@ -219,7 +246,7 @@ def cmd_plan(args) -> int:
 def cmd_graph(args) -> int:
     from planner.graph import GraphRenderError, build_graph, render
 
-    diags, sources, spec = _check_one(args.file, with_plan=False)
+    diags, sources, spec = _check_one(args.file, with_plan=False, allowed=args.allow_path)
     _emit(diags, sources, "text")
     if spec is None:
         return EXIT_ERRORS
@@ -239,11 +266,11 @@ def cmd_run(args) -> int:
     from planner.plan import Plan
 
     path: Path = args.file
-    if not path.is_file():
-        print(f"error: no such file: {path}", file=sys.stderr)
+    if not _is_file(path):
+        print(f"error: no such file: {_short(str(path))}", file=sys.stderr)
         return EXIT_USAGE
     if path.suffix == ".gkd":
-        diags, sources, spec = _check_one(path, with_plan=False)
+        diags, sources, spec = _check_one(path, with_plan=False, allowed=args.allow_path)
         _emit(diags, sources, "text")
         if spec is None:
             return EXIT_ERRORS
@@ -268,7 +295,7 @@ def cmd_run(args) -> int:
     try:
         run_plan(plan, plan_path, out, resume=args.resume, max_steps=args.max_steps,
                  trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, allowed_paths=tuple(args.allow_path))
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERRORS
@@ -279,7 +306,7 @@ def cmd_cache(args) -> int:
     """Write (or resume) the caches; ranks come from RANK / WORLD_SIZE when a launcher starts several."""
     from planner.graph import build_graph
 
-    diags, sources, spec = _check_one(args.file, with_plan=False)
+    diags, sources, spec = _check_one(args.file, with_plan=False, allowed=args.allow_path)
     _emit(diags, sources, "text")
     if spec is None:
         return EXIT_ERRORS
@@ -345,10 +372,10 @@ def _plan_load_error(path: Path, exc: Exception) -> int:
 
 def _atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so an interrupted write never leaves half a file."""
+    from runtime.files import atomic_write  # torch-free
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 if __name__ == "__main__":

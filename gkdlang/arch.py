@@ -27,6 +27,10 @@ MODEL_TYPE_TO_FAMILY: dict[str, Family] = {
     "glm": "glm",
 }
 
+#: Families the runtime can train and capture (runtime/adapters/families.py ADAPTERS; tests/test_trust.py keeps the
+#: two equal). Others are planned (parameter counts, memory) but ``gkdc run`` refuses them.
+RUNNABLE_FAMILIES: frozenset[str] = frozenset({"bert", "roberta", "gpt2", "llama", "qwen2", "mistral"})
+
 #: Families whose attention is bidirectional (masked-LM style encoders).
 ENCODER_FAMILIES: frozenset[str] = frozenset({"bert", "roberta", "glm"})
 

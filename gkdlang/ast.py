@@ -196,12 +196,34 @@ class ClusterDecl(Node):
 
 
 @dataclass(frozen=True)
+class TeacherEntry(Node):
+    """``teacher <name>: <strategy>`` in a placement block."""
+
+    teacher: Ident
+    value: Expr
+
+    @property
+    def key(self) -> Ident:
+        """The entry's key as written (``teacher bert``), so that blocks print and report uniformly."""
+        return Ident(self.teacher.span, f"teacher {self.teacher.name}")
+
+
+@dataclass(frozen=True)
+class PlacementDecl(Node):
+    """``placement [stage] { ... }``: pinned placement choices for every stage (no name) or for one."""
+
+    stage: Ident | None
+    options: Block
+    """Entries are ``Entry`` (zero, offloads, micro_batch, checkpointing) or ``TeacherEntry``."""
+
+
+@dataclass(frozen=True)
 class LetDecl(Node):
     name: Ident
     value: Expr
 
 
-Decl = Union[Use, ModelDecl, DataDecl, VocabDecl, MethodDecl, StageDecl, ClusterDecl, LetDecl]
+Decl = Union[Use, ModelDecl, DataDecl, VocabDecl, MethodDecl, StageDecl, ClusterDecl, PlacementDecl, LetDecl]
 
 
 @dataclass(frozen=True)

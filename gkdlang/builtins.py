@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gkdlang.spec import INTERVENTION_CONSTRUCTS, OP_TYPES, Plateau
+
 #: signal attribute -> (layered, description)
 SIGNALS: dict[str, tuple[bool, str]] = {
     "logits": (False, "LM head output [b, s, vocab]"),
@@ -49,6 +51,9 @@ LOSSES: dict[str, LossDef] = {
     "soft_ce": LossDef({"T": "schedule", "scale_t2": "bool"}, _DISTS,
                        "cross-entropy of the student's softmax(x/T) against the teacher's soft targets"),
     "jsd": LossDef({"T": "schedule"}, _DISTS, "Jensen-Shannon divergence of the two softmax(x/T)"),
+    "gjsd": LossDef({"beta": "number", "T": "schedule", "scale_t2": "bool"}, _DISTS,
+                    "generalized JSD as TRL's GKD trainer: beta 0 = forward KL, 1 = reverse KL, else "
+                    "beta KL(t||m) + (1-beta) KL(s||m), m = beta t + (1-beta) s"),
     "ce": LossDef({}, frozenset({"labels", "tokens"}), "hard cross-entropy against data labels or tokens"),
     "mse": LossDef({}, _SHAPES, "mean squared error"),
     "sse": LossDef({}, _SHAPES, "sum of squared errors over the feature dim, mean over positions"),
@@ -69,22 +74,12 @@ LOSSES: dict[str, LossDef] = {
 RELATION_LOSSES = frozenset({"distance", "angle"})
 
 #: losses whose two sides may be distributions given as probabilities
-DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd"})
+DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd", "gjsd"})
 
-#: transform -> options (keyword -> kind)
+#: transform -> options (keyword -> kind), from the op class each lowers to; ``align`` re-pairs items (no op)
 TRANSFORMS: dict[str, dict[str, str]] = {
-    "project": {"to": "model", "dim": "int", "shared": "bool"},
-    "relation": {"heads": "int", "softmax": "bool"},
-    "pool": {"how": "symbol"},
-    "normalize": {},
-    "select": {"vocab": "name"},
-    "concat": {},
-    "mean": {},
-    "attend": {},
-    "anneal": {"phi": "schedule"},
+    **{op.transform: dict(op.options) for op in OP_TYPES if op.transform},
     "align": {"map": "map"},
-    "stack": {},
-    "spans": {"max": "fraction"},
 }
 
 #: functions that regroup or gate the terms of a loss expression -> options. ``choose`` also takes a layered
@@ -97,9 +92,7 @@ COMBINATORS: dict[str, dict[str, str]] = {
 }
 
 #: conditions evaluated by the runtime on a stage's running losses -> options (``progressive(x, until: ...)``)
-TRIGGERS: dict[str, dict[str, str]] = {
-    "plateau": {"patience": "int", "min_delta": "number", "window": "int", "on": "symbol"},
-}
+TRIGGERS: dict[str, dict[str, str]] = {"plateau": dict(Plateau.options)}
 
 POOLS = ("mean", "cls", "max")
 
@@ -115,9 +108,16 @@ LAYER_MAPS: dict[str, str] = {
 SCHEDULES = ("linear", "cosine", "step", "stairs")
 MASKS = ("pad", "masked", "cls", "special")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "adam", "sgd", "lamb")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+#: accepted keys whose behaviour the runtime does not execute yet: key -> what is missing (warning not-executed)
+NOT_EXECUTED = {
+    "eval_every": "`gkdc run` evaluates no held-out data during training; evaluate saved students with `gkdc eval`",
+    "split": "`gkdc run` trains on every example and holds none out; evaluate with `gkdc eval` on a separate file",
+}
 DATA_FORMATS = ("text", "jsonl", "json", "parquet", "csv")
 DTYPES = ("fp32", "bf16", "fp16")
+#: bytes per element of each dtype: the one table (planner memory, signal sizes, cache storage)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 @dataclass(frozen=True)
 class InterventionDef:
@@ -130,22 +130,11 @@ class InterventionDef:
     doc: str
 
 
-#: interventions -> definition. Each is documented in docs/language.md; the runtime implements them from the
-#: Intervention params (kind, models, params) the checker writes, which are complete and explicit.
+#: interventions -> definition, from their Spec classes (gkdlang.spec: fields, defaults, options). Each is
+#: documented in docs/language.md; the runtime builds its component from the class's fields.
 INTERVENTIONS: dict[str, InterventionDef] = {
-    "replace_layers": InterventionDef({"p": "schedule", "map": "map"}, True,
-                                      "Theseus module replacement: teacher block groups swapped for student blocks"),
-    "interchange": InterventionDef({"fraction": "fraction", "map": "map", "way": "symbol"}, True,
-                                   "DIITO interchange intervention: a second pass with swapped token-span states"),
-    "perturb": InterventionDef({"eps": "number", "norm": "symbol"}, True,
-                               "LRC-BERT gradient perturbation of the student's embeddings: two passes per step"),
-    "drop": InterventionDef({"p": "fraction", "per": "symbol", "min_kept": "int"}, False,
-                            "DGKD: each group of terms dropped with probability p per step (per: teacher, one group "
-                            "per teacher)"),
-    "weigh": InterventionDef({"by": "symbol", "hard": "bool"}, False,
-                             "per-teacher weights from teacher CE (MT-BERT) or student entropy (Uncertainty)"),
-    "select_teacher": InterventionDef({"policy": "symbol", "state": "model", "reward": "symbol", "lr": "number"},
-                                      False, "RL-KD: a REINFORCE agent picks the teachers of each example"),
+    cls.model_fields["kind"].default: InterventionDef(dict(cls.options), cls.rewrites_forward, cls.doc)
+    for cls in INTERVENTION_CONSTRUCTS
 }
 
 #: libraries whose methods compare signals with no projection by design, and the code a width or head
@@ -170,7 +159,8 @@ MODEL_KEYS = {
     "embedding_size": "int", "max_positions": "int", "dtype": "symbol", "frozen": "bool", "init": "init",
     "head": "head", "cache": "cache",
 }
-DATA_KEYS = {"seq_len": "int", "text": "column", "pair": "column", "label": "column", "split": "fraction"}
+DATA_KEYS = {"seq_len": "int", "text": "column", "pair": "column", "label": "column", "split": "fraction",
+             "packing": "bool"}
 VOCAB_KEYS = {"keep": "keep", "rank": "rank", "protect": "strings", "remap": "remap", "multiple": "int"}
 STAGE_KEYS = {
     "data": "data", "steps": "int", "epochs": "number", "batch": "int", "micro_batch": "int", "seq_len": "int",
@@ -181,5 +171,13 @@ CLUSTER_KEYS = {
     "gpus": "gpus", "gpu": "string", "nodes": "int", "cpu_memory": "bytes", "nvme": "bytes",
     "gpu_memory": "bytes", "precision": "symbol",
 }
+#: ``placement [stage] { ... }`` keys (besides ``teacher <name>: <strategy>``) -> what the value must be
+PLACEMENT_KEYS = {"zero": "int", "offload_optimizer": "symbol", "offload_params": "symbol", "micro_batch": "int",
+                  "checkpointing": "bool"}
+OFFLOAD_TARGETS = ("none", "cpu", "nvme")
+#: teacher strategies a spec may pin: those the runtime runs (the planner's ``separate`` is modelled only)
+TEACHER_STRATEGIES = ("replicated", "sharded", "cpu_offload", "nvme_offload", "offline")
+#: ``cached`` reads as what it is in the plan: ``offline`` (signals read from the teacher's cache)
+TEACHER_STRATEGY_ALIASES = {"cached": "offline"}
 OPTIMIZER_KEYS = {"lr": "number", "betas": "pair", "eps": "number", "weight_decay": "number"}
 LR_SCHEDULE_KEYS = {"warmup": "fraction", "min_lr": "number"}

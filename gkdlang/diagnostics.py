@@ -25,7 +25,9 @@ CODES: dict[str, tuple[Severity, str]] = {
     "syntax-unexpected-eof": ("error", "The file ends inside a declaration (an unclosed brace or bracket)."),
     "bad-number": ("error", "A number with a unit that does not fit where it is used (e.g. `40GB` as a step count)."),
     "bad-string": ("error", "A string literal with an invalid escape."),
-    "nesting-too-deep": ("error", "An expression nested more than 100 levels deep (split it with `let`)."),
+    "nesting-too-deep": ("error", "An expression nested more than 100 levels deep, brackets nested deeper, or a flat sum "
+                         "or product of more than 400 operands (split it with `let`)."),
+    "spec-too-large": ("error", "A spec file over 256 KiB characters (25x the largest shipped spec)."),
     # names
     "unknown-name": ("error", "A name that is not a declared model, data source, constant or parameter."),
     "unknown-model": ("error", "A model name that no `teacher`/`student` declaration defines."),
@@ -40,6 +42,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     "duplicate-definition": ("error", "Two declarations with the same name."),
     "duplicate-option": ("error", "The same key twice in one block or call."),
     "unused-definition": ("warning", "A model or data source declared but never used."),
+    "not-executed": ("warning", "A key the checker accepts but `gkdc run` does not execute yet (`eval_every`, data "
+                                "`split`): it has no effect on the run."),
     # models
     "model-source": ("error", "A model source that is neither a local directory with config.json nor a catalog model."),
     "bad-config": ("error", "A config.json gkdc cannot read (invalid JSON or unsupported architecture)."),
@@ -85,8 +89,25 @@ CODES: dict[str, tuple[Severity, str]] = {
     "batch-too-small": ("error", "Hard per-teacher selection (Uncertainty) with a per-rank micro-batch smaller than "
                         "the number of teachers."),
     "data-not-found": ("warning", "A data path that matches no file at check time (it must exist before `gkdc run`)."),
+    "missing-weights": ("error", "A local teacher folder whose safetensors lack a head the spec reads (e.g. a BertModel "
+                        "folder, no MLM head, read for logits): it would train against a random head."),
+    "family-not-runnable": ("warning", "A model of a family the planner knows but the runtime cannot train yet (opt, bloom, "
+                            "glm): `gkdc plan` works, `gkdc run` refuses it."),
+    "bad-path": ("error", "A data or cache path that is empty, holds a NUL, or is too long (4,096 characters, 255 per name)."),
+    "path-outside-root": ("error", "A data or cache path that resolves outside the spec's project and every `--allow-path` "
+                          "folder (see docs/security.md)."),
+    "data-is-directory": ("error", "A data path that names a folder; name its files with a glob."),
     "unknown-gpu": ("error", "A device name that the hardware catalog does not contain."),
-    "plan-infeasible": ("error", "No placement fits the cluster's memory; the message shows the best attempt per rank."),
+    "plan-infeasible": ("error", "No placement fits the cluster's memory; the message names the resource that does not "
+                        "fit (GPU or host memory, per rank or per node), the best attempt per rank and what would fit."),
+    "pin-does-not-fit": ("error", "A pinned placement (`placement { ... }`) that does not fit; the message names the "
+                         "resource, the per-rank breakdown and the placement the planner would pick."),
+    "pin-unavailable": ("error", "A pinned choice this cluster or stage cannot run (NVMe offload without `nvme`, "
+                        "`offline` for a teacher without a usable cache)."),
+    "packing-unsupported": ("error", "`packing: true` on data that a stage cannot pack (labels, sentence pairs, a "
+                            "masked LM, or a per-sequence signal)."),
+    "no-cpu-memory": ("warning", "The cluster gives no `cpu_memory`: host memory was not checked; the message states "
+                      "what the plan needs per node."),
 }
 
 
@@ -131,10 +152,17 @@ class Collector:
         return sorted(self.items, key=key)
 
 
+def closest(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The candidate most like ``name`` (difflib ratio at least ``cutoff``), or None: the one matcher behind
+    every did-you-mean of gkdc (checker, model catalog, hardware catalog, runtime registries)."""
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=cutoff)
+    return matches[0] if matches else None
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """``"did you mean 'x'?"`` for the closest candidate, or None."""
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean '{matches[0]}'?" if matches else None
+    match = closest(name, candidates)
+    return f"did you mean '{match}'?" if match else None
 
 
 # ---------------------------------------------------------------- rendering

@@ -126,6 +126,8 @@ class _Printer:
             return f"stage {d.name.name}{after}" + self.block_suffix(d.options, force=True)
         if isinstance(d, ast.ClusterDecl):
             return "cluster" + self.block_suffix(d.options)
+        if isinstance(d, ast.PlacementDecl):
+            return "placement" + (f" {d.stage.name}" if d.stage else "") + self.block_suffix(d.options)
         assert isinstance(d, ast.LetDecl)
         return f"let {d.name.name} = {self.expr(d.value)}"
 

@@ -15,6 +15,9 @@ from gkdlang.diagnostics import Diagnostic
 from gkdlang.spec import Span
 
 GRAMMAR = Path(__file__).with_name("grammar.lark")
+#: the language's keywords (whole words; see grammar.lark)
+KEYWORDS = {"USE", "DATA", "VOCAB", "FROM", "METHOD", "STAGE", "AFTER", "CLUSTER", "LET", "TEACHER", "STUDENT",
+            "ASSISTANT", "WHERE", "AND", "NOT", "TRUE", "FALSE"}
 
 
 class ParseError(Exception):
@@ -32,8 +35,21 @@ def _parser() -> Lark:
                 cache=True)
 
 
+#: largest spec accepted, in characters: 25x the largest shipped spec, and still checked in a few seconds (the
+#: LALR parser runs at roughly 100-200 KB/s); a bigger file is refused before parsing, so no phase runs unbounded
+MAX_SPEC_CHARS = 256 * 1024
+
+
 def parse(text: str, file: str = "<input>") -> ast.Module:
     """Parse a whole .gkd text; raises ParseError with a positioned diagnostic."""
+    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark some editors write: not part of the text
+        text = text[1:]
+    if len(text) > MAX_SPEC_CHARS:
+        raise ParseError(Diagnostic("spec-too-large", f"the spec is {len(text):,} characters long; gkdc reads specs "
+                                    f"of at most {MAX_SPEC_CHARS:,}", Span(file=file, line=1, col=1, end_line=1,
+                                                                           end_col=2),
+                                    "split it into several specs, or move repeated parts into methods"))
+    _check_brackets(text, file)
     try:
         tree = _parser().parse(text)
     except (UnexpectedCharacters, UnexpectedToken, UnexpectedEOF) as exc:
@@ -51,17 +67,51 @@ def parse(text: str, file: str = "<input>") -> ast.Module:
 MAX_DEPTH = 100
 
 
+#: most operands of one flat chain of ``+``/``-`` (or of ``*``/``/``): a chain counts one level of nesting, but
+#: phases still walk it operand by operand
+MAX_CHAIN = 400
+_CHAINS = {"add": "sum", "sub": "sum", "mul": "product", "div": "product"}
+_BRACKETS = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|[()\[\]{}]')
+
+
+def _check_brackets(text: str, file: str) -> None:
+    """Brackets nested deeper than MAX_DEPTH (they make no tree node of their own, so ``_check_depth`` cannot see
+    them): refused at the first bracket past the limit."""
+    depth = 0
+    for m in _BRACKETS.finditer(text):
+        ch = m.group()
+        if ch in "([{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = text.count("\n", 0, m.start()) + 1
+                col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+                raise ParseError(Diagnostic("nesting-too-deep", f"brackets nested more than {MAX_DEPTH} levels deep",
+                                            Span(file=file, line=line, col=col, end_line=line, end_col=col + 1),
+                                            "split the expression with `let` declarations"))
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+
+
 def _check_depth(tree: lark.Tree, file: str) -> None:
-    """Reject absurdly deep trees up front (iteratively), so no phase can hit Python's recursion limit."""
-    stack = [(tree, 1, tree)]
+    """Reject absurdly deep trees up front (iteratively), so no phase can hit Python's recursion limit.
+
+    The left operand of a chain of the same precedence (``a + b + c``) does not nest deeper: a flat sum of 99
+    terms is one level, and is limited by its length (MAX_CHAIN) instead."""
+    stack = [(tree, 1, tree, 1)]
     while stack:
-        node, depth, decl = stack.pop()
+        node, depth, decl, chain = stack.pop()
         if depth > MAX_DEPTH:  # point at the declaration: the deepest node is an arbitrary leaf
             raise ParseError(Diagnostic("nesting-too-deep", f"expression nested more than {MAX_DEPTH} levels deep",
                                         _span(file, decl.meta), "split it with `let` declarations"))
-        for child in node.children:
+        kind = _CHAINS.get(node.data) if isinstance(node.data, str) else None
+        if chain >= MAX_CHAIN:  # a chain of k operators has k + 1 operands
+            raise ParseError(Diagnostic("nesting-too-deep", f"a {kind} of more than {MAX_CHAIN} operands",
+                                        _span(file, node.meta), "split it with `let` declarations"))
+        for i, child in enumerate(node.children):
             if isinstance(child, lark.Tree):
-                stack.append((child, depth + 1, child if depth == 1 else decl))
+                same = kind is not None and i == 0 and _CHAINS.get(child.data) == kind
+                stack.append((child, depth if same else depth + 1, child if depth == 1 else decl,
+                              chain + 1 if same else 1))
 
 
 def parse_file(path: str | Path) -> ast.Module:
@@ -133,6 +183,15 @@ class _ToAst(Transformer):
 
     def cluster_decl(self, meta, c):
         return ast.ClusterDecl(self.s(meta), c[0])
+
+    def placement_decl(self, meta, c):
+        return ast.PlacementDecl(self.s(meta), c[0], c[1])
+
+    def placement_block(self, meta, entries):
+        return ast.Block(self.s(meta), tuple(entries))
+
+    def teacher_entry(self, meta, c):
+        return ast.TeacherEntry(self.s(meta), c[1], c[2])  # c[0]: the TEACHER keyword
 
     def let_decl(self, meta, c):
         return ast.LetDecl(self.s(meta), c[0], c[1])
@@ -240,6 +299,8 @@ _READABLE = {
 def _readable(terminal: str) -> str:
     if terminal in _READABLE:
         return _READABLE[terminal]
+    if terminal.lstrip("_") in KEYWORDS:
+        return f"'{terminal.lstrip('_').lower()}'"
     try:
         pattern = _parser().get_terminal(terminal).pattern
     except KeyError:
@@ -253,8 +314,8 @@ def _expected(names) -> str:
     names = set(names)
     if {"NUMBER", "STRING", "NAME"} <= names:
         return "an expression"
-    if {"TEACHER", "STAGE"} <= names:
-        return "a declaration (use, teacher, student, data, vocab, method, stage, cluster, let)"
+    if {"TEACHER", "_STAGE"} <= names:
+        return "a declaration (use, teacher, student, data, vocab, method, stage, cluster, placement, let)"
     items = sorted({_readable(n) for n in names})
     if len(items) > 8:
         items = items[:8] + ["..."]

@@ -8,13 +8,13 @@ one target node with one prediction node.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gkdlang.arch import ArchInfo
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Frozen(BaseModel):
@@ -163,6 +163,9 @@ class DataSpec(Frozen):
     seq_len: int = 512
     split: float | None = None
     """Fraction held out for evaluation, if any."""
+    packing: bool | None = None
+    """Concatenate documents and cut them into ``seq_len`` blocks; None: the planner decides per stage
+    (``planner.tokens.packing_choice``: packed where every model is causal and every signal is per token)."""
     span: Span
 
 
@@ -223,18 +226,169 @@ class SignalNode(Frozen):
 
 
 class OpNode(Frozen):
-    """A transform: project, relation, pool, normalize, select_vocab, mean, concat, attend, ..."""
+    """A transform of its inputs; one subclass per op (the ``op`` field tells them apart in JSON).
+
+    Adding a transform: a subclass here (its fields are its arguments, each with its default), the lowering
+    function in ``gkdlang/lower/transforms.py``, the kernel in ``runtime/lossgraph.py`` (see docs/internals.md).
+    """
 
     node: Literal["op"] = "op"
     op: str
     inputs: list["Node"]
-    params: dict[str, Any] = Field(default_factory=dict)
     module: str | None = None
-    """Key of the learned module (projection) owning this op's parameters; shared ops share a key."""
+    """Key of the learned module owning this op's parameters (``project``); shared ops share a key."""
+
+    transform: ClassVar[str | None] = None
+    """The language's transform that lowers to this op (None: an op the checker inserts)."""
+    options: ClassVar[dict[str, str]] = {}
+    """The transform's keyword options -> kind of value (read by the checker through builtins.TRANSFORMS)."""
 
 
-Node = Annotated[Union[SignalNode, OpNode], Field(discriminator="node")]
-OpNode.model_rebuild()
+class Project(OpNode):
+    """A learned linear map (one module per ``module`` key; ``shared: false`` gives each layer its own)."""
+
+    op: Literal["project"] = "project"
+    dim_in: int
+    dim_out: int | None = None
+    """None until the loss it feeds fixes it (the other side's width)."""
+
+    def param_count(self) -> int:
+        """Weights and bias of the linear map (0 while ``dim_out`` is open)."""
+        return self.dim_in * self.dim_out + self.dim_out if self.dim_out is not None else 0
+
+    transform: ClassVar[str | None] = "project"
+    options: ClassVar[dict[str, str]] = {"to": "model", "dim": "int", "shared": "bool"}
+
+
+class Relation(OpNode):
+    """Scaled dot products of each position with every other, per head (MiniLM): ``[b, heads, s, s]``."""
+
+    op: Literal["relation"] = "relation"
+    heads: int
+    softmax: bool = True
+    """False: the raw scaled scores (compared as logits)."""
+
+    transform: ClassVar[str | None] = "relation"
+    options: ClassVar[dict[str, str]] = {"heads": "int", "softmax": "bool"}
+
+
+class Pool(OpNode):
+    """One vector per example: the mean over real positions, position 0 (``cls``) or the maximum."""
+
+    op: Literal["pool"] = "pool"
+    how: Literal["mean", "cls", "max"] = "mean"
+
+    transform: ClassVar[str | None] = "pool"
+    options: ClassVar[dict[str, str]] = {"how": "symbol"}
+
+
+class Normalize(OpNode):
+    """L2-normalised along the feature dim."""
+
+    op: Literal["normalize"] = "normalize"
+
+    transform: ClassVar[str | None] = "normalize"
+    options: ClassVar[dict[str, str]] = {}
+
+
+class SelectVocab(OpNode):
+    """Teacher logits reduced to the rows a vocab block keeps (GLMD)."""
+
+    op: Literal["select_vocab"] = "select_vocab"
+    vocab: str
+    """Name of the vocab block whose kept rows are selected."""
+
+    transform: ClassVar[str | None] = "select"
+    options: ClassVar[dict[str, str]] = {"vocab": "name"}
+
+
+class Choose(OpNode):
+    """Item ``index`` of ``k`` inputs drawn at random per ``every`` period (RAIL-KD); one draw per ``group``."""
+
+    op: Literal["choose"] = "choose"
+    group: str
+    k: int
+    index: int
+    every: Literal["step", "epoch"] = "epoch"
+    order: Literal["ascending"] = "ascending"
+    """The drawn indices are sorted, so a layered pairing keeps the depth order."""
+
+
+class Attend(OpNode):
+    """ALP-KD: input 0 (the student query) attends over inputs 1.. (teacher layers)."""
+
+    op: Literal["attend"] = "attend"
+
+    transform: ClassVar[str | None] = "attend"
+    options: ClassVar[dict[str, str]] = {}
+
+
+class Anneal(OpNode):
+    """Annealing-KD's target ``phi * x``."""
+
+    op: Literal["anneal"] = "anneal"
+    phi: Schedule
+
+    transform: ClassVar[str | None] = "anneal"
+    options: ClassVar[dict[str, str]] = {"phi": "schedule"}
+
+
+class Concat(OpNode):
+    """The inputs concatenated along the feature dim."""
+
+    op: Literal["concat"] = "concat"
+
+    transform: ClassVar[str | None] = "concat"
+    options: ClassVar[dict[str, str]] = {}
+
+
+class Mean(OpNode):
+    """The element-wise mean of the inputs."""
+
+    op: Literal["mean"] = "mean"
+
+    transform: ClassVar[str | None] = "mean"
+    options: ClassVar[dict[str, str]] = {}
+
+
+class Stack(OpNode):
+    """The inputs stacked on a new axis ``[b, s, n, h]`` (CKD's relations over layers)."""
+
+    op: Literal["stack"] = "stack"
+    axis: int = -2
+
+    transform: ClassVar[str | None] = "stack"
+    options: ClassVar[dict[str, str]] = {}
+
+
+class Spans(OpNode):
+    """Mean-pooled random contiguous spans of positions (MGSKD's span level)."""
+
+    op: Literal["spans"] = "spans"
+    max_fraction: float = 0.4
+    """Longest span as a fraction of the real length."""
+    pool: Literal["mean"] = "mean"
+    segmentation: Literal["drawn once per step, shared by every spans() op of the stage"] = (
+        "drawn once per step, shared by every spans() op of the stage")
+
+    transform: ClassVar[str | None] = "spans"
+    options: ClassVar[dict[str, str]] = {"max": "fraction"}
+
+
+class Interchanged(OpNode):
+    """Its input read from the counterfactual pass of interchange ``intervention`` (DIITO)."""
+
+    op: Literal["interchanged"] = "interchanged"
+    intervention: str
+
+
+#: every op a Spec can hold: the transforms in the order the docs list them, then the ops the checker inserts
+OP_TYPES: tuple[type[OpNode], ...] = (Project, Relation, Pool, Normalize, SelectVocab, Concat, Mean, Attend, Anneal,
+                                      Stack, Spans, Choose, Interchanged)
+Op = Annotated[Union[OP_TYPES], Field(discriminator="op")]
+Node = Annotated[Union[SignalNode, Op], Field(discriminator="node")]
+for _op in (OpNode, *OP_TYPES):
+    _op.model_rebuild()
 
 
 class Gate(Frozen):
@@ -267,20 +421,210 @@ class LossTerm(Frozen):
     span: Span
 
 
+# ---------------------------------------------------------------- interventions
+
+
 class Intervention(Frozen):
-    """Runtime behaviour beyond signals and losses (Theseus replacement, DIITO interchange, ...)."""
+    """Runtime behaviour beyond signals and losses; one subclass per ``kind`` (the field tells them apart).
+
+    Each subclass declares the construct's language options (``options``: keyword -> kind of value, read by
+    the checker through ``gkdlang.builtins.INTERVENTIONS``), its defaults (its fields'), and the fields the
+    runtime component is built from (``runtime/interventions.py``). Fields typed as one-value ``Literal``s
+    state a fixed behaviour of the runtime in the plan, for its readers.
+    """
 
     kind: str
     models: list[str]
-    params: dict[str, Any] = Field(default_factory=dict)
+    """Models the intervention runs or reads (the planner builds them)."""
     span: Span
+
+    options: ClassVar[dict[str, str]] = {}
+    rewrites_forward: ClassVar[bool] = False
+    """Changes how the student's forward/backward pass runs; two of these cannot share a stage."""
+    doc: ClassVar[str] = ""
+
+
+class ReplaceLayers(Intervention):
+    kind: Literal["replace_layers"] = "replace_layers"
+    teacher: str
+    student: str
+    groups: list[list[int]]
+    """groups[j]: the teacher blocks student block j stands for."""
+    p: Schedule
+    """Probability that a student block keeps its place, per step."""
+    every: Literal["step"] = "step"
+    draw: Literal["per student block"] = "per student block"
+    teacher_frozen: Literal[True] = True
+    teacher_forward: Literal[False] = False
+    meaning: str = ("each step, student block j replaces teacher blocks groups[j] with probability p (else the "
+                    "frozen teacher blocks run in its place); embeddings and head are the student's")
+
+    options: ClassVar[dict[str, str]] = {"p": "schedule"}
+    rewrites_forward: ClassVar[bool] = True
+    doc: ClassVar[str] = "Theseus module replacement: teacher block groups swapped for student blocks"
+
+
+class Interchange(Intervention):
+    kind: Literal["interchange"] = "interchange"
+    id: str
+    teacher: str
+    student: str
+    layers: list[list[int]]
+    """Aligned [student block, teacher block] pairs; one is drawn per step."""
+    layer_choice: Literal["one pair at random per step"] = "one pair at random per step"
+    fraction: float = 0.3
+    """Share of each example's real positions whose states are swapped."""
+    way: Literal["consecutive", "random", "masked"] = "consecutive"
+    source: Literal["next example in the batch (roll by one)"] = "next example in the batch (roll by one)"
+    meaning: str = ("a second forward of both models in which the states of `fraction` of the token positions "
+                    "(contiguous when way is consecutive) at an aligned layer pair [student, teacher] are "
+                    "replaced by the source example's; ops 'interchanged' read that pass")
+
+    options: ClassVar[dict[str, str]] = {"fraction": "fraction", "map": "map", "way": "symbol"}
+    rewrites_forward: ClassVar[bool] = True
+    doc: ClassVar[str] = "DIITO interchange intervention: a second pass with swapped token-span states"
+
+
+class Perturb(Intervention):
+    kind: Literal["perturb"] = "perturb"
+    model: str
+    on: Literal["embeddings"] = "embeddings"
+    eps: float = 1e-5
+    direction: Literal["gradient"] = "gradient"
+    norm: Literal["batch", "token"] = "batch"
+    """What the gradient's L2 norm is taken over: the whole micro-batch, or each position (GKD)."""
+    passes: Literal[2] = 2
+    first_pass_grads: Literal["discarded"] = "discarded"
+    grad_accumulation: Literal[False] = False
+    meaning: str = ("pass 1 computes the stage loss and its gradient g w.r.t. the embedding output e; pass 2 "
+                    "recomputes every term with e + eps * g / ||g|| (norm: batch, the L2 norm of the whole "
+                    "micro-batch's g; norm: token, of each position's g, as GKD's F.normalize(g, dim=-1)); a "
+                    "non-finite g perturbs nothing; only pass 2's gradients update the weights")
+
+    options: ClassVar[dict[str, str]] = {"eps": "number", "norm": "symbol"}
+    rewrites_forward: ClassVar[bool] = True
+    doc: ClassVar[str] = "LRC-BERT gradient perturbation of the student's embeddings: two passes per step"
+
+
+class Drop(Intervention):
+    kind: Literal["drop"] = "drop"
+    group: str
+    p: float = 0.25
+    every: Literal["step"] = "step"
+    min_kept: int = 1
+    """When every drop group of the stage is drawn, this many (drawn) are kept (``0``: every group may drop at
+    once, GKD's DGKD; a stage's drop groups share one draw, so the runtime takes their largest value)."""
+    meaning: str = ("each step the group's terms are left out together with probability p, independently of "
+                    "other drop groups; if every drop group of the stage is dropped, one drawn at random is kept")
+
+    options: ClassVar[dict[str, str]] = {"p": "fraction", "per": "symbol", "min_kept": "int"}
+    doc: ClassVar[str] = ("DGKD: each group of terms dropped with probability p per step (per: teacher, one group "
+                          "per teacher)")
+
+
+class Unit(Frozen):
+    """One teacher's terms (its sampling group) in weigh / select_teacher."""
+
+    group: str
+    teacher: str
+
+
+class Weigh(Intervention):
+    kind: Literal["weigh"] = "weigh"
+    group: str
+    by: Literal["teacher_ce", "student_entropy"]
+    hard: bool = False
+    units: list[Unit]
+    """Units listed from the smallest to the largest teacher."""
+    needs_labels: bool = False
+    student: str | None = None
+    """by: student_entropy: the student whose prediction entropy weighs the units."""
+    min_micro_batch: int = 1
+    entropy_of: Literal["task_logits", "logits"] | None = None
+    weight: str
+    """How a unit's per-example weight is computed, in words."""
+
+    options: ClassVar[dict[str, str]] = {"by": "symbol", "hard": "bool"}
+    doc: ClassVar[str] = "per-teacher weights from teacher CE (MT-BERT) or student entropy (Uncertainty)"
+
+
+class SelectTeacher(Intervention):
+    kind: Literal["select_teacher"] = "select_teacher"
+    group: str
+    policy: Literal["reinforce"] = "reinforce"
+    units: list[Unit]
+    state_model: str | None = None
+    """Model whose [CLS] state the agent reads; None: the student."""
+    state: list[str]
+    action: Literal["keep or skip each unit per example (Bernoulli per teacher)"] = (
+        "keep or skip each unit per example (Bernoulli per teacher)")
+    reward: Literal["ce", "ce_kl"] = "ce"
+    reward_meaning: str
+    baseline: Literal["running mean of the reward"] = "running mean of the reward"
+    lr: float | None = None
+    """The agent's learning rate; None: the stage's."""
+    agent: Literal["two-layer MLP owned by the student wrapper"] = "two-layer MLP owned by the student wrapper"
+
+    options: ClassVar[dict[str, str]] = {"policy": "symbol", "state": "model", "reward": "symbol", "lr": "number"}
+    doc: ClassVar[str] = "RL-KD: a REINFORCE agent picks the teachers of each example"
+
+
+class LRWindow(Frozen):
+    start: float
+    until: float
+    layer: int
+
+
+class ProgressiveLR(Intervention):
+    """progressive(..., below_lr: f): lowered by the ``progressive`` combinator, not a construct of its own."""
+
+    kind: Literal["progressive_lr"] = "progressive_lr"
+    model: str
+    below_lr: float
+    windows: list[LRWindow]
+    meaning: str = ("during each window only `layer` trains at the full learning rate; blocks below it train "
+                    "at below_lr times it (0: frozen)")
+
+
+class Plateau(Intervention):
+    """progressive(..., until: plateau(...)): lowered by the ``progressive`` combinator."""
+
+    kind: Literal["plateau"] = "plateau"
+    id: str
+    groups: list[str]
+    then: str | None = None
+    exclusive: bool = False
+    patience: int = 3
+    window: int = 10
+    min_delta: float = 0.0
+    on: str | None = None
+    """The loss function whose terms are watched; None: every term of the group."""
+    deadlines: list[float] | None = None
+    meaning: str = ("group 0 is unlocked first; after every `window` optimizer steps the mean (over the window, "
+                    "and over data-parallel ranks) of the unweighted values of the current group's watched terms "
+                    "(`on`, or all of them) is compared with its best so far: an improvement of more than "
+                    "min_delta resets the count, anything else adds one; after `patience` windows without "
+                    "improvement the next group unlocks (previous ones stay on unless exclusive). After the last "
+                    "group plateaus the progressive terms stop and the `then` group starts. deadlines[i]: the "
+                    "progress at which unlock i+1 happens at the latest (None: none)")
+
+    options: ClassVar[dict[str, str]] = {"patience": "int", "min_delta": "number", "window": "int", "on": "symbol"}
+    """The options of the trigger ``plateau(...)`` (``builtins.TRIGGERS``)."""
+
+
+#: the constructs a user writes (``weigh(...)``, ...), in the order the docs list them
+INTERVENTION_CONSTRUCTS: tuple[type[Intervention], ...] = (ReplaceLayers, Interchange, Perturb, Drop, Weigh,
+                                                          SelectTeacher)
+#: every intervention a Spec can hold: the constructs, then those the ``progressive`` combinator lowers to
+INTERVENTION_TYPES: tuple[type[Intervention], ...] = (*INTERVENTION_CONSTRUCTS, ProgressiveLR, Plateau)
+AnyIntervention = Annotated[Union[INTERVENTION_TYPES], Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------- stages and cluster
 
 
 class OptimizerSpec(Frozen):
-    name: Literal["adamw", "adam", "sgd", "lamb"] = "adamw"
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -292,6 +636,28 @@ class LRScheduleSpec(Frozen):
     warmup: float = 0.0
     """Warm-up as a fraction of the stage's steps."""
     min_lr: float = 0.0
+
+
+TeacherStrategy = Literal["replicated", "sharded", "cpu_offload", "nvme_offload", "offline"]
+"""How a teacher is placed: a whole copy per rank, ZeRO-3 shards, shards offloaded to host memory or NVMe, or
+read from its cache (``offline``). The planner's ``separate`` (teachers on their own ranks) is not run, so not here."""
+
+
+class PlacementPin(Frozen):
+    """The placement choices a spec pins (``placement [stage] { ... }``); None leaves a choice to the planner.
+
+    ``micro_batch`` and ``activation_checkpointing`` are pinned through the stage's fields of the same names
+    (so every check that reads them sees the pin); their spans are kept here with the others.
+    """
+
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    offload_optimizer: Literal["none", "cpu", "nvme"] | None = None
+    offload_params: Literal["none", "cpu", "nvme"] | None = None
+    teachers: dict[str, TeacherStrategy] = Field(default_factory=dict)
+    spans: dict[str, Span] = Field(default_factory=dict)
+    """Where each pinned key was written: ``zero``, ``offload_optimizer``, ``offload_params``, ``micro_batch``,
+    ``checkpointing`` or ``teacher <name>``."""
+    span: Span
 
 
 class StageSpec(Frozen):
@@ -309,7 +675,7 @@ class StageSpec(Frozen):
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: LRScheduleSpec = LRScheduleSpec()
     loss: list[LossTerm]
-    interventions: list[Intervention] = Field(default_factory=list)
+    interventions: list[AnyIntervention] = Field(default_factory=list)
     students: list[str]
     """Models trained in this stage (usually one)."""
     teachers: list[str]
@@ -320,6 +686,8 @@ class StageSpec(Frozen):
     """False when a term forbids gradient accumulation (e.g. LRC-BERT gradient perturbation)."""
     eval_every: int | None = None
     save_every: int | None = None
+    pin: PlacementPin | None = None
+    """Placement choices the spec pins for this stage; None: the planner chooses everything."""
     span: Span
 
 

@@ -60,14 +60,15 @@ def _bandwidth(device: Device, world: int, gpus_per_node: int) -> float:
 
 def step_cost(models: StageModels, p: Placement, device: Device, world: int, gpus_per_node: int) -> StepCost:
     """Predicted seconds per optimizer step for one placement (see the module docstring)."""
-    tokens = p.micro_batch * models.seq_len * p.grad_accum
+    seq = models.step_seq(p.micro_batch)  # seq_len, or the expected padded width of unpacked data
+    tokens = p.micro_batch * seq * p.grad_accum
     rate = _peak(device, p.precision) * EFFICIENCY
     n = models.trainable
-    attn = sum(_attn_flops_per_token(m.arch.num_layers, models.seq_len, m.arch.num_heads * m.arch.head_dim)
+    attn = sum(_attn_flops_per_token(m.arch.num_layers, seq, m.arch.num_heads * m.arch.head_dim)
                for m, _, _ in models.students)
     parts = {"compute_student": (6 * n + 3 * attn) * tokens / rate,
              "recompute": (2 * n + attn) * tokens / rate if p.activation_checkpointing else 0.0,
-             "compute_teacher": _teacher_compute(models, p, device, tokens)}
+             "compute_teacher": _teacher_compute(models, p, device, tokens, seq)}
     bw = _bandwidth(device, world, gpus_per_node)
     parts["zero_comm"] = _zero_comm(models, p, world, bw)
     parts["offload"] = _offload(models, p, device, world, gpus_per_node)
@@ -83,14 +84,14 @@ def _latency(models: StageModels, p: Placement) -> float:
     return p.grad_accum * (student + teacher) * PER_BLOCK_LATENCY_S
 
 
-def _teacher_compute(models: StageModels, p: Placement, device: Device, tokens: int) -> float:
+def _teacher_compute(models: StageModels, p: Placement, device: Device, tokens: float, seq: float) -> float:
     total = 0.0
     for m, counts, cap in models.teachers:
         # an offline teacher runs once over the data (building its cache), not once per epoch
         share = 1.0 / max(models.epochs, 1.0) if p.teacher_strategy.get(m.name) == "offline" else 1.0
         blocks = m.arch.num_layers if cap.stop_after_layer is None else cap.stop_after_layer + 1
         flops = 2 * teacher_needed_params(counts, cap, m.arch)
-        flops += _attn_flops_per_token(blocks, models.seq_len, m.arch.num_heads * m.arch.head_dim)
+        flops += _attn_flops_per_token(blocks, seq, m.arch.num_heads * m.arch.head_dim)
         total += share * flops * tokens / (_peak(device, m.dtype) * EFFICIENCY)
     return total
 

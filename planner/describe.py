@@ -43,6 +43,8 @@ def describe_capture(cap: ModelCapture, model: ModelSpec) -> str:
     runs = f"runs all {n} blocks" if cap.stop_after_layer is None else f"runs blocks 0..{cap.stop_after_layer} of {n}"
     head_name = "LM" if model.head.kind == "lm" else model.head.kind
     head = "head runs" if cap.needs_head else f"{head_name} head skipped"
+    if cap.fused_head:
+        head = f"{head_name} head fused into the loss (logits formed chunk by chunk, never materialised)"
     eager = f", eager attention in {_blocks(cap.eager_attention_layers)}" if cap.eager_attention_layers else ""
     return f"{model.role} '{model.name}' {runs}, {head}{eager}"
 
@@ -72,6 +74,18 @@ def describe_placement(p: Placement) -> str:
     return (f"ZeRO-{p.zero_stage}{' offload ' + ', '.join(offload) if offload else ''}, micro-batch {p.micro_batch}"
             f" x accum {p.grad_accum}, {'activation checkpointing, ' if p.activation_checkpointing else ''}"
             f"{p.precision}; teachers {teachers}")
+
+
+def pin_block(stage: str, p: Placement) -> str:
+    """The ``placement`` declaration that pins ``p`` for ``stage`` (to reproduce a placement one trusts)."""
+    keys = [f"zero: {p.zero_stage}"]
+    if p.offload_optimizer != "none":
+        keys.append(f"offload_optimizer: {p.offload_optimizer}")
+    if p.offload_params != "none":
+        keys.append(f"offload_params: {p.offload_params}")
+    keys += [f"micro_batch: {p.micro_batch}", f"checkpointing: {'true' if p.activation_checkpointing else 'false'}"]
+    keys += [f"teacher {name}: {strategy}" for name, strategy in sorted(p.teacher_strategy.items())]
+    return f"placement {stage} {{ {'; '.join(keys)} }}"
 
 
 # ---------------------------------------------------------------- the report

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from gkdlang.spec import ModelSpec, StageSpec
-from planner.memory import zero_buckets
+from planner.memory import teacher_window_params, zero_buckets
+from planner.params import count_params_for
 from planner.plan import Placement
 
 #: Never print DeepSpeed's own step logs: the runtime writes metrics itself.
@@ -97,6 +98,12 @@ def teacher_ds_config(placement: Placement, model: ModelSpec, world: int) -> dic
     strategy = placement.teacher_strategy.get(model.name, "replicated")
     if strategy not in TEACHER_OFFLOAD:
         return None
+    zero = zero_section(3, "none", TEACHER_OFFLOAD[strategy], world, persistence=0)
+    # a forward-only engine: keep at most the planner's window gathered (DeepSpeed's defaults, 1e9 live
+    # parameters and reuse distance, kept a whole 1.5B teacher gathered from the second forward on: measured)
+    counts = count_params_for(model.arch, model.head.kind, model.head.num_labels or 2)
+    zero |= {"stage3_max_live_parameters": teacher_window_params(counts), "stage3_max_reuse_distance": 0,
+             "stage3_prefetch_bucket_size": counts.per_layer}
     return {
         "train_batch_size": placement.micro_batch * world,
         "train_micro_batch_size_per_gpu": placement.micro_batch,
@@ -104,5 +111,5 @@ def teacher_ds_config(placement: Placement, model: ModelSpec, world: int) -> dic
         "steps_per_print": QUIET_STEPS,
         "wall_clock_breakdown": False,
         **precision_section(model.dtype),
-        "zero_optimization": zero_section(3, "none", TEACHER_OFFLOAD[strategy], world, persistence=0),
+        "zero_optimization": zero,
     }

@@ -29,13 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 import networkx as nx
 
-from gkdlang.spec import LAYERED_KINDS, LossTerm, ModelSpec, Node, OpNode, SignalNode, Spec, StageSpec
+from gkdlang.builtins import DTYPE_BYTES as BYTES_PER_ELEMENT
+from gkdlang.spec import LAYERED_KINDS, LossTerm, ModelSpec, Node, OpNode, Project, SignalNode, Spec, StageSpec
 from planner.plan import CapturePoint, ModelCapture
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8}
+DTYPE_BYTES = {**BYTES_PER_ELEMENT, "int64": 8}
 HEAD_KINDS = frozenset({"logits", "task_logits"})
 DATA_KINDS = frozenset({"labels", "tokens"})
 ATTENTION_KINDS = frozenset({"attn_scores", "attn_probs"})
+#: losses whose runtime kernels are row-chunked (runtime/chunked.py) and accept a fused head
+CHUNKED_LOSSES = frozenset({"kl", "soft_ce", "jsd", "gjsd", "ce"})
+#: families whose LM head is one linear layer applied to the base model's output (after its final norm)
+FUSABLE_FAMILIES = frozenset({"gpt2", "llama", "qwen2", "mistral"})
 #: order of capture points inside one block (and of the whole model), for deterministic output
 KIND_ORDER = ("embeddings", "query", "key", "value", "attn_scores", "attn_probs", "ffn", "hidden",
               "logits", "task_logits", "labels", "tokens")
@@ -170,6 +175,34 @@ class SignalGraph:
             out[key.model] += numel(attrs["shape"], micro_batch, seq_len) * attrs["dtype_bytes"]
         return out
 
+    def fusable_heads(self, stage: str | StageSpec) -> frozenset[str]:
+        """Models of a stage whose logits nothing but chunked logit losses read (directly or through a vocabulary
+        column selection), with an LM head the runtime can fuse: the loss can form their logits chunk by chunk
+        from the final hidden states. Stages with interventions fuse nothing (they may read logits themselves)."""
+        st = self.stage(stage)
+        if st.interventions:
+            return frozenset()
+        consumers = self._stage_consumers(st)
+        out = set()
+        for key in self.captured_signals(st):
+            model = self.spec.models[key.model]
+            if key.kind != "logits" or model.head.kind != "lm" or model.arch.family not in FUSABLE_FAMILIES:
+                continue
+            readers = [v for v in self.graph.successors(key.node_id) if v in consumers]
+            if readers and all(self._reads_logits_chunked(v, consumers) for v in readers):
+                out.add(key.model)
+        return frozenset(out)
+
+    def _reads_logits_chunked(self, node: str, consumers: set[str]) -> bool:
+        attrs = self.graph.nodes[node]
+        if attrs["type"] == "term":
+            return attrs["fn"] in CHUNKED_LOSSES
+        if attrs["type"] != "op" or attrs["op"] != "select_vocab":
+            return False
+        after = [v for v in self.graph.successors(node) if v in consumers]
+        return bool(after) and all(self.graph.nodes[v]["type"] == "term" and self.graph.nodes[v]["fn"] in
+                                   CHUNKED_LOSSES - {"ce"} for v in after)
+
     def learned_modules(self, stage: str | StageSpec) -> dict[str, int]:
         """Learned module key -> parameter count (projections: in*out weights + out bias) used by a stage."""
         st = self.stage(stage)
@@ -177,7 +210,7 @@ class SignalGraph:
         for node in nx.ancestors(self.graph, f"stage:{st.name}"):
             attrs = self.graph.nodes[node]
             if attrs["type"] == "op" and attrs["module"] is not None:
-                out[attrs["module"]] = _module_params(attrs["params"])
+                out[attrs["module"]] = attrs["params"]
         return dict(sorted(out.items()))
 
     def consumers(self, key: SignalKey) -> list[str]:
@@ -209,17 +242,31 @@ class SignalGraph:
                             eager_attention_layers=eager)
 
 
+def logit_losses(stage: StageSpec) -> dict[str, tuple[str, ...]]:
+    """Model -> the kernels of the stage's terms that read its logits directly or through a vocabulary column
+    selection (one entry per term, in loss order); the planner prices their memory per kernel."""
+    out: dict[str, list[str]] = {}
+    for term in stage.loss:
+        for node in (term.target, term.pred):
+            model = _logits_model(node)
+            if model is not None:
+                out.setdefault(model, []).append(term.fn)
+    return {m: tuple(fns) for m, fns in out.items()}
+
+
+def _logits_model(node: Node) -> str | None:
+    """The model whose logits a loss operand is (bare, or a vocabulary column selection of them)."""
+    if isinstance(node, SignalNode):
+        return node.model if node.kind == "logits" else None
+    if node.op == "select_vocab" and len(node.inputs) == 1 and isinstance(node.inputs[0], SignalNode):
+        return _logits_model(node.inputs[0])
+    return None
+
+
 def _leaves(node: Node) -> list[SignalKey]:
     if isinstance(node, SignalNode):
         return [SignalKey(node.model, node.kind, node.layer)]
     return [leaf for child in node.inputs for leaf in _leaves(child)]
-
-
-def _module_params(params: dict) -> int:
-    d_in, d_out = params.get("in"), params.get("out")
-    if isinstance(d_in, int) and isinstance(d_out, int):
-        return d_in * d_out + d_out
-    return 0
 
 
 # ---------------------------------------------------------------- building
@@ -253,7 +300,8 @@ def _add_tree(g: nx.DiGraph, spec: Spec, tree: Node) -> str:
         return _add_signal(g, spec, SignalKey(tree.model, tree.kind, tree.layer))
     node = _op_id(tree)
     if node not in g:
-        g.add_node(node, type="op", op=tree.op, params=dict(tree.params), module=tree.module,
+        g.add_node(node, type="op", op=tree.op, params=tree.param_count() if isinstance(tree, Project) else 0,
+                   module=tree.module,
                    learned=tree.module is not None)
     for position, child in enumerate(tree.inputs):
         g.add_edge(_add_tree(g, spec, child), node, kind="input", position=position)

@@ -9,9 +9,9 @@ marketing figure. ``cpu`` describes a CPU-only rank (the test suite and laptops)
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, replace
 
+from gkdlang.diagnostics import closest
 from gkdlang.spec import ClusterSpec
 
 GiB = 2**30
@@ -87,8 +87,8 @@ def lookup(name: str) -> Device | None:
 
 def suggest(name: str) -> str | None:
     names = [d.name for d in CATALOG.values()] + [a for d in CATALOG.values() for a in d.aliases]
-    match = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    return (lookup(match[0]).name if match else None)
+    match = closest(name, names, cutoff=0.5)
+    return lookup(match).name if match else None
 
 
 def cluster_device(cluster: ClusterSpec) -> Device | None:

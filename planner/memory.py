@@ -21,8 +21,9 @@ What one rank holds while training one micro-batch of a stage:
   CPU, attention dropout makes sdpa fall back to its fp32 math path (s^2 terms again) and dropout masks are
   stored in the activation dtype (GPUs store them as 1-byte bools). Activation checkpointing keeps one block
   input per block and recomputes one block at a time.
-- logits and loss (``logits_items``): ``b*s*V`` in the model dtype, the loss kernels' fp32 copies and
-  (log-)softmax outputs, and the two fp32 gradients the backward of the loss creates.
+- logits and loss (``student_logits``): ``b*s*V`` in the model dtype (none with a fused head), and per loss
+  kernel its measured bytes: a chunked kernel's logit gradient (model dtype) and chunk-sized fp32 temporaries,
+  a fused head's hidden-state and head-weight gradients (docs/cost-model.md, bench/loss_memory.py).
 - ZeRO communication buckets and a fixed runtime overhead: the catalog's ``Device.context`` but at least
   ``RUNTIME_OVERHEAD_GPU`` = 1 GiB on GPUs (CUDA context ~0.5 GiB, cuBLAS workspaces, NCCL buffers, allocator
   slack) and ``RUNTIME_OVERHEAD_CPU`` = 512 MiB on CPU (torch + DeepSpeed + transformers process, gloo).
@@ -38,15 +39,15 @@ import math
 from dataclasses import dataclass, field
 
 from gkdlang.arch import ArchInfo
-from gkdlang.spec import ModelSpec, OpNode, StageSpec
+from gkdlang.builtins import DTYPE_BYTES
+from gkdlang.spec import ModelSpec, OpNode, Project, StageSpec
 from planner.graph import numel, signal_shape
 from planner.hardware import Device
 from planner.params import ParamCounts
-from planner.plan import MemoryItem, ModelCapture, Placement, RankMemory
+from planner.plan import HostMemory, MemoryItem, ModelCapture, Placement, RankMemory
 
 GiB = 2**30
 MiB = 2**20
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 #: CUDA context (~500 MiB on Hopper), cuBLAS/cuDNN workspaces, NCCL channel buffers and caching-allocator slack.
 RUNTIME_OVERHEAD_GPU = 1 * GiB
@@ -90,8 +91,27 @@ class StageModels:
     """Teachers whose signals may come from their cache (planner.offline); the search tries ``offline`` for them."""
     epochs: float = 1.0
     """Passes over the stage's data: an offline teacher's one pass over it is amortised over them."""
+    logit_losses: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Model -> kernels of the terms reading its logits (``SignalGraph.logit_losses``): their memory per kernel."""
+    fusable: frozenset[str] = frozenset()
+    """Models whose heads the loss can fuse (``SignalGraph.fusable_heads``); ``fused_head`` says when it does."""
+    lengths: tuple[int, ...] = ()
+    """Sorted token counts of unpacked documents, clipped to seq_len (``planner.tokens``); empty: every
+    sequence fills seq_len (packed data, or lengths unknown at plan time). Memory always plans for full
+    sequences (a micro-batch may hold one); the step time uses the expected padded width."""
     memo: dict = field(default_factory=dict, init=False, compare=False, repr=False, hash=False)
     """Item lists shared by the placements of one search (each depends on a few placement fields only)."""
+
+    def step_seq(self, micro: int) -> float:
+        """Positions per sequence the models run: seq_len, or a micro-batch's expected padded width."""
+        if not self.lengths:
+            return float(self.seq_len)
+        key = ("step_seq", micro)
+        if key not in self.memo:
+            from planner.tokens import expected_max
+
+            self.memo[key] = expected_max(list(self.lengths), micro)
+        return self.memo[key]
 
     @property
     def trainable(self) -> int:
@@ -108,9 +128,8 @@ def learned_params(stage: StageSpec) -> int:
 
     def walk(node) -> None:
         if isinstance(node, OpNode):
-            d_in, d_out = node.params.get("in"), node.params.get("out")
-            if node.module is not None and isinstance(d_in, int) and isinstance(d_out, int):
-                modules[node.module] = d_in * d_out + d_out
+            if isinstance(node, Project) and node.module is not None and node.dim_out is not None:
+                modules[node.module] = node.param_count()
             for child in node.inputs:
                 walk(child)
 
@@ -145,7 +164,7 @@ def student_model_states(params: int, largest_layer: int, zero_stage: int, *, of
     """Weights, gradients and Adam states of ``params`` trainable parameters on one rank (see module docstring).
 
     ``zero_init``: whether the model is partitioned while it is built (DeepSpeed's ``zero.Init``); gkdc's
-    runtime builds each rank's full copy on the host first, so the default is False.
+    runtime does so for a ZeRO-3 student (``_zero_init``); False models a whole host copy per rank first.
     """
     world = gpus_per_node * nodes
     w = 2 if precision != "fp32" else 4  # bytes of the compute copy of weights and of its gradients
@@ -345,24 +364,76 @@ def head_width(model: ModelSpec) -> int:
     return model.arch.vocab_size if model.head.kind == "lm" else (model.head.num_labels or 2)
 
 
-def student_logits(model: ModelSpec, micro: int, seq: int, d: int, needs_head: bool) -> list[MemoryItem]:
-    """LM logits in the model dtype, the loss's fp32 saved log-probs and the backward's two fp32 gradients."""
+#: fp32 elements of one chunk operand of the row-chunked logit kernels (runtime.chunked.CHUNK_ELEMENTS; a test
+#: keeps the two equal): a chunk holds CHUNK_ELEMENTS // V rows.
+CHUNK_ELEMENTS = 1 << 21
+#: Chunk-sized fp32 tensors alive at the peak of each chunked kernel, measured (profiler, fp32 and bf16, exact
+#: to 0.01 operand; docs/cost-model.md): the kernel's peak minus its gradient buffer, in chunk operands.
+#: ``kl`` (either direction) 4, ``soft_ce`` 4, ``jsd`` / ``gjsd`` 5, ``ce`` 1.
+CHUNK_OPERANDS = {"kl": 4, "soft_ce": 4, "jsd": 5, "gjsd": 5, "ce": 1}
+#: A fused head adds one chunk of logits in the model dtype (measured: +1.0 operand in fp32, +0.5 in bf16); a
+#: fused teacher head adds nothing at the peak (its chunk is freed into the kernel's fp32 copy).
+FUSED_CHUNK_DTYPE_OPERANDS = 1
+#: Bytes per logit element of a loss kernel that is not chunked (a dense autograd kernel reading the logits,
+#: e.g. mse on logits): its fp32 log-softmax output and two fp32 gradients, as F.cross_entropy (measured 12 B).
+DENSE_LOSS_BYTES = 12
+
+
+def chunk_bytes(rows: int, width: int, losses: tuple[str, ...], fused: bool, d: int) -> int:
+    """The largest working set of the chunked kernels among ``losses`` (terms run one after another)."""
+    chunk = min(rows, max(1, CHUNK_ELEMENTS // max(1, width))) * width
+    extra = FUSED_CHUNK_DTYPE_OPERANDS * chunk * d if fused else 0
+    return max((CHUNK_OPERANDS[f] * chunk * 4 + extra for f in losses if f in CHUNK_OPERANDS), default=0)
+
+
+def student_logits(model: ModelSpec, micro: int, seq: int, d: int, needs_head: bool,
+                   losses: tuple[str, ...] = (), fused: bool = False) -> list[MemoryItem]:
+    """Logits and logit-loss memory of one trained model, per kernel (docs/cost-model.md, bench/loss_memory.py).
+
+    ``losses``: the kernels of the terms reading these logits. A chunked kernel writes the logits' gradient
+    (model dtype) in its forward and keeps chunk-sized fp32 temporaries; a fused head (``fused``) has no logits
+    and no logit gradient, but per term the gradients of the hidden states (model dtype) and of the head
+    weight (fp32). Other kernels reading the logits cost ``DENSE_LOSS_BYTES`` per element.
+    """
     if not needs_head:
         return []
-    n = micro * (seq if model.head.kind == "lm" else 1) * head_width(model)
-    return [MemoryItem(name="logits.student", bytes=n * d, note="b*s*V model output"),
-            MemoryItem(name="loss.saved", bytes=n * 4, note="fp32 log-softmax output (the fp32 copy is freed)"),
-            MemoryItem(name="loss.backward", bytes=2 * n * 4, note="fp32 grads of log-probs and logits")]
+    rows = micro * (seq if model.head.kind == "lm" else 1)
+    width = head_width(model)
+    n = rows * width
+    chunked = [f for f in losses if f in CHUNK_OPERANDS]
+    dense = len(losses) - len(chunked) if losses else 1
+    items = []
+    if fused:
+        h = model.arch.hidden_size
+        items.append(MemoryItem(name="loss.head_grads", bytes=len(chunked) * (rows * h * d + width * h * 4),
+                                note=f"{len(chunked)} term(s): hidden-state grads ({d} B) + fp32 head-weight grads; "
+                                     "logits never materialised"))
+    else:
+        items.append(MemoryItem(name="logits.student", bytes=n * d, note="b*s*V model output"))
+        if chunked:
+            items.append(MemoryItem(name="loss.grad", bytes=len(chunked) * n * d,
+                                    note=f"logit gradient ({d} B/element) written by {len(chunked)} chunked term(s)"))
+    if chunked:
+        items.append(MemoryItem(name="loss.chunks", bytes=chunk_bytes(rows, width, tuple(chunked), fused, d),
+                                note=f"fp32 chunk temporaries of {', '.join(sorted(set(chunked)))}"))
+    if dense:
+        items += [MemoryItem(name="loss.saved", bytes=dense * n * 4,
+                             note=f"{dense} unchunked term(s): fp32 log-softmax output"),
+                  MemoryItem(name="loss.backward", bytes=dense * n * (DENSE_LOSS_BYTES - 4),
+                             note="fp32 grads of log-probs and logits")]
+    return items
 
 
 # ---------------------------------------------------------------- teachers
 
 
-def teacher_signal_bytes(model: ModelSpec, cap: ModelCapture, micro: int, seq: int) -> int:
-    """Captured signals of one teacher for a micro-batch, in its dtype (alive until the loss)."""
+def teacher_signal_bytes(model: ModelSpec, cap: ModelCapture, micro: int, seq: int, fused: bool = False) -> int:
+    """Captured signals of one teacher for a micro-batch, in its dtype (alive until the loss); a fused head keeps
+    the final hidden states in place of the logits."""
     d = DTYPE_BYTES[model.dtype]
-    return sum(numel(signal_shape(model, p.kind), micro, seq) * d for p in cap.points
-               if p.kind not in ("labels", "tokens"))
+    shape = lambda kind: ("b", "s", model.arch.hidden_size) if fused and kind == "logits" else \
+        signal_shape(model, kind)  # noqa: E731
+    return sum(numel(shape(p.kind), micro, seq) * d for p in cap.points if p.kind not in ("labels", "tokens"))
 
 
 def teacher_forward_peak(model: ModelSpec, counts: ParamCounts, cap: ModelCapture, micro: int, seq: int) -> int:
@@ -390,13 +461,20 @@ def kept_teacher_params(counts: ParamCounts, cap: ModelCapture) -> int:
     return counts.embeddings + (cap.stop_after_layer + 1) * counts.per_layer + counts.final_norm
 
 
+def teacher_window_params(counts: ParamCounts) -> int:
+    """Parameters a ZeRO-3 teacher may hold gathered at once: ``PREFETCH_BLOCKS`` blocks and the largest of
+    embeddings / head. ``planner.dsconfig`` writes it as the teacher engine's ``stage3_max_live_parameters``
+    (with reuse distance 0), so DeepSpeed releases every other gathered block."""
+    return PREFETCH_BLOCKS * counts.per_layer + max(counts.embeddings, counts.head)
+
+
 def teacher_items(model: ModelSpec, counts: ParamCounts, cap: ModelCapture, strategy: str,
                   cluster: ClusterShape) -> tuple[list[MemoryItem], list[MemoryItem]]:
     """(student-rank items, node CPU items) for a teacher's weights under a strategy."""
     d = DTYPE_BYTES[model.dtype]
     name = f"teacher:{model.name}"
     full = kept_teacher_params(counts, cap) * d
-    window = PREFETCH_BLOCKS * counts.per_layer * d + max(counts.embeddings, counts.head) * d
+    window = teacher_window_params(counts) * d
     gpn = cluster.gpus_per_node
     if strategy == "replicated":
         return [MemoryItem(name=f"{name}.weights", bytes=full, note=f"{model.dtype}, replicated")], []
@@ -525,7 +603,7 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
                    lambda: student_model_states(models.trainable, models.largest_layer, p.zero_stage,
                                                 offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
                                                 gpus_per_node=cluster.gpus_per_node, nodes=cluster.nodes,
-                                                precision=p.precision))
+                                                precision=p.precision, zero_init=_zero_init(models)))
     fixed = [overhead_item(cluster.device), *states.rank_items]
     # on CPU runs the host copy made while loading *is* the model: counting it again would double it
     cpu = list(_memo(models, ("states.cpu", p.zero_stage, p.offload_optimizer, p.offload_params, p.precision, *where),
@@ -539,15 +617,19 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
         fixed += on_rank
         cpu += node_cpu
         if strategy != "separate":
-            signals.append(_memo(models, ("signals", m.name, strategy, p.micro_batch), lambda: MemoryItem(
-                name=f"signals.teacher:{m.name}", bytes=_signal_bytes(m, cap, strategy, p.micro_batch, models.seq_len),
-                note="read from the cache (top-k logits)" if strategy == "offline" else "")))
+            fused_t = fused_head(models, m.name, p)
+            signals.append(_memo(models, ("signals", m.name, strategy, p.micro_batch, fused_t), lambda: MemoryItem(
+                name=f"signals.teacher:{m.name}",
+                bytes=_signal_bytes(m, cap, strategy, p.micro_batch, models.seq_len, fused_t),
+                note="read from the cache (top-k logits)" if strategy == "offline" else
+                "final hidden states instead of logits (fused head)" if fused_t else "")))
             if strategy != "offline":
                 teacher_fwd.append(_memo(models, ("teacher.forward", m.name, p.micro_batch), lambda: MemoryItem(
                     name=f"teacher:{m.name}.forward",
                     bytes=teacher_forward_peak(m, c, cap, p.micro_batch, models.seq_len))))
     fixed += bucket_items(p.zero_stage, zero_buckets(), p.precision, cluster.world, models.trainable)
-    train = _memo(models, ("train", *where, p.micro_batch, p.activation_checkpointing, p.precision),
+    fused = tuple(sorted(n for n in models.fusable if fused_head(models, n, p)))
+    train = _memo(models, ("train", *where, p.micro_batch, p.activation_checkpointing, p.precision, fused),
                   lambda: _student_training_items(models, cluster.device, p))
     # phase 1: teachers run (their temporaries + signals); phase 2: student loss and backward
     phase1 = sum(i.bytes for i in signals) + max((i.bytes for i in teacher_fwd), default=0)
@@ -557,18 +639,24 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
     return fixed + phase + cpu
 
 
+def _zero_init(models: StageModels) -> bool:
+    """Whether a ZeRO-3 student is built partitioned: the runtime does so unless its vocabulary is compressed
+    (compression slices whole embedding rows; runtime/recipe.py ``build_models``)."""
+    return not any(m.vocab is not None for m, _, _ in models.students)
+
+
 def _teacher_rank_items(model: ModelSpec, counts: ParamCounts, cap: ModelCapture, strategy: str,
                         cluster: ClusterShape) -> tuple[list[MemoryItem], list[MemoryItem]]:
     on_rank, node_cpu = teacher_items(model, counts, cap, strategy, cluster)
     return on_rank, [_per_rank(i, cluster.gpus_per_node) for i in node_cpu]
 
 
-def _signal_bytes(model: ModelSpec, cap: ModelCapture, strategy: str, micro: int, seq: int) -> int:
+def _signal_bytes(model: ModelSpec, cap: ModelCapture, strategy: str, micro: int, seq: int, fused: bool = False) -> int:
     if strategy == "offline":
         from planner.offline import loaded_bytes  # offline imports nothing from here, but keeps it lazy
 
         return loaded_bytes(model, cap, micro, seq)
-    return teacher_signal_bytes(model, cap, micro, seq)
+    return teacher_signal_bytes(model, cap, micro, seq, fused)
 
 
 def _student_training_items(models: StageModels, device: Device, p: Placement) -> list[MemoryItem]:
@@ -576,18 +664,39 @@ def _student_training_items(models: StageModels, device: Device, p: Placement) -
     d = DTYPE_BYTES[p.precision]
     for m, _, cap in models.students:
         items += student_items(m, cap, p.micro_batch, models.seq_len, d, device, p.activation_checkpointing,
-                               suffix="" if len(models.students) == 1 else f":{m.name}")
+                               suffix="" if len(models.students) == 1 else f":{m.name}",
+                               losses=models.logit_losses.get(m.name, ()), fused=fused_head(models, m.name, p))
     return items
 
 
+def fused_head(models: StageModels, name: str, p: Placement) -> bool:
+    """Whether the placement lets the runtime fuse the head of a model whose logits only chunked losses read: a
+    student's head weight must be whole on the rank (ZeRO < 3), a teacher replicated (not partitioned, offloaded,
+    elsewhere or cached)."""
+    if name not in models.fusable:
+        return False
+    if any(m.name == name for m, _, _ in models.students):
+        return p.zero_stage < 3
+    return p.teacher_strategy.get(name, "replicated") == "replicated"
+
+
 def student_items(model: ModelSpec, cap: ModelCapture, micro: int, seq: int, d: int, device: Device,
-                  checkpointing: bool, suffix: str = "") -> list[MemoryItem]:
-    """Activations, logits and loss temporaries of one trained model for one micro-batch."""
-    logits = student_logits(model, micro, seq, d, cap.needs_head or not cap.points)
-    loss = sum(i.bytes for i in logits if i.name.startswith("loss."))
+                  checkpointing: bool, suffix: str = "", losses: tuple[str, ...] = (),
+                  fused: bool = False) -> list[MemoryItem]:
+    """Activations, logits and loss temporaries of one trained model for one micro-batch (``losses``: kernels of
+    the terms reading its logits; ``fused``: its head is fused into them)."""
+    logits = student_logits(model, micro, seq, d, cap.needs_head or not cap.points, losses, fused)
+    loss = sum(i.bytes for i in logits if i.name.startswith("loss.") and i.name != "loss.head_grads")
     acts = student_activations(model.arch, micro, seq, act_shape(model.arch, d, device), checkpointing=checkpointing,
                                eager_layers=cap.eager_attention_layers, loss_bytes=loss)
-    return [i.model_copy(update={"name": i.name + suffix}) for i in [*acts, *logits]]
+    # the backward ends with the dense gradient of the token embeddings (V x h, before it is accumulated), when
+    # every activation and loss tensor is freed: it sets the peak of a step whose saved tensors are smaller
+    emb = model.arch.vocab_size * model.arch.hidden_size * d
+    freed = sum(i.bytes for i in [*acts, *logits])
+    tail = [MemoryItem(name="activations.embedding_grad", bytes=emb - freed,
+                       note="embedding gradient at the end of backward, beyond the freed activations")] \
+        if emb > freed else []
+    return [i.model_copy(update={"name": i.name + suffix}) for i in [*acts, *logits, *tail]]
 
 
 def _per_rank(item: MemoryItem, gpus_per_node: int) -> MemoryItem:
@@ -602,3 +711,119 @@ def _rank(rank: int, items: list[MemoryItem], cluster: ClusterShape) -> RankMemo
     cap = cluster.device.memory
     return RankMemory(rank=rank, items=items, total_gpu=gpu, total_cpu=cpu, capacity_gpu=cap,
                       headroom=1 - gpu / cap if cap else 0.0)
+
+
+# ---------------------------------------------------------------- host memory per phase (load / train / save)
+#
+# What a rank's *host* holds as the runtime builds its models, trains and saves (runtime/models.py,
+# runtime/recipe.py after issue 11). Measured against the process's peak resident memory by bench/scale.py.
+#
+# - load: a replicated model is built whole on the host (a teacher's file pages are mapped, a student is built in
+#   fp32), then moved to the GPU; a model the plan shards is built partitioned (transformers under zero.Init),
+#   each rank streaming only its partition's bytes from the safetensors files, so its host share is its
+#   partition when the partitions live on the host (CPU runs, cpu_offload) and nothing otherwise; while a
+#   partitioned model is built, one module at a time is whole (built, then initialised gathered on every rank).
+# - train: the training estimate above (on a CPU run the device *is* the host) or the offloaded host items.
+# - save: the model states stay alive while the stage's trained weights are gathered one tensor at a time; rank 0
+#   also holds that tensor cast to fp32 while it writes it.
+
+#: A partitioned model's build holds its largest module whole twice: the module built before zero.Init
+#: partitions it, and the gathered copy transformers initialises (rank 0) and broadcasts.
+BUILD_GATHER_COPIES = 2
+
+
+@dataclass(frozen=True)
+class HostPhase:
+    """Host bytes one rank holds at the peak of one phase, itemised."""
+
+    items: list[MemoryItem]
+
+    @property
+    def total(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+
+def _largest_tensor(counts: ParamCounts) -> int:
+    """Elements of the largest single tensor: the embedding / head matrix or a block's widest module."""
+    return max(counts.largest_layer, counts.embeddings, counts.head)
+
+
+def host_load_items(models: StageModels, cluster: ClusterShape, p: Placement) -> list[MemoryItem]:
+    """Per-rank host bytes once every model of the stage is built (the load phase's peak)."""
+    cpu, world = cluster.device.is_cpu, cluster.world
+    items = [overhead_item(cluster.device) if cpu else MemoryItem(name="runtime", bytes=RUNTIME_OVERHEAD_CPU,
+                                                                   device="cpu", note="host process")]
+    transient = 0
+    for m, c, cap in models.teachers:
+        strategy = p.teacher_strategy.get(m.name, "replicated")
+        d, kept = DTYPE_BYTES[m.dtype], kept_teacher_params(c, cap)
+        if strategy == "replicated":
+            items.append(MemoryItem(name=f"host.teacher:{m.name}", bytes=kept * d, device="cpu",
+                                    note="whole on every rank's host while loaded (file pages)"))
+        elif strategy in ("sharded", "cpu_offload"):
+            on_host = cpu or strategy == "cpu_offload"
+            items.append(MemoryItem(name=f"host.teacher:{m.name}", bytes=math.ceil(kept * d / world) if on_host else 0,
+                                    device="cpu", note=f"ZeRO-3 partition of {world}, streamed from the files"))
+            transient = max(transient, BUILD_GATHER_COPIES * _largest_tensor(c) * d)
+        elif strategy == "nvme_offload":
+            transient = max(transient, BUILD_GATHER_COPIES * _largest_tensor(c) * d)
+    for m, c, _ in models.students:
+        if p.zero_stage == 3 and m.vocab is None:
+            w = DTYPE_BYTES[p.precision]
+            on_host = cpu or p.offload_params != "none"
+            items.append(MemoryItem(name=f"host.student:{m.name}", bytes=math.ceil(c.total * w / world) if on_host else 0,
+                                    device="cpu", note="ZeRO-3 partition, built partitioned"))
+            transient = max(transient, BUILD_GATHER_COPIES * _largest_tensor(c) * w)
+        else:
+            items.append(MemoryItem(name=f"host.student:{m.name}", bytes=4 * c.total, device="cpu",
+                                    note="fp32, built whole on every rank"))
+    items.append(MemoryItem(name="host.build_gather", bytes=transient, device="cpu",
+                            note=f"largest module of a partitioned model, x{BUILD_GATHER_COPIES}"))
+    return items
+
+
+def host_train_items(rank: RankMemory, device: Device) -> list[MemoryItem]:
+    """Per-rank host bytes while training: the whole estimate on a CPU run, the host-side items otherwise."""
+    if device.is_cpu:
+        return list(rank.items)
+    return [MemoryItem(name="runtime", bytes=RUNTIME_OVERHEAD_CPU, device="cpu", note="host process"),
+            *[i for i in rank.items if i.device == "cpu"]]
+
+
+_STEP_ITEMS = ("activations.", "logits.", "loss.", "signals.", "teacher:")
+
+
+def host_save_items(models: StageModels, rank: RankMemory, device: Device, rank_index: int) -> list[MemoryItem]:
+    """Per-rank host bytes while a stage's trained weights are written: the model states (not the step's
+    temporaries) plus one gathered tensor, and on rank 0 its fp32 copy being written."""
+    kept = [i for i in host_train_items(rank, device)
+            if not i.name.startswith(_STEP_ITEMS) or i.name.endswith(".weights")]
+    largest = max((_largest_tensor(c) for _, c, _ in models.students), default=0)
+    gathered = largest * DTYPE_BYTES["fp32"] * (2 if rank_index == 0 else 1)
+    return [*kept, MemoryItem(name="host.save_gather", bytes=gathered, device="cpu",
+                              note="one tensor gathered" + (" + its fp32 copy written" if rank_index == 0 else ""))]
+
+
+def host_phases(models: StageModels, cluster: ClusterShape, p: Placement, rank: RankMemory,
+                rank_index: int = 0) -> dict[str, HostPhase]:
+    """The three host phases of a student rank (``rank`` is its training estimate from ``estimate``)."""
+    return {"load": HostPhase(host_load_items(models, cluster, p)),
+            "train": HostPhase(host_train_items(rank, cluster.device)),
+            "save": HostPhase(host_save_items(models, rank, cluster.device, rank_index))}
+
+
+def host_memory(models: StageModels, cluster: ClusterShape, p: Placement,
+                memory: list[RankMemory]) -> tuple[list[HostMemory], int]:
+    """Host phases of rank 0 and (with more than one rank) of the others, and one node's peak (its ranks'
+    phases summed, phase by phase; node-shared items are already split over the node's ranks)."""
+    ranks = [0, 1] if cluster.world > 1 else [0]
+    out = []
+    for r in ranks:
+        phases = host_phases(models, cluster, p, memory[0], r)
+        totals = {k: v.total for k, v in phases.items()}
+        out.append(HostMemory(rank=r, phases=totals, peak=max(totals.values()),
+                              items={k: v.items for k, v in phases.items()}))
+    gpn = cluster.gpus_per_node
+    others = out[-1].phases if len(out) > 1 else out[0].phases
+    node = max(out[0].phases[k] + (gpn - 1) * others[k] for k in out[0].phases)
+    return out, node

@@ -23,11 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gkdlang.spec import ModelSpec, Node, OpNode, Schedule, SignalNode, Spec, StageSpec
+from gkdlang.builtins import DTYPE_BYTES
+from gkdlang.spec import ModelSpec, Node, Schedule, SignalNode, Spec, StageSpec
+from planner.datasize import count_rows as count_data_rows
 from planner.plan import ModelCapture
 
 #: Bytes of one element per storage dtype.
-STORE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+STORE_BYTES = DTYPE_BYTES
 #: Bytes of the tail mass per token (always fp32: it is 1 - sum of the stored values, small and exact).
 TAIL_BYTES = 4
 #: Bytes of the tail's sum of p log p per token (``tail: sampled``; fp32).
@@ -39,8 +41,6 @@ TOKEN_KINDS = frozenset({"logits", "embeddings", "hidden", "query", "key", "valu
 EXAMPLE_KINDS = frozenset({"task_logits"})
 #: Option keys a cached ``kl`` term may carry.
 CACHED_KL_OPTIONS = frozenset({"T", "scale_t2"})
-#: Files larger than this are not counted at plan time (planning must stay fast).
-MAX_COUNTED_BYTES = 256 * 2**20
 
 
 def index_bytes(vocab: int) -> int:
@@ -142,7 +142,7 @@ def _width(model: ModelSpec, kind: str) -> int:
 def bytes_per_token(model: ModelSpec, capture: ModelCapture) -> int:
     """Disk bytes of one token's cached signals (per-example signals not included: see ``bytes_per_example``)."""
     assert model.cache is not None
-    c, d = model.cache, STORE_BYTES[model.cache.dtype]
+    d = STORE_BYTES[model.cache.dtype]
     total = 0
     for p in capture.points:
         if p.kind == "logits":
@@ -191,17 +191,8 @@ def loaded_bytes(model: ModelSpec, capture: ModelCapture, micro: int, seq: int) 
 
 
 def count_rows(spec: Spec, stage: StageSpec, base: Path | None = None) -> int | None:
-    """Examples of the stage's data (non-empty lines of text/jsonl files) when they exist and are small."""
-    data = spec.data[stage.data]
-    if data.format not in ("text", "jsonl"):
-        return None
-    base = base if base is not None else Path(spec.file).parent
-    files = sorted({f for pattern in data.paths
-                    for f in (Path(pattern).parent.glob(Path(pattern).name) if Path(pattern).is_absolute()
-                              else base.glob(pattern)) if f.is_file()})
-    if not files or sum(f.stat().st_size for f in files) > MAX_COUNTED_BYTES:
-        return None
-    return sum(sum(1 for line in f.open("rb") if line.strip()) for f in files)
+    """Examples of the stage's data (``planner.datasize``), relative to the spec file's directory by default."""
+    return count_data_rows(spec.data[stage.data], base if base is not None else Path(spec.file).parent)
 
 
 _ROWS: dict[tuple, int | None] = {}
@@ -249,62 +240,3 @@ def offline_price(spec: Spec, stage: StageSpec, model: ModelSpec, capture: Model
     read = tokens_per_step * per_token + (tokens_per_step // seq) * bytes_per_example(model, capture)
     return OfflinePrice(model.name, per_token, tokens, disk, build, read, read / read_bw,
                         stage_epochs(spec, stage, base))
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def comparison_notes(spec: Spec, stage: StageSpec, captures: list[ModelCapture], params: dict, world: int,
-                     chosen_strategy: dict[str, str]) -> list[str]:
-    """Plan notes for each cached teacher: its price, and the best offline vs best online step time."""
-    from planner import placement  # placement imports this module
-
-    cached = [c for c in captures if c.model not in stage.students and spec.models[c.model].cache is not None]
-    if not cached:
-        return []
-    device = placement.device_for(spec.cluster)
-    models = placement.stage_models(spec, stage, captures, params)
-    cluster = placement.cluster_shape(spec, device, world)
-    evals = [e for e in placement.evaluate_all(spec, stage, models, cluster) if e.fits]
-    notes = []
-    for cap in cached:
-        notes.append(_teacher_note(spec, stage, cap, models, device, evals, chosen_strategy))
-    return notes
-
-
-def _teacher_note(spec, stage, cap, models, device, evals, chosen_strategy) -> str:
-    name, model = cap.model, spec.models[cap.model]
-    problems = offline_problems(spec, stage, name, cap)
-    c = model.cache
-    tail = f" + {c.samples} tail samples" if c.tail == "sampled" else " + tail bucket"
-    head = f"stage '{stage.name}': teacher '{name}' cache {c.path} (top-{c.k}{tail}, {c.dtype})"
-    if problems:
-        return f"{head} is not used: {'; '.join(problems)}"
-    offline = [e for e in evals if e.placement.teacher_strategy.get(name) == "offline"]
-    online = [e for e in evals if e.placement.teacher_strategy.get(name) != "offline"]
-    best_off = min(offline, key=lambda e: e.cost.total, default=None)
-    best_on = min(online, key=lambda e: e.cost.total, default=None)
-    ref = best_off or best_on
-    p = ref.placement if ref is not None else None
-    tokens_step = p.micro_batch * models.seq_len * p.grad_accum if p is not None else models.seq_len
-    online_teacher_s = best_on.cost.parts.get("compute_teacher", 0.0) if best_on is not None else 0.0
-    price = offline_price(spec, stage, model, cap, online_teacher_s, tokens_step, device.nvme_bw)
-    disk = f"{_size(price.disk_bytes)} on disk for at most {price.tokens:,} tokens" if price.disk_bytes else \
-        "disk size known once the data is tokenised"
-    build = f"teacher pass once ~{price.build_s:.3g}s" if price.build_s is not None else "teacher pass once"
-    text = (f"{head}: {price.bytes_per_token} B/token, {disk}, {build}, reads {_size(price.read_bytes_per_step)}"
-            f"/step ({price.read_s_per_step * 1e3:.3g} ms at {_size(device.nvme_bw)}/s), {price.epochs:.3g} epoch(s); "
-            f"T {cache_temperature(stage, name):g}, signals {', '.join(_point(p) for p in cap.points)}")
-    verdict = "offline chosen" if chosen_strategy.get(name) == "offline" else "online chosen"
-    on = f"{best_on.cost.total:.3g}s ({best_on.placement.teacher_strategy[name]})" if best_on else "does not fit"
-    off = f"{best_off.cost.total:.3g}s" if best_off else "does not fit"
-    return f"{text}; step time offline {off} vs online {on}: {verdict}"
-
-
-def _point(p) -> str:
-    return p.kind if p.layer is None else f"{p.kind}[{p.layer}]"

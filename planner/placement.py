@@ -2,10 +2,13 @@
 
 The search enumerates teacher strategy (per teacher) x ZeRO stage x optimizer / parameter offload x
 activation checkpointing x micro-batch, where micro-batch and gradient accumulation satisfy
-``batch = micro * accum * ranks``; a forced ``micro_batch`` / ``activation_checkpointing`` and
-``grad_accum_allowed: false`` narrow it. A placement fits when every rank's predicted GPU bytes stay under
-``(1 - SAFETY_MARGIN)`` of the device memory (the margin absorbs allocator fragmentation and what the model
-leaves out) and host / NVMe bytes under the cluster's ``cpu_memory`` / ``nvme`` when those are given.
+``batch = micro * accum * ranks``; the stage's pins (``StageSpec.pin`` and its ``micro_batch`` /
+``activation_checkpointing``) and ``grad_accum_allowed: false`` narrow it; pinned ZeRO / offload keys may reach
+combinations the unpinned search skips (``_valid_zero_options``). A placement fits when every rank's predicted GPU
+bytes stay under ``(1 - SAFETY_MARGIN)`` of the device memory (the margin absorbs allocator fragmentation and what
+the model leaves out) and host / NVMe bytes per node under the cluster's ``cpu_memory`` / ``nvme`` when those are
+given; otherwise its ``Shortfall`` names the resource (GPU of a rank, host per node or per rank, NVMe) that a
+refusal reports, and the advice says what would fit.
 The fastest fitting placement wins (ties: less memory, then simpler); runner-ups carry a short reason.
 
 Teacher strategies searched are those the runtime executes: ``replicated`` (plain module), ``sharded``
@@ -21,11 +24,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Literal
 
-from gkdlang.spec import Spec, StageSpec
+from gkdlang.spec import PlacementPin, Spec, StageSpec
 from planner.cost import StepCost, step_cost
+from planner.graph import logit_losses
 from planner.hardware import CATALOG, Device, device_for, training_precision
-from planner.memory import GiB, ClusterShape, StageModels, estimate, learned_params
+from planner.memory import GiB, ClusterShape, StageModels, estimate, host_memory, learned_params
 from planner.offline import offline_problems, stage_epochs
 from planner.params import ParamCounts
 from planner.plan import Candidate, ModelCapture, Placement, RankMemory
@@ -48,6 +53,34 @@ class SearchResult:
     alternatives: list[Candidate]
     advice: list[str]
     """When infeasible: what would make it fit."""
+    shortfall: Shortfall | None = None
+    """When infeasible: what the closest attempt overruns."""
+    host_rank: int = 0
+    """Peak host bytes per rank of the chosen placement (or of the closest attempt)."""
+    host_node: int = 0
+    attempt: Candidate | None = None
+    """When infeasible: the closest attempt (the one ``memory`` describes)."""
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """The first resource a placement overruns: GPU memory of a rank, host memory of a node or rank, NVMe."""
+
+    resource: Literal["gpu", "host", "nvme"]
+    scope: Literal["rank", "node"]
+    rank: int
+    need: int
+    capacity: int
+    limit: int
+    """What the check allows: the capacity less ``SAFETY_MARGIN`` for device memory, the whole of it otherwise."""
+    what: str
+    """Where the capacity comes from, e.g. ``cpu_memory 64 GiB`` or ``A100-40GB``."""
+
+    def describe(self) -> str:
+        where = {"gpu": f"GPU memory of rank {self.rank}", "nvme": "NVMe per node",
+                 "host": "host memory per node" if self.scope == "node" else f"host memory of rank {self.rank}"}
+        margin = f" (limit {_gb(self.limit)} with a {SAFETY_MARGIN:.0%} margin)" if self.limit < self.capacity else ""
+        return f"{where[self.resource]}: needs {_gb(self.need)} of {_gb(self.capacity)} {self.what}{margin}"
 
 
 @dataclass(frozen=True)
@@ -55,16 +88,27 @@ class _Eval:
     placement: Placement
     memory: list[RankMemory]
     cost: StepCost
-    fits: bool
+    shortfall: Shortfall | None
     peak: int
-    why_not: str
+    host_rank: int
+    """Peak host bytes of one rank (on CPU runs: its whole memory)."""
+    host_node: int
+
+    @property
+    def fits(self) -> bool:
+        return self.shortfall is None
+
+    @property
+    def why_not(self) -> str:
+        return "" if self.shortfall is None else f"does not fit: {self.shortfall.describe()}"
 
 
 def search(spec: Spec, stage: StageSpec, captures: list[ModelCapture], params: dict[str, ParamCounts],
-           world_size: int) -> SearchResult:
-    """The placement search for one stage (see the module docstring)."""
+           world_size: int, lengths: tuple[int, ...] = ()) -> SearchResult:
+    """The placement search for one stage (see the module docstring); ``lengths``: sorted token counts of the
+    stage's unpacked documents clipped to seq_len (empty: full sequences), for the step time."""
     device = device_for(spec.cluster)
-    models = stage_models(spec, stage, captures, params)
+    models = stage_models(spec, stage, captures, params, lengths)
     cluster = cluster_shape(spec, device, world_size)
     evals = evaluate_all(spec, stage, models, cluster)
     if not evals:
@@ -73,18 +117,30 @@ def search(spec: Spec, stage: StageSpec, captures: list[ModelCapture], params: d
     if fitting:
         best = fitting[0]
         return SearchResult(_candidate(best, "chosen"), best.memory, best.cost.total, best.cost.parts,
-                            _alternatives(best, fitting[1:], evals), [])
-    closest = min(evals, key=lambda e: e.peak)
-    advice = infeasible_advice(spec, stage, captures, params, world_size, device, closest)
+                            _alternatives(best, fitting[1:], evals), [], host_rank=best.host_rank,
+                            host_node=best.host_node)
+    closest = closest_attempt(evals)
+    advice = infeasible_advice(spec, stage, captures, params, world_size, device, closest, evals)
     alts = [_candidate(e, e.why_not) for e in sorted(evals, key=lambda e: e.peak)[:MAX_ALTERNATIVES]]
-    return SearchResult(None, closest.memory, closest.cost.total, closest.cost.parts, alts, advice)
+    return SearchResult(None, closest.memory, closest.cost.total, closest.cost.parts, alts, advice,
+                        shortfall=closest.shortfall, host_rank=closest.host_rank, host_node=closest.host_node,
+                        attempt=_candidate(closest, closest.why_not))
+
+
+def closest_attempt(evals: list[_Eval]) -> _Eval:
+    """The attempt a refusal shows: the leanest on host memory among those that fit the GPUs, else the leanest
+    on GPU memory (so a refusal names host memory only when the GPUs are not the problem)."""
+    gpu_ok = [e for e in evals if e.shortfall is None or e.shortfall.resource != "gpu"]
+    if gpu_ok:
+        return min(gpu_ok, key=lambda e: (e.shortfall is not None and e.shortfall.resource == "host", e.host_node))
+    return min(evals, key=lambda e: e.peak)
 
 
 # ---------------------------------------------------------------- inputs
 
 
 def stage_models(spec: Spec, stage: StageSpec, captures: list[ModelCapture],
-                 params: dict[str, ParamCounts]) -> StageModels:
+                 params: dict[str, ParamCounts], lengths: tuple[int, ...] = ()) -> StageModels:
     caps = {c.model: c for c in captures}
     students = [(spec.models[s], params[s], caps.get(s) or _whole(s)) for s in stage.students if s in params]
     teachers = [(spec.models[c.model], params[c.model], c) for c in captures
@@ -92,7 +148,8 @@ def stage_models(spec: Spec, stage: StageSpec, captures: list[ModelCapture],
     seq = stage.seq_len or spec.data[stage.data].seq_len
     offline = frozenset(m.name for m, _, c in teachers if not offline_problems(spec, stage, m.name, c))
     return StageModels(students=students, teachers=teachers, seq_len=seq, extra_trainable=learned_params(stage),
-                       offline=offline, epochs=stage_epochs(spec, stage) if offline else 1.0)
+                       offline=offline, epochs=stage_epochs(spec, stage) if offline else 1.0,
+                       logit_losses=logit_losses(stage), fusable=frozenset(c.model for c in captures if c.fused_head), lengths=lengths)
 
 
 def _whole(model: str) -> ModelCapture:
@@ -114,16 +171,37 @@ def micro_batches(stage: StageSpec, world: int) -> list[tuple[int, int]]:
     if stage.batch % world:
         return []
     per_rank = stage.batch // world
-    pairs = [(m, per_rank // m) for m in range(1, per_rank + 1) if per_rank % m == 0]
     if stage.micro_batch is not None:
-        pairs = [(m, a) for m, a in pairs if m == stage.micro_batch]
+        pairs = [(stage.micro_batch, per_rank // stage.micro_batch)] if per_rank % stage.micro_batch == 0 else []
+    else:  # bounded: every pair is evaluated against every strategy, so a huge batch must not mean a huge search
+        pairs = [(m, per_rank // m) for m in _divisors(per_rank) if m <= MAX_MICRO][:MAX_PAIRS]
     if not stage.grad_accum_allowed:
         pairs = [(m, a) for m, a in pairs if a == 1]
     return pairs
 
 
-def _zero_options(device: Device, world: int, nvme: bool) -> list[tuple[int, str, str]]:
-    """(zero stage, offload_optimizer, offload_params) combinations worth trying."""
+#: largest micro-batch per rank the search tries, and most (micro, accum) pairs per stage (the smallest)
+MAX_MICRO = 4096
+MAX_PAIRS = 32
+
+
+def _divisors(n: int) -> list[int]:
+    """The divisors of ``n`` in increasing order, in O(sqrt n) steps (a loop up to n hung on ``batch: 1e12``)."""
+    small, large = [], []
+    i = 1
+    while i * i <= n:
+        if n % i == 0:
+            small.append(i)
+            if i * i != n:
+                large.append(n // i)
+        i += 1
+    return small + large[::-1]
+
+
+def _zero_options(device: Device, world: int, nvme: bool, pin: PlacementPin | None = None) -> list[tuple[int, str, str]]:
+    """(zero stage, offload_optimizer, offload_params) combinations worth trying, or those a pin leaves."""
+    if pin is not None and (pin.zero_stage, pin.offload_optimizer, pin.offload_params) != (None, None, None):
+        return [o for o in _valid_zero_options(nvme) if _pin_allows(pin, o)]
     opts = [(0, "none", "none"), (1, "none", "none"), (2, "none", "none"), (3, "none", "none")]
     if world == 1:
         opts = [(0, "none", "none"), (3, "none", "none")]  # ZeRO-1/2 shard nothing on one rank
@@ -135,12 +213,30 @@ def _zero_options(device: Device, world: int, nvme: bool) -> list[tuple[int, str
     return opts
 
 
-def _teacher_options(models: StageModels, device: Device, world: int, nvme: bool) -> list[dict[str, str]]:
+def _valid_zero_options(nvme: bool) -> list[tuple[int, str, str]]:
+    """Every combination DeepSpeed runs: optimizer offload from ZeRO-1 on, parameter offload with ZeRO-3 and an
+    offloaded optimizer, NVMe only where the cluster has it."""
+    where = ("none", "cpu", "nvme") if nvme else ("none", "cpu")
+    return [(z, oo, op) for z in range(4) for oo in where for op in where
+            if (oo == "none" or z >= 1) and (op == "none" or (z == 3 and oo != "none"))]
+
+
+def _pin_allows(pin: PlacementPin, option: tuple[int, str, str]) -> bool:
+    zero, oo, op = option
+    return ((pin.zero_stage is None or zero == pin.zero_stage)
+            and (pin.offload_optimizer is None or oo == pin.offload_optimizer)
+            and (pin.offload_params is None or op == pin.offload_params))
+
+
+def _teacher_options(models: StageModels, device: Device, world: int, nvme: bool,
+                     pin: PlacementPin | None = None) -> list[dict[str, str]]:
     allowed = [s for s in SEARCHED_TEACHER_STRATEGIES
                if not (s == "sharded" and world == 1) and not (device.is_cpu and s.endswith("offload"))
                and not (s == "nvme_offload" and not nvme)]
     names = [m.name for m, _, _ in models.teachers]
-    per_teacher = [allowed + ["offline"] * (name in models.offline) for name in names]
+    pinned = pin.teachers if pin is not None else {}
+    per_teacher = [[pinned[name]] if name in pinned else allowed + ["offline"] * (name in models.offline)
+                   for name in names]
     return [dict(zip(names, combo)) for combo in itertools.product(*per_teacher)]
 
 
@@ -150,8 +246,8 @@ def placements(spec: Spec, stage: StageSpec, models: StageModels, cluster: Clust
     ckpt = [stage.activation_checkpointing] if stage.activation_checkpointing is not None else [False, True]
     out = []
     for teachers, (zero, off_opt, off_par), ac, (micro, accum) in itertools.product(
-            _teacher_options(models, cluster.device, cluster.world, nvme),
-            _zero_options(cluster.device, cluster.world, nvme), ckpt, micro_batches(stage, cluster.world)):
+            _teacher_options(models, cluster.device, cluster.world, nvme, stage.pin),
+            _zero_options(cluster.device, cluster.world, nvme, stage.pin), ckpt, micro_batches(stage, cluster.world)):
         out.append(Placement(teacher_strategy=teachers, zero_stage=zero, offload_optimizer=off_opt,
                              offload_params=off_par, micro_batch=micro, grad_accum=accum,
                              activation_checkpointing=ac, precision=precision))
@@ -165,21 +261,47 @@ def evaluate_all(spec: Spec, stage: StageSpec, models: StageModels, cluster: Clu
 def evaluate(models: StageModels, cluster: ClusterShape, p: Placement) -> _Eval:
     memory = estimate(models, cluster, p)
     cost = step_cost(models, p, cluster.device, cluster.world, cluster.gpus_per_node)
-    limit = int(cluster.device.memory * (1 - SAFETY_MARGIN))
     worst = max(memory, key=lambda r: r.total_gpu)
-    why = ""
+    host_rank, host_node = host_need(models, cluster, p, memory)
+    return _Eval(p, memory, cost, shortfall(memory, cluster, host_node, host_rank), worst.total_gpu, host_rank,
+                 host_node)
+
+
+def host_need(models: StageModels, cluster: ClusterShape, p: Placement,
+              memory: list[RankMemory]) -> tuple[int, int]:
+    """(peak host bytes of one rank, of one node) over the load / train / save phases (``planner.memory.host_memory``):
+    every rank of a node shares its host memory; on CPU runs the host *is* the ranks' device."""
+    phases, node = host_memory(models, cluster, p, memory)
+    return max(h.peak for h in phases), node
+
+
+def shortfall(memory: list[RankMemory], cluster: ClusterShape, host_node: int,
+              host_rank: int = 0) -> Shortfall | None:
+    """The first resource the predicted memory overruns (device per rank, host per node, NVMe per node); on a
+    CPU run a rank's need is its worst host phase (loading or saving may exceed training)."""
+    dev = cluster.device
+    limit = int(dev.memory * (1 - SAFETY_MARGIN))
+    worst = max(memory, key=lambda r: r.total_gpu)
+    if dev.is_cpu and host_rank > worst.total_gpu:
+        worst = worst.model_copy(update={"total_gpu": host_rank})
     if worst.total_gpu > limit:
-        why = (f"does not fit: rank {worst.rank} needs {_gb(worst.total_gpu)} of {_gb(cluster.device.memory)} "
-               f"(limit {_gb(limit)} with a {SAFETY_MARGIN:.0%} margin)")
-    elif cluster.cpu_per_node is not None and not cluster.device.is_cpu:
-        host = max(r.total_cpu for r in memory) * cluster.gpus_per_node
-        if host > cluster.cpu_per_node:
-            why = f"does not fit: host memory {_gb(host)} per node of {_gb(cluster.cpu_per_node)}"
-    if not why and cluster.nvme_per_node is not None:
+        if not dev.is_cpu:
+            return Shortfall("gpu", "rank", worst.rank, worst.total_gpu, dev.memory, limit, f"({dev.name})")
+        if cluster.cpu_per_node is None:
+            return Shortfall("host", "rank", worst.rank, worst.total_gpu, dev.memory, limit,
+                             "(one CPU rank's memory; no cpu_memory given)")
+        gpn = cluster.gpus_per_node
+        return Shortfall("host", "node", worst.rank, worst.total_gpu * gpn, dev.memory * gpn, limit * gpn,
+                         f"(cpu_memory, {gpn} rank{'s' * (gpn > 1)} x {_gb(worst.total_gpu)})")
+    if cluster.cpu_per_node is not None and not dev.is_cpu and host_node > cluster.cpu_per_node:
+        gpn = cluster.gpus_per_node
+        return Shortfall("host", "node", worst.rank, host_node, cluster.cpu_per_node, cluster.cpu_per_node,
+                         f"(cpu_memory, {gpn} rank{'s' * (gpn > 1)} x {_gb(host_node // gpn)})")
+    if cluster.nvme_per_node is not None:
         nvme = sum(i.bytes for r in memory[:1] for i in r.items if i.device == "nvme") * cluster.gpus_per_node
         if nvme > cluster.nvme_per_node:
-            why = f"does not fit: NVMe {_gb(nvme)} per node of {_gb(cluster.nvme_per_node)}"
-    return _Eval(p, memory, cost, not why, worst.total_gpu, why)
+            return Shortfall("nvme", "node", 0, nvme, cluster.nvme_per_node, cluster.nvme_per_node, "(cluster.nvme)")
+    return None
 
 
 def _gb(n: int) -> str:
@@ -222,6 +344,48 @@ def _alternatives(best: _Eval, others: list[_Eval], evals: list[_Eval]) -> list[
     return out
 
 
+# ---------------------------------------------------------------- pins
+
+
+def unpinned(stage: StageSpec) -> StageSpec:
+    """The stage without the spec's pins (what the planner would pick); constraints that constructs impose
+    (e.g. no checkpointing under ``interchange``) are not pins and stay."""
+    if stage.pin is None:
+        return stage
+    update: dict = {"pin": None}
+    if "micro_batch" in stage.pin.spans:
+        update["micro_batch"] = None
+    if "checkpointing" in stage.pin.spans:
+        update["activation_checkpointing"] = None
+    return stage.model_copy(update=update)
+
+
+def pin_problems(spec: Spec, stage: StageSpec, captures: list[ModelCapture]) -> list[tuple[str, object, str, str]]:
+    """``(code, span, message, hint)`` for pins this cluster or stage cannot run at all, before any search."""
+    pin, out = stage.pin, []
+    if pin is None:
+        return out
+    nvme = spec.cluster.nvme is not None
+    caps = {c.model: c for c in captures}
+    for key in ("offload_optimizer", "offload_params"):
+        if getattr(pin, key) == "nvme" and not nvme:
+            out.append(("pin-unavailable", pin.spans.get(key, pin.span), f"{key}: nvme needs NVMe in the cluster",
+                        "give cluster.nvme (bytes per node), or pin cpu"))
+    for name, strategy in sorted(pin.teachers.items()):
+        where = pin.spans.get(f"teacher {name}", pin.span)
+        if name not in caps:
+            continue  # a teacher this stage does not load: the pin has nothing to place (see stage notes)
+        if strategy == "nvme_offload" and not nvme:
+            out.append(("pin-unavailable", where, f"teacher '{name}': nvme_offload needs NVMe in the cluster",
+                        "give cluster.nvme (bytes per node), or pin cpu_offload"))
+        if strategy == "offline":
+            problems = offline_problems(spec, stage, name, caps[name])
+            if problems:
+                out.append(("pin-unavailable", where, f"teacher '{name}' cannot be read from a cache in stage "
+                            f"'{stage.name}': {problems[0]}", "pin an online strategy (replicated, sharded, ...)"))
+    return out
+
+
 # ---------------------------------------------------------------- advice
 
 
@@ -235,9 +399,13 @@ def _batch_advice(stage: StageSpec, world: int) -> list[str]:
 
 
 def infeasible_advice(spec: Spec, stage: StageSpec, captures: list[ModelCapture], params: dict[str, ParamCounts],
-                      world: int, device: Device, closest: _Eval) -> list[str]:
-    """What would make the stage fit: more GPUs, a larger GPU, smaller micro-batch, NVMe, offline teachers."""
+                      world: int, device: Device, closest: _Eval, evals: list[_Eval] = ()) -> list[str]:
+    """What would make the stage fit: more host memory, more GPUs, a larger GPU, smaller micro-batch, NVMe,
+    offline teachers."""
     advice = []
+    host = _host_advice(closest, evals, device)
+    if host:
+        advice.append(host)
     more = _gpus_needed(spec, stage, captures, params, world, device)
     if more is not None:
         advice.append(f"{more} x {device.name} would fit (now {world})")
@@ -257,6 +425,22 @@ def infeasible_advice(spec: Spec, stage: StageSpec, captures: list[ModelCapture]
         advice.append(f"precompute the signals of {', '.join(teachers)} offline (declare `cache: topk(k: 64)` on "
                       f"the teacher and run `gkdc cache`): the student alone fits")
     return advice or [f"a smaller student or sequence length; the best attempt needs {_gb(closest.peak)} per GPU"]
+
+
+def _host_advice(closest: _Eval, evals, device: Device) -> str | None:
+    """When host memory is what does not fit: the host figure of the leanest placement that fits the GPUs."""
+    if closest.shortfall is None or closest.shortfall.resource != "host":
+        return None
+    from planner.describe import describe_placement
+
+    short = closest.shortfall
+    if device.is_cpu:
+        need = int(short.need / (1 - SAFETY_MARGIN)) + 1
+        return f"cpu_memory of at least {_gb(need)} per node would fit ({describe_placement(closest.placement)})"
+    ok = [e for e in evals if e.shortfall is not None and e.shortfall.resource == "host"] or [closest]
+    lean = min(ok, key=lambda e: e.host_node)
+    return (f"cpu_memory of at least {_gb(lean.host_node)} per node (now {_gb(short.capacity)}) would fit "
+            f"{describe_placement(lean.placement)}")
 
 
 def _fits_on(spec, stage, captures, params, world, device: Device) -> bool:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gkdlang.spec import Spec
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 
 
 class Frozen(BaseModel):
@@ -38,6 +38,9 @@ class ModelCapture(Frozen):
     """Whether the LM / task head must run (logits needed)."""
     eager_attention_layers: list[int] = Field(default_factory=list)
     """Blocks that must materialise attention probabilities (no fused kernel)."""
+    fused_head: bool = False
+    """The model's logits are never materialised: only chunked logit losses read them, so they take its final
+    hidden states and output layer and form logits one chunk of rows at a time (runtime/chunked.py)."""
 
 
 class MemoryItem(Frozen):
@@ -56,6 +59,20 @@ class RankMemory(Frozen):
     capacity_gpu: int
     headroom: float
     """1 - total_gpu / capacity_gpu."""
+
+
+class HostMemory(Frozen):
+    """Predicted host (CPU RAM) bytes of one rank at the peak of each phase: loading the stage's models,
+    training, writing the trained weights (``planner.memory.host_phases``)."""
+
+    rank: int
+    """0, or 1 for every other rank (only rank 0 writes files)."""
+    phases: dict[str, int]
+    """``load`` / ``train`` / ``save`` -> bytes."""
+    peak: int
+    """The largest phase."""
+    items: dict[str, list[MemoryItem]] = Field(default_factory=dict)
+    """Each phase's items."""
 
 
 class Placement(Frozen):
@@ -80,6 +97,43 @@ class Candidate(Frozen):
     """Why it lost (or ``chosen``)."""
 
 
+class TokensPerStep(Frozen):
+    """What one optimizer step feeds the models, over all ranks (``planner.tokens``); the runtime logs the same."""
+
+    packed: bool
+    """Documents concatenated and cut into seq_len blocks (EOS between documents, no attention across them)."""
+    why: str
+    seq_len: int
+    real: float
+    """Real tokens per step: document tokens and EOS separators, no padding (expected value when padded)."""
+    computed: float
+    """Positions the models run per step, padding included (expected value when padded); the step time uses it."""
+    source: str
+    """How the figures were obtained (packed blocks, documents tokenised at plan time, or assumed full)."""
+
+
+class HostCheck(Frozen):
+    """Host memory of one node under the chosen placement, and what it was checked against."""
+
+    per_node: int
+    """Peak host bytes of all ranks of one node (on CPU runs host memory is the ranks' device memory)."""
+    per_rank: int
+    limit: int | None
+    """``cluster.cpu_memory``; None: not given, so the figure was not checked (warning ``no-cpu-memory``)."""
+
+
+class PinReport(Frozen):
+    """A placement the spec pinned: what was pinned, that it fits, and what the planner would have picked."""
+
+    pinned: list[str]
+    """Pinned keys: ``zero``, ``offload_optimizer``, ``offload_params``, ``micro_batch``, ``checkpointing``,
+    ``teacher <name>``."""
+    planner_choice: Candidate
+    """The placement the search picks with no pins."""
+    verdict: str
+    """One line: fits with what headroom, and how it compares with the planner's choice."""
+
+
 class StagePlan(Frozen):
     name: str
     captures: list[ModelCapture]
@@ -94,6 +148,16 @@ class StagePlan(Frozen):
     """Config passed to ``deepspeed.initialize`` for the student."""
     teacher_configs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """DeepSpeed config per teacher that runs as an engine (sharded / offloaded); empty for plain replicas."""
+    host: list[HostMemory] = Field(default_factory=list)
+    """Predicted host memory per rank and phase (rank 0, then the other ranks)."""
+    host_node_peak: int = 0
+    """Predicted host bytes of one node at its worst phase (all its ranks together)."""
+    tokens: TokensPerStep | None = None
+    """Packing and the real tokens per step; None in plans written before gkdc planned them (padded data)."""
+    host_check: HostCheck | None = None
+    """The host figure the placement search checked against ``cpu_memory`` (the worst phase of ``host``)."""
+    pin: PinReport | None = None
+    """Set when the spec pins part of the placement."""
 
 
 class ResolvedModel(Frozen):
@@ -118,3 +182,20 @@ class Plan(Frozen):
     """argv of the launch command (``deepspeed --num_gpus N ...`` or in-process ``gkdc run``)."""
     hostfile: str | None = None
     notes: list[str] = Field(default_factory=list)
+    integrity: str = ""
+    """sha256 of every other field (``plan_digest``), set by the planner; ``gkdc run`` refuses a plan whose
+    content no longer matches it (an edited plan), so what runs is what ``gkdc plan`` decided."""
+
+
+def plan_digest(plan: Plan) -> str:
+    """sha256 of the plan's canonical JSON (sorted keys, no whitespace), its ``integrity`` field left out."""
+    import hashlib
+    import json
+
+    body = plan.model_dump(mode="json", exclude={"integrity"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(plan: Plan) -> Plan:
+    """``plan`` with its integrity digest set."""
+    return plan.model_copy(update={"integrity": plan_digest(plan)})

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gkdlang.spec import ModelSpec, StageSpec
-from planner.describe import _blocks, describe_capture, describe_placement, describe_points, fmt_bytes, fmt_count, ranges  # noqa: F401
+from planner.describe import _blocks, describe_capture, describe_placement, describe_points, fmt_bytes, fmt_count, pin_block, ranges  # noqa: F401
 from planner.plan import Candidate, ModelCapture, Placement, Plan, RankMemory, StagePlan
 
 PLAIN_WIDTH = 120
@@ -80,14 +80,41 @@ def _print_stage(console: Console, plan: Plan, sp: StagePlan, explain: bool) -> 
     for t in skipped:
         console.print(f"  teacher '{t}' is not read by this stage: not loaded")
     console.print(f"placement: {describe_placement(sp.placement)}", soft_wrap=True)
+    if sp.pin is not None:
+        console.print(f"pinned: {', '.join(sp.pin.pinned)}: {sp.pin.verdict}", soft_wrap=True)
     parts = ", ".join(f"{k} {v:.3g}s" for k, v in sorted(sp.step_time_parts.items()))
     console.print(f"predicted step time: {sp.step_time_s:.3g}s" + (f" ({parts})" if parts else ""))
+    if sp.tokens is not None:
+        console.print(_tokens_line(sp), soft_wrap=True)
+    if sp.host_check is not None:
+        console.print(_host_line(sp, plan.spec.cluster), soft_wrap=True)
     if sp.memory:
         console.print(_memory_table(sp.memory, console))
     if sp.alternatives:
         console.print(_alternatives_table(sp.alternatives, console))
     if explain:
         _print_explain(console, plan, st, sp)
+
+
+def _tokens_line(sp: StagePlan) -> str:
+    t = sp.tokens
+    fill = f" ({t.real / t.computed:.0%} of them real)" if t.computed and t.real < t.computed else ""
+    return (f"tokens per step: {t.real:,.0f} real of {t.computed:,.0f} positions run{fill}, {t.why}; {t.source}")
+
+
+def _host_line(sp: StagePlan, cluster) -> str:
+    from planner import hardware
+
+    h, gpn = sp.host_check, cluster.gpus_per_node
+    ranks = f"{gpn} rank{'s' * (gpn > 1)} x {fmt_bytes(h.per_rank)}"
+    dev = hardware.lookup(cluster.gpu)
+    if h.limit is not None:
+        checked = f"of cpu_memory {fmt_bytes(h.limit)}"
+    elif dev is not None and dev.is_cpu:
+        checked = f"checked only against the catalog's assumed {fmt_bytes(dev.memory)} per CPU rank (no cpu_memory)"
+    else:
+        checked = "not checked: no cpu_memory given"
+    return f"host memory: {fmt_bytes(h.per_node)} per node ({ranks}), {checked}"
 
 
 def _captures_table(plan: Plan, st: StageSpec, sp: StagePlan, console: Console) -> Table:
@@ -163,6 +190,7 @@ def _print_explain(console: Console, plan: Plan, st: StageSpec, sp: StagePlan) -
     fit = f"fits with {headroom:.0%} GPU headroom, " if headroom is not None else ""
     console.print(f"  - chosen: {describe_placement(sp.placement)}: {fit}predicted {sp.step_time_s:.3g}s per step",
                   soft_wrap=True)
+    console.print(f"  - to pin it: {pin_block(sp.name, sp.placement)}", soft_wrap=True)
     for cand in losers:
         console.print(f"  - not {describe_placement(cand.placement)}: {cand.reason}", soft_wrap=True)
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -52,6 +51,8 @@ from planner.offline import (EXAMPLE_KINDS, SHORT_VOCAB, TOKEN_KINDS, cache_dir,
                              packed_logits_width)
 from planner.plan import ModelCapture
 from runtime.errors import RunError
+from runtime.files import atomic_path, atomic_write
+from runtime.models import DTYPES
 from runtime.losses import LOSSES, sampled_kl, sparse_kl
 
 CACHE_FORMAT = 2
@@ -60,7 +61,7 @@ SHARD_EXAMPLES = 256
 WRITE_BATCH = 8
 """Examples per teacher forward while writing."""
 CONTRACT_FILE, COMPLETE_FILE = "contract.json", "complete.json"
-STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORE_DTYPES = DTYPES
 _SHIFT = 1 << 15
 
 
@@ -233,18 +234,21 @@ def tokenized(job: CacheJob, tokenizer: Any) -> Any:
     student = _student_spec(job)
     max_positions = min(spec.models[m].arch.max_positions for m in [*stage.teachers, *stage.students])
     texts = D.load_texts(data_spec, job.base_dir)
+    from planner.tokens import packing_choice  # the decision the plan recorded for this stage
+
     return D.tokenize(texts, data_spec, tokenizer, job.seq_len, causal=not student.arch.is_encoder,
-                      num_labels=student.head.num_labels, max_positions=max_positions)
+                      num_labels=student.head.num_labels, max_positions=max_positions,
+                      packed=packing_choice(spec, stage).packed)
 
 
 def build_teacher(job: CacheJob, seed: int) -> torch.nn.Module:
     """The teacher as the online run builds it (same seed, so a random-init teacher gets the same weights)."""
     from runtime import models as M
-    from runtime.recipe import _pruned, _seed_everything
+    from runtime.stagekit import pruned, seed_everything
 
-    _seed_everything(seed)
+    seed_everything(seed)
     net = M.build_model(job.model, job.base_dir, {})
-    return _pruned(net, job.capture).eval()
+    return pruned(net, job.capture).eval()
 
 
 def expected_contract(job: CacheJob, tokenizer: Any, tokens: Any, weights: str) -> Contract:
@@ -276,7 +280,7 @@ def write_cache(job: CacheJob, *, rank: int = 0, world: int = 1, seed: int | Non
     ``limit_shards`` stops after writing that many shards (tests of resume; a killed run looks the same).
     """
     from runtime import models as M
-    from runtime.recipe import SEED
+    from runtime.stagekit import SEED
 
     seed = SEED + 1000 * job.stage_index if seed is None else seed
     tokenizer = M.load_tokenizer(_student_spec(job), job.spec.models, job.base_dir)
@@ -313,7 +317,7 @@ def _claim(directory: Path, contract: Contract) -> None:
     if path.exists():
         check_contract(Contract.from_file(path), contract, directory)
         return
-    _atomic_write_bytes(path, contract.to_json().encode())
+    atomic_write(path, contract.to_json())
 
 
 def _write_shard(job: CacheJob, teacher: torch.nn.Module, tokens: Any, shard: int, path: Path,
@@ -339,9 +343,8 @@ def _write_shard(job: CacheJob, teacher: torch.nn.Module, tokens: Any, shard: in
     tensors = {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
     tensors["offsets"] = offsets
     tensors["example_ids"] = torch.arange(start, end, dtype=torch.int64)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"contract": contract.data[:16], "shard": str(shard)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"contract": contract.data[:16], "shard": str(shard)})
 
 
 def _encode(kind: str, layer: int | None, value: Tensor, length: int, model: ModelSpec, contract: Contract,
@@ -411,18 +414,12 @@ def _mark_complete(directory: Path, n_shards: int, contract: Contract) -> bool:
         return False
     record = {"shards": n_shards, "examples": contract.examples, "data": contract.data,
               "shard_examples": SHARD_EXAMPLES}
-    _atomic_write_bytes(directory / COMPLETE_FILE, (json.dumps(record) + "\n").encode())
+    atomic_write(directory / COMPLETE_FILE, json.dumps(record) + "\n")
     return True
 
 
 def is_complete(directory: Path) -> bool:
     return (directory / COMPLETE_FILE).is_file()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ================================================================ reading
@@ -574,7 +571,7 @@ def open_teacher(job: CacheJob, tokenizer: Any, tokens: Any, *, rank: int = 0, w
         if rank == 0:
             write_cache(job, rank=0, world=1)  # only marks it complete when other ranks wrote their part
         barrier()
-    from runtime.recipe import SEED
+    from runtime.stagekit import SEED
 
     seed = SEED + 1000 * job.stage_index
     weights = weights_fingerprint(job.model, job.base_dir, lambda: build_teacher(job, seed))

@@ -1,8 +1,17 @@
 """DataSpec -> tokenised examples, a deterministic resumable rank-aware sampler, and padded batches.
 
 Takes a checked ``DataSpec`` (format, glob patterns, column names, seq_len) and the student's tokenizer.
-Gives ``load_texts`` (a ``datasets.Dataset`` of the raw columns), ``tokenize`` (a ``TokenizedData``),
-``ResumableSampler`` (which examples each rank reads at each optimizer step) and ``collate`` (tensors).
+Gives ``load_texts`` (a ``datasets.Dataset`` of the raw columns), ``tokenize`` (a ``TokenizedData``: one
+example per row, truncated and padded, or packed), ``ResumableSampler`` (which examples each rank reads at each
+optimizer step) and ``collate`` (tensors).
+
+Packing (``tokenize(..., packed=True)``, decided by the plan: ``planner.tokens``): every document is tokenised
+whole and followed by the tokenizer's EOS token; the stream of each chunk of ``PACK_CHUNK_DOCS`` documents is
+cut into ``seq_len`` blocks (the chunk's last partial block is dropped, as Hugging Face's ``run_clm`` does).
+Each block carries ``position_ids`` that restart at 0 at every document start and at the block's start; the
+models get them *instead of* an attention mask, and transformers' causal masks turn restarting positions into
+a block-diagonal mask (``masking_utils.find_packed_sequence_indices``): no token attends across a document
+boundary, and the next-token target of a document's last position (its EOS) is ignored.
 
 File formats (paths are globs relative to the spec's directory unless absolute):
 
@@ -29,6 +38,7 @@ import torch
 from torch import Tensor
 
 from gkdlang.spec import DataSpec
+from planner.tokens import PACK_CHUNK_DOCS  # the planner counts packed blocks the same way
 from runtime.errors import RunError
 
 if TYPE_CHECKING:
@@ -161,6 +171,8 @@ class TokenizedData:
     vocab_size: int
     """Full tokenizer vocabulary: random MLM replacements are drawn below it."""
     vocab_map: VocabMap | None = None
+    packed: bool = False
+    """Rows are packed ``seq_len`` blocks with ``position_ids`` (see the module docstring)."""
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -252,8 +264,10 @@ def tokenize(
     vocab_map: VocabMap | None = None,
     num_labels: int | None = None,
     max_positions: int | None = None,
+    packed: bool = False,
 ) -> TokenizedData:
-    """Tokenise ``ds`` (truncated to ``seq_len``, pairs joined by the tokenizer's template, labels to ids).
+    """Tokenise ``ds`` (truncated to ``seq_len``, pairs joined by the tokenizer's template, labels to ids), or
+    with ``packed`` concatenate its documents into ``seq_len`` blocks (module docstring).
 
     ``max_positions``: the longest sequence the models accept; a larger ``seq_len`` is an error. Unlabelled
     rows that tokenise to nothing are dropped; a labelled one is an error.
@@ -266,6 +280,8 @@ def tokenize(
     if not 0.0 < mlm_probability < 1.0:
         raise RunError(f"data '{data.name}': mlm_probability must be in (0, 1), got {mlm_probability}")
     _check_texts(data, ds)
+    if packed:
+        return _tokenize_packed(ds, data, tokenizer, seq_len, causal=causal, vocab_map=vocab_map)
     labels, names = (None, None)
     if data.label:
         labels, names = _label_map(data, list(ds[data.label]), num_labels)
@@ -282,6 +298,58 @@ def tokenize(
         vocab_size=len(tokenizer),
         vocab_map=vocab_map,
     )
+
+
+def _tokenize_packed(ds: datasets.Dataset, data: DataSpec, tokenizer: Any, seq_len: int, *, causal: bool,
+                     vocab_map: VocabMap | None) -> TokenizedData:
+    if not causal or data.label or data.pair:
+        raise RunError(f"data '{data.name}': packing needs unlabelled single-text data read by causal models "
+                       f"(the plan should not have packed it); set packing: false")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise RunError(f"data '{data.name}': packing separates documents by the EOS token, and this tokenizer "
+                       f"has none; add one or set packing: false")
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        enc = tokenizer(batch[data.text], return_special_tokens_mask=True, verbose=False)
+        # a tokenizer whose template already ends documents with EOS keeps its own
+        ends = [bool(ids) and ids[-1] == eos for ids in enc["input_ids"]]
+        return {"input_ids": [ids + [eos] * (not end) for ids, end in zip(enc["input_ids"], ends)],
+                "special_mask": [mask + [1] * (not end) for mask, end in zip(enc["special_tokens_mask"], ends)]}
+
+    docs = ds.map(encode, batched=True, remove_columns=ds.column_names)
+    blocks = docs.map(_pack_fn(seq_len), batched=True, batch_size=PACK_CHUNK_DOCS, remove_columns=docs.column_names)
+    if len(blocks) == 0:
+        raise RunError(f"data '{data.name}': its {len(docs)} documents hold fewer than seq_len {seq_len} tokens; "
+                       f"lower seq_len or set packing: false")
+    return TokenizedData(dataset=blocks, label_names=None, pad_id=int(tokenizer.pad_token_id), mask_token_id=None,
+                         causal=True, mlm_probability=0.15, vocab_size=len(tokenizer), vocab_map=vocab_map,
+                         packed=True)
+
+
+def _pack_fn(seq_len: int) -> Any:
+    def pack(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        ids = [t for doc in batch["input_ids"] for t in doc]
+        special = [t for doc in batch["special_mask"] for t in doc]
+        starts = [i == 0 for doc in batch["input_ids"] for i in range(len(doc))]
+        n = len(ids) // seq_len * seq_len  # the chunk's last partial block is dropped
+        out: dict[str, list[Any]] = {"input_ids": [], "special_mask": [], "position_ids": []}
+        for b in range(0, n, seq_len):
+            out["input_ids"].append(ids[b : b + seq_len])
+            out["special_mask"].append(special[b : b + seq_len])
+            out["position_ids"].append(_restarting_positions(starts[b : b + seq_len]))
+        return out
+
+    return pack
+
+
+def _restarting_positions(starts: list[bool]) -> list[int]:
+    """0 at the block's first position and at every document start, counting up in between."""
+    out, pos = [], 0
+    for i, start in enumerate(starts):
+        pos = 0 if (start or i == 0) else pos + 1
+        out.append(pos)
+    return out
 
 
 def _drop_empty(data: DataSpec, enc: datasets.Dataset) -> datasets.Dataset:
@@ -446,7 +514,7 @@ def collate(
     """Pad ``examples`` (right) into tensors.
 
     Gives ``input_ids``, ``attention_mask``, ``special_mask`` (bool, pads included), ``token_type_ids`` when
-    the examples have them, ``labels`` [b] when labelled, and ``tokens`` [b, s]: next-token targets (causal,
+    the examples have them, ``position_ids`` for packed blocks, ``labels`` [b] when labelled, and ``tokens`` [b, s]: next-token targets (causal,
     -100 on padding and the last position) or masked-LM targets (the original id at masked positions, else
     -100; ``input_ids`` then holds the masked input). Masking is a pure function of ``seed_for_step``.
     With ``vocab_map``, ``student_input_ids`` holds the remapped input and ``tokens`` are in the compressed
@@ -463,8 +531,12 @@ def collate(
         batch["token_type_ids"] = _pad([e["token_type_ids"] for e in examples], width, 0)
     if "label" in examples[0]:
         batch["labels"] = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
+    if "position_ids" in examples[0]:  # packed blocks: no target across a document boundary
+        batch["position_ids"] = _pad([e["position_ids"] for e in examples], width, 0)
     if causal:
         tokens = _causal_targets(ids, attention)
+        if "position_ids" in batch:
+            tokens[:, :-1][batch["position_ids"][:, 1:] == 0] = IGNORE
     elif mask_token_id is not None:
         ids, tokens = _mask_tokens(ids, ~special, mask_token_id, seed_for_step, mlm_probability, vocab_size)
     else:

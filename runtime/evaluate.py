@@ -48,7 +48,12 @@ def _load(folder: Path):
     cls = (AutoModelForSequenceClassification if "SequenceClassification" in arch
            else AutoModelForMaskedLM if "MaskedLM" in arch or config.model_type in ("bert", "roberta")
            else AutoModelForCausalLM)
-    model = cls.from_pretrained(folder, dtype=torch.float32)
+    if not list(folder.glob("*.safetensors")):  # .bin weights are pickles: they could run code when loaded
+        raise RunError(f"{folder} has no safetensors weights; gkdc eval loads no pickle (.bin) files")
+    try:
+        model = cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise RunError(f"{folder}: transformers cannot load it: {str(exc).splitlines()[0]}") from None
     return model.eval(), AutoTokenizer.from_pretrained(folder), ""
 
 

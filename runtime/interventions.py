@@ -1,7 +1,9 @@
 """Stage interventions: what a method does beyond signals and losses, one class per ``Intervention.kind``.
 
-Takes a stage's checked ``Intervention``s (their params are spelled out by ``gkdlang.lower``) and gives
-objects the recipe calls at fixed points of every step; each class overrides only the points it needs:
+Takes a stage's checked ``Intervention``s (typed Spec classes, ``gkdlang.spec``) and gives objects the recipe
+calls at fixed points of every step. Each class takes flat constructor arguments (names, numbers, term ids);
+``build`` translates a Spec intervention into them (``BUILDERS``), so no component reads a spec object. Each
+class overrides only the call points it needs:
 
 - ``gate``: change the set of active terms (``drop``: DGKD's per-step teacher dropping);
 - ``student_context``: change the student's forward (``replace_layers``: Theseus module replacement);
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Mapping
 
@@ -33,10 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkdlang.spec import Intervention, ModelSpec, Node, Schedule, SignalNode, StageSpec
+from gkdlang import spec as S
+from gkdlang.spec import Interchanged, ModelSpec, Node, Schedule, SignalNode, StageSpec
 from planner.plan import CapturePoint, ModelCapture
 from runtime.adapters import adapter_for, capture
 from runtime.errors import RunError
+from runtime.intervention_kernels import (  # noqa: F401 (entropy, ...: part of this module's interface)
+    entropy,
+    entropy_weights,
+    teacher_ce_weights,
+    interchange_positions,
+    perturbation,
+    f64_bits,
+    bits_f64,
+)
 
 Signals = Mapping[str, Mapping[tuple[str, int | None], Tensor]]
 
@@ -95,11 +107,9 @@ class Base(nn.Module):
 
     kind: ClassVar[str] = ""
 
-    def __init__(self, iv: Intervention, setup: Setup) -> None:
+    def __init__(self, *, seed: int) -> None:
         super().__init__()
-        self.spec = iv
-        self.params_ = dict(iv.params)
-        self.seed = setup.seed
+        self.seed = seed
 
     def built_models(self) -> set[str]:
         """Models the stage must build although the plan captures nothing from them (no forward of their own)."""
@@ -153,14 +163,12 @@ class Drop(Base):
 
     kind = "drop"
 
-    def __init__(self, iv: Intervention, setup: Setup) -> None:
-        super().__init__(iv, setup)
-        self.group = str(self.params_["group"])
-        self.terms = set(_terms_of(setup.stage, self.group))
-        self.stage_groups = sorted((str(i.params["group"]), float(i.params["p"]))
-                                   for i in setup.stage.interventions if i.kind == "drop")
-        # one joint draw decides every drop group of the stage, so they must agree on the rescue: the largest
-        self.min_kept = max(int(i.params.get("min_kept", 1)) for i in setup.stage.interventions if i.kind == "drop")
+    def __init__(self, *, group: str, terms: set[str], stage_groups: list[tuple[str, float]], min_kept: int,
+                 seed: int) -> None:
+        """``stage_groups``: (group, p) of every drop group of the stage (one joint draw decides them all)."""
+        super().__init__(seed=seed)
+        self.group, self.terms, self.min_kept = group, set(terms), min_kept
+        self.stage_groups = sorted(stage_groups)
 
     def dropped(self, step: int) -> set[str]:
         """Drop groups of the stage left out at ``step``."""
@@ -178,57 +186,18 @@ class Drop(Base):
 # ================================================================ weigh (MT-BERT, Uncertainty)
 
 
-def entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Per-example prediction entropy ``[b]``; token logits ``[b, s, V]`` average their (masked) positions."""
-    logp = F.log_softmax(logits.detach().float(), dim=-1)
-    h = -(logp.exp() * logp).sum(-1)
-    if h.dim() == 1:
-        return h
-    w = torch.ones_like(h) if mask is None else mask.to(h.dtype)
-    return (h * w).sum(-1) / w.sum(-1).clamp_min(1)
-
-
-def entropy_weights(h: Tensor, n_units: int, classes: int, hard: bool) -> Tensor:
-    """``[n_units, b]`` weights from student entropies ``h`` (units listed from smallest to largest teacher).
-
-    hard: examples sorted by entropy are split into ``n_units`` near-equal slices, unit i takes slice i (the
-    most uncertain go to the last unit). soft: the entropy normalised by ``log(classes)`` places each example
-    on [0, n_units - 1]; the two nearest units share it linearly (two units: ``1 - h``, ``h``).
-    """
-    b = h.shape[0]
-    w = h.new_zeros(n_units, b)
-    if hard:
-        order = torch.argsort(h, stable=True)
-        for i, part in enumerate(torch.tensor_split(order, n_units)):
-            w[i, part] = 1.0
-        return w
-    x = (h / math.log(max(classes, 2))).clamp(0, 1) * (n_units - 1)
-    units = torch.arange(n_units, dtype=h.dtype, device=h.device)[:, None]
-    return (1 - (x[None, :] - units).abs()).clamp_min(0)
-
-
-def teacher_ce_weights(teacher_logits: Tensor, labels: Tensor) -> Tensor:
-    """MT-BERT: ``1 / (1 + CE(label_i, teacher_i))`` per example (unlabelled rows: CE 0, weight 1)."""
-    ce = F.cross_entropy(teacher_logits.detach().float(), labels.long(), ignore_index=-100, reduction="none")
-    return 1.0 / (1.0 + ce)
-
-
 class Weigh(Base):
     """Per-teacher, per-example weights of each unit's terms (``by: teacher_ce`` or ``student_entropy``)."""
 
     kind = "weigh"
 
-    def __init__(self, iv: Intervention, setup: Setup) -> None:
-        super().__init__(iv, setup)
-        self.by = str(self.params_["by"])
-        self.hard = bool(self.params_.get("hard", False))
-        self.units = [(str(u["group"]), str(u["teacher"])) for u in self.params_["units"]]
-        self.terms = {g: _terms_of(setup.stage, g) for g, _ in self.units}
-        self.student = self.params_.get("student") or setup.stage.students[0]
-        self.head = "task_logits" if self.params_.get("entropy_of", "task_logits") == "task_logits" else "logits"
-        if self.by == "teacher_ce":
-            self.head = "task_logits"
-        self.classes = _classes(setup, self.student, self.head)
+    def __init__(self, *, by: str, hard: bool, units: list[tuple[str, str]], terms: dict[str, list[str]],
+                 student: str, head: str, classes: int, seed: int) -> None:
+        """``units``: (group, teacher) from the smallest teacher; ``terms``: group -> term ids; ``head``: the
+        student signal whose entropy weighs (``task_logits`` or ``logits``, of ``classes`` classes)."""
+        super().__init__(seed=seed)
+        self.by, self.hard, self.units, self.terms = by, hard, list(units), dict(terms)
+        self.student, self.head, self.classes = student, head, classes
 
     def extra_points(self) -> dict[str, list[CapturePoint]]:
         if self.by == "teacher_ce":
@@ -256,7 +225,7 @@ class Weigh(Base):
 
 
 def _classes(setup: Setup, model: str, head: str) -> int:
-    spec = setup.models[model]
+    spec = setup.models[model]  # builders only
     if head == "logits":
         return int(spec.arch.vocab_size)
     return int(spec.head.num_labels or spec.arch.config.get("num_labels") or 2)
@@ -279,20 +248,13 @@ class SelectTeacher(Base):
     HIDDEN = 128
     MOMENTUM = 0.9
 
-    def __init__(self, iv: Intervention, setup: Setup) -> None:
-        super().__init__(iv, setup)
-        if self.params_.get("policy", "reinforce") != "reinforce":
-            raise RunError(f"select_teacher: policy '{self.params_['policy']}' is not implemented (reinforce)")
-        self.group = str(self.params_["group"])
-        self.units = [(str(u["group"]), str(u["teacher"])) for u in self.params_["units"]]
-        self.terms = {g: _terms_of(setup.stage, g) for g, _ in self.units}
-        self.student = setup.stage.students[0]
-        self.state_model = self.params_.get("state_model") or self.student
-        self.state_layer = int(setup.models[self.state_model].arch.num_layers) - 1
-        self.reward = str(self.params_.get("reward", "ce"))
-        self.lr = float(self.params_["lr"]) if self.params_.get("lr") is not None else None
-        width = int(setup.models[self.state_model].arch.hidden_size)
-        width += sum(_classes(setup, t, "task_logits") for _, t in self.units)
+    def __init__(self, *, group: str, units: list[tuple[str, str]], terms: dict[str, list[str]], student: str,
+                 state_model: str, state_layer: int, width: int, reward: str, lr: float | None, seed: int) -> None:
+        """``state_model``'s block ``state_layer`` gives the [CLS] state; ``width``: the agent's input (that
+        state and every teacher's soft labels); ``lr``: the agent's learning rate (None: the stage's)."""
+        super().__init__(seed=seed)
+        self.group, self.units, self.terms, self.student = group, list(units), dict(terms), student
+        self.state_model, self.state_layer, self.reward, self.lr = state_model, state_layer, reward, lr
         with torch.random.fork_rng(devices=[]):  # its init depends on the stage seed only, not on what ran before
             torch.manual_seed(_generator(self.seed, self.group, "init").initial_seed())
             self.agent = nn.Sequential(nn.Linear(width, self.HIDDEN), nn.Tanh(),
@@ -358,10 +320,10 @@ def _all_ranks_mean(x: Tensor) -> Tensor:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x.detach()
-    y = x.detach().clone()
-    dist.all_reduce(y)
-    return y / dist.get_world_size()
+        return x.detach()  # one rank: no collective, and no deepspeed import
+    from runtime.engine import all_ranks_mean  # collectives live in the engine
+
+    return all_ranks_mean(x)
 
 
 # ================================================================ replace_layers (Theseus)
@@ -391,11 +353,11 @@ class ReplaceLayers(Base):
 
     kind = "replace_layers"
 
-    def __init__(self, iv: Intervention, setup: Setup) -> None:
-        super().__init__(iv, setup)
-        self.teacher = str(self.params_["teacher"])
-        self.groups = [list(map(int, g)) for g in self.params_["groups"]]
-        self.p = Schedule(**self.params_["p"]) if isinstance(self.params_["p"], dict) else self.params_["p"]
+    def __init__(self, *, teacher: str, groups: list[list[int]], p: Schedule, seed: int) -> None:
+        """``groups[j]``: the teacher blocks student block j stands for; ``p``: the keep probability (a value
+        schedule over the stage's progress)."""
+        super().__init__(seed=seed)
+        self.teacher, self.groups, self.p = teacher, [list(g) for g in groups], p
         self._teacher_blocks: list[nn.Module] | None = None
 
     def built_models(self) -> set[str]:
@@ -435,36 +397,6 @@ class ReplaceLayers(Base):
 # ================================================================ interchange (DIITO)
 
 
-def interchange_positions(attention: Tensor, fraction: float, way: str, gen: torch.Generator,
-                          tokens: Tensor | None = None) -> Tensor:
-    """``[b, s]`` bool: the positions of each example whose states are taken from the source example.
-
-    ``consecutive``: one span of ``max(1, round(fraction * n_i))`` of the example's n_i real positions;
-    ``random``: that many real positions anywhere; ``masked``: the masked-LM positions (``tokens != -100``).
-    """
-    b, s = attention.shape
-    out = torch.zeros(b, s, dtype=torch.bool)
-    real = attention.bool().cpu()
-    for i in range(b):
-        where = real[i].nonzero().flatten()
-        n = len(where)
-        if n == 0:
-            continue
-        count = max(1, round(fraction * n))
-        if way == "consecutive":
-            start = int(torch.randint(0, n - count + 1, (1,), generator=gen))
-            out[i, where[start:start + count]] = True
-        elif way == "random":
-            out[i, where[torch.randperm(n, generator=gen)[:count]]] = True
-        elif way == "masked":
-            if tokens is None:
-                raise RunError("interchange(way: masked) needs masked-LM targets in the batch")
-            out[i] = tokens[i].cpu() != -100
-        else:
-            raise RunError(f"interchange: way '{way}' is not one of consecutive, random, masked")
-    return out.to(attention.device)
-
-
 @contextmanager
 def _output_edit(block: nn.Module, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
     handle = block.register_forward_hook(lambda m, args, out: _with_first(out, edit(_first(out))))
@@ -484,24 +416,15 @@ class Interchange(Base):
 
     kind = "interchange"
 
-    def __init__(self, iv: Intervention, setup: Setup) -> None:
-        super().__init__(iv, setup)
-        self.ident = str(self.params_["id"])
-        self.teacher = str(self.params_["teacher"])
-        self.student = str(self.params_["student"])
-        self.pairs = [(int(s), int(t)) for s, t in self.params_["layers"]]
-        self.fraction = float(self.params_["fraction"])
-        self.way = str(self.params_.get("way", "consecutive"))
+    def __init__(self, *, ident: str, teacher: str, student: str, pairs: list[tuple[int, int]], fraction: float,
+                 way: str, pass_points: dict[str, list[CapturePoint]], seed: int) -> None:
+        """``pairs``: aligned (student block, teacher block); ``pass_points``: per model, the signals the loss
+        reads from the counterfactual pass."""
+        super().__init__(seed=seed)
+        self.ident, self.teacher, self.student, self.pairs = ident, teacher, student, list(pairs)
+        self.fraction, self.way, self.pass_points = fraction, way, dict(pass_points)
         if not self.pairs:
             raise RunError(f"interchange '{self.ident}': no aligned layer pair")
-        leaves: dict[str, dict[tuple[str, int | None], CapturePoint]] = {}
-        for term in setup.stage.loss:
-            for side in (term.target, term.pred):
-                for node in _interchanged_leaves(side, self.ident):
-                    if node.model is not None:
-                        leaves.setdefault(node.model, {})[(node.kind, node.layer)] = CapturePoint(
-                            kind=node.kind, layer=node.layer)
-        self.pass_points = {m: list(points.values()) for m, points in leaves.items()}
 
     def extra_points(self) -> dict[str, list[CapturePoint]]:
         points = {self.teacher: [_hidden_point(t) for _, t in self.pairs],
@@ -525,12 +448,12 @@ class Interchange(Base):
         block = adapter_for(hf).layers(hf)[layer]
         points = self.pass_points.get(model_name, [])
         kinds = {p.kind for p in points}
-        plan = ModelCapture(model=model_name, points=points, stop_after_layer=None,
-                            needs_head=bool(kinds & {"logits", "task_logits"}),
-                            eager_attention_layers=sorted({p.layer for p in points
-                                                           if p.kind in ("attn_scores", "attn_probs")}))
+        wanted = ModelCapture(model=model_name, points=points, stop_after_layer=None,
+                              needs_head=bool(kinds & {"logits", "task_logits"}),
+                              eager_attention_layers=sorted({p.layer for p in points
+                                                             if p.kind in ("attn_scores", "attn_probs")}))
         with _output_edit(block, lambda h: torch.where(where, source.to(h.dtype), h)):
-            return capture(model, batch, plan, grad=grad)
+            return capture(model, batch, wanted, grad=grad)
 
     def teacher_passes(self, teachers: Mapping[str, nn.Module], batch: dict[str, Tensor], signals: Signals,
                        info: StepInfo) -> dict[str, Any]:
@@ -551,7 +474,7 @@ class Interchange(Base):
 def _interchanged_leaves(node: Node, ident: str, inside: bool = False) -> list[SignalNode]:
     if isinstance(node, SignalNode):
         return [node] if inside else []
-    inside = inside or (node.op == "interchanged" and node.params.get("intervention") == ident)
+    inside = inside or (isinstance(node, Interchanged) and node.intervention == ident)
     return [leaf for child in node.inputs for leaf in _interchanged_leaves(child, ident, inside)]
 
 
@@ -573,20 +496,6 @@ def _input_edit(block: nn.Module, edit: Callable[[Tensor], Tensor]) -> Iterator[
         handle.remove()
 
 
-def perturbation(grad: Tensor | None, like: Tensor, eps: float, over: str = "batch") -> Tensor:
-    """``eps * g / ||g||_2``: the norm of the whole micro-batch's embedding gradient (``over="batch"``) or of each
-    position's (``over="token"``, GKD's ``F.normalize(g, p=2, dim=-1)``). Zero where there is no gradient, and for
-    a gradient that is not finite (GKD skips the perturbation then)."""
-    if grad is None or not bool(torch.isfinite(grad).all()):
-        return torch.zeros_like(like)
-    g = grad.float()
-    if over == "token":
-        return (eps * F.normalize(g, p=2, dim=-1)).detach().to(like.dtype)
-    if over != "batch":
-        raise RunError(f"perturb: over '{over}' is not one of batch, token")
-    return (eps * g / g.norm().clamp_min(1e-12)).detach().to(like.dtype)
-
-
 class Perturb(Base):
     """LRC-BERT: pass 1 computes the stage loss and its gradient g w.r.t. the student's embedding output e
     (only w.r.t. e: no weight gradient is kept); pass 2 recomputes every term with ``e + eps * g / ||g||``
@@ -594,13 +503,9 @@ class Perturb(Base):
 
     kind = "perturb"
 
-    def __init__(self, iv: Intervention, setup: Setup) -> None:
-        super().__init__(iv, setup)
-        self.eps = float(self.params_.get("eps", 1e-5))
-        self.over = str(self.params_.get("over", "batch"))
-        if self.params_.get("on", "embeddings") != "embeddings" or self.params_.get("direction", "gradient") != \
-                "gradient":
-            raise RunError("perturb: only the gradient direction on the embeddings is implemented")
+    def __init__(self, *, eps: float, norm: str, seed: int) -> None:
+        super().__init__(seed=seed)
+        self.eps, self.norm = eps, norm
 
     def two_passes(self, student: nn.Module, run: Callable[[], tuple[Tensor, dict[str, float]]]):
         hf = _unwrap(student)
@@ -617,7 +522,7 @@ class Perturb(Base):
         grad = None
         if loss.requires_grad and e.requires_grad:
             (grad,) = torch.autograd.grad(loss, e, allow_unused=True)
-        delta = perturbation(grad, e, self.eps, self.over)
+        delta = perturbation(grad, e, self.eps, self.norm)
         with _input_edit(block0, lambda x: x + delta):
             return run()
 
@@ -631,11 +536,10 @@ class ProgressiveLR(Base):
 
     kind = "progressive_lr"
 
-    def __init__(self, iv: Intervention, setup: Setup) -> None:
-        super().__init__(iv, setup)
-        self.model = str(self.params_["model"])
-        self.below = float(self.params_["below_lr"])
-        self.windows = [(float(w["from"]), float(w["until"]), int(w["layer"])) for w in self.params_["windows"]]
+    def __init__(self, *, below: float, windows: list[tuple[float, float, int]], seed: int) -> None:
+        """``windows``: (start, until, layer) in stage progress; ``below``: the factor of the blocks below."""
+        super().__init__(seed=seed)
+        self.below, self.windows = below, list(windows)
 
     def current_layer(self, progress: float) -> int | None:
         for start, until, layer in self.windows:
@@ -662,14 +566,6 @@ class ProgressiveLR(Base):
 # ================================================================ plateau (SID)
 
 
-def _f64_bits(x: float) -> int:
-    return int(torch.tensor(x, dtype=torch.float64).view(torch.int64))
-
-
-def _bits_f64(bits: Tensor) -> float:
-    return float(bits.detach().cpu().clone().view(torch.float64))
-
-
 class Plateau(Base):
     """progressive(x, until: plateau(patience, min_delta, window, on)): layer group i+1 unlocks when group i's
     running loss stops improving.
@@ -690,26 +586,20 @@ class Plateau(Base):
     kind = "plateau"
     CURRENT, BAD, COUNT, BEST, SUM = range(5)
 
-    def __init__(self, iv: Intervention, setup: Setup) -> None:
-        super().__init__(iv, setup)
-        p = self.params_
-        self.ident = str(p["id"])
-        self.labels = [str(g) for g in p["groups"]]
-        self.groups = [set(_terms_of(setup.stage, g)) for g in self.labels]
-        self.then = set(_terms_of(setup.stage, str(p["then"]))) if p.get("then") else set()
-        on = p.get("on")
-        terms = {t.id: t for t in setup.stage.loss}
-        self.watch = [[i for i in sorted(g) if on is None or terms[i].fn == on] for g in self.groups]
-        self.weights = {i: terms[i].weight for i in terms}
-        self.patience, self.window = int(p["patience"]), int(p["window"])
-        self.min_delta = float(p["min_delta"])
-        self.exclusive = bool(p.get("exclusive", False))
-        self.deadlines = [float(d) for d in p["deadlines"]] if p.get("deadlines") else None
+    def __init__(self, *, ident: str, groups: list[set[str]], then: set[str], watch: list[list[str]],
+                 weights: Mapping[str, Schedule], patience: int, window: int, min_delta: float, exclusive: bool,
+                 deadlines: list[float] | None, seed: int) -> None:
+        """``groups``: the term ids of each layer group in unlock order; ``watch[i]``: those of group i whose
+        running loss is watched; ``weights``: term id -> weight schedule (observations are unweighted)."""
+        super().__init__(seed=seed)
+        self.ident, self.groups, self.then, self.watch = ident, list(groups), set(then), list(watch)
+        self.weights, self.patience, self.window, self.min_delta = dict(weights), patience, window, min_delta
+        self.exclusive, self.deadlines = exclusive, deadlines
         if not self.groups or any(not w for w in self.watch):
             raise RunError(f"plateau '{self.ident}': a layer group has no watched term")
         state = torch.zeros(5, dtype=torch.int64)
-        state[self.BEST] = _f64_bits(math.inf)
-        state[self.SUM] = _f64_bits(0.0)
+        state[self.BEST] = f64_bits(math.inf)
+        state[self.SUM] = f64_bits(0.0)
         self.register_buffer("state", state)
 
     # ------------------------------------------------------------ state
@@ -725,13 +615,13 @@ class Plateau(Base):
         self.state[self.CURRENT] = k
         self.state[self.BAD] = 0
         self.state[self.COUNT] = 0
-        self.state[self.BEST] = _f64_bits(math.inf)
-        self.state[self.SUM] = _f64_bits(0.0)
+        self.state[self.BEST] = f64_bits(math.inf)
+        self.state[self.SUM] = f64_bits(0.0)
 
     def describe(self) -> dict[str, float]:
         return {"current": int(self.state[self.CURRENT]), "bad": int(self.state[self.BAD]),
-                "count": int(self.state[self.COUNT]), "best": _bits_f64(self.state[self.BEST]),
-                "sum": _bits_f64(self.state[self.SUM])}
+                "count": int(self.state[self.COUNT]), "best": bits_f64(self.state[self.BEST]),
+                "sum": bits_f64(self.state[self.SUM])}
 
     # ------------------------------------------------------------ call points
 
@@ -759,14 +649,14 @@ class Plateau(Base):
             return
         x = float(_all_ranks_mean(torch.tensor([sum(seen)], dtype=torch.float64, device=self.state.device)))
         count = int(self.state[self.COUNT]) + 1
-        total = _bits_f64(self.state[self.SUM]) + x
+        total = bits_f64(self.state[self.SUM]) + x
         if count < self.window:
-            self.state[self.COUNT], self.state[self.SUM] = count, _f64_bits(total)
+            self.state[self.COUNT], self.state[self.SUM] = count, f64_bits(total)
             return
-        mean, best = total / count, _bits_f64(self.state[self.BEST])
-        self.state[self.COUNT], self.state[self.SUM] = 0, _f64_bits(0.0)
+        mean, best = total / count, bits_f64(self.state[self.BEST])
+        self.state[self.COUNT], self.state[self.SUM] = 0, f64_bits(0.0)
         if mean < best - self.min_delta:
-            self.state[self.BEST], self.state[self.BAD] = _f64_bits(mean), 0
+            self.state[self.BEST], self.state[self.BAD] = f64_bits(mean), 0
             return
         bad = int(self.state[self.BAD]) + 1
         if bad >= self.patience:
@@ -775,7 +665,89 @@ class Plateau(Base):
             self.state[self.BAD] = bad
 
 
-# ================================================================ registry
+# ================================================================ builders: Spec intervention -> component
+
+
+def _units(iv: S.Weigh | S.SelectTeacher, setup: Setup) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    units = [(u.group, u.teacher) for u in iv.units]
+    return units, {g: _terms_of(setup.stage, g) for g, _ in units}
+
+
+def _build_drop(iv: S.Drop, setup: Setup) -> Drop:
+    drops = [i for i in setup.stage.interventions if isinstance(i, S.Drop)]
+    # one joint draw decides every drop group of the stage, so they must agree on the rescue: the largest
+    return Drop(group=iv.group, terms=set(_terms_of(setup.stage, iv.group)),
+                stage_groups=[(i.group, i.p) for i in drops], min_kept=max(i.min_kept for i in drops), seed=setup.seed)
+
+
+def _build_weigh(iv: S.Weigh, setup: Setup) -> Weigh:
+    units, terms = _units(iv, setup)
+    student = iv.student or setup.stage.students[0]
+    head = "task_logits" if iv.by == "teacher_ce" or (iv.entropy_of or "task_logits") == "task_logits" else "logits"
+    return Weigh(by=iv.by, hard=iv.hard, units=units, terms=terms, student=student, head=head,
+                 classes=_classes(setup, student, head), seed=setup.seed)
+
+
+def _build_select_teacher(iv: S.SelectTeacher, setup: Setup) -> SelectTeacher:
+    units, terms = _units(iv, setup)
+    student = setup.stage.students[0]
+    state_model = iv.state_model or student
+    arch = setup.models[state_model].arch
+    width = int(arch.hidden_size) + sum(_classes(setup, t, "task_logits") for _, t in units)
+    return SelectTeacher(group=iv.group, units=units, terms=terms, student=student, state_model=state_model,
+                         state_layer=int(arch.num_layers) - 1, width=width, reward=iv.reward, lr=iv.lr,
+                         seed=setup.seed)
+
+
+def _build_replace_layers(iv: S.ReplaceLayers, setup: Setup) -> ReplaceLayers:
+    return ReplaceLayers(teacher=iv.teacher, groups=iv.groups, p=iv.p, seed=setup.seed)
+
+
+def _build_interchange(iv: S.Interchange, setup: Setup) -> Interchange:
+    leaves: dict[str, dict[tuple[str, int | None], CapturePoint]] = {}
+    for term in setup.stage.loss:
+        for side in (term.target, term.pred):
+            for node in _interchanged_leaves(side, iv.id):
+                if node.model is not None:
+                    leaves.setdefault(node.model, {})[(node.kind, node.layer)] = CapturePoint(kind=node.kind,
+                                                                                             layer=node.layer)
+    return Interchange(ident=iv.id, teacher=iv.teacher, student=iv.student, pairs=[(s, t) for s, t in iv.layers],
+                       fraction=iv.fraction, way=iv.way,
+                       pass_points={m: list(points.values()) for m, points in leaves.items()}, seed=setup.seed)
+
+
+def _trained(iv: S.Perturb | S.ProgressiveLR, setup: Setup) -> None:
+    """The component acts on the student the stage trains; the Spec names it, so check they agree."""
+    if iv.model not in setup.stage.students:
+        raise RunError(f"stage '{setup.stage.name}': {iv.kind} acts on '{iv.model}', which the stage does not train "
+                       f"(it trains {', '.join(setup.stage.students)})")
+
+
+def _build_perturb(iv: S.Perturb, setup: Setup) -> Perturb:
+    _trained(iv, setup)
+    return Perturb(eps=iv.eps, norm=iv.norm, seed=setup.seed)
+
+
+def _build_progressive_lr(iv: S.ProgressiveLR, setup: Setup) -> ProgressiveLR:
+    _trained(iv, setup)
+    return ProgressiveLR(below=iv.below_lr, windows=[(w.start, w.until, w.layer) for w in iv.windows], seed=setup.seed)
+
+
+def _build_plateau(iv: S.Plateau, setup: Setup) -> Plateau:
+    groups = [set(_terms_of(setup.stage, g)) for g in iv.groups]
+    terms = {t.id: t for t in setup.stage.loss}
+    watch = [[i for i in sorted(g) if iv.on is None or terms[i].fn == iv.on] for g in groups]
+    return Plateau(ident=iv.id, groups=groups, then=set(_terms_of(setup.stage, iv.then)) if iv.then else set(),
+                   watch=watch, weights={i: terms[i].weight for i in terms}, patience=iv.patience, window=iv.window,
+                   min_delta=iv.min_delta, exclusive=iv.exclusive, deadlines=iv.deadlines, seed=setup.seed)
+
+
+BUILDERS: dict[type[S.Intervention], Callable[[Any, Setup], Base]] = {
+    S.Drop: _build_drop, S.Weigh: _build_weigh, S.SelectTeacher: _build_select_teacher,
+    S.ReplaceLayers: _build_replace_layers, S.Interchange: _build_interchange, S.Perturb: _build_perturb,
+    S.ProgressiveLR: _build_progressive_lr, S.Plateau: _build_plateau,
+}
+"""Spec intervention class -> the builder of its runtime component."""
 
 INTERVENTIONS: dict[str, type[Base]] = {
     cls.kind: cls for cls in (Drop, Weigh, SelectTeacher, ReplaceLayers, Interchange, Perturb, ProgressiveLR,
@@ -785,31 +757,31 @@ INTERVENTIONS: dict[str, type[Base]] = {
 
 
 def build(stage: StageSpec, models: Mapping[str, ModelSpec], seed: int, lr: float) -> list[Base]:
-    """The runtime objects of a stage's interventions, in Spec order; RunError for an unknown kind."""
+    """The runtime objects of a stage's interventions, in Spec order; RunError for a kind with no builder."""
     setup = Setup(stage=stage, models=models, seed=seed, lr=lr)
     out = []
     for iv in stage.interventions:
-        cls = INTERVENTIONS.get(iv.kind)
-        if cls is None:
+        builder = BUILDERS.get(type(iv))
+        if builder is None:
             raise RunError(f"stage '{stage.name}': intervention '{iv.kind}' has no runtime implementation "
                            f"(known: {', '.join(sorted(INTERVENTIONS))})")
-        out.append(cls(iv, setup))
+        out.append(builder(iv, setup))
     return out
 
 
-def with_points(plan: ModelCapture, extra: list[CapturePoint]) -> ModelCapture:
-    """``plan`` also capturing ``extra``: the head when a head signal is added, deep enough for every block."""
-    have = {(p.kind, p.layer) for p in plan.points}
+def with_points(wanted: ModelCapture, extra: list[CapturePoint]) -> ModelCapture:
+    """``wanted`` also capturing ``extra``: the head when a head signal is added, deep enough for every block."""
+    have = {(p.kind, p.layer) for p in wanted.points}
     added = [p for p in dict.fromkeys(extra) if (p.kind, p.layer) not in have]
     if not added:
-        return plan
-    points = [*plan.points, *added]
-    needs_head = plan.needs_head or any(p.kind in ("logits", "task_logits") for p in added)
-    stop = plan.stop_after_layer
+        return wanted
+    points = [*wanted.points, *added]
+    needs_head = wanted.needs_head or any(p.kind in ("logits", "task_logits") for p in added)
+    stop = wanted.stop_after_layer
     if stop is not None:
         stop = None if needs_head else max([stop, *(p.layer for p in added if p.layer is not None)])
-    if not plan.points and not needs_head:  # a model the plan runs whole (no points): stop after the deepest
+    if not wanted.points and not needs_head:  # a model the plan runs whole (no points): stop after the deepest
         stop = max((p.layer for p in added if p.layer is not None), default=None)
-    eager = sorted({*plan.eager_attention_layers, *(p.layer for p in added if p.kind in ("attn_scores", "attn_probs"))})
-    return plan.model_copy(update={"points": points, "needs_head": needs_head, "stop_after_layer": stop,
-                                   "eager_attention_layers": eager})
+    eager = sorted({*wanted.eager_attention_layers, *(p.layer for p in added if p.kind in ("attn_scores", "attn_probs"))})
+    return wanted.model_copy(update={"points": points, "needs_head": needs_head, "stop_after_layer": stop,
+                                     "eager_attention_layers": eager})

@@ -1,4 +1,7 @@
-"""Plan -> a finished run: one rank in this process, several through the plan's ``deepspeed`` launch command.
+"""Plan -> a finished run: one rank in this process, several through DeepSpeed's launcher.
+
+The launch command is built here from trusted parts (``launch_argv``); the plan's ``launch`` field is a record
+for people and is never executed. The plan itself is verified (runtime.integrity) before anything starts.
 
 ``gkdc run`` calls ``run_plan``. With several ranks the launcher starts ``python -m runtime.worker`` per rank;
 success is judged by the result file each rank writes (``ranks/rank<N>.json``), not only by the launcher's exit
@@ -8,32 +11,81 @@ status, because two-rank ZeRO-3 on CPU sometimes aborts at interpreter exit afte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from planner.plan import Plan
 from runtime.errors import RunError
 
 
 def run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool = False, max_steps: int | None = None,
-             trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = True) -> None:
+             trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = True,
+             allowed_paths: tuple[str, ...] = ()) -> None:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with run_folder_lock(out):
+            _run_plan(plan, Path(plan_path), out, resume=resume, max_steps=max_steps,
+                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress,
+                      allowed_paths=allowed_paths)
+    except OSError as err:  # a full disk, a read-only folder: the file and the reason, not a traceback
+        where = f" {err.filename}" if err.filename else f" under {out}"
+        raise RunError(f"cannot write{where}: {err.strerror or err} (is the disk full or the folder "
+                       "read-only?)") from err
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock (fcntl.flock, released by the kernel if this process dies) on ``out/.lock``
+    for the whole run: a second run on the same folder is refused instead of writing the same files.
+    fcntl rather than a library: the standard library's call is all it takes, and DeepSpeed needs POSIX anyway."""
+    import fcntl
+
+    path = out / LOCK_FILE
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunError(f"{out} is in use by another gkdc run ({holder}); wait for it to finish or choose "
+                           "another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing the file releases the lock
+
+
+def _run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool, max_steps: int | None,
+              trust_remote_code: bool, allow_pickle: bool, progress: bool, allowed_paths: tuple[str, ...]) -> None:
     if plan.world_size == 1:
         from runtime.recipe import run
 
         _forget_inherited_rendezvous()
         result = run(plan, Path(plan_path), out, resume=resume, trust_remote_code=trust_remote_code,
-                     allow_pickle=allow_pickle, max_steps=max_steps, progress=progress)
+                     allow_pickle=allow_pickle, max_steps=max_steps, progress=progress, allowed_paths=allowed_paths)
         _summary(out, result.student_dir)
         return
+    from runtime.recipe import check_plan
+
+    check_plan(plan, Path(plan_path), allowed_paths)  # before starting ranks: refuse an edited plan here, once
     argv = launch_argv(plan, Path(plan_path), out, resume=resume, max_steps=max_steps,
-                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress)
+                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress,
+                       allowed_paths=allowed_paths)
     for stale in (out / "ranks").glob("rank*.json"):
         stale.unlink()
     print("launching: " + " ".join(argv), file=sys.stderr)
@@ -46,7 +98,8 @@ def run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool = False, ma
         _summary(out, out / "student")
         return
     raise RunError(f"the run failed: {len(done)} of {plan.world_size} ranks finished (launcher exit status "
-                   f"{proc.returncode}); see the messages above. Resume with: gkdc run {plan_path} --out {out} --resume")
+                   f"{proc.returncode}); see the messages above. Resume with: gkdc run {Path(plan_path).resolve()} "
+                   f"--out {out.resolve()} --resume")
 
 
 RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -63,42 +116,69 @@ def _forget_inherited_rendezvous() -> None:
 
 
 def launch_argv(plan: Plan, plan_path: Path, out: Path, *, resume: bool, max_steps: int | None,
-                trust_remote_code: bool, allow_pickle: bool, progress: bool) -> list[str]:
-    """The plan's launch command with this plan file, the run directory and the run's flags."""
-    argv = list(plan.launch)
-    if "runtime.worker" not in argv:
-        raise RunError("the plan's launch command does not start runtime.worker; re-plan the spec")
-    at = argv.index("runtime.worker") + 1
-    argv[at:at + 1] = [str(plan_path)]
-    exe = shutil.which(argv[0]) or str(Path(sys.executable).with_name(argv[0]))
-    if not Path(exe).exists():
-        raise RunError(f"'{argv[0]}' is not installed in this environment (pip install deepspeed)")
-    argv[0] = exe
-    _free_master_port(argv)
-    argv.append(str(out))
+                trust_remote_code: bool, allow_pickle: bool, progress: bool,
+                allowed_paths: tuple[str, ...] = ()) -> list[str]:
+    """The launch command, built here from trusted parts; the plan's ``launch`` field is a record for people
+    and is never executed (a plan is input: anyone may have written it).
+
+    Parts: this interpreter running DeepSpeed's launcher module (no PATH lookup), rank counts from the embedded
+    cluster (validated integers), the hostfile next to the plan (multi-node), a master port derived from the
+    spec hash (free-port fallback), and this runtime's own worker module with the plan, run directory and flags.
+    """
+    import importlib.util
+
+    cluster = plan.spec.cluster
+    nodes, per_node = _count(cluster.nodes, "nodes"), _count(cluster.gpus_per_node, "gpus per node")
+    if nodes * per_node != plan.world_size:
+        raise RunError(f"{plan_path}: world_size {plan.world_size} disagrees with its cluster ({nodes} node(s) x "
+                       f"{per_node}); the plan was edited: re-run `gkdc plan`")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise RunError("the deepspeed launcher is not installed in this environment (pip install deepspeed)")
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if nodes > 1:
+        hostfile = Path(plan_path).with_name("hostfile")
+        if not hostfile.is_file():
+            raise RunError(f"a {nodes}-node plan needs a hostfile at {hostfile} (see the plan's notes)")
+        argv += ["--hostfile", str(hostfile), "--num_nodes", str(nodes)]
+    argv += ["--num_gpus", str(per_node), "--master_port", str(_master_port(plan.spec_hash)),
+             "--module", "runtime.worker", str(plan_path), str(out)]
     argv += ["--resume"] * resume + ["--trust-remote-code"] * trust_remote_code + ["--allow-pickle"] * allow_pickle
     argv += ["--no-progress"] * (not progress)
+    for root in allowed_paths:
+        argv += ["--allow-path", str(root)]
     if max_steps is not None:
-        argv += ["--max-steps", str(max_steps)]
+        argv += ["--max-steps", str(int(max_steps))]
     return argv
 
 
-def _free_master_port(argv: list[str]) -> None:
-    """Keep the plan's master port unless something already listens there; then take a free one."""
-    if "--master_port" not in argv:
-        return
-    at = argv.index("--master_port") + 1
+MAX_RANKS_PER_NODE = 1024
+
+
+def _count(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_RANKS_PER_NODE:
+        raise RunError(f"the plan's cluster has {value!r} {what}; expected a whole number from 1 to "
+                       f"{MAX_RANKS_PER_NODE}: re-run `gkdc plan`")
+    return value
+
+
+def _master_port(spec_hash: str) -> int:
+    """The planner's port for this spec (29500 + hash mod 1000) unless something already listens there."""
+    from planner.build import master_port
+
+    if not re.fullmatch(r"[0-9a-f]{8,128}", spec_hash or ""):
+        raise RunError(f"the plan's spec_hash {spec_hash[:40]!r} is not a hex digest; re-run `gkdc plan`")
+    port = master_port(spec_hash)
     with socket.socket() as probe:
         try:
-            probe.bind(("127.0.0.1", int(argv[at])))
-            return
+            probe.bind(("127.0.0.1", port))
+            return port
         except OSError:
             pass
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    print(f"note: master port {argv[at]} is in use; using {port}", file=sys.stderr)
-    argv[at] = str(port)
+        free = probe.getsockname()[1]
+    print(f"note: master port {port} is in use; using {free}", file=sys.stderr)
+    return free
 
 
 def _env() -> dict[str, str]:

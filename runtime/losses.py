@@ -10,13 +10,19 @@ whatever the input dtype (bf16 logits over a large vocabulary lose too much in a
 Reductions (a "row" is one position: one token of ``[b, s, x]``, one example of ``[b, x]``, one
 (example, head, query) of ``[b, H, s, s]``):
 
-- distribution losses (``kl``, ``soft_ce``, ``jsd``, ``sparse_kl``): sum over the last dim, mean over rows;
+- distribution losses (``kl``, ``soft_ce``, ``jsd``, ``gjsd``, ``sparse_kl``): sum over the last dim, mean over rows;
 - element losses (``mse``, ``smooth_l1``, ``hinge_mse``): mean over selected elements;
 - ``sse``: sum over the last dim, mean over rows (per-example SSE, independent of batch size);
 - ``cos``: mean over rows of ``1 - cos``; ``ce``: mean over rows whose target is not ``ignore_index``;
 - ``nce``: mean over anchors; ``distance`` / ``angle``: mean over selected pairs / triplets.
 
 A mask that selects nothing gives a zero loss that is still connected to ``pred`` (no NaN).
+
+Logit losses (``kl``, ``soft_ce``, ``jsd``, ``gjsd``, ``ce``, ``sampled_kl``, ``sparse_kl``) run the row-chunked
+kernels of ``runtime/chunked.py`` (gradient computed chunk by chunk in the forward pass, no ``[rows, V]`` fp32
+tensor; the student side may be a fused ``HeadLogits``); the autograd formulas they replace are kept as
+``dense_*`` (the references of tests and ``bench/loss_memory.py``) and still serve probabilities, log-probs and
+key-masked attention maps.
 ``topk_compress`` / ``sparse_kl`` let a teacher's logits be stored as top-k probabilities plus a tail bucket;
 ``sampled_kl`` reads a teacher kept as sparse (id, weight) pairs with its exact negative entropy (offline caches).
 """
@@ -26,7 +32,6 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import contextvars
-import difflib
 import inspect
 import math
 from typing import Callable, NamedTuple
@@ -35,6 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gkdlang.diagnostics import closest
+from runtime.chunked import (KERNELS, HeadLogits, _hard_ce, _log_softmax_ as _log_softmax_inplace, _weighted_nll,
+                             chunked_loss, gjsd_kernel, row_weights)
 from runtime.errors import RunError
 from runtime.transforms import relation
 
@@ -158,7 +166,7 @@ def _log_dists(name: str, target: Tensor, pred: Tensor, mask: Tensor | None, key
     return _log_dist(name, t, inputs, T, keys), _log_dist(name, s, inputs, T, keys), keys, rows
 
 
-def kl(
+def dense_kl(
     target: Tensor,
     pred: Tensor,
     *,
@@ -179,7 +187,7 @@ def kl(
     return _row_reduce(terms, keys, rows) * (T * T if scale_t2 else 1.0)
 
 
-def soft_ce(
+def dense_soft_ce(
     target: Tensor,
     pred: Tensor,
     *,
@@ -197,7 +205,7 @@ def soft_ce(
     return _row_reduce(terms, keys, rows) * (T * T if scale_t2 else 1.0)
 
 
-def jsd(
+def dense_jsd(
     target: Tensor,
     pred: Tensor,
     *,
@@ -215,7 +223,7 @@ def jsd(
     return _row_reduce(terms, keys, rows) * (T * T if scale_t2 else 1.0)
 
 
-def ce(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+def dense_ce(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, ignore_index: int = -100) -> Tensor:
     """Hard cross-entropy of ``pred`` logits ``[b, C]`` / ``[b, s, V]`` against integer ``target``
     ``[b]`` / ``[b, s]``; rows whose target is ``ignore_index`` (or outside ``mask``) do not count."""
     if target.shape != pred.shape[:-1]:
@@ -233,6 +241,197 @@ def ce(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, ignore_index
         pred.float().reshape(-1, pred.shape[-1]), t.reshape(-1), ignore_index=ignore_index, reduction="none"
     )
     return _masked_mean(per_row.reshape(t.shape), rows)
+
+
+def dense_gjsd(
+    target: Tensor,
+    pred: Tensor,
+    *,
+    mask: Tensor | None = None,
+    beta: float = 0.5,
+    T: float = 1.0,
+    scale_t2: bool = False,
+    inputs: str = "logits",
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    """TRL's generalized JSD (``GKDTrainer.generalized_jsd_loss``) written with autograd: the reference of ``gjsd``."""
+    if not 0.0 <= beta <= 1.0:
+        raise RunError(f"gjsd: option beta must be in [0, 1], got {beta}")
+    log_p, log_q, keys, rows = _log_dists("gjsd", target, pred, mask, key_mask, T, inputs)
+    if beta == 0.0:
+        terms = _kl_terms(log_p, log_q)
+    elif beta == 1.0:
+        terms = _kl_terms(log_q, log_p)
+    else:
+        log_m = torch.logaddexp(log_q + math.log(1.0 - beta), log_p + math.log(beta))
+        terms = beta * _kl_terms(log_p, log_m) + (1.0 - beta) * _kl_terms(log_q, log_m)
+    return _row_reduce(terms, keys, rows) * (T * T if scale_t2 else 1.0)
+
+
+# ---------------------------------------------------------------- chunked logit losses (runtime/chunked.py)
+
+Logits = Tensor | HeadLogits
+
+
+def _chunkable(name: str, pred: Logits, inputs: str, key_mask: Tensor | None) -> bool:
+    """Logits without a key mask run chunked; probabilities and attention maps take the dense kernel."""
+    if inputs == "logits" and key_mask is None:
+        return True
+    if isinstance(pred, HeadLogits):
+        raise RunError(f"{name}: a fused head gives logits, not inputs={inputs!r} or a key mask")
+    return False
+
+
+def _selected(x: Logits, cols: Tensor | None) -> Logits:
+    if cols is None or isinstance(x, HeadLogits):
+        return x
+    return x.index_select(-1, cols.to(x.device))
+
+
+def _dense_args(target: Logits, pred: Logits, target_cols, pred_cols) -> tuple[Tensor, Tensor]:
+    if isinstance(target, HeadLogits):
+        target = target.materialise()
+    return _selected(target, target_cols), _selected(pred, pred_cols)
+
+
+def _distribution(name: str, kernel, target: Logits, pred: Logits, mask: Tensor | None, T: float, scale: float,
+                  target_cols: Tensor | None, pred_cols: Tensor | None, chunk: int | None) -> Tensor:
+    if T <= 0:
+        raise RunError(f"{name}: option T must be > 0, got {T}")
+    plain = target_cols is None and pred_cols is None
+    if tuple(target.shape[:-1]) != tuple(pred.shape[:-1]) or (plain and tuple(target.shape) != tuple(pred.shape)):
+        raise RunError(f"{name}: target shape {_shape(target)} and pred shape {_shape(pred)} differ")
+    rows = tuple(pred.shape[:-1])
+    weights = row_weights(rows, _row_mask(name, mask, torch.Size(rows)), scale, pred.device)
+    cols = [None if c is None else torch.as_tensor(c, dtype=torch.long, device=pred.device)
+            for c in (target_cols, pred_cols)]
+    try:
+        return chunked_loss(kernel, pred, target, row_w=weights, T=float(T), target_cols=cols[0], pred_cols=cols[1],
+                            chunk=chunk, target_grad=_TARGET_GRAD.get())
+    except RunError as err:
+        raise RunError(f"{name}: {err}") from None
+
+
+def kl(
+    target: Logits,
+    pred: Logits,
+    *,
+    mask: Tensor | None = None,
+    T: float = 1.0,
+    scale_t2: bool = True,
+    reverse: bool = False,
+    inputs: str = "logits",
+    key_mask: Tensor | None = None,
+    target_cols: Tensor | None = None,
+    pred_cols: Tensor | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) per row, mean over rows, times T^2 if ``scale_t2``.
+
+    ``reverse=True`` gives KL(s || t). ``inputs`` says what both tensors hold: ``logits`` (chunked kernel,
+    runtime/chunked.py), ``probs`` or ``log_probs`` (attention probabilities and relation matrices, T must be 1:
+    ``dense_kl``). ``target_cols`` / ``pred_cols`` select vocabulary columns inside the kernel (GLMD's
+    compressed vocabulary); ``chunk`` overrides the rows per chunk.
+    """
+    if not _chunkable("kl", pred, inputs, key_mask):
+        t, s = _dense_args(target, pred, target_cols, pred_cols)
+        return dense_kl(t, s, mask=mask, T=T, scale_t2=scale_t2, reverse=reverse, inputs=inputs, key_mask=key_mask)
+    kernel = KERNELS["kl_reverse" if reverse else "kl"]
+    return _distribution("kl", kernel, target, pred, mask, T, T * T if scale_t2 else 1.0, target_cols, pred_cols,
+                         chunk)
+
+
+def soft_ce(
+    target: Logits,
+    pred: Logits,
+    *,
+    mask: Tensor | None = None,
+    T: float = 1.0,
+    scale_t2: bool = False,
+    inputs: str = "logits",
+    key_mask: Tensor | None = None,
+    target_cols: Tensor | None = None,
+    pred_cols: Tensor | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """-sum softmax(t/T) * log_softmax(s/T) per row, mean over rows (times T^2 if ``scale_t2``); chunked on logits."""
+    if not _chunkable("soft_ce", pred, inputs, key_mask):
+        t, s = _dense_args(target, pred, target_cols, pred_cols)
+        return dense_soft_ce(t, s, mask=mask, T=T, scale_t2=scale_t2, inputs=inputs, key_mask=key_mask)
+    return _distribution("soft_ce", KERNELS["soft_ce"], target, pred, mask, T, T * T if scale_t2 else 1.0,
+                         target_cols, pred_cols, chunk)
+
+
+def jsd(
+    target: Logits,
+    pred: Logits,
+    *,
+    mask: Tensor | None = None,
+    T: float = 1.0,
+    scale_t2: bool = False,
+    inputs: str = "logits",
+    key_mask: Tensor | None = None,
+    target_cols: Tensor | None = None,
+    pred_cols: Tensor | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """Jensen-Shannon divergence 0.5 KL(p||m) + 0.5 KL(q||m), m = (p + q) / 2, per row, mean over rows."""
+    if not _chunkable("jsd", pred, inputs, key_mask):
+        t, s = _dense_args(target, pred, target_cols, pred_cols)
+        return dense_jsd(t, s, mask=mask, T=T, scale_t2=scale_t2, inputs=inputs, key_mask=key_mask)
+    return _distribution("jsd", KERNELS["jsd"], target, pred, mask, T, T * T if scale_t2 else 1.0, target_cols,
+                         pred_cols, chunk)
+
+
+def gjsd(
+    target: Logits,
+    pred: Logits,
+    *,
+    mask: Tensor | None = None,
+    beta: float = 0.5,
+    T: float = 1.0,
+    scale_t2: bool = False,
+    inputs: str = "logits",
+    key_mask: Tensor | None = None,
+    target_cols: Tensor | None = None,
+    pred_cols: Tensor | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """Generalized JSD with TRL's parameterisation (``GKDTrainer.generalized_jsd_loss``), p the teacher's and q the
+    student's softmax(x / T): ``beta`` 0 is KL(p || q) (forward), 1 is KL(q || p) (reverse), and in between
+    beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q (so, as in TRL, the value does not
+    tend to the endpoints' KL as beta tends to 0 or 1). Sum over the vocabulary, mean over the rows that count
+    (TRL's ``batchmean`` with labels); no T^2 unless ``scale_t2``."""
+    kernel = gjsd_kernel(float(beta))
+    if not _chunkable("gjsd", pred, inputs, key_mask):
+        t, s = _dense_args(target, pred, target_cols, pred_cols)
+        return dense_gjsd(t, s, mask=mask, beta=beta, T=T, scale_t2=scale_t2, inputs=inputs, key_mask=key_mask)
+    return _distribution("gjsd", kernel, target, pred, mask, T, T * T if scale_t2 else 1.0, target_cols, pred_cols,
+                         chunk)
+
+
+def ce(target: Tensor, pred: Logits, *, mask: Tensor | None = None, ignore_index: int = -100,
+       chunk: int | None = None) -> Tensor:
+    """Hard cross-entropy of ``pred`` logits ``[b, C]`` / ``[b, s, V]`` against integer ``target``
+    ``[b]`` / ``[b, s]``; rows whose target is ``ignore_index`` (or outside ``mask``) do not count. Chunked."""
+    if tuple(target.shape) != tuple(pred.shape[:-1]):
+        raise RunError(
+            f"ce: target shape {_shape(target)} must equal pred shape {_shape(pred)} without its last dim"
+        )
+    if target.is_floating_point():
+        raise RunError(f"ce: target must hold integer class ids, got dtype {target.dtype}")
+    t = target.detach().long().reshape(-1)
+    keep = t != ignore_index
+    given = _row_mask("ce", mask, target.shape)
+    if given is not None:
+        keep = keep & given.reshape(-1)
+    vocab = pred.shape[-1]
+    bad = keep & ((t < 0) | (t >= vocab))
+    if bool(bad.any()):
+        raise RunError(f"ce: target id {int(t[bad][0])} is outside the {vocab} classes of pred")
+    ids = torch.where(keep, t, torch.zeros_like(t))
+    weights = row_weights(tuple(target.shape), keep, 1.0, pred.device)
+    return chunked_loss(_hard_ce, pred, None, row_w=weights, extra=lambda r0, r1: ids[r0:r1], chunk=chunk)
 
 
 # ---------------------------------------------------------------- regression
@@ -618,7 +817,7 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.where(near, a, b)
 
 
-def sparse_kl(
+def dense_sparse_kl(
     topk_values: Tensor,
     topk_indices: Tensor,
     tail_mass: Tensor,
@@ -657,6 +856,58 @@ def sparse_kl(
     tail = _kl_terms(p_tail.clamp_min(1e-30).log().masked_fill(~live_tail, -math.inf), log_q_tail)
     rows = _row_mask("sparse_kl", mask, p.shape[:-1])
     return _masked_mean(head + tail, rows) * (T * T if scale_t2 else 1.0)
+
+
+def _bucket_rows(x: Tensor, y: Tensor | None, extra) -> tuple[Tensor, Tensor]:
+    """Row kernel of the bucket-form KL (see ``dense_sparse_kl``). With Q the student's mass on the teacher's top
+    k (ids distinct), q_T = 1 - Q and P the teacher's: d loss / d x_j = q_j (P - (p_T / q_T) Q) off the top and
+    q_j (P + p_T) - p_j on it."""
+    ids, p, p_tail = extra
+    q = _log_softmax_inplace(x)
+    log_q = x.gather(-1, ids)
+    live = p_tail > 0
+    head_mass = torch.where(live, torch.logsumexp(log_q, dim=-1), p_tail.new_full((), -1.0))
+    log_q_tail = _log1mexp(head_mass)
+    head = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - log_q), p.new_zeros(())).sum(-1)
+    tail = torch.where(live, p_tail * (p_tail.clamp_min(1e-30).log() - log_q_tail), p_tail.new_zeros(()))
+    ratio = torch.where(live, p_tail / log_q_tail.exp(), p_tail.new_zeros(()))
+    q_top = q.gather(-1, ids)
+    # on the top ids (p_T / q_T) q_j (1 - Q) is exactly p_T q_j: written so, nothing large has to cancel
+    grad = q.mul_((p.sum(-1) - ratio * head_mass.exp())[:, None])
+    grad.scatter_(-1, ids, q_top * (p.sum(-1) + p_tail)[:, None] - p)
+    return head + tail, grad
+
+
+def sparse_kl(
+    topk_values: Tensor,
+    topk_indices: Tensor,
+    tail_mass: Tensor,
+    pred_logits: Logits,
+    T: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    scale_t2: bool = True,
+    chunk: int | None = None,
+) -> Tensor:
+    """KL from a top-k teacher to the student's full softmax(pred_logits / T), bucket form, chunked over rows:
+    the value and gradient of ``dense_sparse_kl`` (see there) without a V-sized fp32 tensor."""
+    if tuple(topk_values.shape) != tuple(topk_indices.shape) or \
+            tuple(topk_values.shape[:-1]) != tuple(pred_logits.shape[:-1]):
+        raise RunError(
+            f"sparse_kl: top-k values {_shape(topk_values)}, indices {_shape(topk_indices)} and pred shape "
+            f"{_shape(pred_logits)} must agree on all but the last dim"
+        )
+    if tail_mass.shape != topk_values.shape[:-1]:
+        raise RunError(f"sparse_kl: tail_mass shape {_shape(tail_mass)} must be {list(topk_values.shape[:-1])}")
+    k = topk_values.shape[-1]
+    p = topk_values.detach().float().reshape(-1, k)
+    ids = topk_indices.detach().long().reshape(-1, k)
+    tail = tail_mass.detach().float().reshape(-1)
+    lead = tuple(pred_logits.shape[:-1])
+    rows = row_weights(lead, _row_mask("sparse_kl", mask, torch.Size(lead)), T * T if scale_t2 else 1.0,
+                       pred_logits.device)
+    return chunked_loss(_bucket_rows, pred_logits, None, row_w=rows, T=float(T), chunk=chunk,
+                        extra=lambda r0, r1: (ids[r0:r1], p[r0:r1], tail[r0:r1]))
 
 
 _FREE_BUFFERS: dict[tuple, list[Tensor]] = {}
@@ -724,7 +975,7 @@ def _poolable(logits: Tensor) -> bool:
     return not (logits.is_leaf or base.is_leaf or logits.retains_grad or base.retains_grad)
 
 
-def sampled_kl(
+def dense_sampled_kl(
     weights: Tensor,
     ids: Tensor,
     neg_entropy: Tensor,
@@ -762,6 +1013,40 @@ def sampled_kl(
     return _masked_mean(neg_entropy.detach().float() + nll, rows) * (T * T if scale_t2 else 1.0)
 
 
+def sampled_kl(
+    weights: Tensor,
+    ids: Tensor,
+    neg_entropy: Tensor,
+    pred_logits: Logits,
+    T: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    scale_t2: bool = True,
+    chunk: int | None = None,
+) -> Tensor:
+    """KL from a teacher kept as sparse (token id, weight) pairs plus its exact negative entropy, chunked over rows.
+
+    The same value and gradient as ``dense_sampled_kl`` (see there), with no V-sized buffer beyond the gradient
+    of the student's logits (or none at all for a fused head).
+    """
+    if T <= 0:
+        raise RunError(f"sampled_kl: option T must be > 0, got {T}")
+    lead = tuple(pred_logits.shape[:-1])
+    if tuple(weights.shape) != tuple(ids.shape) or tuple(weights.shape[:-1]) != lead or \
+            tuple(neg_entropy.shape) != tuple(weights.shape[:-1]):
+        raise RunError(
+            f"sampled_kl: weights {_shape(weights)}, ids {_shape(ids)}, neg_entropy {_shape(neg_entropy)} and pred "
+            f"shape {_shape(pred_logits)} must agree on all but the last dim"
+        )
+    w = weights.detach().float().reshape(-1, weights.shape[-1])
+    ids_flat = ids.detach().long().reshape(-1, ids.shape[-1])
+    const = neg_entropy.detach().float().reshape(-1)
+    rows = row_weights(lead, _row_mask("sampled_kl", mask, torch.Size(lead)), T * T if scale_t2 else 1.0,
+                       pred_logits.device)
+    return chunked_loss(_weighted_nll, pred_logits, None, row_w=rows, T=float(T), chunk=chunk,
+                        extra=lambda r0, r1: (ids_flat[r0:r1], w[r0:r1], const[r0:r1]))
+
+
 def _sparse_kl_entry(
     target: TopK, pred: Tensor, *, mask: Tensor | None = None, T: float = 1.0, scale_t2: bool = True
 ) -> Tensor:
@@ -782,6 +1067,7 @@ LOSSES: dict[str, LossFn] = {
     "smooth_l1": smooth_l1,
     "cos": cos,
     "jsd": jsd,
+    "gjsd": gjsd,
     "nce": nce,
     "sse": sse,
     "hinge_mse": hinge_mse,
@@ -792,8 +1078,8 @@ LOSSES: dict[str, LossFn] = {
 
 
 def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = closest(word, choices)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 def get_loss(name: str) -> LossFn:

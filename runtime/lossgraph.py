@@ -24,9 +24,29 @@ import torch
 from torch import nn
 
 from gkdlang.arch import ArchInfo
-from gkdlang.spec import LossTerm, Node, OpNode, Schedule, SignalNode
+from gkdlang.spec import (
+    Anneal,
+    Attend,
+    Choose,
+    Concat,
+    Interchanged,
+    LossTerm,
+    Mean,
+    Node,
+    Normalize,
+    OpNode,
+    Pool,
+    Project,
+    Relation,
+    Schedule,
+    SelectVocab,
+    SignalNode,
+    Spans,
+    Stack,
+)
 from runtime.errors import RunError
 from runtime import transforms as T
+from runtime.chunked import HeadLogits
 from runtime.losses import LOSSES, check_options, get_loss, loss_options, target_grad
 
 Signals = Mapping[str, Mapping[tuple[str, int | None], torch.Tensor]]
@@ -70,13 +90,8 @@ MASKS: dict[str, Callable[[Mapping[str, torch.Tensor]], torch.Tensor]] = {
 
 
 def _value(v: Any, progress: float, step: int = 0, epoch: int = 0) -> Any:
-    """A plain option value at ``progress`` (and ``step`` / ``epoch``, which ``stairs`` schedules count):
-    schedules (objects or their JSON dicts) are evaluated."""
-    if isinstance(v, Schedule):
-        return v.at(progress, step=step, epoch=epoch)
-    if isinstance(v, dict) and "value" in v and set(v) <= set(Schedule.model_fields):
-        return Schedule(**v).at(progress, step=step, epoch=epoch)
-    return v
+    """A plain option value at ``progress`` (and ``step`` / ``epoch``, which ``stairs`` schedules count)."""
+    return v.at(progress, step=step, epoch=epoch) if isinstance(v, Schedule) else v
 
 
 _WIDTH_OF_KIND: dict[str, Callable[[ArchInfo], int]] = {
@@ -90,31 +105,20 @@ _WIDTH_OF_KIND: dict[str, Callable[[ArchInfo], int]] = {
     "task_logits": lambda a: int(a.config.get("num_labels") or len(a.config.get("id2label") or {}) or 2),
 }
 
-_PROJECT_DIM_KEYS = ("dim", "out", "out_dim", "to")
-
-
 def node_width(node: Node, dims: Mapping[str, ArchInfo]) -> int | None:
     """Last-axis width of a node's value, or None when it is not a feature vector (attention maps, ...)."""
     if isinstance(node, SignalNode):
         if node.model is None or node.kind not in _WIDTH_OF_KIND:
             return None
         return _WIDTH_OF_KIND[node.kind](dims[node.model])
-    if node.op == "project":
-        return next((int(node.params[k]) for k in _PROJECT_DIM_KEYS if k in node.params), None)
+    if isinstance(node, Project):
+        return node.dim_out
     widths = [node_width(x, dims) for x in node.inputs]
-    if node.op == "concat":
+    if isinstance(node, Concat):
         return sum(widths) if all(w is not None for w in widths) else None
-    if node.op in ("relation", "attend_scores"):
+    if isinstance(node, Relation):
         return None
-    if node.op == "choose":
-        return widths[0] if widths else None
     return widths[0] if widths else None
-
-
-def _first_model(node: Node) -> str | None:
-    if isinstance(node, SignalNode):
-        return node.model
-    return next((m for m in map(_first_model, node.inputs) if m is not None), None)
 
 
 # ---------------------------------------------------------------- the graph
@@ -175,10 +179,10 @@ class LossGraph(nn.Module):
             raise RunError(f"loss term '{term.id}': unknown transform '{node.op}' (known: {known})")
         for child in node.inputs:
             self._add_projections(term, child, other)
-        if node.op not in ("project", "linear"):
+        if not isinstance(node, Project):
             return
         key = node.module or f"{term.id}/{node.op}"
-        d_in = int(node.params["in"]) if node.params.get("in") else node_width(node.inputs[0], self.dims)
+        d_in = node.dim_in
         d_out = node_width(node, self.dims) or node_width(other, self.dims)
         if d_in is None or d_out is None:
             raise RunError(f"loss term '{term.id}': cannot infer the size of projection '{key}'")
@@ -269,15 +273,32 @@ class LossGraph(nn.Module):
 
     def _operands(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> tuple[Any, torch.Tensor, Any, dict]:
         batch = ctx.batch
-        target = self._eval(term.target, signals, ctx)
-        pred = self._eval(term.pred, signals, ctx)
-        mask = MASKS[term.mask](batch) if term.mask is not None else None
         options = {k: _value(v, ctx.progress, ctx.step, ctx.epoch) for k, v in term.options.items()}
+        target = self._logit_operand(term, "target", term.target, signals, ctx, options)
+        pred = self._logit_operand(term, "pred", term.pred, signals, ctx, options)
+        mask = MASKS[term.mask](batch) if term.mask is not None else None
         if (pred.dim() == 4 and "key_mask" not in options and term.id in self._key_masked
                 and pred.shape[-1] == batch["attention_mask"].shape[-1]):  # (relations of pooled spans have none)
             # attention-shaped signals: padded keys never count, whatever the query mask
             options["key_mask"] = batch["attention_mask"].bool()
         return target, pred, mask, options
+
+    def _logit_operand(self, term: LossTerm, role: str, node: Node, signals: Signals, ctx: _Ctx, options: dict) -> Any:
+        """A term's operand; logits read by a chunked kernel (runtime/chunked.py) stay in the model's dtype, or as
+        the fused head, and a column selection over them becomes the kernel's ``{role}_cols`` option, so that no
+        fp32 or column-selected copy of the logits is made."""
+        if term.fn not in _CHUNKED or not _is_logits(node, select=f"{role}_cols" in loss_options(term.fn)):
+            return self._eval(node, signals, ctx)
+        if isinstance(node, SignalNode):
+            return self._signal(node, signals, ctx, raw=True)
+        options[f"{role}_cols"] = self._kept_columns(node, ctx)
+        return self._signal(node.inputs[0], signals, ctx, raw=True)
+
+    def _kept_columns(self, node: SelectVocab, ctx: _Ctx) -> torch.Tensor:
+        keep = self.keep_ids.get(node.vocab)
+        if keep is None:
+            raise RunError(f"loss term '{ctx.term.id}': select_vocab needs the kept rows of vocab '{node.vocab}'")
+        return torch.as_tensor(keep, dtype=torch.long)
 
     def _term_value(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:
         target, pred, mask, options = self._operands(term, signals, ctx)
@@ -290,7 +311,11 @@ class LossGraph(nn.Module):
                            "weighed per example")
         target, pred, mask, options = self._operands(term, signals, ctx)
         b = pred.shape[0]
-        one = lambda x, i: x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == b else x
+        def one(x, i):
+            if isinstance(x, HeadLogits):
+                return x.rows(i)
+            return x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == b else x
+
         values = [
             LOSSES[term.fn](one(target, i), one(pred, i), mask=one(mask, i), **{k: one(v, i) for k, v in options.items()})
             for i in range(b)
@@ -303,10 +328,9 @@ class LossGraph(nn.Module):
         if node.op in LAZY_OPS:  # they decide which inputs to evaluate, and on which signals
             return LAZY_OPS[node.op](self, node, signals, ctx)
         inputs = [self._eval(x, signals, ctx) for x in node.inputs]
-        params = {k: _value(v, ctx.progress, ctx.step, ctx.epoch) for k, v in node.params.items()}
-        return OPS[node.op](self, node, inputs, params, ctx)
+        return OPS[node.op](self, node, inputs, ctx)
 
-    def _signal(self, node: SignalNode, signals: Signals, ctx: _Ctx) -> torch.Tensor:
+    def _signal(self, node: SignalNode, signals: Signals, ctx: _Ctx, raw: bool = False) -> torch.Tensor:
         if node.model is None:
             return ctx.batch[node.kind]
         try:
@@ -316,6 +340,11 @@ class LossGraph(nn.Module):
             raise RunError(
                 f"loss term '{ctx.term.id}': signal {node.model}.{where} was not captured (plan and loss disagree)"
             ) from None
+        if raw:
+            return value
+        if isinstance(value, HeadLogits):
+            raise RunError(f"loss term '{ctx.term.id}': {node.model}.logits were planned fused (never materialised) "
+                           f"but this term reads them through a transform; re-run `gkdc plan`")
         # kernels compute in fp32 whatever precision the model ran in
         return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
 
@@ -340,63 +369,50 @@ def _module_key(key: str) -> str:
 
 # ---------------------------------------------------------------- op kernels
 
-OpFn = Callable[[LossGraph, OpNode, list[torch.Tensor], dict[str, Any], _Ctx], torch.Tensor]
+OpFn = Callable[[LossGraph, OpNode, list[torch.Tensor], _Ctx], torch.Tensor]
 
 
-def _op_project(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
+def _op_project(graph: LossGraph, node: Project, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
     module = graph.projections[_module_key(node.module or f"{ctx.term.id}/{node.op}")]
     return module(xs[0]).float()
 
 
-def _heads(graph: LossGraph, node: OpNode, params: dict[str, Any]) -> int:
-    if params.get("heads") is not None:
-        return int(params["heads"])
-    model = _first_model(node)
-    return graph.dims[model].num_heads if model is not None else 1
-
-
-def _op_relation(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
+def _op_relation(graph: LossGraph, node: Relation, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
     mask = ctx.batch["attention_mask"].bool()
     if xs[0].dim() == 3 and xs[0].shape[1] != mask.shape[1]:  # pooled spans: every position is real
         mask = None
-    return T.relation(xs[0], _heads(graph, node, params), mask, log=bool(params.get("log", False)),
-                      softmax=bool(params.get("softmax", True)))
+    return T.relation(xs[0], node.heads, mask, softmax=node.softmax)
 
 
-def _op_pool(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
-    return T.pool(xs[0], params.get("how", "mean"), ctx.batch["attention_mask"].bool())
+def _op_pool(graph: LossGraph, node: Pool, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
+    return T.pool(xs[0], node.how, ctx.batch["attention_mask"].bool())
 
 
-def _op_normalize(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
-    return T.normalize(xs[0], p=float(params.get("p", 2.0)))
+def _op_normalize(graph: LossGraph, node: Normalize, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
+    return T.normalize(xs[0])
 
 
-def _op_select_vocab(
-    graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx
-) -> torch.Tensor:
-    if "keep_ids" in params:
-        return T.select_vocab(xs[0], params["keep_ids"])
-    name = params.get("vocab")
-    keep = graph.keep_ids.get(name) if name is not None else next(iter(graph.keep_ids.values()), None)
+def _op_select_vocab(graph: LossGraph, node: SelectVocab, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
+    keep = graph.keep_ids.get(node.vocab)
     if keep is None:
-        raise RunError(f"loss term '{ctx.term.id}': select_vocab needs the kept rows of vocab '{name}'")
+        raise RunError(f"loss term '{ctx.term.id}': select_vocab needs the kept rows of vocab '{node.vocab}'")
     return T.select_vocab(xs[0], keep)
 
 
-def _op_mean(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
+def _op_mean(graph: LossGraph, node: Mean, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
     return T.mean(xs)
 
 
-def _op_concat(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
-    return T.concat(xs, dim=int(params.get("dim", -1)))
+def _op_concat(graph: LossGraph, node: Concat, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
+    return T.concat(xs)
 
 
-def _op_attend(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
+def _op_attend(graph: LossGraph, node: Attend, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
     return T.attend(xs[0], xs[1:])
 
 
-def _op_stack(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
-    return T.stack(xs, axis=int(params.get("axis", -2)))
+def _op_stack(graph: LossGraph, node: Stack, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
+    return T.stack(xs, axis=node.axis)
 
 
 def span_segmentation(seed: int, step: int, batch: Mapping[str, torch.Tensor], max_fraction: float) -> list[tuple[int, int]]:
@@ -406,20 +422,17 @@ def span_segmentation(seed: int, step: int, batch: Mapping[str, torch.Tensor], m
     return T.span_bounds(length, max_fraction, random.Random(f"{seed}:spans:{step}"))
 
 
-def _op_spans(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
-    if params.get("pool", "mean") != "mean":
-        raise RunError(f"spans: pool={params['pool']!r} is not supported (mean)")
-    bounds = span_segmentation(graph.seed, ctx.step, ctx.batch, float(params.get("max_fraction", 0.4)))
+def _op_spans(graph: LossGraph, node: Spans, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
+    bounds = span_segmentation(graph.seed, ctx.step, ctx.batch, node.max_fraction)
     return T.spans(xs[0], bounds, ctx.batch["attention_mask"].bool())
 
 
-def _op_anneal(graph: LossGraph, node: OpNode, xs: list[torch.Tensor], params: dict[str, Any], ctx: _Ctx) -> torch.Tensor:
-    return T.anneal(xs[0], float(params.get("phi", 1.0)))
+def _op_anneal(graph: LossGraph, node: Anneal, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
+    return T.anneal(xs[0], float(node.phi.at(ctx.progress, step=ctx.step, epoch=ctx.epoch)))
 
 
 OPS: dict[str, OpFn] = {
     "project": _op_project,
-    "linear": _op_project,
     "relation": _op_relation,
     "pool": _op_pool,
     "normalize": _op_normalize,
@@ -431,19 +444,19 @@ OPS: dict[str, OpFn] = {
     "stack": _op_stack,
     "spans": _op_spans,
 }
-"""``OpNode.op`` -> kernel; kernels get the evaluated inputs, the op's params at the current progress and the batch."""
+"""``OpNode.op`` -> kernel; a kernel gets the op (its typed fields), the evaluated inputs and the context."""
 
 
-def chosen_index(seed: int, params: Mapping[str, Any], n: int, step: int, epoch: int) -> int:
+def chosen_index(seed: int, group: str, k: int, index: int, every: str, n: int, step: int, epoch: int) -> int:
     """Which of ``n`` inputs a ``choose`` op picks: item ``index`` of the group's ascending ``k``-subset,
     drawn per ``every`` period from (seed, group, period), so the ops of one group agree and a resume too."""
-    period = epoch if params.get("every", "epoch") == "epoch" else step
-    rng = random.Random(f"{seed}:{params['group']}:{period}")
-    return T.choose_indices(n, int(params["k"]), rng)[int(params["index"])]
+    period = epoch if every == "epoch" else step
+    rng = random.Random(f"{seed}:{group}:{period}")
+    return T.choose_indices(n, k, rng)[index]
 
 
-def _lazy_choose(graph: LossGraph, node: OpNode, signals: Signals, ctx: _Ctx) -> torch.Tensor:
-    i = chosen_index(graph.seed, node.params, len(node.inputs), ctx.step, ctx.epoch)
+def _lazy_choose(graph: LossGraph, node: Choose, signals: Signals, ctx: _Ctx) -> torch.Tensor:
+    i = chosen_index(graph.seed, node.group, node.k, node.index, node.every, len(node.inputs), ctx.step, ctx.epoch)
     return graph._eval(node.inputs[i], signals, ctx)  # only the chosen layer is computed
 
 
@@ -466,8 +479,8 @@ class _Counterfactual(Mapping):
         return sum(1 for _ in self)
 
 
-def _lazy_interchanged(graph: LossGraph, node: OpNode, signals: Signals, ctx: _Ctx) -> torch.Tensor:
-    return graph._eval(node.inputs[0], _Counterfactual(signals, str(node.params["intervention"])), ctx)
+def _lazy_interchanged(graph: LossGraph, node: Interchanged, signals: Signals, ctx: _Ctx) -> torch.Tensor:
+    return graph._eval(node.inputs[0], _Counterfactual(signals, node.intervention), ctx)
 
 
 LAZY_OPS: dict[str, Callable[[LossGraph, OpNode, Signals, _Ctx], torch.Tensor]] = {
@@ -476,6 +489,17 @@ LAZY_OPS: dict[str, Callable[[LossGraph, OpNode, Signals, _Ctx], torch.Tensor]] 
 }
 """Ops that evaluate their own inputs: ``choose`` computes only the chosen one; ``interchanged`` reads the
 counterfactual pass of its intervention."""
+
+_CHUNKED = frozenset({"kl", "soft_ce", "jsd", "gjsd", "ce", "cached_kl", "cached_kl_bucket"})
+"""Kernels that take logits in the model's dtype (or a fused head) and upcast one chunk of rows at a time."""
+
+
+def _is_logits(node: Node, select: bool) -> bool:
+    """A bare ``logits`` signal, or (``select``) a vocabulary column selection of one."""
+    if isinstance(node, SignalNode):
+        return node.model is not None and node.kind == "logits"
+    return select and node.op == "select_vocab" and len(node.inputs) == 1 and _is_logits(node.inputs[0], False)
+
 
 _BATCH_COUPLED = frozenset({"nce"})
 """Kernels whose value for one example depends on the others (no per-example weights)."""

@@ -7,6 +7,7 @@ back to the resumed step, so the file always describes exactly one uninterrupted
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +76,22 @@ class MetricsLogger:
             self._bar = None
 
     def close(self) -> None:
-        """Flush files and draw the loss curve."""
+        """Flush files and draw the loss curve. Runs in the recipe's ``finally``: a step that fails here (a full
+        disk, a read-only folder) is reported as a warning, so it never masks the error that ended the run."""
         if not self.enabled:
             return
-        self.end_stage()
-        if self._writer is not None:
-            self._writer.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-        plot_losses(self.out_dir / METRICS_FILE, self.out_dir / CURVE_FILE)
+        steps = [("progress bar", self.end_stage),
+                 ("TensorBoard events", self._writer.close if self._writer is not None else None),
+                 (METRICS_FILE, self._jsonl.close if self._jsonl is not None else None),
+                 (CURVE_FILE, lambda: plot_losses(self.out_dir / METRICS_FILE, self.out_dir / CURVE_FILE))]
+        for what, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 - cleanup: report and go on
+                print(f"warning: could not finish {what} in {self.out_dir}: {err}", file=sys.stderr)
+        self._writer = self._jsonl = None
 
 
 def _records_up_to(path: Path, point: tuple[int, int]) -> list[dict[str, Any]]:

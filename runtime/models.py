@@ -162,17 +162,37 @@ def _check_weights(model: ModelSpec, path: Path, allow_pickle: bool) -> None:
     raise RunError(f"model '{model.name}': {path} has no weights (*.safetensors)")
 
 
-def _from_pretrained(model: ModelSpec, base_dir: Path, remote: bool, allow_pickle: bool) -> nn.Module:
+def _from_pretrained(model: ModelSpec, base_dir: Path, remote: bool, allow_pickle: bool, *,
+                     config: Any = None, zero3: dict[str, Any] | None = None) -> nn.Module:
+    """``from_pretrained``; with ``config`` (e.g. fewer blocks) instead of the folder's; with a ZeRO-3 ``zero3``
+    config through transformers' own partitioned loading (rank 0 reads the files, each module is gathered,
+    filled and re-partitioned): the route for hub models and pickle weights."""
     where, local = _where(model, base_dir)
     if local:
         _check_weights(model, Path(where), allow_pickle)
     kwargs: dict[str, Any] = {"dtype": DTYPES[model.dtype], **_head_kwargs(model)}
+    if config is not None:
+        kwargs = {"dtype": DTYPES[model.dtype], "config": config}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     if remote:
         kwargs["trust_remote_code"] = True
     try:
-        return _auto_class(model).from_pretrained(where, **kwargs)
+        if zero3 is not None:
+            from runtime import engine as eng
+
+            with eng.zero3_build(zero3):
+                net, info = _auto_class(model).from_pretrained(where, output_loading_info=True, **kwargs)
+        else:
+            net, info = _auto_class(model).from_pretrained(where, output_loading_info=True, **kwargs)
+        missing = list(info.get("missing_keys") or [])
+        if model.role == "teacher" and missing:
+            # transformers would initialise these randomly: a teacher must be trained in full
+            raise RunError(f"teacher '{model.name}': {where} has no weights for {len(missing)} tensor(s) "
+                           f"({', '.join(sorted(missing)[:4])}{', ...' if len(missing) > 4 else ''}); transformers "
+                           "would initialise them randomly. Use a folder saved with every head the spec reads "
+                           "(e.g. BertForMaskedLM for logits)")
+        return net
     except OSError as exc:
         if local:
             raise RunError(f"model '{model.name}': could not load weights from {where}: {exc}") from None
@@ -270,7 +290,7 @@ def _blocks_path(net: nn.Module, num_layers: int, name: str) -> str:
     best, size = None, -1
     for path, module in net.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            count = sum(p.numel() for p in module.parameters())
+            count = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
             if count > size:
                 best, size = path, count
     if best is None:
@@ -325,20 +345,25 @@ def copy_init(net: nn.Module, model: ModelSpec, built: dict[str, nn.Module]) -> 
     layers = _copy_layers(model, n_dst, n_src)
     dst = (_prefix_of(net), _blocks_path(net, n_dst, model.name))
     src = (_prefix_of(source), _blocks_path(source, n_src, str(model.init.source)))
-    src_state, copied = source.state_dict(), 0
-    with torch.no_grad():
-        for key, tensor in net.state_dict().items():
-            value = src_state.get(_source_key(key, dst, src, layers))
-            if value is None:
-                continue
-            if value.shape != tensor.shape:
-                raise RunError(
-                    f"model '{model.name}': init copy from '{model.init.source}': tensor {key} has shape "
-                    f"{tuple(tensor.shape)} but the source's is {tuple(value.shape)}; make the student's width "
-                    f"(and heads, intermediate, vocab, max_positions) match or use init random"
-                )
-            tensor.copy_(value.to(tensor.dtype))
-            copied += 1
+    from runtime import engine as eng
+
+    src_state = dict(named_tensors(source))
+    copied = 0
+    for key, tensor in named_tensors(net):
+        value = src_state.get(_source_key(key, dst, src, layers))
+        if value is None:
+            continue
+        if eng.full_shape(value) != eng.full_shape(tensor):
+            raise RunError(
+                f"model '{model.name}': init copy from '{model.init.source}': tensor {key} has shape "
+                f"{eng.full_shape(tensor)} but the source's is {eng.full_shape(value)}; make the student's width "
+                f"(and heads, intermediate, vocab, max_positions) match or use init random"
+            )
+        # ZeRO-3 tensors (a partitioned student or source) are gathered one pair at a time
+        with eng.gathered_pair(value, tensor) as writes, torch.no_grad():
+            if writes:
+                tensor.data.copy_(value.data.to(tensor.dtype))
+        copied += 1
     if copied == 0:
         raise RunError(f"model '{model.name}': init copy found no tensor to copy in '{model.init.source}'")
     return copied
@@ -361,5 +386,210 @@ def save_student(model: nn.Module, tokenizer: Any, out_dir: Path, vocab_map: Voc
         tokenizer.save_pretrained(str(out_dir))
     except (OSError, ValueError, RuntimeError) as exc:
         raise RunError(f"cannot save the student to {out_dir}: {exc}") from None
+    if vocab_map is not None:
+        (out_dir / VOCAB_FILE).write_text(vocab_map.to_json(), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- built into the placement
+
+
+def _pretrained_config(model: ModelSpec, where: str, remote: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(where, trust_remote_code=remote)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RunError(f"model '{model.name}': cannot read the config of {where}: {exc}") from None
+    for key, value in _head_kwargs(model).items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _keep_blocks(cfg: Any, keep_blocks: int | None) -> Any:
+    """The config of the first ``keep_blocks`` blocks (every family maps ``num_hidden_layers`` to its own key)."""
+    if keep_blocks is not None and keep_blocks < int(cfg.num_hidden_layers):
+        cfg.num_hidden_layers = keep_blocks
+    return cfg
+
+
+def build_teacher(
+    model: ModelSpec,
+    base_dir: Path,
+    *,
+    keep_blocks: int | None,
+    drop_head: bool,
+    zero3: dict[str, Any] | None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> nn.Module:
+    """A frozen teacher built as the plan places it: only blocks ``0..keep_blocks-1`` (and no head when its
+    forward never reaches it), and, with a ZeRO-3 ``zero3`` config, partitioned while it is built, each rank
+    reading only its own part of every weight from the safetensors files.
+
+    The blocks it does not run are never built and their bytes never read. A replicated teacher is loaded by
+    ``from_pretrained`` with the shortened config (transformers skips the files' other blocks).
+    """
+    if model.source_kind == "derived" or model.init.kind in ("random", "copy"):
+        raise RunError(f"model '{model.name}': a teacher needs weights (hf(...)), not a derived or random init")
+    where, local = _where(model, base_dir)
+    if local:
+        _check_weights(model, Path(where), allow_pickle)
+    if zero3 is None or not local or not _has_safetensors(Path(where)):
+        net = _from_pretrained(model, base_dir, trust_remote_code, allow_pickle,
+                               config=_keep_blocks(_pretrained_config(model, where, trust_remote_code), keep_blocks),
+                               zero3=zero3)
+        return _frozen(_drop_head(net, drop_head))
+    from runtime import engine as eng
+
+    cfg = _keep_blocks(_pretrained_config(model, where, trust_remote_code), keep_blocks)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[model.dtype], **({"trust_remote_code": True} if trust_remote_code else {})}
+    with eng.zero3_build(zero3):
+        try:
+            net = _auto_class(model).from_config(cfg, **kwargs)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunError(f"model '{model.name}': transformers cannot build it from its config: {exc}") from None
+    net = _drop_head(net, drop_head)
+    load_weights(net, Path(where), model.name)
+    return _frozen(net)
+
+
+def _has_safetensors(path: Path) -> bool:
+    return any(path.glob("*.safetensors"))
+
+
+def _frozen(net: nn.Module) -> nn.Module:
+    _pad_for_classify(net)
+    return net.eval().requires_grad_(False)
+
+
+def _drop_head(net: nn.Module, drop: bool) -> nn.Module:
+    if drop:
+        from runtime.adapters import adapter_for
+
+        adapter = adapter_for(net)
+        adapter.prune(net, len(adapter.layers(net)), drop_head=True)
+    return net
+
+
+def build_student_partitioned(model: ModelSpec, zero3: dict[str, Any], *, trust_remote_code: bool = False) -> nn.Module:
+    """A derived / random-init student partitioned while it is built (ZeRO-3): transformers initialises each
+    module gathered on rank 0 and re-partitions it, so no rank ever holds the whole model."""
+    from runtime import engine as eng
+
+    kwargs: dict[str, Any] = {"dtype": DTYPES[model.dtype], **({"trust_remote_code": True} if trust_remote_code else {})}
+    with eng.zero3_build(zero3):
+        try:
+            net = _auto_class(model).from_config(_config(model), **kwargs)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunError(f"model '{model.name}': transformers cannot build it from its config: {exc}") from None
+    _pad_for_classify(net)
+    net.train(True)
+    return net.requires_grad_(True)
+
+
+def named_tensors(net: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every state-dict entry of ``net`` as (key, parameter or buffer), tied parameters under each of their keys;
+    partitioned ZeRO-3 parameters stay partitioned (nothing is gathered)."""
+    out = [(k, p) for k, p in net.named_parameters(remove_duplicate=False)]
+    for prefix, module in net.named_modules(remove_duplicate=False):
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out.append((f"{prefix}.{name}" if prefix else name, buf))
+    return out
+
+
+def load_weights(net: nn.Module, where: Path, name: str, *, strict: bool = True) -> int:
+    """Stream weights from the safetensors folder or file ``where`` into ``net``, tensor by tensor: a ZeRO-3
+    parameter receives only this rank's partition (read from its byte range of the file), any other tensor its
+    whole value. Keys may lack the base model's prefix (files saved from a bare base model). Returns tensors read.
+    """
+    from runtime import engine as eng
+    from runtime.weights import WeightFiles
+
+    files = WeightFiles(where)
+    prefix = getattr(net, "base_model_prefix", "")
+    done: set[int] = set()
+    missing: list[str] = []
+    keys_of: dict[int, list[str]] = {}
+    for key, tensor in named_tensors(net):
+        keys_of.setdefault(id(tensor), []).append(key)
+    try:
+        for key, tensor in named_tensors(net):
+            if id(tensor) in done:
+                continue
+            found = _file_key(key, prefix, files)
+            if found is None:
+                if key == keys_of[id(tensor)][-1]:  # none of a tied tensor's keys is in the files
+                    missing.append(key)
+                continue
+            stored = files.tensors[found]
+            if stored.shape != eng.full_shape(tensor):
+                raise RunError(f"model '{name}': tensor {key} has shape {eng.full_shape(tensor)} in the model but "
+                               f"{stored.shape} in {stored.file}")
+            eng.load_partition(tensor, lambda start, out, k=found: files.read_flat(k, start, out),
+                               lambda k=found, t=tensor: files.read(k, t.dtype))
+            done.add(id(tensor))
+    finally:
+        files.close()
+    if strict and missing:
+        raise RunError(f"model '{name}': {len(missing)} tensors are not in {where} (e.g. {missing[:3]}); "
+                       f"are these the weights of this model?")
+    return len(done)
+
+
+def _file_key(key: str, prefix: str, files: Any) -> str | None:
+    if key in files:
+        return key
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in files:
+        return key[len(prefix) + 1:]
+    if prefix and f"{prefix}.{key}" in files:
+        return f"{prefix}.{key}"
+    return None
+
+
+def write_weights(net: nn.Module, path: Path, *, rank: int, dtype: torch.dtype | None = torch.float32) -> Path | None:
+    """All ranks: ``net``'s full weights to one safetensors file, gathered one tensor at a time and written by
+    rank 0 as it goes (no rank holds more than one gathered tensor). Returns the path on rank 0."""
+    from runtime import engine as eng
+    from runtime.weights import StreamWriter
+
+    tensors = named_tensors(net)
+    writer = None
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = [(k, _out_dtype(t, dtype), eng.full_shape(t)) for k, t in tensors]
+        writer = StreamWriter(path, entries)
+    try:
+        for key, value in eng.gathered_tensors(tensors, dtype):
+            if writer is not None:
+                writer.write(key, value)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return writer.close() if writer is not None else None
+
+
+def _out_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def export_student(config: Any, weights: Path, tokenizer: Any, out_dir: Path, vocab_map: VocabMap | None) -> None:
+    """Rank 0: an HF folder (config, sharded safetensors, tokenizer [, gkdc_vocab.json]) from a weights file,
+    copied one tensor at a time; ``from_pretrained`` loads it as is."""
+    from runtime.weights import WeightFiles, write_sharded
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = WeightFiles(weights)
+    try:
+        entries = [(k, s.dtype, s.shape) for k, s in files.tensors.items()]
+        write_sharded(out_dir, entries, ((k, files.read(k)) for k, _, _ in entries))
+        config.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RunError(f"cannot save the student to {out_dir}: {exc}") from None
+    finally:
+        files.close()
     if vocab_map is not None:
         (out_dir / VOCAB_FILE).write_text(vocab_map.to_json(), encoding="utf-8")

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import random
+import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,12 +32,11 @@ from runtime.adapters import capture
 from runtime.errors import RunError
 from runtime.lossgraph import LossGraph
 from runtime.metrics import METRICS_FILE, MetricsLogger
+from runtime.stagekit import SEED, pruned as _pruned, seed_everything as _seed_everything  # noqa: F401 (SEED: used by callers)
 
 DEFAULT_SAVE_EVERY = 500
 """Optimizer steps between checkpoints when a stage gives no ``save_every`` (stage ends always save)."""
 
-SEED = 1234
-"""Base seed: model init, data order and random gates are functions of it and the stage index."""
 
 
 @dataclass(frozen=True)
@@ -74,21 +72,24 @@ def run(
     allow_pickle: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
+    allowed_paths: tuple[str, ...] = (),
 ) -> RunResult:
     """Execute ``plan``; ``max_steps`` caps every stage's optimizer steps (smoke runs)."""
-    base_dir = check_plan(plan, plan_path)
+    base_dir = check_plan(plan, plan_path, allowed_paths)
     rank, world = eng.prepare_process()
     if world != plan.world_size:
-        launch = " ".join(plan.launch)
-        raise RunError(f"the plan was made for {plan.world_size} rank(s) but {world} started; launch it with: {launch}")
+        raise RunError(f"the plan was made for {plan.world_size} rank(s) but {world} started; "
+                       f"launch it with: gkdc run {plan_path}")
     _quiet_libraries()  # our own bar shows training progress; loading bars of every stage would bury it
     out_dir = Path(out_dir)
-    state = _starting_point(plan, out_dir, resume)
+    state = _starting_point(plan, out_dir, resume, rank)
+    if rank == 0:
+        ckpt.write_spec(out_dir, plan.spec.model_dump_json())
     logger = MetricsLogger(out_dir, enabled=rank == 0, show_bar=progress)
     kept = logger.open((state.stage, state.step) if state else None)
     env = _RunEnv(plan, base_dir, out_dir, rank, world, trust_remote_code, allow_pickle, logger, global_step=kept)
     env.weight_files.update(state.trained if state else {})
-    trained = {name: ckpt.read_weights(Path(p)) for name, p in (state.trained if state else {}).items()}
+    trained = {name: _weights_file(Path(p)) for name, p in (state.trained if state else {}).items()}
     results = []
     try:
         for index, (stage, stage_plan) in enumerate(zip(plan.spec.stages, plan.stages)):
@@ -111,12 +112,12 @@ def run_stage(
     index: int,
     stage: StageSpec,
     stage_plan: StagePlan,
-    trained: dict[str, dict[str, torch.Tensor]],
+    trained: dict[str, Path],
     start: int,
     resume_tag: str | None,
     max_steps: int | None,
 ) -> StageResult:
-    """Setup, train and save one stage; ``trained[name]`` receives the trained model's weights."""
+    """Setup, train and save one stage; ``trained[name]`` receives the file of the trained model's weights."""
     total = _capped(stage_plan, max_steps)
     live, models = setup_stage(env, index, stage, stage_plan, trained, total, max_steps)
     total = live.total  # counted from the data when the plan could not (total_steps -1)
@@ -134,9 +135,15 @@ def run_stage(
     env.logger.end_stage()
 
     student = models.modules[live.student]
-    trained[live.student] = eng.full_state_dict(student)
+    # gathered one tensor at a time and written by rank 0: no rank holds the whole trained model
+    path = ckpt.stage_weights_path(env.out_dir, index)
+    from runtime import models as M
+
+    M.write_weights(student, path, rank=env.rank)
+    eng.barrier()
+    trained[live.student] = path
     finish_stage(env, index, stage.name, total, live.student, trained)
-    env.exports[live.student] = (student, models.tokenizer, models.vocab_maps.get(live.student))
+    env.exports[live.student] = (student.config, models.tokenizer, models.vocab_maps.get(live.student))
     for engine in [live.engine, *live.teachers.values()]:
         eng.release(engine)
     return StageResult(stage.name, total, last)
@@ -147,7 +154,7 @@ def setup_stage(
     index: int,
     stage: StageSpec,
     stage_plan: StagePlan,
-    trained: Mapping[str, dict[str, torch.Tensor]],
+    trained: Mapping[str, Path],
     total: int,
     max_steps: int | None = None,
 ) -> tuple["_LiveStage", "StageModels"]:
@@ -161,7 +168,8 @@ def setup_stage(
     used = [t for t in used if t not in offline]
     whole = {m for iv in interventions for m in iv.built_models()} - {student_name}  # blocks run by interventions
     blocks_only = sorted(whole - set(used))
-    _seed_everything(SEED + 1000 * index)  # same init on every rank (ZeRO-3 partitions each rank's copy)
+    _seed_everything(SEED + 1000 * index)  # same init on every rank (replicas; ZeRO-3 inits on rank 0)
+    env.placing = _placing(stage, stage_plan, captures, used, whole)
     models = build_models(env, stage, [*used, *blocks_only], trained)
     data = StageData.build(env, stage, stage_plan, models, index)
     if total < 0:  # epochs over data the planner could not count: count the tokenised examples now
@@ -178,8 +186,7 @@ def setup_stage(
     scheduler = build_lr_schedule(optimizer, stage.schedule, total, [g["scale"] for g in groups])
     engine = eng.init_student(step_module, optimizer, scheduler, stage_plan.deepspeed_config, stage=stage.name)
     teachers = {
-        name: eng.init_teacher(models.modules[name] if name in whole else _pruned(models.modules[name], captures[name]),
-                               stage_plan.teacher_configs.get(name), name=name, stage=stage.name)
+        name: eng.init_teacher(models.modules[name], stage_plan.teacher_configs.get(name), name=name, stage=stage.name)
         for name in used
     }
     blocks = {name: eng.init_teacher(models.modules[name], stage_plan.teacher_configs.get(name), name=name,
@@ -239,8 +246,11 @@ def train_step(
     lr = engine.optimizer.param_groups[0]["lr"]
     accum = engine.gradient_accumulation_steps()
     sums: dict[str, float] = {}
+    fed = torch.zeros(2, dtype=torch.long)  # real tokens and positions run (with padding) on this rank
     for micro in range(accum):
         inputs = next(batches)
+        mask = inputs["student"]["attention_mask"]
+        fed += torch.tensor([int(mask.sum()), mask.numel()])
         info = ivs.StepInfo(step, epoch, progress, micro, env.rank)
         signals = {
             name: model.signals(inputs["teacher"]) if isinstance(model, cache.CachedTeacher)
@@ -258,8 +268,9 @@ def train_step(
     for iv in live.interventions:  # triggers on running losses (SID's plateau) see the step's values
         iv.observe(sums, ivs.StepInfo(step, epoch, progress, rank=env.rank))
     total = sums.pop("total", 0.0)
+    tokens, positions = eng.all_ranks_sum(fed.to(engine.device)).tolist()  # TokensPerStep counts all ranks
     record = {"stage": live.stage.name, "stage_index": live.index, "step": step + 1, "lr": lr, "total": total,
-              "terms": sums}
+              "terms": sums, "tokens": tokens, "positions": positions}
     env.logger.log_step(record, env.next_global_step())
     return {"total": total, **sums}
 
@@ -402,19 +413,51 @@ class StageModels:
     """Student name -> its VocabMap, for students with a compressed vocabulary."""
 
 
+@dataclass(frozen=True)
+class Placing:
+    """How the stage's models are built so they start where the plan puts them (set by ``setup_stage``)."""
+
+    keep_blocks: dict[str, int] = field(default_factory=dict)
+    """Teacher -> blocks it is built with (its forward stops after them and never reaches its head)."""
+    zero3: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Model -> the ZeRO-3 config it is partitioned under while it is built (sharded / offloaded teachers,
+    a ZeRO-3 student)."""
+
+
+def _placing(stage: StageSpec, stage_plan: StagePlan, captures: Mapping[str, ModelCapture], used: list[str],
+             whole: set[str]) -> Placing:
+    keep = {}
+    for name in used:
+        cap = captures[name]
+        if name not in whole and cap.stop_after_layer is not None and not cap.needs_head:
+            keep[name] = cap.stop_after_layer + 1
+    zero3 = {name: cfg for name, cfg in stage_plan.teacher_configs.items() if cfg}
+    if stage_plan.placement.zero_stage == 3:
+        zero3.update({name: stage_plan.deepspeed_config for name in stage.students})
+    return Placing(keep, zero3)
+
+
 def build_models(
-    env: "_RunEnv", stage: StageSpec, teachers: list[str], trained: Mapping[str, dict[str, torch.Tensor]]
+    env: "_RunEnv", stage: StageSpec, teachers: list[str], trained: Mapping[str, Path]
 ) -> StageModels:
     """The stage's used ``teachers`` first (a student may copy its init from one), then the student.
 
-    Weights a model got in an earlier stage replace its init. The student is built in fp32: DeepSpeed keeps
-    the master weights and casts to the planned precision itself.
+    Each is built where the plan puts it (``env.placing``): a pruned teacher with only its blocks, a sharded
+    or offloaded teacher and a ZeRO-3 student partitioned while they are built. Weights a model got in an
+    earlier stage are streamed from their file into it (into its partitions under ZeRO-3). A replicated
+    student is built in fp32: DeepSpeed keeps the master weights and casts to the planned precision itself.
     """
     from runtime import models as M
     from runtime import vocab as V
 
     spec = env.plan.spec
-    built: dict[str, nn.Module] = {name: _build_one(env, spec.models[name], built={}) for name in teachers}
+    placing = env.placing
+    copy_sources = {str(spec.models[n].init.source) for n in stage.students if spec.models[n].init.kind == "copy"}
+    # teachers built partitioned draw random numbers (zero.Init initialises before loading): keep the students'
+    # init the same whatever the teachers' placement
+    with torch.random.fork_rng(devices=[]):
+        built: dict[str, nn.Module] = {name: _build_teacher(env, name, placing, name in copy_sources)
+                                       for name in teachers}
     for name in stage.students:
         model_spec = spec.models[name]
         if name in trained:  # its weights come from the earlier stage: skip copying an init that is overwritten
@@ -424,7 +467,13 @@ def build_models(
             built[source] = _copy_source(env, source, built, trained)
         if model_spec.init.kind == "copy":
             model_spec = _vocab_of_copy_source(model_spec, built[str(model_spec.init.source)])
-        built[name] = _build_one(env, model_spec, built).float()
+        zero3 = placing.zero3.get(name) if model_spec.vocab is None else None  # compression slices whole rows
+        if zero3 is not None:
+            built[name] = M.build_student_partitioned(model_spec, zero3, trust_remote_code=env.trust_remote_code)
+            if model_spec.init.kind == "copy":
+                M.copy_init(built[name], model_spec, built)
+        else:
+            built[name] = _build_one(env, model_spec, built).float()
     vocab_maps = {}
     for name in stage.students:
         if spec.models[name].vocab is not None:
@@ -432,9 +481,9 @@ def build_models(
             # a derived student may already be built at the compressed size (its arch holds the kept rows)
             if built[name].get_input_embeddings().weight.shape[0] == vmap.full_size:
                 V.compress_student(built[name], vmap)
-    for name, state in trained.items():
+    for name, path in trained.items():
         if name in built:
-            _load_weights(built[name], state, name)
+            M.load_weights(built[name], path, name)
     tokenizer = M.load_tokenizer(spec.models[_single_student(stage)], spec.models, env.base_dir)
     archs = {name: m.arch for name, m in spec.models.items()}
     return StageModels({k: built[k] for k in [*teachers, *stage.students]}, archs, tokenizer, vocab_maps)
@@ -450,8 +499,26 @@ def _vocab_of_copy_source(model_spec: ModelSpec, source: nn.Module) -> ModelSpec
     return model_spec.model_copy(update={"arch": arch})
 
 
+def _build_teacher(env: "_RunEnv", name: str, placing: Placing, copied_from: bool) -> nn.Module:
+    """A teacher as the plan places it; one a student copies its init from keeps every block."""
+    from runtime import models as M
+
+    model_spec = env.plan.spec.models[name]
+    keep = None if copied_from else placing.keep_blocks.get(name)
+    if model_spec.source_kind == "derived" or model_spec.init.kind in ("random", "copy"):
+        net = _build_one(env, model_spec, built={})  # a teacher of random weights (tests, architecture studies)
+        if keep is not None:
+            from runtime.adapters import adapter_for
+
+            adapter_for(net).prune(net, keep, drop_head=True)
+        return net
+    return M.build_teacher(model_spec, env.base_dir, keep_blocks=keep, drop_head=keep is not None,
+                           zero3=placing.zero3.get(name), trust_remote_code=env.trust_remote_code,
+                           allow_pickle=env.allow_pickle)
+
+
 def _copy_source(
-    env: "_RunEnv", name: str, built: dict[str, nn.Module], trained: Mapping[str, dict[str, torch.Tensor]]
+    env: "_RunEnv", name: str, built: dict[str, nn.Module], trained: Mapping[str, Path]
 ) -> nn.Module:
     """The model a student copies its init from, holding the weights an earlier stage trained into it.
 
@@ -461,8 +528,10 @@ def _copy_source(
     spec = env.plan.spec
     model_spec = spec.models[name]
     if name in trained:
+        from runtime import models as M
+
         net = _build_one(env, model_spec.model_copy(update={"init": InitSpec(kind="random")}), built)
-        _load_weights(net, trained[name], name)
+        M.load_weights(net, trained[name], name)
         return net
     if model_spec.init.kind == "copy" and model_spec.init.source not in built:
         built[str(model_spec.init.source)] = _copy_source(env, str(model_spec.init.source), built, trained)
@@ -494,19 +563,15 @@ def build_vocab_map(env: "_RunEnv", vocab_name: str, built: dict[str, nn.Module]
     embeddings = None
     if vocab.remap != "unk":
         owner = built.get(vocab.source) or _build_one(env, source, built)
-        embeddings = owner.get_input_embeddings().weight.detach().float()
+        with eng.gathered(owner.get_input_embeddings()):  # one tensor, gathered when the owner is partitioned
+            embeddings = owner.get_input_embeddings().weight.detach().float().clone()
     return V.build_vocab_map(vocab, kept, embeddings, tokenizer.unk_token_id)
 
 
-def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    # tied weights may be stored once; anything else missing means the checkpoint is not this model's
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise RunError(
-            f"weights carried over for model '{name}' do not fit it (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); delete the output directory's checkpoints and run again"
-        )
+def _weights_file(path: Path) -> Path:
+    if not path.exists():
+        raise RunError(f"weights file {path} of a finished stage is missing; start the run again with another --out (this folder is kept)")
+    return path
 
 
 class StageData:
@@ -531,6 +596,7 @@ class StageData:
             texts, data_spec, models.tokenizer, stage.seq_len or data_spec.seq_len,
             causal=not student.arch.is_encoder, vocab_map=models.vocab_maps.get(student.name),
             num_labels=student.head.num_labels, max_positions=max_positions,
+            packed=stage_plan.tokens is not None and stage_plan.tokens.packed,
         )
         micro = stage_plan.placement.micro_batch
         sampler = D.ResumableSampler(len(tokens), stage.batch, micro, env.rank, env.world, SEED + index)
@@ -565,6 +631,7 @@ class StageData:
 def save_checkpoint(env: "_RunEnv", engine: Any, data: StageData, index: int, stage: str, step: int) -> None:
     """All ranks: engine state + rank state, then (rank 0) the progress record that makes it complete."""
     tag = ckpt.step_tag(index, step)
+    _check_weights_finite(env, engine, stage, step)  # never replace the last good checkpoint by a diverged one
     eng.save_checkpoint(engine, ckpt.checkpoint_dir(env.out_dir), tag)
     ckpt.write_rank_state(env.out_dir, tag, env.rank, data.sampler.state_dict())
     eng.barrier()
@@ -578,9 +645,9 @@ def save_checkpoint(env: "_RunEnv", engine: Any, data: StageData, index: int, st
 def finish_stage(
     env: "_RunEnv", index: int, stage: str, steps: int, student: str, trained: Mapping[str, Any]
 ) -> None:
-    """Stage end: weights of the trained model to disk, then the record saying the stage is done."""
+    """Stage end (the trained model's weights are in ``trained[student]``): the record saying the stage is done."""
     if env.rank == 0:
-        env.weight_files[student] = str(ckpt.write_stage_weights(env.out_dir, index, trained[student]))
+        env.weight_files[student] = str(trained[student])
         record = ckpt.Progress(index, stage, steps, True, None, env.plan.spec_hash, dict(env.weight_files))
         ckpt.write_progress(env.out_dir, record)
         ckpt.prune_tags(env.out_dir, keep=None)
@@ -588,13 +655,14 @@ def finish_stage(
 
 
 def restore(env: "_RunEnv", engine: Any, tag: str, data: StageData) -> None:
-    eng.load_checkpoint(engine, ckpt.checkpoint_dir(env.out_dir), tag)
+    with ckpt.weights_only_loads():  # DeepSpeed unpickles its files: only tensors and allow-listed classes load
+        eng.load_checkpoint(engine, ckpt.checkpoint_dir(env.out_dir), tag)
     state = ckpt.read_rank_state(env.out_dir, tag, env.rank)
     data.sampler.load_state_dict(state["sampler"])  # refuses a checkpoint of other data or batch sizes
     ckpt.set_rng_state(state["rng"])
 
 
-def _starting_point(plan: Plan, out_dir: Path, resume: bool) -> ckpt.Progress | None:
+def _starting_point(plan: Plan, out_dir: Path, resume: bool, rank: int = 0) -> ckpt.Progress | None:
     state = ckpt.read_progress(out_dir)
     if not resume:
         if state is not None:
@@ -603,29 +671,45 @@ def _starting_point(plan: Plan, out_dir: Path, resume: bool) -> ckpt.Progress | 
     if state is None:
         return None  # nothing complete yet: start from the beginning
     if state.spec_hash != plan.spec_hash:
-        raise RunError(f"the checkpoints in {out_dir} were written for a different spec; start a new run")
+        old = ckpt.read_spec(out_dir)
+        if old is None:
+            raise RunError(f"the checkpoints in {out_dir} were written for a different spec, and the folder does "
+                           "not record which; start the run again with another --out")
+        allowed, refused = ckpt.spec_changes(old, plan.spec.model_dump(mode="json"))
+        if refused:
+            raise RunError(f"the checkpoints in {out_dir} were written for another spec and cannot continue with "
+                           f"this one: {'; '.join(refused[:4])}" + (f" (+{len(refused) - 4} more)" if len(refused) > 4
+                                                                    else "") +
+                           ". A resume may change optimizer, schedule and loss settings only; start the run again "
+                           "with another --out")
+        if rank == 0:
+            print(f"note: resuming {state.stage_name}:{state.step} with a changed spec: {'; '.join(allowed)}",
+                  file=sys.stderr)
     return state
 
 
 # ================================================================ checks and small helpers
 
 
-def check_plan(plan: Plan, plan_path: Path) -> Path:
-    """Refuse unknown plan schemas and plans whose spec changed; return the spec's directory (paths' base)."""
+def check_plan(plan: Plan, plan_path: Path, allowed_paths: tuple[str, ...] = ()) -> Path:
+    """Refuse unknown plan schemas, edited plans (runtime.integrity) and plans whose spec changed; return the
+    spec's directory (paths' base)."""
+    from runtime.integrity import check_spec_origin, verify_plan
+
     if plan.plan_schema_version != PLAN_SCHEMA_VERSION:
         raise RunError(
             f"{plan_path}: plan_schema_version {plan.plan_schema_version} is not supported by this gkdc "
             f"(it reads version {PLAN_SCHEMA_VERSION}); re-run `gkdc plan`"
         )
     spec_path = _spec_path(plan, Path(plan_path))
-    if spec_path.exists() and spec_digest(spec_path.read_text(), plan.spec.uses) != plan.spec_hash:
-        raise RunError(f"{spec_path} changed since {plan_path} was made; re-run `gkdc plan {spec_path}`")
+    check_spec_origin(plan, Path(plan_path), spec_path, allowed_paths)
+    verify_plan(plan, Path(plan_path), spec_path.parent.resolve(), allowed_paths)
     return spec_path.parent.resolve()
 
 
 def spec_digest(text: str, uses: list[str]) -> str:
-    """The front end's spec hash (gkdlang.lower.spec_hash): one definition, so the two can never drift."""
-    from gkdlang.lower import spec_hash
+    """The front end's spec hash (gkdlang.digest.spec_hash): one definition, so the two can never drift."""
+    from gkdlang.digest import spec_hash
 
     return spec_hash(text, uses)
 
@@ -658,15 +742,6 @@ def _single_student(stage: StageSpec) -> str:
     return stage.students[0]
 
 
-def _pruned(module: nn.Module, capture: ModelCapture) -> nn.Module:
-    """A teacher without the blocks and head its planned forward never runs (before any engine partitions it)."""
-    from runtime.adapters import adapter_for
-
-    if capture.stop_after_layer is not None and not capture.needs_head:
-        adapter_for(module).prune(module, capture.stop_after_layer + 1, drop_head=True)
-    return module
-
-
 def _capture_of(captures: Mapping[str, ModelCapture], name: str, stage: StageSpec) -> ModelCapture:
     if name not in captures:
         raise RunError(f"stage '{stage.name}': the plan lists no signals to capture for model '{name}'; re-run `gkdc plan`")
@@ -682,12 +757,6 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _check_finite(env: "_RunEnv", stage: str, step: int, loss: torch.Tensor, parts: Mapping[str, float]) -> None:
     value = sum(parts.values()) if parts else float(loss.detach())
     if eng.all_true(math.isfinite(value)):
@@ -696,47 +765,62 @@ def _check_finite(env: "_RunEnv", stage: str, step: int, loss: torch.Tensor, par
     where = f"loss term '{bad}' is {parts[bad]}" if bad else "the loss is not finite on another rank"
     last = ckpt.read_progress(env.out_dir)
     kept = f"the last good checkpoint ({last.stage_name}:{last.step}) is kept" if last else "no checkpoint was written yet"
-    raise RunError(f"stage '{stage}', step {step + 1}: {where}; stopped, {kept}. Lower the learning rate or check the data")
+    raise RunError(f"stage '{stage}', step {step + 1}: {where}; stopped, {kept}. Fix the spec (a lower learning rate, "
+                   "loss weight or temperature; the data), re-plan it and resume with --resume: the resume names "
+                   "what changed")
 
 
-def save_final_student(env: "_RunEnv", trained: Mapping[str, dict[str, torch.Tensor]]) -> Path | None:
-    """Rank 0: every model the run trained, in HF format (safetensors) under ``out/models/<name>``, and the last
-    stage's student again under ``out/student``. Models trained before a resumed process started are rebuilt
-    from their weights on disk."""
+def _check_weights_finite(env: "_RunEnv", engine: Any, stage: str, step: int) -> None:
+    """Every rank: its (partition of the) trained weights are finite, or the run stops before writing them."""
+    finite = True
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            t = getattr(p, "ds_tensor", None)
+            t = p.data if t is None or t.numel() == 0 else t
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                finite = False
+                break
+    if eng.all_true(finite):
+        return
+    last = ckpt.read_progress(env.out_dir)
+    kept = f"the last good checkpoint ({last.stage_name}:{last.step}) is kept" if last else "no checkpoint was written yet"
+    raise RunError(f"stage '{stage}', step {step}: the trained weights are not finite (the run diverged); this "
+                   f"checkpoint was not written, {kept}. Lower the learning rate or the loss weights in the spec, "
+                   "re-plan it and resume with --resume")
+
+
+def save_final_student(env: "_RunEnv", trained: Mapping[str, Path]) -> Path | None:
+    """Rank 0: every model the run trained, in HF format (sharded safetensors) under ``out/models/<name>``, and
+    the last stage's student again under ``out/student``, copied tensor by tensor from the stage weights files.
+    Models trained before a resumed process started are rebuilt for their config and tokenizer."""
     from runtime import models as M
 
-    for stage in env.plan.spec.stages:
+    for index, stage in enumerate(env.plan.spec.stages):
         name = _single_student(stage)
         if name not in env.exports:
-            models = build_models(env, stage, [], trained)  # the student's weights are all on disk
-            env.exports[name] = (models.modules[name], models.tokenizer, models.vocab_maps.get(name))
+            env.placing = Placing(zero3={name: env.plan.stages[index].deepspeed_config}
+                                  if env.plan.stages[index].placement.zero_stage == 3 else {})
+            models = build_models(env, stage, [], {})  # only its config, tokenizer and vocabulary are read
+            env.exports[name] = (models.modules[name].config, models.tokenizer, models.vocab_maps.get(name))
+            del models
     last = _single_student(env.plan.spec.stages[-1])
     out = env.out_dir / "student"
     if env.rank == 0:
-        for name, (module, tokenizer, vocab_map) in env.exports.items():
-            fresh = _plain_copy(module, trained[name])
-            M.save_student(fresh, tokenizer, env.out_dir / "models" / name, vocab_map)
+        for name, (config, tokenizer, vocab_map) in env.exports.items():
+            M.export_student(config, trained[name], tokenizer, env.out_dir / "models" / name, vocab_map)
             if name == last:
-                M.save_student(fresh, tokenizer, out, vocab_map)
+                M.export_student(config, trained[name], tokenizer, out, vocab_map)
     eng.barrier()
     return out if env.rank == 0 else None
 
 
-def _plain_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A fresh fp32 CPU module with the gathered weights (the engine's copy may be sharded or bf16)."""
-    config = getattr(module, "config", None)
-    if config is None:
-        return module
-    fresh = type(module)(config)
-    _load_weights(fresh, state, "student")
-    return fresh.float().eval()
-
-
-def _write_rank_result(env: "_RunEnv", results: list[StageResult], trained: Mapping[str, Any]) -> None:
+def _write_rank_result(env: "_RunEnv", results: list[StageResult], trained: Mapping[str, Path]) -> None:
     """Every rank: what it finished, so multi-rank callers can check results beyond the launcher's exit code."""
+    from runtime.weights import tensor_sums
+
     path = env.out_dir / "ranks" / f"rank{env.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    sums = {name: float(sum(t.double().sum() for t in state.values())) for name, state in trained.items()}
+    sums = {name: tensor_sums(file) for name, file in trained.items()}  # of the weights each stage handed over
     record = {"rank": env.rank, "world": env.world, "stages": [asdict(r) for r in results], "weight_sums": sums}
     path.write_text(json.dumps(record, indent=1))
 
@@ -759,6 +843,8 @@ class _RunEnv:
     global_step: int = 0
     """Optimizer steps over all stages so far (TensorBoard's x axis)."""
     vocab_maps: dict[str, Any] = field(default_factory=dict)
+    placing: Placing = field(default_factory=lambda: Placing())
+    """How the current stage's models are built (see ``Placing``)."""
 
     def vocab_map(self, name: str, built: dict[str, nn.Module]) -> Any:
         """The VocabMap ``name``, built once per run (every stage and every resume derive the same one)."""

@@ -1,7 +1,8 @@
 """Transform kernels: captured signals -> the tensors the losses compare (``OpNode.op`` names them).
 
 Plain functions for stateless transforms (``relation``, ``pool``, ``normalize``, ``select_vocab``,
-``concat``, ``mean``, ``attend``, ``anneal``, ``stack``, ``spans``; registered in ``TRANSFORMS``) and ``Projection``, the one
+``concat``, ``mean``, ``attend``, ``anneal``, ``stack``, ``spans``; called by the op kernels of
+``runtime/lossgraph.py``) and ``Projection``, the one
 learned transform (TinyBERT's ``fit_dense``; the caller shares one instance between ops with the same
 ``OpNode.module`` key). Shapes follow docs/internals.md: token signals ``[b, s, h]``, masks ``[b, s]``
 bool with True = real token. Transforms keep the input dtype; the losses accumulate in fp32.
@@ -9,10 +10,9 @@ bool with True = real token. Transforms keep the input dtype; the losses accumul
 
 from __future__ import annotations
 
-import difflib
 import math
 import random
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -209,27 +209,3 @@ def choose_indices(n: int, k: int, rng: random.Random) -> list[int]:
 def anneal(t: Tensor, phi: float) -> Tensor:
     """Annealing-KD / Continuation-KD target ``phi * t`` (phi grows to 1 over the stage)."""
     return t * phi
-
-
-TRANSFORMS: dict[str, Callable[..., Tensor]] = {
-    "relation": relation,
-    "pool": pool,
-    "normalize": normalize,
-    "select_vocab": select_vocab,
-    "concat": concat,
-    "mean": mean,
-    "attend": attend,
-    "anneal": anneal,
-    "stack": stack,
-    "spans": spans,
-}
-"""Stateless transforms by ``OpNode.op``; ``project`` is the learned ``Projection`` module instead."""
-
-
-def get_transform(name: str) -> Callable[..., Tensor]:
-    """The transform registered as ``name``, or a RunError naming the closest known one."""
-    if name not in TRANSFORMS:
-        close = difflib.get_close_matches(name, [*TRANSFORMS, "project"], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise RunError(f"unknown transform {name!r}{hint} (known: project, {', '.join(sorted(TRANSFORMS))})")
-    return TRANSFORMS[name]

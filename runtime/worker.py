@@ -23,6 +23,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--allow-pickle", action="store_true")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-path", action="append", default=[], dest="allow_path")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_pickle=args.allow_pickle,
             max_steps=args.max_steps,
             progress=not args.no_progress,
+            allowed_paths=tuple(args.allow_path),
         )
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)

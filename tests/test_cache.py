@@ -49,7 +49,7 @@ def _spec_text(k: int = 16, dtype: str = "fp32", T: float = 2.0, extra: str = ""
     return f"""
 teacher t = hf("teacher") {{ dtype: fp32, cache: topk(k: {k}, dtype: {dtype}{tail}) }}
 student s = like(t) {{ layers: 1, dtype: fp32 }}
-data corpus = text("corpus.txt") {{ seq_len: 12 }}
+data corpus = text("corpus.txt") {{ seq_len: 12, packing: false }}  # the tests index cached examples by line
 stage distill {{
   data: corpus
   {steps}
@@ -134,6 +134,21 @@ def test_write_cache_shards_contract_and_bytes_per_token(workdir, tmp_path):
     assert bytes_per_token(job.model, logits_only) == per_token
     stored = sum(ex[name].numel() * ex[name].element_size() for name in ex if name.startswith("logits."))
     assert stored == n * per_token
+
+
+def test_a_packed_stage_caches_its_blocks(workdir, tmp_path):
+    """Packed data (the default without `packing: false`): the cache's examples are the run's blocks, every one
+    seq_len real tokens, in the order the runtime's sampler indexes them."""
+    spec_path = workdir / "packed.gkd"
+    spec_path.write_text(_spec_text(k=8).replace(", packing: false", ""))
+    spec = check_file(spec_path).spec
+    graph = build_graph(spec)
+    job = cache.jobs_for(spec, {s.name: graph.captures(s) for s in spec.stages}, workdir, out=tmp_path / "p")[0]
+    res = cache.write_cache(job)
+    contract = cache.Contract.from_file(res.directory / cache.CONTRACT_FILE)
+    stream = sum(len(line.split()) + 1 for line in LINES)  # one token per word plus EOS after each line
+    assert contract.examples == stream // 12 and res.tokens == contract.examples * 12
+    assert cache.CacheReader(res.directory, contract).example(0)["logits.values"].shape == (12, 8)
 
 
 def test_default_cache_of_a_49k_vocabulary_fits_300_bytes_per_token():
@@ -499,7 +514,8 @@ def test_run_trains_from_the_cache_without_loading_the_teacher(workdir, tmp_path
     # 20 steps x batch 4 over 22 examples: 3.6 epochs, so the planner picks offline
     spec_path.write_text(_spec_text(steps="steps: 20").replace('cache: topk(k: 16, dtype: fp32)',
                                                                 f'cache: topk(k: 16, path: "{tmp_path / "c"}")'))
-    assert main(["cache", str(spec_path)]) == 0
+    allow = ["--allow-path", str(tmp_path)]  # the cache lives outside the spec's folder (docs/security.md)
+    assert main(["cache", str(spec_path), *allow]) == 0
     assert cache.is_complete(tmp_path / "c" / "distill")
     from runtime import recipe
 
@@ -507,11 +523,12 @@ def test_run_trains_from_the_cache_without_loading_the_teacher(workdir, tmp_path
     real = recipe.build_models
     monkeypatch.setattr(recipe, "build_models", lambda env, st, teachers, trained: built.append(list(teachers))
                         or real(env, st, teachers, trained))
-    assert main(["run", str(spec_path), "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-progress"]) == 0
+    assert main(["run", str(spec_path), "--out", str(tmp_path / "run"), "--max-steps", "2", "--no-progress",
+                 *allow]) == 0
     assert built[0] == []  # the offline teacher was never built for training
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["stages"][0]["placement"]["teacher_strategy"] == {"t": "offline"}
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r.get("step")]
-    assert len(steps) == 2 and all(set(r["terms"]) == {t.id for t in check_file(spec_path).spec.stages[0].loss}
-                                   for r in steps)
+    ids = {t.id for t in check_file(spec_path, allowed_paths=[tmp_path]).spec.stages[0].loss}
+    assert len(steps) == 2 and all(set(r["terms"]) == ids for r in steps)

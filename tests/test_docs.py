@@ -77,6 +77,8 @@ def builtin_names() -> dict[str, set[str]]:
         "MODEL_KEYS": set(B.MODEL_KEYS), "DATA_KEYS": set(B.DATA_KEYS), "VOCAB_KEYS": set(B.VOCAB_KEYS),
         "STAGE_KEYS": set(B.STAGE_KEYS), "CLUSTER_KEYS": set(B.CLUSTER_KEYS),
         "OPTIMIZER_KEYS": set(B.OPTIMIZER_KEYS), "LR_SCHEDULE_KEYS": set(B.LR_SCHEDULE_KEYS),
+        "PLACEMENT_KEYS": set(B.PLACEMENT_KEYS), "TEACHER_STRATEGIES": set(B.TEACHER_STRATEGIES),
+        "OFFLOAD_TARGETS": set(B.OFFLOAD_TARGETS),
     }
     return tables
 

@@ -33,8 +33,11 @@ def test_text_epochs_are_counted_at_plan_time(tmp_path):
     data = tmp_path / "ten.txt"
     data.write_text("".join(f"the cat sees {i} dogs .\n" for i in ["two", "three"] * 5))
     plan, metrics = _run(tmp_path, "text", data)
-    assert plan["stages"][0]["total_steps"] == 4  # ceil(1.5 x 10 / 4)
-    assert max(m["step"] for m in metrics) == 4
+    # packed by default: 10 lines x (6 tokens + EOS) = 70 tokens = 4 blocks of 16; ceil(1.5 x 4 / 4) = 2
+    assert plan["stages"][0]["tokens"]["packed"] is True
+    assert plan["stages"][0]["total_steps"] == 2
+    assert max(m["step"] for m in metrics) == 2
+    assert all(m["tokens"] == m["positions"] == 4 * 16 for m in metrics)
 
 
 def test_csv_epochs_are_counted_by_the_runtime(tmp_path):
@@ -42,4 +45,5 @@ def test_csv_epochs_are_counted_by_the_runtime(tmp_path):
     data.write_text("text\n" + "".join(f"the bird helps {i} kings .\n" for i in ["two", "four"] * 5))
     plan, metrics = _run(tmp_path, "csv", data)
     assert plan["stages"][0]["total_steps"] == -1
-    assert max(m["step"] for m in metrics) == 4
+    # packed: 10 rows x (6 tokens + EOS) = 4 blocks of 16, counted by the runtime: ceil(1.5 x 4 / 4) = 2
+    assert max(m["step"] for m in metrics) == 2

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from gkdlang.arch import arch_from_config
-from gkdlang.spec import (ClusterSpec, DataSpec, Intervention, LossTerm, ModelSpec, OpNode, Schedule, SignalNode,
+from gkdlang.spec import (ClusterSpec, DataSpec, LossTerm, ModelSpec, Pool, Project, ReplaceLayers, SelectVocab, Schedule, SignalNode,
                           Span, Spec, StageSpec)
 from planner.graph import GraphRenderError, SignalKey, build_graph, numel, render, to_dot
 
@@ -30,8 +30,8 @@ def term(tid: str, fn: str, target, pred, **kw) -> LossTerm:
     return LossTerm(id=tid, fn=fn, target=target, pred=pred, span=SPAN, **kw)
 
 
-def project(node, d_in=32, d_out=64, module="fit") -> OpNode:
-    return OpNode(op="project", inputs=[node], params={"in": d_in, "out": d_out}, module=module)
+def project(node, d_in=32, d_out=64, module="fit") -> Project:
+    return Project(inputs=[node], dim_in=d_in, dim_out=d_out, module=module)
 
 
 def stage(name: str, loss: list[LossTerm], teachers=("t",), students=("s",), **kw) -> StageSpec:
@@ -116,7 +116,7 @@ def test_embeddings_only_teacher_stops_after_block_zero():
 
 def test_intervention_model_is_loaded_whole_without_points():
     ce = term("ce", "ce", sig(None, "labels"), sig("s", "logits"))
-    iv = Intervention(kind="theseus", models=["s", "t"], span=SPAN)
+    iv = ReplaceLayers(models=["s", "t"], teacher="t", student="s", groups=[[0], [1]], p=Schedule(value=0.5), span=SPAN)
     sg = build_graph(make_spec([stage("a", [ce], interventions=[iv])]))
     t = by_model(sg.captures("a"))["t"]
     assert t.points == [] and t.stop_after_layer is None and not t.needs_head
@@ -211,3 +211,47 @@ def test_render_errors_are_clear(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda _: None)
     with pytest.raises(GraphRenderError, match="Graphviz"):
         render(sg, tmp_path / "g.svg")
+
+
+# ---------------------------------------------------------------- fused heads
+
+
+def gpt2(name: str, role: str, layers: int) -> ModelSpec:
+    cfg = {"model_type": "gpt2", "n_layer": layers, "n_embd": 64, "n_head": 4, "vocab_size": 1000}
+    return ModelSpec(name=name, role=role, source_kind="catalog" if role == "teacher" else "derived",
+                     source="x" if role == "teacher" else None, arch=arch_from_config(cfg),
+                     frozen=role == "teacher", span=SPAN)
+
+
+def _fusable(loss, models=None, **kw):
+    models = models or [gpt2("t", "teacher", 4), gpt2("s", "student", 2)]
+    return build_graph(make_spec([stage("a", loss, **kw)], models)).fusable_heads("a")
+
+
+def test_heads_read_only_by_chunked_losses_are_fusable():
+    kl = term("kl", "kl", sig("t", "logits"), sig("s", "logits"))
+    ce = term("ce", "ce", sig(None, "tokens"), sig("s", "logits"))
+    assert _fusable([kl, ce]) == {"t", "s"}
+    picked = SelectVocab(inputs=[sig("t", "logits")], vocab="v")
+    assert _fusable([term("g", "gjsd", picked, sig("s", "logits"))]) == {"t", "s"}
+
+
+def test_heads_read_by_other_kernels_transforms_or_interventions_are_not():
+    mse = term("m", "mse", sig("t", "logits"), sig("s", "logits"))
+    kl = term("kl", "kl", sig("t", "logits"), sig("s", "logits"))
+    assert _fusable([kl, mse]) == frozenset()
+    pooled = Pool(inputs=[sig("s", "logits")], how="mean")
+    assert _fusable([term("kl", "kl", sig("t", "logits"), pooled)]) == {"t"}
+    iv = ReplaceLayers(models=["s", "t"], teacher="t", student="s", groups=[[0, 1], [2, 3]], p=Schedule(value=0.5),
+                       span=SPAN)
+    assert _fusable([kl], interventions=[iv]) == frozenset()
+    # BERT's MLM head is a transform then a decoder: not one linear layer over the base model's output
+    assert _fusable([kl], models=[bert("t", "teacher", 6), bert("s", "student", 2, hidden=32)]) == frozenset()
+
+
+def test_logit_losses_per_model():
+    from planner.graph import logit_losses
+
+    kl = term("kl", "kl", sig("t", "logits"), sig("s", "logits"))
+    ce = term("ce", "ce", sig(None, "tokens"), sig("s", "logits"))
+    assert logit_losses(stage("a", [kl, ce])) == {"t": ("kl",), "s": ("kl", "ce")}

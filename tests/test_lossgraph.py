@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 import torch
 
 from gkdlang.arch import arch_from_config
-from gkdlang.spec import Gate, LossTerm, OpNode, Schedule, SignalNode, Span
+from gkdlang.spec import Gate, LossTerm, Normalize, OpNode, Pool, Project, Relation, Schedule, SelectVocab, SignalNode, Span
 from runtime import losses as L
 from runtime import transforms as T
 from runtime.errors import RunError
@@ -62,15 +63,15 @@ def data():
 
 def test_total_equals_sum_of_kernel_calls(data):
     signals, batch = data
-    proj = OpNode(op="project", inputs=[sig("s", "hidden", 0)], module="fit_dense")
+    proj = Project(inputs=[sig("s", "hidden", 0)], dim_in=16, module="fit_dense")  # out: the target's width
     terms = [
         term("kd", "kl", sig("t", "logits"), sig("s", "logits"), mask="not pad",
              options={"T": Schedule(kind="linear", value=4.0, end=2.0)}, weight=Schedule(value=0.5)),
         term("hid", "mse", sig("t", "hidden", 1), proj, weight=Schedule(kind="linear", value=1.0, end=0.0)),
         term("hard", "ce", sig(None, "tokens"), sig("s", "logits"), weight=Schedule(value=2.0)),
         term("att", "mse", sig("t", "attn_scores", 1), sig("s", "attn_scores", 1), mask="not pad"),
-        term("pooled", "cos", OpNode(op="pool", inputs=[sig("t", "hidden", 1)], params={"how": "mean"}),
-             OpNode(op="normalize", inputs=[OpNode(op="pool", inputs=[proj], params={"how": "mean"})])),
+        term("pooled", "cos", Pool(inputs=[sig("t", "hidden", 1)], how="mean"),
+             Normalize(inputs=[Pool(inputs=[proj], how="mean")])),
     ]
     graph = LossGraph(terms, DIMS)
     assert list(graph.projections) == ["fit_dense"]  # shared key: one module
@@ -142,8 +143,8 @@ def test_errors_name_the_term(data):
         LossGraph([term("x", "kll", sig("t", "logits"), sig("s", "logits"))], DIMS)
     with pytest.raises(RunError, match=r"loss term 'y'.*unknown mask"):
         LossGraph([term("y", "kl", sig("t", "logits"), sig("s", "logits"), mask="odd")], DIMS)
-    with pytest.raises(RunError, match=r"loss term 'z'.*unknown transform 'squash'"):
-        LossGraph([term("z", "mse", sig("t", "hidden", 1), OpNode(op="squash", inputs=[sig("s", "hidden", 0)]))], DIMS)
+    with pytest.raises(pydantic.ValidationError, match=r"squash"):  # an op the Spec does not know is not a node
+        term("z", "mse", sig("t", "hidden", 1), OpNode(op="squash", inputs=[sig("s", "hidden", 0)]))
     graph = LossGraph([term("w", "mse", sig("t", "hidden", 0), sig("s", "hidden", 0))], DIMS)
     with pytest.raises(RunError, match=r"loss term 'w'.*t\.hidden\[0\] was not captured"):
         graph(signals, batch, 0.0)
@@ -156,10 +157,10 @@ def test_relation_and_select_vocab_ops_match_the_transforms(data):
     signals, batch = data
     keep = torch.tensor([0, 3, 5, 7])
     signals["s"][("logits", None)] = signals["s"][("logits", None)].detach()[..., :4]
-    rel = lambda m, layer: OpNode(op="relation", inputs=[sig(m, "hidden", layer)], params={"heads": 4})  # noqa: E731
+    rel = lambda m, layer: Relation(inputs=[sig(m, "hidden", layer)], heads=4)  # noqa: E731
     terms = [
         term("rel", "kl", rel("t", 1), rel("s", 0), options={"inputs": "probs"}, mask="not pad"),
-        term("vc", "kl", OpNode(op="select_vocab", inputs=[sig("t", "logits")], params={"vocab": "s"}),
+        term("vc", "kl", SelectVocab(inputs=[sig("t", "logits")], vocab="s"),
              sig("s", "logits"), options={"T": 2.0}),
     ]
     graph = LossGraph(terms, DIMS, keep_ids={"s": keep})

@@ -180,3 +180,45 @@ def test_cpu_device_memory_comes_from_the_cluster():
     assert hardware.training_precision(c, hardware.device_for(c)) == "fp32"
     gpu = ClusterSpec(gpu="V100-32GB", span=SPAN)
     assert hardware.training_precision(gpu, hardware.device_for(gpu)) == "fp16"
+
+
+# ---------------------------------------------------------------- logit kernels
+
+
+def test_planner_chunk_size_is_the_runtime_kernels():
+    from planner import memory
+    from runtime import chunked
+
+    assert memory.CHUNK_ELEMENTS == chunked.CHUNK_ELEMENTS
+
+
+def _lm(vocab=49152, hidden=576):
+    arch = arch_from_config({"model_type": "llama", "num_hidden_layers": 4, "hidden_size": hidden,
+                             "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+                             "vocab_size": vocab})
+    return _model("s", "student", arch)
+
+
+def test_logit_items_per_kernel():
+    from planner.memory import CHUNK_ELEMENTS, student_logits
+
+    m = _lm()
+    rows, V = 4 * 2048, 49152
+    chunk = (CHUNK_ELEMENTS // V) * V
+    dense = {i.name: i.bytes for i in student_logits(m, 4, 2048, 2, True, ("mse",))}
+    assert dense == {"logits.student": rows * V * 2, "loss.saved": rows * V * 4, "loss.backward": rows * V * 8}
+    kl = {i.name: i.bytes for i in student_logits(m, 4, 2048, 2, True, ("kl", "ce"))}
+    assert kl == {"logits.student": rows * V * 2, "loss.grad": 2 * rows * V * 2, "loss.chunks": 4 * chunk * 4}
+    fused = {i.name: i.bytes for i in student_logits(m, 4, 2048, 2, True, ("jsd",), fused=True)}
+    assert fused == {"loss.head_grads": rows * 576 * 2 + V * 576 * 4, "loss.chunks": 5 * chunk * 4 + chunk * 2}
+
+
+def test_fused_head_needs_a_whole_head_on_the_rank():
+    from planner.memory import fused_head
+
+    models = _stage_models()
+    models = StageModels(students=models.students, teachers=models.teachers, seq_len=models.seq_len,
+                         logit_losses={"s": ("kl",), "t": ("kl",)}, fusable=frozenset({"s", "t"}))
+    assert fused_head(models, "s", _placement(zero_stage=2)) and not fused_head(models, "s", _placement(zero_stage=3))
+    assert fused_head(models, "t", _placement(teacher_strategy={"t": "replicated"}))
+    assert not fused_head(models, "t", _placement(teacher_strategy={"t": "sharded"}))

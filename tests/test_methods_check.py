@@ -64,9 +64,9 @@ def test_theseus_replace_layers_params():
     st = stage("theseus", "finetune")
     (iv,) = st.interventions
     assert iv.kind == "replace_layers" and iv.models == ["bert", "small"]
-    assert iv.params["groups"] == [[0, 1]] and iv.params["teacher_forward"] is False
-    assert iv.params["p"] == {"kind": "linear", "value": 0.3, "end": 1.0, "start": 0.0, "until": 0.66, "levels": None,
-                              "every": None}
+    assert iv.groups == [[0, 1]] and iv.teacher_forward is False
+    assert iv.p.model_dump() == {"kind": "linear", "value": 0.3, "end": 1.0, "start": 0.0, "until": 0.66, "levels": None,
+                                 "every": None}
     assert st.teachers == ["bert"] and [t.fn for t in st.loss] == ["ce"]
 
 
@@ -74,11 +74,11 @@ def test_diito_interchange_forces_no_checkpointing_and_marks_counterfactual_term
     st = stage("diito", "pretrain")
     (iv,) = st.interventions
     assert st.activation_checkpointing is False
-    assert iv.kind == "interchange" and iv.params["fraction"] == 0.3 and iv.params["way"] == "consecutive"
-    assert iv.params["layers"] == [[0, 1]]  # student block 0 <-> teacher block 1 (uniform, k = 2)
+    assert iv.kind == "interchange" and iv.fraction == 0.3 and iv.way == "consecutive"
+    assert iv.layers == [[0, 1]]  # student block 0 <-> teacher block 1 (uniform, k = 2)
     causal = [t for t in st.loss if t.target.node == "op" and t.target.op == "interchanged"]
     assert len(causal) == 1 and causal[0].pred.op == "interchanged"
-    assert causal[0].target.params["intervention"] == iv.params["id"]
+    assert causal[0].target.intervention == iv.id
     assert sum(t.weight.value for t in st.loss) == pytest.approx(1.0)
 
 
@@ -87,31 +87,32 @@ def test_lrc_bert_perturb_forbids_gradient_accumulation():
         st = stage("lrc_bert", name)
         assert not st.grad_accum_allowed
         assert [iv.kind for iv in st.interventions] == ["perturb"]
-        assert st.interventions[0].params["passes"] == 2
+        assert st.interventions[0].passes == 2
     nce = next(t for t in stage("lrc_bert", "contrast").loss if t.fn == "nce")
     assert nce.options["gather"] is True
 
 
 def test_uncertainty_hard_weigh_units_and_minimum_micro_batch():
     (iv,) = stage("uncertainty", "finetune").interventions
-    assert iv.kind == "weigh" and iv.params["hard"] and iv.params["min_micro_batch"] == 2
-    assert [u["teacher"] for u in iv.params["units"]] == ["base", "large"]
+    assert iv.kind == "weigh" and iv.hard and iv.min_micro_batch == 2
+    assert [u.teacher for u in iv.units] == ["base", "large"]
     groups = {t.gate.group for t in stage("uncertainty", "finetune").loss if t.gate.group}
-    assert groups == {u["group"] for u in iv.params["units"]}
+    assert groups == {u.group for u in iv.units}
 
 
 def test_mt_bert_weighs_by_teacher_ce():
     st = stage("mt_bert", "finetune")
     (iv,) = st.interventions
-    assert iv.params["by"] == "teacher_ce" and iv.params["needs_labels"]
+    assert iv.by == "teacher_ce" and iv.needs_labels
     assert sum(1 for t in st.loss if t.gate.group) == 2
 
 
 def test_mobilebert_progressive_windows_and_lower_learning_rate():
     st = stage("mobilebert", "transfer")
     (iv,) = st.interventions
-    assert iv.kind == "progressive_lr" and iv.params["below_lr"] == 0.1
-    assert iv.params["windows"] == [{"from": 0.0, "until": 0.4, "layer": 0}, {"from": 0.4, "until": 1.0, "layer": 1}]
+    assert iv.kind == "progressive_lr" and iv.below_lr == 0.1
+    assert [w.model_dump() for w in iv.windows] == [{"start": 0.0, "until": 0.4, "layer": 0},
+                                                    {"start": 0.4, "until": 1.0, "layer": 1}]
     layer0 = [t for t in st.loss if t.pred.layer == 0]
     assert len(layer0) == 2 and all(t.gate.active_until == 0.4 for t in layer0)
     assert all(t.weight.value == 0.5 for t in layer0)
@@ -124,8 +125,8 @@ def test_rail_kd_chooses_as_many_teacher_layers_as_the_student_has():
     while node.op != "concat":
         node = node.inputs[0]
     picks = node.inputs
-    assert len(picks) == 5 and all(p.op == "choose" and p.params["k"] == 5 for p in picks)
-    assert [p.params["index"] for p in picks] == list(range(5)) and picks[0].params["every"] == "epoch"
+    assert len(picks) == 5 and all(p.op == "choose" and p.k == 5 for p in picks)
+    assert [p.index for p in picks] == list(range(5)) and picks[0].every == "epoch"
     assert len(picks[0].inputs) == 11  # teacher blocks 0..10 (the last one excluded)
 
 
@@ -133,13 +134,13 @@ def test_dgkd_drops_each_teacher_independently():
     st = stage("dgkd", "student_kd")
     assert [iv.kind for iv in st.interventions] == ["drop", "drop"]
     assert [iv.models for iv in st.interventions] == [["large"], ["mid"]]
-    assert all(iv.params["p"] == 0.25 for iv in st.interventions)
+    assert all(iv.p == 0.25 for iv in st.interventions)
 
 
 def test_rl_kd_agent_state_model_is_loaded_as_a_teacher():
     st = stage("rl_kd", "select")
     (iv,) = st.interventions
-    assert iv.kind == "select_teacher" and iv.params["policy"] == "reinforce" and iv.params["state_model"] == "semantic"
+    assert iv.kind == "select_teacher" and iv.policy == "reinforce" and iv.state_model == "semantic"
     assert "semantic" in st.teachers
 
 
@@ -243,15 +244,15 @@ def test_matrix_refusals_point_at_both_sides():
 def test_sid_lowers_to_plateau_groups_and_a_final_phase():
     st = stage("sid", "finetune")
     (iv,) = st.interventions
-    assert iv.kind == "plateau" and iv.params["on"] == "cos" and iv.params["deadlines"] is None
-    assert (iv.params["patience"], iv.params["window"], iv.params["min_delta"]) == (3, 10, 0.0)
+    assert iv.kind == "plateau" and iv.on == "cos" and iv.deadlines is None
+    assert (iv.patience, iv.window, iv.min_delta) == (3, 10, 0.0)
     groups = {}
     for t in st.loss:
         groups.setdefault(t.gate.group, []).append((t.fn, t.pred.inputs[0].layer if t.fn == "cos" else t.pred.layer)
                                                    if t.fn != "soft_ce" else t.fn)
-    assert iv.params["groups"] == [f"{iv.params['id']}/{j}" for j in range(6)]
-    assert all(sorted(groups[g]) == [("cos", j), ("kl", j)] for j, g in enumerate(iv.params["groups"]))
-    assert groups[iv.params["then"]] == ["soft_ce"]
+    assert iv.groups == [f"{iv.id}/{j}" for j in range(6)]
+    assert all(sorted(groups[g]) == [("cos", j), ("kl", j)] for j, g in enumerate(iv.groups))
+    assert groups[iv.then] == ["soft_ce"]
     assert all(t.gate.active_from == 0.0 and t.gate.active_until == 1.0 for t in st.loss)  # the runtime gates them
 
 
@@ -303,7 +304,7 @@ def test_stairs_schedule_lowers_to_levels_per_epoch():
     result = check_source(STAIRS.format(loss="mse(anneal(bert.task_logits, phi: stairs(0.25, 1, levels: 4)), "
                                              "small.task_logits)"), "s.gkd", base_dir=CASES)
     (term,) = result.spec.stages[0].loss
-    phi = term.target.params["phi"]
+    phi = term.target.phi
     assert (phi.kind, phi.value, phi.end, phi.levels, phi.every) == ("stairs", 0.25, 1.0, 4, "epoch")
     assert [phi.at(0.99, epoch=e) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert phi.at(0.0, step=7, epoch=0) == 0.25  # every: epoch ignores the step
@@ -312,7 +313,7 @@ def test_stairs_schedule_lowers_to_levels_per_epoch():
 def test_stairs_every_stage_splits_the_stage_into_equal_parts():
     result = check_source(STAIRS.format(loss="mse(anneal(bert.task_logits, phi: stairs(0.25, 1, levels: 4, "
                                              "every: stage)), small.task_logits)"), "s.gkd", base_dir=CASES)
-    phi = result.spec.stages[0].loss[0].target.params["phi"]
+    phi = result.spec.stages[0].loss[0].target.phi
     assert phi.every == "stage"
     assert [phi.at(x, epoch=9) for x in (0.0, 0.24, 0.25, 0.5, 0.74, 0.75, 1.0)] == [0.25, 0.25, 0.5, 0.75, 0.75, 1.0, 1.0]
 
@@ -357,11 +358,11 @@ def test_multi_teacher_methods_take_a_list_of_three_teachers():
     assert [(t.fn, t.target.model if t.fn == "mse" else None, round(t.weight.value, 6)) for t in st.loss] == [
         ("mse", "a", 0.333333), ("mse", "b", 0.333333), ("mse", "c", 0.333333), ("ce", None, 0.333333)]
     (iv,) = lowered("uncertainty([a, b, c], s)", "micro_batch: 4, ").interventions
-    assert [u["teacher"] for u in iv.params["units"]] == ["a", "b", "c"] and iv.params["min_micro_batch"] == 3
+    assert [u.teacher for u in iv.units] == ["a", "b", "c"] and iv.min_micro_batch == 3
     (iv,) = lowered("mt_bert([a, b, c], s)").interventions
-    assert iv.params["by"] == "teacher_ce" and len(iv.params["units"]) == 3
+    assert iv.by == "teacher_ce" and len(iv.units) == 3
     (iv,) = lowered("rl_kd([a, b, c], s, sem)").interventions
-    assert [u["teacher"] for u in iv.params["units"]] == ["a", "b", "c"] and iv.params["state_model"] == "sem"
+    assert [u.teacher for u in iv.units] == ["a", "b", "c"] and iv.state_model == "sem"
     st = lowered("dgkd([a, b, c], s)")
     assert [iv.models for iv in st.interventions] == [["a"], ["b"], ["c"]]
     assert len({t.gate.group for t in st.loss if t.gate.group}) == 3
@@ -390,14 +391,14 @@ def test_teacher_list_bad_input_has_a_code_and_position(loss, extra, code, at):
 
 def test_lrc_bert_perturbs_each_position_by_its_unit_gradient():
     (iv,) = stage("lrc_bert", "contrast").interventions
-    assert (iv.params["eps"], iv.params["over"]) == (1.0, "token")
+    assert (iv.eps, iv.norm) == (1.0, "token")
     text = PERTURB.format(opts="eps: 0.5, norm: tokens")
     result = check_source(text, "q.gkd", base_dir=CASES)
     (d,) = [d for d in result.diagnostics if d.severity == "error"]
     line = text.splitlines()[d.span.line - 1]
     assert (d.code, d.span.line, d.span.col) == ("bad-value", 4, line.index("tokens") + 1) and "batch, token" in d.message
     ok = check_source(PERTURB.format(opts="norm: batch"), "q.gkd", base_dir=CASES).spec.stages[0].interventions[0]
-    assert (ok.params["eps"], ok.params["over"]) == (1e-5, "batch")
+    assert (ok.eps, ok.norm) == (1e-5, "batch")
 
 
 PERTURB = """teacher bert = hf("tiny-bert") {{ head: classify(2) }}
@@ -411,7 +412,7 @@ def test_relation_scores_option():
     text = STAIRS.format(loss="mse(relation(bert.hidden[1], heads: 2, softmax: false), relation(small.hidden[1], heads: 2, "
                               "softmax: false)) where not pad")
     (term,) = check_source(text, "r.gkd", base_dir=CASES).spec.stages[0].loss
-    assert term.pred.params == {"heads": 2, "softmax": False} and term.mask == "not pad"
+    assert (term.pred.heads, term.pred.softmax) == (2, False) and term.mask == "not pad"
     bad = STAIRS.format(loss="mse(relation(bert.hidden[1], softmax: 3), relation(small.hidden[1]))")
     (d,) = [d for d in check_source(bad, "r.gkd", base_dir=CASES).diagnostics if d.severity == "error"]
     assert (d.code, d.span.line, d.span.col) == ("type-mismatch", 4, bad.splitlines()[3].index("3)") + 1)
@@ -433,4 +434,4 @@ def test_drop_min_kept_reaches_the_intervention():
     for extra, want in (("", 1), (", min_kept: 0", 0), (", min_kept: 2", 2)):
         text = STAIRS.format(loss=f"drop(soft_ce(bert.task_logits, small.task_logits){extra})")
         (iv,) = check_source(text, "d.gkd", base_dir=CASES).spec.stages[0].interventions
-        assert iv.params["min_kept"] == want
+        assert iv.min_kept == want

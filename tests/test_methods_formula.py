@@ -385,7 +385,7 @@ def test_mgskd_token_span_and_sample_structure(tdir):
 def test_diito_reads_the_counterfactual_pass(tdir):
     spec = stages(tdir, "use diito\nstage a { data: corpus, steps: 4, loss: diito(lmt, lm, T: 2, fraction: 30%) }")
     sig, batch = make_inputs(spec)
-    ident = spec.stages[0].interventions[0].params["id"]
+    ident = spec.stages[0].interventions[0].id
     sig[f"lmt@{ident}"], sig[f"lm@{ident}"] = Fake(spec.models["lmt"].arch, 91, False), Fake(spec.models["lm"].arch, 92, False)
     t, s, tc, sc = sig["lmt"], sig["lm"], sig[f"lmt@{ident}"], sig[f"lm@{ident}"]
     want = 0.25 * hard_ce(batch["tokens"], s[("logits", None)]) + 0.25 * kl(t[("logits", None)], s[("logits", None)], 2, MASK)
@@ -459,7 +459,7 @@ def test_sid_plateau_deadline_forces_the_next_layer(tdir):
     spec = stages(tdir, "use sid\nstage a { data: sst2, steps: 10, loss: progressive(cos(bert.cls, small.cls, map: uniform), "
                         "over: 50%, until: plateau(patience: 100, window: 1), then: ce(labels, small.task_logits)) }")
     (iv,) = ivs.build(spec.stages[0], spec.models, SEED, 1e-3)
-    assert iv.params_["deadlines"] == [0.25, 0.5]
+    assert iv.deadlines == [0.25, 0.5]
     assert [iv.current(x) for x in (0.0, 0.24, 0.25, 0.49, 0.5, 0.9)] == [0, 0, 1, 1, 2, 2]
     iv.observe({}, ivs.StepInfo(3, 0, 0.3))  # the deadline passed: the state follows
     assert iv.describe()["current"] == 1
@@ -754,8 +754,8 @@ def test_lrc_bert_perturbation_moves_embeddings_along_the_first_pass_gradient(td
 
     spec = stages(tdir, "use lrc_bert\nstage a { data: sst2, steps: 4, micro_batch: 4, batch: 4, loss: lrc_bert(bert, small) }")
     (iv,) = ivs.build(spec.stages[0], spec.models, SEED, 1e-3)
-    assert (iv.eps, iv.over) == (1.0, "token")  # the library's default: GKD's per-position unit gradient
-    iv.over = over
+    assert (iv.eps, iv.norm) == (1.0, "token")  # the library's default: GKD's per-position unit gradient
+    iv.norm = over
     model = _bert(2, 5)
     batch = {"input_ids": torch.randint(1, V, (B, S)), "attention_mask": torch.ones(B, S, dtype=torch.long)}
     plan = ModelCapture(model="small", points=[CapturePoint(kind="task_logits")], stop_after_layer=None, needs_head=True)

@@ -397,6 +397,6 @@ def test_multi_teacher_method_runs_with_three_teachers(workdir, method):
         assert [iv.models for iv in last.interventions] == [["bert"], ["mid"], ["third"]]
     elif method == "rl_kd":  # the agent keeps or skips each of the three per example
         (iv,) = last.interventions
-        assert [u["teacher"] for u in iv.params["units"]] == ["base", "bert", "third"]
+        assert [u.teacher for u in iv.units] == ["base", "bert", "third"]
     else:  # every teacher's terms ran
         assert readers >= {"base", "bert", "third"}, readers

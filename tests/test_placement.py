@@ -80,7 +80,7 @@ def test_impossible_setup_returns_none_with_advice():
     assert result.memory and result.memory[0].total_gpu > result.memory[0].capacity_gpu
     assert any("would fit" in a for a in result.advice), result.advice
     assert any("micro_batch" in a for a in result.advice)
-    assert all(not c.fits and c.reason.startswith("does not fit: rank 0 needs") for c in result.alternatives)
+    assert all(not c.fits and c.reason.startswith("does not fit: GPU memory of rank 0: needs") for c in result.alternatives)
 
 
 def test_batch_not_divisible_by_ranks_is_explained():

@@ -22,7 +22,7 @@ from gkdlang.spec import (
     LossTerm,
     LRScheduleSpec,
     ModelSpec,
-    OpNode,
+    Project,
     OptimizerSpec,
     Schedule,
     SignalNode,
@@ -30,7 +30,7 @@ from gkdlang.spec import (
     Spec,
     StageSpec,
 )
-from planner.plan import CapturePoint, ModelCapture, Placement, Plan, ResolvedModel, StagePlan
+from planner.plan import CapturePoint, ModelCapture, Placement, Plan, ResolvedModel, StagePlan, TokensPerStep, sealed
 from runtime.errors import RunError
 
 SPAN = Span(file="spec.gkd", line=1, col=1, end_line=1, end_col=2)
@@ -84,7 +84,7 @@ def _capture(model: str, points: list[tuple[str, int | None]]) -> ModelCapture:
 
 def distill_terms(weight: Schedule | None = None) -> list[LossTerm]:
     """KL on logits (T=2, not pad) + MSE of the projected last hidden state."""
-    proj = OpNode(op="project", inputs=[_sig("s", "hidden", 1)], params={"in": 16, "out": 32}, module="fit_dense")
+    proj = Project(inputs=[_sig("s", "hidden", 1)], dim_in=16, dim_out=32, module="fit_dense")
     return [
         LossTerm(id="kd/kl[logits]", fn="kl", target=_sig("t", "logits"), pred=_sig("s", "logits"), mask="not pad",
                  options={"T": 2.0}, weight=weight or Schedule(value=1.0), span=SPAN),
@@ -130,6 +130,7 @@ def make_plan(
     lr: float = 3e-3,
     precision: str = "fp32",
     sharded_teacher: bool = False,
+    packed: bool = False,
 ) -> Path:
     """Write teacher, corpus, spec and plan.json under ``root``; stage 0 distills, stage 1 adds hard labels."""
     root.mkdir(parents=True, exist_ok=True)
@@ -164,15 +165,16 @@ def make_plan(
                                 precision=precision),
             memory=[], step_time_s=0.0, total_steps=n,
             deepspeed_config=ds_config(zero, micro, accum, world, precision),
-            teacher_configs={"t": teacher_cfg} if sharded_teacher else {}))
+            teacher_configs={"t": teacher_cfg} if sharded_teacher else {},
+            tokens=TokensPerStep(packed=packed, why="test", seq_len=SEQ, real=0.0, computed=0.0, source="test")))
     spec = Spec(file=str(spec_path), source_hash="test", models=models, data=data, stages=stages,
                 cluster=ClusterSpec(gpus_per_node=world, span=SPAN))
     launch = ["deepspeed", "--num_gpus", str(world), "--module", "runtime.worker", "plan.json", "out"]
-    plan = Plan(gkdc_version="0.1.0", spec_hash=hashlib.sha256(spec_path.read_text().encode()).hexdigest(),
+    plan = sealed(Plan(gkdc_version="0.1.0", spec_hash=hashlib.sha256(spec_path.read_text().encode()).hexdigest(),
                 spec_file="spec.gkd", spec=spec,
                 models=[ResolvedModel(name="t", role="teacher", family="gpt2", parameters=0, trainable_parameters=0),
                         ResolvedModel(name="s", role="student", family="gpt2", parameters=0, trainable_parameters=0)],
-                stages=stage_plans, world_size=world, launch=launch)
+                stages=stage_plans, world_size=world, launch=launch))
     path = root / "plan.json"
     path.write_text(plan.model_dump_json(indent=1))
     return path
@@ -308,7 +310,9 @@ def test_worker_reports_user_errors_without_traceback(tmp_path, capsys):
 
     assert main([str(tmp_path / "missing.json"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == f"error: plan file {tmp_path / 'missing.json'} does not exist"
-    (tmp_path / "bad.json").write_text('{"plan_schema_version": 1}')
+    from planner.plan import PLAN_SCHEMA_VERSION
+
+    (tmp_path / "bad.json").write_text(f'{{"plan_schema_version": {PLAN_SCHEMA_VERSION}}}')
     assert main([str(tmp_path / "bad.json"), str(tmp_path / "out"), "--local_rank=0"]) == 2
     assert "is not a valid gkdc plan" in capsys.readouterr().err
 

@@ -60,7 +60,8 @@ def _kill_at(plan_path: Path, out: Path, kill_after: int, extra_delay: float) ->
 
 
 @pytest.mark.deepspeed
-def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tmp_path, packed):
     from runtime.recipe import run
 
     seed = int(os.environ.get("GKDC_TEST_SEED", random.randrange(1 << 30)))
@@ -69,10 +70,10 @@ def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tmp_path):
     delay = rng.uniform(0.0, 0.25)
     print(f"seed {seed}: kill after step {kill_after} + {delay:.3f} s")
 
-    ref_plan = make_plan(tmp_path / "ref", steps=STEPS, save_every=2)
+    ref_plan = make_plan(tmp_path / "ref", steps=STEPS, save_every=2, packed=packed)
     run(load(ref_plan), ref_plan, tmp_path / "ref" / "out", resume=False, progress=False)
 
-    plan_path = make_plan(tmp_path / "killed", steps=STEPS, save_every=2)
+    plan_path = make_plan(tmp_path / "killed", steps=STEPS, save_every=2, packed=packed)
     out = tmp_path / "killed" / "out"
     _kill_at(plan_path, out, kill_after, delay)
     assert not (out / "student").exists()
@@ -88,6 +89,11 @@ def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tmp_path):
     assert [(r["stage"], r["step"]) for r in recs] == [(r["stage"], r["step"]) for r in ref_recs]
     assert [r["total"] for r in recs] == [r["total"] for r in ref_recs]
     assert [r["lr"] for r in recs] == [r["lr"] for r in ref_recs]
+    assert [r["tokens"] for r in recs] == [r["tokens"] for r in ref_recs]
+    if packed:  # every position of a packed block is real
+        assert all(r["tokens"] == r["positions"] for r in recs)
+    else:
+        assert any(r["tokens"] < r["positions"] for r in recs)
     assert result.stages[-1].steps == STEPS[-1]
     # only the newest engine checkpoint is kept
     assert not list((out / "checkpoints").glob("stage*-step*"))

@@ -186,8 +186,3 @@ def test_anneal_and_loss_gradient_reaches_student_only():
     L.mse(target, s).backward()
     assert t.grad is None and s.grad is not None
 
-
-def test_registry_did_you_mean():
-    assert X.get_transform("pool") is X.pool
-    with pytest.raises(RunError, match="did you mean 'relation'"):
-        X.get_transform("relaton")

@@ -12,12 +12,13 @@ Gives: ``lookup(name) -> dict | None`` (a fresh copy of the config, without ``_c
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Any
+
+from gkdlang.diagnostics import closest
 
 CATALOG_META_KEY = "_catalog"
 
@@ -111,7 +112,7 @@ def suggest(name: str) -> str | None:
     query = name.strip().lower()
     # the whole name first (hub ids), then the part after "org/" (a wrong org or a bare model name)
     for q in [query] + ([query.split("/", 1)[1]] if "/" in query else []):
-        match = difflib.get_close_matches(q, list(lowered), n=1, cutoff=0.6)
+        match = closest(q, lowered)
         if match:
-            return lowered[match[0]]
+            return lowered[match]
     return None

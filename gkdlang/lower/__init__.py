@@ -5,9 +5,10 @@ A package of passes over a shared ``Lowerer`` (``context``): ``declarations``, `
 ``transforms``, ``losses`` (terms and pairing) and ``readers`` (option values), run by ``driver``.
 """
 
-from gkdlang.lower.context import STDLIB, MethodDef, Scope
+from gkdlang.digest import STDLIB, spec_hash
+from gkdlang.lower.context import MethodDef, Scope
 from gkdlang.lower.declarations import MAX_LAYERS
-from gkdlang.lower.driver import CheckResult, check_file, check_source, spec_hash
+from gkdlang.lower.driver import CheckResult, check_file, check_source
 from gkdlang.lower.readers import number_value
 
 __all__ = ["CheckResult", "MAX_LAYERS", "MethodDef", "STDLIB", "Scope", "check_file", "check_source", "number_value",

@@ -8,7 +8,7 @@ from typing import Any
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import Gate, Intervention, OpNode, Schedule
+from gkdlang.spec import Choose, Gate, LRWindow, Plateau, ProgressiveLR, Schedule
 from gkdlang.values import Item, ItemSet, LayerMap, NumVal, Objective, Symbol, Term, Trigger
 from gkdlang.lower.context import Lowerer, Scope, kind_of, node_models
 from gkdlang.lower.readers import (
@@ -42,7 +42,7 @@ def lower_schedule(lw: Lowerer, e: ast.Call, name: str, scope: Scope) -> Schedul
 
 
 def lower_stairs(lw: Lowerer, e: ast.Call, scope: Scope) -> Schedule:
-    """stairs(a, b, levels: n, every: epoch): a to b in n equal steps, one per epoch (step, or n-th of the stage), then b."""
+    """stairs(a, b, levels: n, every: epoch): a to b in n equal steps, one per epoch (step, n-th of the stage)."""
     if len(e.args) != 2:
         raise lw.err("bad-arity", e.span, "stairs(start, end, levels: n, every: epoch) takes two values")
     a, b = (read_plain_number(lw, x, scope) for x in e.args)
@@ -142,19 +142,22 @@ def lower_trigger(lw: Lowerer, e: ast.Call, name: str, scope: Scope) -> Trigger:
     """plateau(patience: 3, min_delta: 0, window: 10, on: <loss>): the watched running loss stops improving."""
     check_arity(lw, e, 0, name)
     kw = read_kwargs(lw, e, B.TRIGGERS[name])
-    patience = read_int(lw, kw["patience"], "patience", minimum=1, scope=scope) if "patience" in kw else 3
-    window = read_int(lw, kw["window"], "window", minimum=1, scope=scope) if "window" in kw else 10
-    min_delta = read_num(lw, kw["min_delta"], "min_delta", scope) if "min_delta" in kw else 0.0
-    if min_delta < 0:
-        raise lw.err("bad-value", kw["min_delta"].span, "min_delta must not be negative")
-    on = None
+    params = {}  # what is not given keeps the Plateau intervention's default
+    if "patience" in kw:
+        params["patience"] = read_int(lw, kw["patience"], "patience", minimum=1, scope=scope)
+    if "window" in kw:
+        params["window"] = read_int(lw, kw["window"], "window", minimum=1, scope=scope)
+    if "min_delta" in kw:
+        params["min_delta"] = read_num(lw, kw["min_delta"], "min_delta", scope)
+        if params["min_delta"] < 0:
+            raise lw.err("bad-value", kw["min_delta"].span, "min_delta must not be negative")
     if "on" in kw:
         v = lw.ev(kw["on"], scope)
         if not isinstance(v, Symbol) or v.name not in B.LOSSES:
             raise lw.err("bad-value", kw["on"].span, "on names the loss whose running value is watched "
                          f"(one of {', '.join(B.LOSSES)})", did_you_mean(getattr(v, "name", ""), B.LOSSES))
-        on = v.name
-    return Trigger(name, {"patience": patience, "window": window, "min_delta": min_delta, "on": on}, e.span)
+        params["on"] = v.name
+    return Trigger(name, params, e.span)
 
 
 def progressive_until(lw: Lowerer, e: ast.Call, kw: dict, obj: Objective, keys: list, then: Objective | None,
@@ -174,7 +177,7 @@ def progressive_until(lw: Lowerer, e: ast.Call, kw: dict, obj: Objective, keys: 
     terms: list[Term] = []
     for key, label in zip(keys, labels):
         group = tuple(by_key[key])
-        on = trigger.params["on"]
+        on = trigger.params.get("on")
         if on is not None and not any(t.fn == on for t in group):
             raise lw.err("bad-value", trigger.span, f"plateau(on: {on}) watches a loss that layer group "
                          f"{labels.index(label)} of progressive(...) does not have",
@@ -189,32 +192,21 @@ def progressive_until(lw: Lowerer, e: ast.Call, kw: dict, obj: Objective, keys: 
     students = sorted({m for t in obj.terms for m in node_models(t.pred.node)})
     n = len(keys)
     deadlines = None if deadline is None else [round(deadline * i / n, 12) for i in range(1, n + 1)]
-    iv = Intervention(kind="plateau", models=students, span=e.span, params={
-        "id": pid, "groups": labels, "then": then_label, "exclusive": exclusive, **trigger.params,
-        "deadlines": deadlines,
-        "meaning": "group 0 is unlocked first; after every `window` optimizer steps the mean (over the window, "
-                   "and over data-parallel ranks) of the unweighted values of the current group's watched terms "
-                   "(`on`, or all of them) is compared with its best so far: an improvement of more than "
-                   "min_delta resets the count, anything else adds one; after `patience` windows without "
-                   "improvement the next group unlocks (previous ones stay on unless exclusive). After the last "
-                   "group plateaus the progressive terms stop and the `then` group starts. deadlines[i]: the "
-                   "progress at which unlock i+1 happens at the latest (None: none)"})
+    iv = Plateau(models=students, span=e.span, id=pid, groups=labels, then=then_label, exclusive=exclusive,
+                 **trigger.params, deadlines=deadlines)
     return Objective(tuple(terms), interventions + (iv,))
 
 
 def progressive_lr(lw: Lowerer, e: ast.Call, expr: ast.Expr, obj: Objective, keys, start, until,
-                   scope: Scope) -> Intervention:
+                   scope: Scope) -> ProgressiveLR:
     factor = read_num(lw, expr, "below_lr", scope)
     if not 0 <= factor <= 1:
         raise lw.err("bad-value", expr.span, "below_lr is a learning-rate factor between 0 (frozen) and 1")
     students = sorted({t.pred.model for t in obj.terms if t.pred.model})
-    windows = [{"from": start[k], "until": until[k], "layer": k[1]} for k in keys if k[0] == "layer"]
+    windows = [LRWindow(start=start[k], until=until[k], layer=k[1]) for k in keys if k[0] == "layer"]
     if len(students) != 1 or not windows:
         raise lw.err("type-mismatch", e.span, "progressive(..., below_lr: f) needs layered terms of one student")
-    return Intervention(kind="progressive_lr", models=students, span=e.span, params={
-        "model": students[0], "below_lr": factor, "windows": windows,
-        "meaning": "during each window only `layer` trains at the full learning rate; blocks below it train "
-                   "at below_lr times it (0: frozen)"})
+    return ProgressiveLR(models=students, span=e.span, model=students[0], below_lr=factor, windows=windows)
 
 
 def choose(lw: Lowerer, e: ast.Call, scope: Scope) -> Any:
@@ -240,9 +232,8 @@ def choose(lw: Lowerer, e: ast.Call, scope: Scope) -> Any:
     inputs = [it.node for it in xs.items]
     first = xs.items[0]
     # item i is the i-th smallest of the k indices drawn, so a layered pairing keeps the depth order
-    items = tuple(Item(OpNode(op="choose", inputs=inputs, params={
-        "group": group, "k": k, "index": i, "every": every, "order": "ascending"}), first.feat, first.model, i,
-        e.span) for i in range(k))
+    items = tuple(Item(Choose(inputs=inputs, group=group, k=k, index=i, every=every), first.feat, first.model, i,
+                       e.span) for i in range(k))
     return ItemSet(items, layered=True, span=e.span)
 
 

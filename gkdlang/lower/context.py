@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from pydantic import BaseModel
+
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import Collector, did_you_mean
@@ -21,6 +23,7 @@ from gkdlang.spec import (
     DataSpec,
     ModelSpec,
     OpNode,
+    Project,
     Schedule,
     SignalNode,
     Span,
@@ -39,7 +42,6 @@ from gkdlang.values import (
     Trigger,
 )
 
-STDLIB = Path(__file__).parent.with_name("stdlib")
 
 #: one evaluator per AST expression class
 Evaluator = Callable[["Lowerer", Any, "Scope"], Any]
@@ -120,10 +122,15 @@ class Lowerer:
 VECTOR_KINDS = frozenset({"hidden", "qkv", "ffn"})
 
 
+def default_of(model: type[BaseModel], field: str) -> Any:
+    """The default a Spec class declares for ``field`` (declared once there; the checker reads it)."""
+    return model.model_fields[field].get_default(call_default_factory=True)
+
+
 def fill_projection(it: Item, dim: int) -> Item:
     node = it.node
-    if isinstance(node, OpNode) and node.op == "project" and node.params.get("out") is None:
-        node = node.model_copy(update={"params": {**node.params, "out": dim}})
+    if isinstance(node, Project) and node.dim_out is None:
+        node = node.model_copy(update={"dim_out": dim})
     return replace(it, node=node, feat=replace(it.feat, dim=dim))
 
 

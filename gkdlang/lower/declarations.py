@@ -8,13 +8,15 @@ from typing import Any
 
 from gkdlang import ast
 from gkdlang import builtins as B
-from gkdlang.arch import OVERRIDE_KEYS, ArchError, ArchInfo, arch_from_config, derive_config
+from gkdlang.arch import RUNNABLE_FAMILIES, OVERRIDE_KEYS, ArchError, ArchInfo, arch_from_config, derive_config
 from gkdlang.diagnostics import did_you_mean
 from gkdlang.parser import ParseError, parse
 from gkdlang.spec import CacheSpec, ClusterSpec, DataSpec, HeadSpec, InitSpec, ModelSpec, Span, StageSpec, VocabSpec
 from gkdlang.values import ItemSet, NumVal
-from gkdlang.lower.context import Lowerer, MethodDef, STDLIB, Scope, Skip
+from gkdlang.digest import STDLIB
+from gkdlang.lower.context import Lowerer, MethodDef, Scope, Skip
 from gkdlang.lower.readers import (
+    not_executed,
     check_arity,
     read_block,
     read_bool,
@@ -89,7 +91,31 @@ def load_library(lw: Lowerer, name: str, file: Path) -> dict[str, MethodDef]:
 
 
 def lower_let(lw: Lowerer, decl: ast.LetDecl) -> None:
+    later = {d.name.name: d for d in lw.module.decls if isinstance(d, ast.LetDecl) and d.span.line >= decl.span.line
+             and d is not decl}
+    for name in _names_in(decl.value):
+        if name.id not in lw.lets and (name.id in later or name.id == decl.name.name):
+            where = later[name.id].span.line if name.id in later else decl.span.line
+            raise lw.err("unknown-name", name.span, f"'{name.id}' is used before its definition (line {where})"
+                         if name.id != decl.name.name else f"'{name.id}' is defined in terms of itself",
+                         "a `let` can use only the constants declared above it")
     lw.lets[decl.name.name] = lw.ev(decl.value, Scope(lw.lets))
+
+
+def _names_in(expr: ast.Node) -> list[ast.Name]:
+    """Every Name in an expression, iteratively (no recursion limit)."""
+    import dataclasses
+
+    out, stack = [], [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Name):
+            out.append(node)
+        if isinstance(node, tuple):
+            stack.extend(node)
+        elif dataclasses.is_dataclass(node) and isinstance(node, ast.Node):
+            stack.extend(getattr(node, f.name) for f in dataclasses.fields(node) if f.name != "span")
+    return out
 
 
 def models_in_dependency_order(lw: Lowerer, decls) -> list[ast.ModelDecl]:
@@ -152,11 +178,17 @@ def lower_model(lw: Lowerer, decl: ast.ModelDecl) -> None:
         raise lw.err("unknown-function", src.func.span, f"unknown model source '{func}'", hint)
     arch = arch_of(lw, config, decl.options.span if decl.options else src.span)
     check_arch(lw, arch, decl)
+    if arch.family not in RUNNABLE_FAMILIES and func == "hf":
+        lw.err("family-not-runnable", src.span, f"model '{name}' is a {arch.family} model: gkdc plans it, but "
+               f"`gkdc run` cannot train or capture this family yet (runnable: {', '.join(sorted(RUNNABLE_FAMILIES))})")
     role = decl.role
     frozen = read_bool(lw, opts["frozen"], "frozen") if "frozen" in opts else role == "teacher"
     dtype = read_symbol(lw, opts["dtype"], "dtype", B.DTYPES) if "dtype" in opts else "bf16"
     init = lower_init(lw, opts.get("init"), role, base)
     head = lower_head(lw, opts.get("head"))
+    if arch.family == "glm" and head.kind == "classify":  # planner/params.py has no count for it, nor transformers a class
+        raise lw.err("bad-value", opts["head"].span, "GLM models have no sequence-classification head",
+                     "use head: lm (cloze-style classification) or head: none")
     cache = lower_cache(lw, opts["cache"], name, role, arch) if "cache" in opts else None
     lw.models[name] = ModelSpec(name=name, role=role, source_kind=kind, source=source_val, base=base,
                                 overrides=overrides, arch=arch, dtype=dtype, frozen=frozen, init=init,
@@ -235,7 +267,7 @@ def lower_init(lw: Lowerer, expr: ast.Expr | None, role: str, base: str | None) 
         kw = read_kwargs(lw, expr, {"layers": "list"})
         layers = None
         if "layers" in kw:
-            layers = read_layer_list(lw, kw["layers"], lw.models[source].arch.num_layers, expr)
+            layers = read_layer_list(lw, kw["layers"], lw.models[source].arch.num_layers, expr, source)
         return InitSpec(kind="copy", source=source, layers=layers)
     raise lw.err("type-mismatch", expr.span, "init is random, pretrained or copy(<model>, layers: [...])")
 
@@ -271,6 +303,9 @@ def lower_data(lw: Lowerer, decl: ast.DataDecl) -> None:
         fields["seq_len"] = read_int(lw, opts["seq_len"], "seq_len", minimum=1)
     if "split" in opts:
         fields["split"] = read_fraction(lw, opts["split"], "split")
+        not_executed(lw, opts, "data")
+    if "packing" in opts:
+        fields["packing"] = read_bool(lw, opts["packing"], "packing")
     for pattern in paths:
         full = Path(pattern) if Path(pattern).is_absolute() else lw.base_dir / pattern
         if not any(full.parent.glob(full.name)) if full.parent.exists() else True:
@@ -298,7 +333,10 @@ def lower_vocab(lw: Lowerer, decl: ast.VocabDecl) -> None:
         raise lw.err("type-mismatch", opts["keep"].span, "keep is a percentage (50%) or a row count")
     fraction = keep.value if keep.unit == "percent" else None
     raw_rows = keep.value * full if fraction is not None else keep.value
-    if raw_rows > full or raw_rows <= 0:
+    if raw_rows <= 0 or keep.value < 0:
+        raise lw.err("bad-value", opts["keep"].span, f"keep must keep at least one row, got "
+                     f"{'0%' if fraction is not None and raw_rows <= 0 else int(raw_rows)}")
+    if raw_rows > full:
         raise lw.err("vocab-too-large", opts["keep"].span,
                      f"keep of {int(raw_rows)} rows is outside 1..{full}, the vocabulary of '{source}'")
     rows = min(full, int(math.ceil(raw_rows / multiple)) * multiple)
@@ -348,6 +386,8 @@ def lower_cluster(lw: Lowerer, decl: ast.ClusterDecl | None) -> ClusterSpec | No
         if "gpus" in opts:
             value = opts["gpus"]
             if isinstance(value, ast.HwSpec):
+                if value.count < 1:
+                    raise lw.err("bad-value", value.span, f"gpus must be at least 1, got {value.count}")
                 fields["gpus_per_node"], fields["gpu"] = value.count, value.device
             else:
                 fields["gpus_per_node"] = read_int(lw, value, "gpus", minimum=1)
@@ -368,13 +408,42 @@ def lower_cluster(lw: Lowerer, decl: ast.ClusterDecl | None) -> ClusterSpec | No
         return None
 
 
+def check_teacher_weights(lw: Lowerer, stages: list[StageSpec]) -> None:
+    """A local teacher folder holds the heads the spec reads (gkdlang.weights: safetensors headers, no torch)."""
+    from gkdlang import weights as W
+
+    for name, kinds in W.read_kinds(stages).items():
+        model = lw.models.get(name)
+        if model is None or model.role != "teacher" or model.source_kind != "local" or model.init.kind != "pretrained":
+            continue
+        folder = Path(model.source)
+        folder = folder if folder.is_absolute() else lw.base_dir / folder
+        try:
+            names = W.folder_names(folder)
+        except (W.HeaderError, OSError) as exc:
+            lw.err("missing-weights", model.span, f"teacher '{name}': cannot read the weights in {folder}: {exc}")
+            continue
+        if names is None:
+            continue
+        lacks = W.missing_head(model, names)
+        if lacks is not None:
+            reads = sorted(kinds & {"logits", "task_logits"})
+            lw.err("missing-weights", model.span,
+                   f"teacher '{name}' has head: {model.head.kind}" + (f" and is read for {', '.join(reads)}"
+                                                                       if reads else "") +
+                   f", but {folder} has no {lacks}: it would be initialised randomly",
+                   "point hf(...) at a folder saved with its head (e.g. BertForMaskedLM)" +
+                   ("" if reads else ", or declare head: none (only hidden states and attention are read)"))
+
+
 def final_checks(lw: Lowerer, decls, stages: list[StageSpec]) -> None:
+    check_teacher_weights(lw, stages)
     if not any(isinstance(d, ast.ModelDecl) and d.role in ("student", "assistant") for d in decls):
-        lw.err("no-student", lw.module.span if decls else None,
+        lw.err("no-student", lw.module.span,
                "the spec declares no student (student <name> = like(<teacher>) { ... })")
     stage_decls = [d for d in decls if isinstance(d, ast.StageDecl)]
     if not stage_decls:
-        lw.err("no-stages", lw.module.span if decls else None, "the spec declares no stage")
+        lw.err("no-stages", lw.module.span, "the spec declares no stage")
     for name, decl in lw.model_decls.items():
         if name not in lw.used and name in lw.models and lw.models[name].role == "teacher":
             lw.err("unused-definition", decl.name.span, f"teacher '{name}' is never used")

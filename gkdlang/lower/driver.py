@@ -1,13 +1,13 @@
 """The lowering driver: the passes run in order over a parsed module, giving the checked Spec.
 
-Order: duplicates, ``use``, ``let`` and ``method``, models (bases first), data, vocab, cluster, stages (whose
+Order: duplicates, ``use``, ``let`` and ``method``, models (bases first), data, vocab, cluster, placements
+(``placement`` blocks: pins per stage), stages (whose
 loss expressions run the expression, method, combinator, intervention, transform and loss passes), final
 checks. A construct that fails is reported and skipped (``Skip``), so checking goes on with the rest.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,8 @@ import pydantic
 
 from gkdlang import ast
 from gkdlang.diagnostics import Collector, Diagnostic
-from gkdlang.lower.context import STDLIB, Lowerer, MethodDef
+from gkdlang.digest import spec_hash
+from gkdlang.lower.context import Lowerer, MethodDef
 from gkdlang.lower.declarations import (
     check_duplicates,
     final_checks,
@@ -28,8 +29,10 @@ from gkdlang.lower.declarations import (
     models_in_dependency_order,
 )
 from gkdlang.lower.expressions import EXPRESSIONS
+from gkdlang.lower.placement import lower_placements
 from gkdlang.lower.stages import lower_stages
 from gkdlang.parser import ParseError, parse
+from gkdlang.paths import check_paths
 from gkdlang.spec import Span, Spec
 
 
@@ -45,7 +48,8 @@ class CheckResult:
         return self.spec is not None and not any(d.severity == "error" for d in self.diagnostics)
 
 
-def check_file(path: str | Path, *, display_name: str | None = None) -> CheckResult:
+def check_file(path: str | Path, *, display_name: str | None = None,
+               allowed_paths: tuple[str | Path, ...] | list = ()) -> CheckResult:
     path = Path(path)
     name = display_name or str(path)
     try:
@@ -54,33 +58,25 @@ def check_file(path: str | Path, *, display_name: str | None = None) -> CheckRes
         span = Span(file=name, line=1, col=1, end_line=1, end_col=1)
         d = Diagnostic("syntax-unexpected-char", f"file is not UTF-8 (byte {exc.start})", span)
         return CheckResult(None, [d], {})
-    return check_source(text, name, base_dir=path.parent)
+    return check_source(text, name, base_dir=path.parent, allowed_paths=allowed_paths)
 
 
-def check_source(text: str, file: str = "<input>", *, base_dir: str | Path | None = None) -> CheckResult:
-    """Parse and lower a spec text; never raises for bad input."""
+def check_source(text: str, file: str = "<input>", *, base_dir: str | Path | None = None,
+                 allowed_paths: tuple[str | Path, ...] | list = ()) -> CheckResult:
+    """Parse and lower a spec text; never raises for bad input. ``allowed_paths``: folders beside the spec's project
+    where data and cache paths may point (gkdlang.paths, ``--allow-path``)."""
     sources = {file: text}
     try:
         module = parse(text, file)
     except ParseError as exc:
         return CheckResult(None, [exc.diagnostic], sources)
+    refused = check_paths(module, Path(base_dir or "."), allowed_paths)
+    if refused:  # the path rule runs before any pass reads a file: a refused path never reaches the file system
+        return CheckResult(None, sorted(refused, key=lambda d: (d.span.line, d.span.col)), sources, module)
     diags = Collector()
     lw = Lowerer(module, text, file, Path(base_dir or "."), diags, sources, EXPRESSIONS)
     spec = lower_module(lw)
     return CheckResult(spec if not diags.has_errors() else None, diags.sorted(), sources, module)
-
-
-def spec_hash(text: str, uses: list[str]) -> str:
-    """sha256 of the spec text and of every ``use``d library (a library edit changes the plan too).
-
-    ``gkdc run`` recomputes it to refuse a plan whose spec changed since planning.
-    """
-    h = hashlib.sha256(text.encode())
-    for name in sorted(uses):
-        h.update(b"\0" + name.encode() + b"\0")
-        library = STDLIB / (name.replace(".", "/") + ".gkd")
-        h.update(library.read_bytes() if library.exists() else b"")  # a deleted library reads as "changed"
-    return h.hexdigest()
 
 
 def lower_module(lw: Lowerer) -> Spec | None:
@@ -105,7 +101,10 @@ def lower_module(lw: Lowerer) -> Spec | None:
         if isinstance(decl, ast.VocabDecl):
             lw.guard(lower_vocab, lw, decl)
     cluster = lw.cluster = lower_cluster(lw, next((d for d in decls if isinstance(d, ast.ClusterDecl)), None))
-    stages = lower_stages(lw, [d for d in decls if isinstance(d, ast.StageDecl)])
+    stage_decls = [d for d in decls if isinstance(d, ast.StageDecl)]
+    pins = lower_placements(lw, [d for d in decls if isinstance(d, ast.PlacementDecl)],
+                            [d.name.name for d in stage_decls])
+    stages = lower_stages(lw, stage_decls, pins)
     final_checks(lw, decls, stages)
     if lw.d.has_errors() or cluster is None:
         return None

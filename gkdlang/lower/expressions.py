@@ -9,7 +9,7 @@ from typing import Any, Callable
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import ModelSpec, OpNode, Schedule, SignalNode, Span
+from gkdlang.spec import ModelSpec, Pool, Schedule, SignalNode, Span
 from gkdlang.values import (
     DataRef,
     Feat,
@@ -123,8 +123,7 @@ def signal(lw: Lowerer, model: str, attr: ast.Ident, span: Span) -> ItemSet:
 def signal_item(lw: Lowerer, spec: ModelSpec, kind: str, layer: int | None, span: Span) -> Item:
     a = spec.arch
     if kind == "cls":
-        node = OpNode(op="pool", inputs=[SignalNode(model=spec.name, kind="hidden", layer=layer)],
-                      params={"how": "cls"})
+        node = Pool(inputs=[SignalNode(model=spec.name, kind="hidden", layer=layer)], how="cls")
         return Item(node, Feat("pooled", dim=a.hidden_size), spec.name, layer, span)
     node = SignalNode(model=spec.name, kind=kind, layer=layer)
     fk = SIGNAL_FEAT_KIND[kind]

@@ -7,9 +7,19 @@ from typing import Any
 
 from gkdlang import ast
 from gkdlang import builtins as B
-from gkdlang.spec import Gate, Intervention, OpNode
+from gkdlang.spec import (
+    Drop,
+    Gate,
+    Interchange,
+    Interchanged,
+    Perturb,
+    ReplaceLayers,
+    SelectTeacher,
+    Unit,
+    Weigh,
+)
 from gkdlang.values import Item, LayerMap, Objective, Term
-from gkdlang.lower.context import Lowerer, Scope, node_models
+from gkdlang.lower.context import Lowerer, Scope, default_of, node_models
 from gkdlang.lower.readers import (
     check_arity,
     read_bool,
@@ -42,14 +52,10 @@ def replace_layers(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     if ta.hidden_size != sa.hidden_size:
         raise lw.err("dim-mismatch", e.span, f"replace_layers runs teacher and student blocks in one residual "
                      f"stream: widths {ta.hidden_size} and {sa.hidden_size} differ", related=rel)
-    p = read_probability(lw, kw.get("p"), "p", scope, e) 
+    p = read_probability(lw, kw.get("p"), "p", scope, e)
     k = ta.num_layers // sa.num_layers
     groups = [list(range(j * k, (j + 1) * k)) for j in range(sa.num_layers)]
-    iv = Intervention(kind="replace_layers", models=[t, s], span=e.span, params={
-        "teacher": t, "student": s, "groups": groups, "p": p.model_dump(), "every": "step",
-        "draw": "per student block", "teacher_frozen": True, "teacher_forward": False,
-        "meaning": "each step, student block j replaces teacher blocks groups[j] with probability p (else the "
-                   "frozen teacher blocks run in its place); embeddings and head are the student's"})
+    iv = ReplaceLayers(models=[t, s], span=e.span, teacher=t, student=s, groups=groups, p=p)
     return Objective((), (iv,))
 
 
@@ -58,7 +64,7 @@ def interchange(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     check_arity(lw, e, 1, "interchange")
     obj = read_objective_arg(lw, e.args[0], scope, "interchange")
     kw = read_kwargs(lw, e, B.INTERVENTIONS["interchange"].options)
-    fraction = read_fraction(lw, kw["fraction"], "fraction", scope) if "fraction" in kw else 0.3
+    fraction = read_fraction(lw, kw["fraction"], "fraction", scope) if "fraction" in kw else default_of(Interchange, "fraction")
     if fraction <= 0:
         raise lw.err("bad-value", kw["fraction"].span, "fraction must be above 0%")
     way = read_symbol_value(lw, kw.get("way"), "way", B.INTERCHANGE_WAYS, scope, "consecutive")
@@ -74,19 +80,15 @@ def interchange(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     lt, ls = lw.models[t].arch.num_layers, lw.models[s].arch.num_layers
     layers = [[j, i] for j in range(ls) if (i := map_layer(lw, lmap, j, ls, lt, e)) is not None]
     group = lw.new_group("interchange")
-    terms = tuple(replace(term, target=wrap(term.target, "interchanged", group),
-                          pred=wrap(term.pred, "interchanged", group)) for term in obj.terms)
-    iv = Intervention(kind="interchange", models=[t, s], span=e.span, params={
-        "id": group, "teacher": t, "student": s, "layers": layers, "layer_choice": "one pair at random per step",
-        "fraction": fraction, "way": way, "source": "next example in the batch (roll by one)",
-        "meaning": "a second forward of both models in which the states of `fraction` of the token positions "
-                   "(contiguous when way is consecutive) at an aligned layer pair [student, teacher] are "
-                   "replaced by the source example's; ops 'interchanged' read that pass"})
+    terms = tuple(replace(term, target=interchanged(term.target, group),
+                          pred=interchanged(term.pred, group)) for term in obj.terms)
+    iv = Interchange(models=[t, s], span=e.span, id=group, teacher=t, student=s, layers=layers, fraction=fraction,
+                     way=way)
     return Objective(terms, obj.interventions + (iv,))
 
 
-def wrap(it: Item, op: str, group: str) -> Item:
-    return replace(it, node=OpNode(op=op, inputs=[it.node], params={"intervention": group}))
+def interchanged(it: Item, group: str) -> Item:
+    return replace(it, node=Interchanged(inputs=[it.node], intervention=group))
 
 
 def perturb(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
@@ -94,17 +96,11 @@ def perturb(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     check_arity(lw, e, 1, "perturb")
     kw = read_kwargs(lw, e, B.INTERVENTIONS["perturb"].options)
     s = read_role_model(lw, e.args[0], ("student", "assistant"), "perturb's argument", scope)
-    eps = read_num(lw, kw["eps"], "eps", scope) if "eps" in kw else 1e-5
+    eps = read_num(lw, kw["eps"], "eps", scope) if "eps" in kw else default_of(Perturb, "eps")
     if eps <= 0:
         raise lw.err("bad-value", kw["eps"].span, "eps must be positive")
-    norm = read_symbol_value(lw, kw.get("norm"), "norm", B.PERTURB_NORMS, scope, "batch")
-    iv = Intervention(kind="perturb", models=[s], span=e.span, params={
-        "model": s, "on": "embeddings", "eps": eps, "direction": "gradient", "norm": "l2", "over": norm,
-        "passes": 2, "first_pass_grads": "discarded", "grad_accumulation": False,
-        "meaning": "pass 1 computes the stage loss and its gradient g w.r.t. the embedding output e; pass 2 "
-                   "recomputes every term with e + eps * g / ||g|| (over: batch, the L2 norm of the whole "
-                   "micro-batch's g; over: token, of each position's g, as GKD's F.normalize(g, dim=-1)); a "
-                   "non-finite g perturbs nothing; only pass 2's gradients update the weights"})
+    norm = read_symbol_value(lw, kw.get("norm"), "norm", B.PERTURB_NORMS, scope, default_of(Perturb, "norm"))
+    iv = Perturb(models=[s], span=e.span, model=s, eps=eps, norm=norm)
     return Objective((), (iv,))
 
 
@@ -113,11 +109,11 @@ def drop(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     check_arity(lw, e, 1, "drop")
     obj = read_objective_arg(lw, e.args[0], scope, "drop")
     kw = read_kwargs(lw, e, B.INTERVENTIONS["drop"].options)
-    p = read_fraction(lw, kw["p"], "p", scope) if "p" in kw else 0.25
+    p = read_fraction(lw, kw["p"], "p", scope) if "p" in kw else default_of(Drop, "p")
     if p >= 1:
         raise lw.err("bad-value", kw["p"].span, "p below 100%: a unit dropped at every step never trains")
     # min_kept: 0 lets a step drop every group (GKD's DGKD); 1, the default, keeps one drawn at random
-    min_kept = read_int(lw, kw["min_kept"], "min_kept", 0, scope) if "min_kept" in kw else 1
+    min_kept = read_int(lw, kw["min_kept"], "min_kept", 0, scope) if "min_kept" in kw else default_of(Drop, "min_kept")
     if "per" in kw:  # per: teacher -- each teacher's terms form a drop unit of their own (DGKD)
         read_symbol_value(lw, kw["per"], "per", ("teacher",), scope, "teacher")
         out = Objective()
@@ -128,15 +124,16 @@ def drop(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     return drop_group(lw, e, obj, p, min_kept)
 
 
-def drop_group(lw: Lowerer, e: ast.Call, obj: Objective, p: float, min_kept: int = 1) -> Objective:
+def drop_group(lw: Lowerer, e: ast.Call, obj: Objective, p: float, min_kept: int) -> Objective:
     group = lw.new_group("drop")
     terms = grouped(lw, e, obj.terms, Gate(group=group, every="step"))
     teachers = sorted({m for t in obj.terms for m in node_models(t.target.node)})
-    iv = Intervention(kind="drop", models=teachers, span=e.span, params={
-        "group": group, "p": p, "every": "step", "min_kept": min_kept,
-        "meaning": "each step the group's terms are left out together with probability p, independently of "
-                   "other drop groups; " + ("if every drop group of the stage is dropped, one drawn at random is "
-                                            "kept" if min_kept else "every group may be dropped at once")})
+    meaning = default_of(Drop, "meaning")
+    if min_kept != 1:
+        meaning = meaning.split("; ")[0] + "; " + (
+            f"if every drop group of the stage is dropped, {min_kept} drawn at random are kept" if min_kept
+            else "every group may be dropped at once")
+    iv = Drop(models=teachers, span=e.span, group=group, p=p, min_kept=min_kept, meaning=meaning)
     return Objective(terms, obj.interventions + (iv,))
 
 
@@ -178,14 +175,14 @@ def units_of(lw: Lowerer, e: ast.Call, scope: Scope, fname: str) -> list[tuple[O
     return units
 
 
-def unit_terms(lw: Lowerer, e: ast.Call, units, prefix: str) -> tuple[str, tuple[Term, ...], list[dict]]:
+def unit_terms(lw: Lowerer, e: ast.Call, units, prefix: str) -> tuple[str, tuple[Term, ...], list[Unit]]:
     group = lw.new_group(prefix)
     terms: list[Term] = []
     table = []
     for i, (obj, teacher) in enumerate(units):
         name = f"{group}/{i}"
         terms.extend(grouped(lw, e, obj.terms, Gate(group=name)))
-        table.append({"group": name, "teacher": teacher})
+        table.append(Unit(group=name, teacher=teacher))
     return group, tuple(terms), table
 
 
@@ -196,13 +193,13 @@ def weigh(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     if "by" not in kw:
         raise lw.err("missing-option", e.span, "weigh([...]) needs by: teacher_ce or by: student_entropy")
     by = read_symbol_value(lw, kw["by"], "by", B.WEIGH_BY, scope, "")
-    hard = read_bool(lw, kw["hard"], "hard", scope) if "hard" in kw else False
+    hard = read_bool(lw, kw["hard"], "hard", scope) if "hard" in kw else default_of(Weigh, "hard")
     if hard and by != "student_entropy":
         raise lw.err("conflicting-options", kw["hard"].span, "hard selection splits the batch by student "
                      "entropy: use by: student_entropy")
     units = units_of(lw, e, scope, "weigh")
     group, terms, table = unit_terms(lw, e, units, "weigh")
-    params: dict[str, Any] = {"group": group, "by": by, "hard": hard, "units": table}
+    params: dict[str, Any] = {"group": group, "by": by, "hard": hard, "units": table}  # Weigh's fields
     if by == "teacher_ce":
         for _, teacher in units:  # the weight needs each teacher's own loss on the gold labels
             if lw.models[teacher].head.kind != "classify":
@@ -218,7 +215,7 @@ def weigh(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
         params["weight"] = ("examples sorted by student entropy are split into len(units) equal slices; unit i "
                             "(teachers listed from smallest to largest) gets slice i" if hard else
                             "unit weights from the student's prediction entropy per example")
-    iv = Intervention(kind="weigh", models=[t for _, t in units], span=e.span, params=params)
+    iv = Weigh(models=[t for _, t in units], span=e.span, **params)
     interventions = tuple(i for obj, _ in units for i in obj.interventions)
     return Objective(terms, interventions + (iv,))
 
@@ -227,8 +224,10 @@ def select_teacher(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     """select_teacher([unit, ...], policy: reinforce, state: m, reward: ce, lr: x): RL-KD's agent."""
     check_arity(lw, e, 1, "select_teacher")
     kw = read_kwargs(lw, e, B.INTERVENTIONS["select_teacher"].options)
-    policy = read_symbol_value(lw, kw.get("policy"), "policy", B.POLICIES, scope, "reinforce")
-    reward = read_symbol_value(lw, kw.get("reward"), "reward", B.REWARDS, scope, "ce")
+    policy = read_symbol_value(lw, kw.get("policy"), "policy", B.POLICIES, scope,
+                               default_of(SelectTeacher, "policy"))
+    reward = read_symbol_value(lw, kw.get("reward"), "reward", B.REWARDS, scope,
+                               default_of(SelectTeacher, "reward"))
     state = read_role_model(lw, kw["state"], ("teacher",), "state", scope) if "state" in kw else None
     lr = read_num(lw, kw["lr"], "lr", scope) if "lr" in kw else None
     if lr is not None and lr <= 0:
@@ -239,12 +238,11 @@ def select_teacher(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
                      "agent; it cannot also be a selectable teacher")
     group, terms, table = unit_terms(lw, e, units, "select")
     models = [t for _, t in units] + ([state] if state else [])
-    iv = Intervention(kind="select_teacher", models=models, span=e.span, params={
-        "group": group, "policy": policy, "units": table, "state_model": state,
-        "state": ["[CLS] state of state_model" if state else "student [CLS] state", "each teacher's soft labels"],
-        "action": "keep or skip each unit per example (Bernoulli per teacher)", "reward": reward,
-        "reward_meaning": "-CE(labels, student)" if reward == "ce" else "-(CE + KL to the kept teachers)",
-        "baseline": "running mean of the reward", "lr": lr, "agent": "two-layer MLP owned by the student wrapper"})
+    iv = SelectTeacher(models=models, span=e.span, group=group, policy=policy, units=table, state_model=state,
+                       state=["[CLS] state of state_model" if state else "student [CLS] state",
+                              "each teacher's soft labels"],
+                       reward=reward, lr=lr,
+                       reward_meaning="-CE(labels, student)" if reward == "ce" else "-(CE + KL to the kept teachers)")
     interventions = tuple(i for obj, _ in units for i in obj.interventions)
     return Objective(terms, interventions + (iv,))
 

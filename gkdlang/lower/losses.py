@@ -8,7 +8,7 @@ from typing import Any
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import OpNode
+from gkdlang.spec import SelectVocab
 from gkdlang.values import Item, ItemSet, LayerMap, Objective, PerModel, Symbol, Term
 from gkdlang.lower.context import Lowerer, Scope, describe, feat_group, fill_projection, fmt_number, vocab_label
 from gkdlang.lower.readers import items_of, read_kwargs, read_option, vocab_space
@@ -51,6 +51,9 @@ def lower_loss(lw: Lowerer, e: ast.Call, fn: str, scope: Scope) -> Objective:
         t = options["T"]
         if min(t.value, t.end if t.end is not None else t.value) <= 0:
             raise lw.err("bad-temperature", kw["T"].span, f"temperature must be positive, got {fmt_number(t.value)}")
+    if fn == "gjsd" and "beta" in options and not 0 <= options["beta"] <= 1:
+        raise lw.err("bad-value", kw["beta"].span, f"gjsd's beta is in [0, 1] (0 = forward KL, 1 = reverse KL), got "
+                     f"{fmt_number(options['beta'])}")
     layer_map = None
     if "map" in kw:
         layer_map = lw.ev(kw["map"], scope)
@@ -197,7 +200,7 @@ def auto_select(lw: Lowerer, t: Item, p: Item, e: ast.Call, rel) -> Item:
     if vocab.startswith("vocab:"):
         spec = lw.vocabs[vocab[len("vocab:"):]]
         if vocab_space(lw, spec.source) == t.feat.vocab:
-            node = OpNode(op="select_vocab", inputs=[t.node], params={"vocab": spec.name})
+            node = SelectVocab(inputs=[t.node], vocab=spec.name)
             return replace(t, node=node, feat=replace(t.feat, vocab=vocab))
     raise lw.err("vocab-mismatch", e.span, f"logits over different vocabularies ({vocab_label(t.feat.vocab)} "
                  f"vs {vocab_label(p.feat.vocab)})", "distill between models sharing a tokenizer, or declare "

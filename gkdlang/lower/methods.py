@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import replace
 from typing import Any
 
 from gkdlang import ast
-from gkdlang.diagnostics import did_you_mean
+from gkdlang.diagnostics import closest, did_you_mean
 from gkdlang.values import Objective
-from gkdlang.lower.context import Lowerer, MethodDef, STDLIB, Scope, Skip
+from gkdlang.digest import STDLIB
+from gkdlang.lower.context import Lowerer, MethodDef, Scope, Skip
+
+
+#: deepest chain of methods calling methods (the standard library nests 4); each level is several Python frames
+MAX_CALL_DEPTH = 32
 
 
 def call_method(lw: Lowerer, m: MethodDef, e: ast.Call, scope: Scope) -> Objective:
+    if len(scope.stack) >= MAX_CALL_DEPTH:
+        chain = " -> ".join(scope.stack[:3] + ("...",) + scope.stack[-2:] + (m.qualname,))
+        raise lw.err("nesting-too-deep", e.span, f"methods call each other more than {MAX_CALL_DEPTH} deep ({chain})",
+                     "call the inner methods directly from a shallower one")
     if m.qualname in scope.stack:
         raise lw.err("method-recursion", e.span, f"method '{m.qualname}' calls itself "
                      f"({' -> '.join(scope.stack + (m.qualname,))})")
@@ -65,11 +73,11 @@ def stdlib_methods() -> dict[str, list[str]]:
 def stdlib_hint(name: str, used: dict) -> str | None:
     """For a method that a library not yet ``use``d defines: which ``use`` line brings it in."""
     methods = stdlib_methods()
-    close = difflib.get_close_matches(name, list(methods), n=1, cutoff=0.6)
+    close = closest(name, methods)
     if not close:
         return None
-    lib = methods[close[0]][0]
-    call = close[0] if close[0] == lib else f"{lib}.{close[0]}"
+    lib = methods[close][0]
+    call = close if close == lib else f"{lib}.{close}"
     if lib in used:
         return f"did you mean '{call}'?"
     return f"did you mean '{call}'? add `use {lib}` to load it from the standard library"

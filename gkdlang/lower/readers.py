@@ -37,7 +37,8 @@ def vocab_space(lw: Lowerer, model: str) -> str:
 
 
 def out_of_range(lw: Lowerer, span: Span, i: int, n: int, model: str | None) -> Skip:
-    return lw.err("layer-out-of-range", span, f"layer {i} is out of range: '{model}' has {n} layers "
+    who = f"'{model}'" if model else "the model"
+    return lw.err("layer-out-of-range", span, f"layer {i} is out of range: {who} has {n} layers "
                   f"(valid: 0..{n - 1} or -{n}..-1)")
 
 
@@ -217,6 +218,8 @@ def read_bytes(lw: Lowerer, expr: ast.Expr, key: str) -> int:
     v = lw.ev(expr, Scope(lw.lets))
     if not isinstance(v, NumVal) or v.unit != "bytes":
         raise lw.err("bad-number", expr.span, f"{key} is a size like 512GB or 64GiB")
+    if v.value <= 0:
+        raise lw.err("bad-value", expr.span, f"{key} must be a positive size, got {fmt_number(v.value)} bytes")
     return int(v.value)
 
 
@@ -256,14 +259,14 @@ def read_column(lw: Lowerer, expr: ast.Expr, key: str) -> str:
     raise lw.err("type-mismatch", expr.span, f"{key} names a column")
 
 
-def read_layer_list(lw: Lowerer, expr: ast.Expr, n: int, call: ast.Call) -> list[int]:
+def read_layer_list(lw: Lowerer, expr: ast.Expr, n: int, call: ast.Call, model: str | None = None) -> list[int]:
     if not isinstance(expr, ast.List):
         raise lw.err("type-mismatch", expr.span, "layers is a list: [0, 2, 4]")
     out = []
     for item in expr.items:
         i = read_index_int(lw, item, Scope(lw.lets))
         if not -n <= i < n:
-            raise out_of_range(lw, item.span, i, n, None)
+            raise out_of_range(lw, item.span, i, n, model)
         out.append(i % n)
     return out
 
@@ -274,8 +277,10 @@ def read_model_name(lw: Lowerer, expr: ast.Expr) -> str:
         return expr.id
     if isinstance(expr, ast.Name) and expr.id in lw.model_decls:
         raise Skip()
-    name = expr.id if isinstance(expr, ast.Name) else "?"
-    raise lw.unknown("unknown-model", expr.span, name, lw.models)
+    if not isinstance(expr, ast.Name):
+        raise lw.err("type-mismatch", expr.span, "a model name is expected here (written without quotes)",
+                     f"e.g. {next(iter(lw.models), 'teacher')}")
+    raise lw.unknown("unknown-model", expr.span, expr.id, lw.models)
 
 
 def read_data_name(lw: Lowerer, expr: ast.Expr) -> str:
@@ -287,3 +292,11 @@ def read_data_name(lw: Lowerer, expr: ast.Expr) -> str:
         raise Skip()
     name = expr.id if isinstance(expr, ast.Name) else "?"
     raise lw.unknown("unknown-data", expr.span, name, lw.data)
+
+
+def not_executed(lw: Lowerer, opts: dict[str, ast.Expr], what: str) -> None:
+    """Warn about accepted keys the runtime does not execute yet (builtins.NOT_EXECUTED)."""
+    for key, missing in B.NOT_EXECUTED.items():
+        if key in opts:
+            lw.d.report("not-executed", opts[key].span, f"{what} key '{key}' is checked but not executed yet: {missing}",
+                        "remove it to silence this warning")

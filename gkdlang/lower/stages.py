@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import Intervention, LossTerm, LRScheduleSpec, OptimizerSpec, StageSpec
+from gkdlang.spec import Interchange, Intervention, LossTerm, LRScheduleSpec, OptimizerSpec, Perturb, StageSpec, Weigh
 from gkdlang.values import Objective, Symbol
 from gkdlang.lower.context import Lowerer, Scope, Skip, describe, kind_of, node_models
+from gkdlang.lower.placement import PinDraft, merge_stage_fields, stage_draft, stage_pin
 from gkdlang.lower.readers import (
     check_arity,
     read_block,
@@ -18,15 +19,17 @@ from gkdlang.lower.readers import (
     read_fraction,
     read_int,
     read_kwargs,
+    not_executed,
     read_num,
 )
 
 
-def lower_stages(lw: Lowerer, decls: list[ast.StageDecl]) -> list[StageSpec]:
+def lower_stages(lw: Lowerer, decls: list[ast.StageDecl],
+                 pins: dict[str | None, PinDraft] | None = None) -> list[StageSpec]:
     by_name = {d.name.name: d for d in decls}
     lowered: dict[str, StageSpec] = {}
     for decl in decls:
-        stage = lw.guard(lower_stage, lw, decl)
+        stage = lw.guard(lower_stage, lw, decl, pins or {})
         if stage is not None:
             lowered.setdefault(decl.name.name, stage)
     for decl in decls:
@@ -60,24 +63,35 @@ def stage_order(lw: Lowerer, decls, by_name) -> list[str]:
     return order
 
 
-def lower_stage(lw: Lowerer, decl: ast.StageDecl) -> StageSpec:
+def lower_stage(lw: Lowerer, decl: ast.StageDecl, pins: dict[str | None, PinDraft] | None = None) -> StageSpec:
     # every key is read under its own guard so that one bad value does not hide the errors of the others
     errors_before = len(lw.d.errors)
     opts = read_block(lw, decl.options, B.STAGE_KEYS, "stage")
+    own_opts = dict(opts)  # the stage block's own keys (a placement block may add micro_batch / checkpointing)
+    draft = stage_draft(pins or {}, decl.name.name)
     for key in ("data", "loss"):
         if key not in opts and not near_miss(decl.options, key):
             lw.err("missing-option", decl.options.span, f"stage '{decl.name.name}' needs '{key}'")
     data = lw.guard(read_data_name, lw, opts["data"]) if "data" in opts else None
     fields: dict[str, Any] = lw.guard(lower_duration, lw, decl, opts) or {}
+    not_executed(lw, opts, "stage")
     for key in ("batch", "micro_batch", "seq_len", "eval_every", "save_every"):
         if key in opts:
             value = lw.guard(read_int, lw, opts[key], key, 1)
+            if value is not None and key in ("batch", "micro_batch", "seq_len") and value > MAX_SIZES[key]:
+                lw.err("bad-value", opts[key].span, f"{key} {value:,} is larger than gkdc plans for "
+                       f"(at most {MAX_SIZES[key]:,})")
+                value = None
             if value is not None:
                 fields[key] = value
+    if "activation_checkpointing" in opts:
+        value = lw.guard(read_bool, lw, opts["activation_checkpointing"], "activation_checkpointing")
+        if value is not None:
+            fields["activation_checkpointing"] = value
+    lw.guard(merge_stage_fields, lw, draft, opts, fields)
     if "micro_batch" in fields and fields["micro_batch"] > fields.get("batch", 32):
         lw.err("bad-value", opts["micro_batch"].span, "micro_batch is larger than the global batch")
-    readers = {"activation_checkpointing": lambda e: read_bool(lw, e, "activation_checkpointing"),
-               "optimizer": lambda e: lower_optimizer(lw, e), "schedule": lambda e: lower_lr_schedule(lw, e)}
+    readers = {"optimizer": lambda e: lower_optimizer(lw, e), "schedule": lambda e: lower_lr_schedule(lw, e)}
     for key, read in readers.items():
         if key in opts:
             value = lw.guard(read, opts[key])
@@ -93,9 +107,50 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl) -> StageSpec:
         raise Skip()
     teachers += [m for iv in objective.interventions for m in iv.models
                  if m not in students and m not in teachers and lw.models[m].role != "student"]
+    check_positions(lw, decl, opts, fields, data, [*students, *teachers])
+    pin = stage_pin(lw, draft, own_opts, decl.name.name, teachers, own=decl.name.name in (pins or {}))
+    if len(lw.d.errors) > errors_before:
+        raise Skip()
     return StageSpec(name=decl.name.name, after=[a.name for a in decl.after], data=data, loss=terms,
                      interventions=list(objective.interventions), students=students, teachers=teachers,
-                     span=decl.span, **fields)
+                     pin=pin, span=decl.span, **fields)
+
+
+#: largest batch (examples per optimizer step), micro-batch and sequence length a plan may have: far beyond any
+#: real run, and small enough that every planning phase stays bounded
+MAX_SIZES = {"batch": 10**7, "micro_batch": 2**16, "seq_len": 2**20}
+
+
+def check_positions(lw: Lowerer, decl: ast.StageDecl, opts: dict[str, ast.Expr], fields: dict[str, Any], data: str,
+                    models: list[str]) -> None:
+    """The stage's sequence length fits every model it runs (the runtime refuses a longer one after loading)."""
+    if data not in lw.data:
+        return
+    seq = fields.get("seq_len") or lw.data[data].seq_len
+    known = [m for m in models if m in lw.models]
+    if not known:
+        return
+    shortest = min(known, key=lambda m: lw.models[m].arch.max_positions)
+    limit = lw.models[shortest].arch.max_positions
+    if seq <= limit:
+        return
+    if "seq_len" not in opts and not ddecl_has(lw, data):
+        fields["seq_len"] = limit  # the default 512 is longer than the models: the stage runs at their length
+        return
+    if "seq_len" in opts:
+        span = opts["seq_len"].span
+    else:
+        ddecl = lw.data_decls.get(data)
+        entry = next((e for e in (ddecl.options.entries if ddecl and ddecl.options else ()) if e.key.name == "seq_len"),
+                     None)
+        span = entry.value.span if entry is not None else (ddecl.span if ddecl else decl.span)
+    raise lw.err("bad-value", span, f"seq_len {seq} is longer than model '{shortest}' accepts ({limit} positions)",
+                 f"use seq_len: {limit} or less")
+
+
+def ddecl_has(lw: Lowerer, data: str) -> bool:
+    ddecl = lw.data_decls.get(data)
+    return bool(ddecl and ddecl.options and any(e.key.name == "seq_len" for e in ddecl.options.entries))
 
 
 def lower_duration(lw: Lowerer, decl: ast.StageDecl, opts: dict[str, ast.Expr]) -> dict[str, Any]:
@@ -170,7 +225,7 @@ def stage_interventions(lw: Lowerer, objective: Objective, opts: dict[str, ast.E
     """Checks of interventions against each other and the stage's keys; returns forced stage fields."""
     ivs = objective.interventions
     forced: dict[str, Any] = {}
-    rewriting = [iv for iv in ivs if iv.kind in B.INTERVENTIONS and B.INTERVENTIONS[iv.kind].rewrites_forward]
+    rewriting = [iv for iv in ivs if iv.rewrites_forward]
     if len(rewriting) > 1:
         a, b = rewriting[0], rewriting[1]
         raise lw.err("incompatible-methods", b.span, f"{b.kind} and {a.kind} both rewrite the student's "
@@ -179,16 +234,13 @@ def stage_interventions(lw: Lowerer, objective: Objective, opts: dict[str, ast.E
     ranks = lw.cluster.nodes * lw.cluster.gpus_per_node if lw.cluster else 1
     batch = fields.get("batch", 32)
     for iv in ivs:
-        if iv.kind == "interchange":
-            forced.update(check_interchange(lw, iv, opts, fields))
-        elif iv.kind == "perturb":
-            forced.update(check_perturb(lw, iv, opts, fields, ranks, batch))
-        elif iv.kind == "weigh":
-            check_weigh(lw, iv, opts, fields, ranks, batch, data)
+        check = STAGE_CHECKS.get(type(iv))
+        if check is not None:
+            forced.update(check(lw, iv, opts, fields, ranks, batch, data) or {})
     return forced
 
 
-def check_interchange(lw: Lowerer, iv: Intervention, opts, fields) -> dict[str, Any]:
+def check_interchange(lw: Lowerer, iv: Interchange, opts, fields, ranks: int, batch: int, data: str) -> dict[str, Any]:
     # DIITO backpropagates through the swapped states; recomputing them under checkpointing breaks that
     if fields.get("activation_checkpointing") is True:
         raise lw.err("interchange-checkpointing", opts["activation_checkpointing"].span,
@@ -198,7 +250,7 @@ def check_interchange(lw: Lowerer, iv: Intervention, opts, fields) -> dict[str, 
     return {"activation_checkpointing": False}
 
 
-def check_perturb(lw: Lowerer, iv: Intervention, opts, fields, ranks: int, batch: int) -> dict[str, Any]:
+def check_perturb(lw: Lowerer, iv: Perturb, opts, fields, ranks: int, batch: int, data: str) -> dict[str, Any]:
     # pass 1's gradients are discarded, which accumulated micro-batch gradients cannot survive
     micro = fields.get("micro_batch")
     if micro is not None and micro * ranks < batch:
@@ -210,13 +262,12 @@ def check_perturb(lw: Lowerer, iv: Intervention, opts, fields, ranks: int, batch
     return {"grad_accum_allowed": False}
 
 
-def check_weigh(lw: Lowerer, iv: Intervention, opts, fields, ranks: int, batch: int, data: str) -> None:
-    params = iv.params
-    if params.get("needs_labels") and data in lw.data and lw.data[data].label is None:
+def check_weigh(lw: Lowerer, iv: Weigh, opts, fields, ranks: int, batch: int, data: str) -> None:
+    if iv.needs_labels and data in lw.data and lw.data[data].label is None:
         raise lw.err("no-labels", iv.span, f"weigh(by: teacher_ce) needs labels but data '{data}' has none",
                      "add `label: <column>` to the data block")
-    n = len(params["units"])
-    if not params.get("hard"):
+    n = len(iv.units)
+    if not iv.hard:
         return
     micro = fields.get("micro_batch")
     per_rank = micro if micro is not None else batch // max(ranks, 1)
@@ -228,12 +279,21 @@ def check_weigh(lw: Lowerer, iv: Intervention, opts, fields, ranks: int, batch: 
                      f"use at least {n} examples per rank and micro-batch", related=[(iv.span, "weigh is here")])
 
 
+#: intervention class -> its check against the stage's keys (and the stage fields it forces)
+STAGE_CHECKS: dict[type[Intervention], Callable[..., dict[str, Any] | None]] = {
+    Interchange: check_interchange, Perturb: check_perturb, Weigh: check_weigh,
+}
+
+
 def lower_optimizer(lw: Lowerer, expr: ast.Expr) -> OptimizerSpec:
     if isinstance(expr, ast.Name):
         expr = ast.Call(expr.span, expr, (), ())
     if not (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name)):
         raise lw.err("type-mismatch", expr.span, "optimizer is adamw(lr: ..., betas: (..), weight_decay: ..)")
     name = expr.func.id
+    if name == "lamb":  # GKD's optimizer: refused rather than silently trained with another
+        raise lw.err("unknown-function", expr.func.span, "optimizer 'lamb' is not implemented by gkdc's runtime",
+                     f"optimizers: {', '.join(B.OPTIMIZERS)} (adamw with a larger lr is the usual stand-in)")
     if name not in B.OPTIMIZERS:
         raise lw.err("unknown-function", expr.func.span, f"unknown optimizer '{name}'",
                      did_you_mean(name, B.OPTIMIZERS) or f"optimizers: {', '.join(B.OPTIMIZERS)}")

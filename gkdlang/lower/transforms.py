@@ -7,9 +7,9 @@ from dataclasses import replace
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import OpNode
+from gkdlang.spec import Anneal, Attend, Concat, Mean, Normalize, Pool, Project, Relation, SelectVocab, Spans, Stack
 from gkdlang.values import Feat, Item, ItemSet, LayerMap, PerModel, Symbol
-from gkdlang.lower.context import Lowerer, Scope, describe, fill_projection
+from gkdlang.lower.context import Lowerer, Scope, default_of, describe, fill_projection
 from gkdlang.lower.readers import (
     check_arity,
     items_of,
@@ -50,7 +50,7 @@ def project(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
             raise lw.err("type-mismatch", e.args[0].span, f"project() maps hidden-state-like signals, not "
                          f"{it.feat.kind}")
         module = key if shared else f"{key}.{it.layer}"
-        node = OpNode(op="project", inputs=[it.node], params={"in": it.feat.dim, "out": out}, module=module)
+        node = Project(inputs=[it.node], dim_in=it.feat.dim, dim_out=out, module=module)
         items.append(replace(it, node=node, feat=replace(it.feat, dim=out)))
     return replace(xs, items=tuple(items))
 
@@ -68,8 +68,7 @@ def relation(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
             raise lw.err("relation-heads", (kw.get("heads") or e).span,
                          f"{heads} relation heads do not divide width {it.feat.dim} of {describe(it)}")
         softmax = read_bool(lw, kw["softmax"], "softmax", scope) if "softmax" in kw else True
-        params = {"heads": heads} if softmax else {"heads": heads, "softmax": False}
-        node = OpNode(op="relation", inputs=[it.node], params=params)
+        node = Relation(inputs=[it.node], heads=heads, softmax=softmax)
         items.append(replace(it, node=node, feat=Feat("relation", heads=heads, probs=softmax)))
     return replace(xs, items=tuple(items))
 
@@ -93,14 +92,14 @@ def pool(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
     for it in xs.items:
         if it.feat.kind not in ("hidden", "qkv"):
             raise lw.err("type-mismatch", e.args[0].span, f"pool() takes hidden states, not {it.feat.kind}")
-        node = OpNode(op="pool", inputs=[it.node], params={"how": how})
+        node = Pool(inputs=[it.node], how=how)
         items.append(replace(it, node=node, feat=Feat("pooled", dim=it.feat.dim)))
     return replace(xs, items=tuple(items))
 
 
 def normalize(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
     check_arity(lw, e, 1, "normalize")
-    items = tuple(replace(it, node=OpNode(op="normalize", inputs=[it.node])) for it in xs.items)
+    items = tuple(replace(it, node=Normalize(inputs=[it.node])) for it in xs.items)
     return replace(xs, items=items)
 
 
@@ -114,7 +113,7 @@ def select(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
     for it in xs.items:
         if it.feat.kind != "logits":
             raise lw.err("type-mismatch", e.args[0].span, "select() takes logits")
-        items.append(replace(it, node=OpNode(op="select_vocab", inputs=[it.node], params={"vocab": name}),
+        items.append(replace(it, node=SelectVocab(inputs=[it.node], vocab=name),
                              feat=replace(it.feat, vocab=f"vocab:{name}")))
     return replace(xs, items=tuple(items))
 
@@ -135,7 +134,7 @@ def attend(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
         raise lw.err("dim-mismatch", e.span, f"attend() needs equal widths: {t_dim} (teacher layers) vs "
                      f"{q_dim} (query)", "project the query: attend(t.hidden, project(s.hidden))")
     first = xs.items[0]
-    items = tuple(Item(OpNode(op="attend", inputs=[q.node, *(t.node for t in xs.items)]), first.feat,
+    items = tuple(Item(Attend(inputs=[q.node, *(t.node for t in xs.items)]), first.feat,
                        first.model, q.layer, e.span) for q in query.items)
     return ItemSet(items, layered=query.layered, span=e.span)
 
@@ -146,7 +145,7 @@ def anneal(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
     if "phi" not in kw:
         raise lw.err("missing-option", e.span, "anneal() needs 'phi', e.g. anneal(x, phi: linear(0.1, 1))")
     phi = read_option(lw, kw["phi"], "phi", "schedule", scope)
-    items = tuple(replace(it, node=OpNode(op="anneal", inputs=[it.node], params={"phi": phi}))
+    items = tuple(replace(it, node=Anneal(inputs=[it.node], phi=phi))
                   for it in xs.items)
     return replace(xs, items=items)
 
@@ -166,7 +165,7 @@ def reduce_layers(lw: Lowerer, e, xs: ItemSet, op: str) -> ItemSet:
         raise lw.err("shape-mismatch", e.span, f"{op}() needs signals of one kind and width")
     kind, dim = feats.pop()
     out_dim = dim * len(xs.items) if op == "concat" and dim else dim
-    node = OpNode(op=op, inputs=[it.node for it in xs.items])
+    node = (Concat if op == "concat" else Mean)(inputs=[it.node for it in xs.items])
     first = xs.items[0]
     return ItemSet((Item(node, replace(first.feat, dim=out_dim), first.model, None, e.span),), span=e.span)
 
@@ -191,7 +190,7 @@ def stack(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
     if len(feats) != 1 or xs.items[0].feat.kind not in ("hidden", "qkv"):
         raise lw.err("shape-mismatch", e.span, "stack() needs hidden states of one width")
     first = xs.items[0]
-    node = OpNode(op="stack", inputs=[it.node for it in xs.items], params={"axis": -2})
+    node = Stack(inputs=[it.node for it in xs.items])
     feat = replace(first.feat, items=len(xs.items))
     return ItemSet((Item(node, feat, first.model, None, e.span),), span=e.span)
 
@@ -199,17 +198,14 @@ def stack(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
 def spans(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
     """spans(x, max: 40%): mean-pooled random contiguous spans of positions (MGSKD's span level)."""
     check_arity(lw, e, 1, "spans")
-    longest = read_fraction(lw, kw["max"], "max", scope) if "max" in kw else 0.4
+    longest = read_fraction(lw, kw["max"], "max", scope) if "max" in kw else default_of(Spans, "max_fraction")
     if longest <= 0:
         raise lw.err("bad-value", kw["max"].span, "max must be above 0%")
     items = []
     for it in xs.items:
         if it.feat.kind not in ("hidden", "qkv"):
             raise lw.err("type-mismatch", e.args[0].span, f"spans() takes hidden states, not {it.feat.kind}")
-        node = OpNode(op="spans", inputs=[it.node], params={
-            "max_fraction": longest, "pool": "mean", "segmentation": "drawn once per step, shared by every "
-            "spans() op of the stage"})
-        items.append(replace(it, node=node))
+        items.append(replace(it, node=Spans(inputs=[it.node], max_fraction=longest)))
     return replace(xs, items=tuple(items))
 
 

@@ -8,7 +8,9 @@ Where each signal is read (the same for every family; the adapter names the modu
 - ``query/key/value[i]``: outputs of the projections (GPT-2: the fused ``c_attn`` split in three), pre-rotary;
 - ``ffn[i]``: input of the FFN down projection (activation, times the up projection for gated FFNs);
 - ``attn_scores/attn_probs[i]``: recorded by the eager attention tap (``attention.py``);
-- ``logits`` / ``task_logits``: the ``logits`` of the model's own forward (rank 3 = LM head, rank 2 = task head).
+- ``logits`` / ``task_logits``: the ``logits`` of the model's own forward (rank 3 = LM head, rank 2 = task head);
+  with ``fused_head`` the base model runs instead and ``logits`` is a ``HeadLogits`` (final hidden states + the
+  head's weight) that the chunked loss kernels turn into logits one chunk of rows at a time.
 
 Early stop: when ``stop_after_layer`` is set and the head is not needed, a forward hook on that block raises
 a private exception that ``capture`` catches. We chose this over re-implementing the block loop because the
@@ -35,6 +37,7 @@ from transformers import PreTrainedModel
 from planner.plan import CapturePoint, ModelCapture
 from runtime.adapters.attention import AttentionTap, attention_taps
 from runtime.adapters.families import Adapter, adapter_for
+from runtime.chunked import HeadLogits
 from runtime.errors import RunError
 
 LAYERED_KINDS = frozenset({"hidden", "attn_scores", "attn_probs", "query", "key", "value", "ffn"})
@@ -112,9 +115,10 @@ def capture(model: nn.Module, batch: dict[str, Tensor], capture: ModelCapture, *
             stack.enter_context(torch.no_grad())
         stack.enter_context(_hooks(_plan_hooks(adapter, blocks, capture, record, stop)))
         stack.enter_context(attention_taps(hf, _attention_taps(adapter, blocks, capture), record))
-        output = _forward(model, _model_inputs(batch, adapter, capture.model))
+        inputs = _model_inputs(batch, adapter, capture.model)
+        output = _forward(hf.base_model if _base_only(hf, capture, grad) else model, inputs)
     signals = {key: _join(tensors) for key, tensors in store.items()}
-    signals.update(_head_signals(output, capture))
+    signals.update(_fused_head(hf, output, capture) if capture.fused_head else _head_signals(output, capture))
     _check_complete(signals, capture, adapter)
     return Captured(capture.model, signals)
 
@@ -137,6 +141,10 @@ def _model_inputs(batch: dict[str, Tensor], adapter: Adapter, name: str) -> dict
     inputs: dict[str, Any] = {k: batch[k] for k in adapter.model_inputs if k in batch}
     if adapter.causal:
         inputs["use_cache"] = False
+    if adapter.causal and "position_ids" in batch:
+        # packed blocks: restarting position ids and no mask make transformers build a block-diagonal causal mask
+        inputs["position_ids"] = batch["position_ids"]
+        inputs.pop("attention_mask", None)
     return inputs
 
 
@@ -305,6 +313,25 @@ def _attention_taps(adapter: Adapter, blocks: nn.ModuleList, capture: ModelCaptu
 
 
 # --- head -------------------------------------------------------------------------------------------------
+
+
+def _base_only(hf: nn.Module, capture: ModelCapture, grad: bool) -> bool:
+    """Run the base model without its head: the head is fused into the loss, or a trained model's head output is
+    not planned (its logits would be computed, then dropped, at the peak of the forward). A frozen teacher keeps
+    its wrapper's forward (a partitioned engine's hooks) and stops early instead."""
+    if hf.base_model is hf:
+        return False
+    return capture.fused_head or (grad and not capture.needs_head)
+
+
+def _fused_head(hf: nn.Module, output: Any, capture: ModelCapture) -> dict[Key, Any]:
+    """The plan fuses the LM head into the loss: the base model's output (after its final norm) and the head's
+    weight stand in for the logits, which the chunked loss kernels form one chunk of rows at a time."""
+    head = hf.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or getattr(output, "last_hidden_state", None) is None:
+        raise RunError(f"model '{capture.model}' ({type(hf).__name__}): the plan fuses its LM head into the loss, "
+                       "but its head is not one linear layer over the base model's output; re-plan without it")
+    return {("logits", None): HeadLogits(output.last_hidden_state, head.weight, head.bias)}
 
 
 def _head_signals(output: Any, capture: ModelCapture) -> dict[Key, Tensor]:

@@ -1,0 +1,113 @@
+"""Models built into their placement (issue 11), two ranks on CPU through the deepspeed launcher.
+
+``scale_ranks.py`` runs on both ranks: a ZeRO-3 teacher built partitioned and streamed from safetensors gives
+the replicated teacher's logits and hidden states exactly (asserted to 1e-5), a pruned teacher is built with
+only its blocks, and each rank's peak resident memory (VmHWM, reset before each phase) while building the
+teacher, building + loading a ZeRO-3 student and saving it stays under what a whole copy would cost.
+Measured (2 ranks, 127 MB fp32 teacher T, 51 MB fp32 student S): partitioned 0.53 T / 0.39 T, student
+0.32 S / 0.59 S, save 0.44 S on rank 0 and ~0 on rank 1; the old whole-copy path 1.03 T / 0.73 T and
+1.23 S / 1.42 S, which the bounds below refuse (``test_the_check_catches_a_whole_copy``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER_BOUND = 0.75  # of the teacher's bytes: 1/2 (the shard) + one gathered module + slack
+STUDENT_BOUND = 0.8  # of the fp32 student's bytes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _models(root: Path) -> tuple[Path, Path]:
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    dirs = []
+    for name, hidden, layers, inter in (("teacher", 512, 8, 1408), ("student", 384, 4, 1024)):
+        cfg = tf.LlamaConfig(vocab_size=8000, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                             tie_word_embeddings=False)
+        tf.LlamaForCausalLM(cfg).save_pretrained(root / name)
+        dirs.append(root / name)
+    return dirs[0], dirs[1]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    return _models(tmp_path_factory.mktemp("scale"))
+
+
+def _run(model_dirs, out: Path, mode: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}
+    env["PYTHONPATH"] = str(REPO)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    launcher = Path(sys.executable).with_name("deepspeed")
+    argv = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), str(REPO / "tests" / "scale_ranks.py"),
+            str(model_dirs[0]), str(model_dirs[1]), str(out / "check.json"), mode]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    done = [out / f"check-rank{r}.json" for r in (0, 1)]
+    log = (proc.stdout + proc.stderr)[-4000:]
+    assert all(p.exists() for p in done), f"a rank did not finish (exit {proc.returncode}):\n{log}"
+    return [json.loads(p.read_text()) for p in done]
+
+
+@pytest.mark.deepspeed
+def test_partitioned_teacher_equals_replicated_and_no_rank_holds_a_whole_copy(model_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    ranks = _run(model_dirs, tmp_path, "partitioned")
+    for r in ranks:
+        assert r["teacher_partitioned"]
+        assert all(diff <= 1e-5 for diff in r["max_abs_diff"].values()), r["max_abs_diff"]
+        assert r["pruned_blocks"] == 1 and r["pruned_head"] == "Identity"
+        assert r["teacher_build"] < TEACHER_BOUND * r["teacher_bytes"], r
+        assert r["student_build_load"] < STUDENT_BOUND * r["student_bytes"], r
+    assert ranks[1]["student_save"] < 0.25 * ranks[1]["student_bytes"]  # rank 1 only takes part in the gathers
+    assert ranks[0]["student_save"] < 0.6 * ranks[0]["student_bytes"]  # rank 0 writes one tensor at a time
+    # what was saved from the partitions is the student file that was loaded into them
+    want, got = load_file(str(model_dirs[1] / "model.safetensors")), load_file(ranks[0]["saved"])
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+
+
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_the_check_catches_a_whole_copy(model_dirs, tmp_path):
+    # the pre-issue-11 path (whole build on every rank, partitioned afterwards) must exceed the bounds
+    ranks = _run(model_dirs, tmp_path, "whole")
+    assert max(r["teacher_build"] / r["teacher_bytes"] for r in ranks) > TEACHER_BOUND
+    assert max(r["student_build_load"] / r["student_bytes"] for r in ranks) > STUDENT_BOUND
+
+
+@pytest.mark.deepspeed
+def test_a_run_with_a_sharded_teacher_ends_with_the_replicated_runs_student(tmp_path):
+    import torch
+
+    from test_multirank import _launch
+    from test_recipe import make_plan, student_tensors
+
+    students = []
+    for sharded in (False, True):
+        root = tmp_path / ("sharded" if sharded else "replicated")
+        plan_path = make_plan(root, steps=(3,), zero=2, world=2, micro=2, accum=1, sharded_teacher=sharded)
+        proc = _launch(plan_path, root / "out")
+        done = list((root / "out" / "ranks").glob("rank*.json"))
+        assert len(done) == 2, f"a rank did not finish:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        students.append(student_tensors(root / "out"))
+    replicated, sharded = students
+    assert replicated.keys() == sharded.keys()
+    for key in replicated:
+        torch.testing.assert_close(sharded[key], replicated[key], rtol=1e-5, atol=1e-6)

@@ -52,8 +52,8 @@ class Schedule(Frozen):
     until: float = 1.0
     levels: int | None = None
     """stairs: how many distinct values (period k has level min(k, levels - 1))."""
-    every: Literal["step", "epoch"] | None = None
-    """stairs: the period that moves to the next level."""
+    every: Literal["step", "epoch", "stage"] | None = None
+    """stairs: the period that moves to the next level (``stage``: each n-th of the stage's steps)."""
 
     def at(self, frac: float, *, step: int = 0, epoch: int = 0) -> float:
         """Value at training progress ``frac`` in [0, 1] (``stairs``: at optimizer step ``step`` / epoch ``epoch``)."""
@@ -65,7 +65,10 @@ class Schedule(Frozen):
             levels = max(int(self.levels or 1), 1)
             if levels == 1:
                 return self.end
-            k = min(epoch if self.every == "epoch" else step, levels - 1)
+            if self.every == "stage":  # GKD's Annealing-KD: level floor(frac * n); the epsilon absorbs 6/7*7 = 5.999..
+                k = min(math.floor(frac * levels + 1e-9), levels - 1)
+            else:
+                k = min(epoch if self.every == "epoch" else step, levels - 1)
             return self.value + (self.end - self.value) * k / (levels - 1)
         if frac <= self.start:
             return self.value
@@ -509,11 +512,12 @@ class Drop(Intervention):
     p: float = 0.25
     every: Literal["step"] = "step"
     min_kept: int = 1
-    """When every drop group of the stage is drawn, this many (drawn) are kept."""
+    """When every drop group of the stage is drawn, this many (drawn) are kept (``0``: every group may drop at
+    once, GKD's DGKD; a stage's drop groups share one draw, so the runtime takes their largest value)."""
     meaning: str = ("each step the group's terms are left out together with probability p, independently of "
                     "other drop groups; if every drop group of the stage is dropped, one drawn at random is kept")
 
-    options: ClassVar[dict[str, str]] = {"p": "fraction", "per": "symbol"}
+    options: ClassVar[dict[str, str]] = {"p": "fraction", "per": "symbol", "min_kept": "int"}
     doc: ClassVar[str] = ("DGKD: each group of terms dropped with probability p per step (per: teacher, one group "
                           "per teacher)")
 

@@ -14,6 +14,11 @@ states' and the head weight's gradients (``g @ W`` and ``g.T @ h``, accumulated 
 scales what the forward computed. A teacher given as ``HeadLogits`` forms its logits chunk by chunk the same
 way (no gradient).
 
+A target that carries a graph (a teacher-side learned map, ``losses.target_grad``) gets its gradient chunk by
+chunk too: each chunk's row loss is recomputed differentiably (the kernel's ``target_rows``) on that chunk's
+fp32 copies and ``torch.autograd.grad`` gives the chunk's target gradient, written into one buffer in the
+target's dtype; only a chunk's worth of autograd state exists at a time.
+
 Every row kernel is ``(x, y, extra) -> (row loss [c], d loss / d x [c, K])`` with ``x`` the student's fp32
 logits / T (overwritten), ``y`` the teacher's (or None). Rows weigh ``mask / count`` (times T^2 where
 asked); columns may be selected (GLMD's compressed vocabulary) on either side.
@@ -132,6 +137,7 @@ def _mixture_jsd(beta: float) -> Callable:
         grad = x.sub_(row_q[:, None]).mul_(q).mul_(1.0 - beta)
         return beta * row_p + (1.0 - beta) * row_q, grad
 
+    kernel.target_rows = _rows_mixture(beta)
     return kernel
 
 
@@ -170,6 +176,35 @@ def gjsd_kernel(beta: float) -> Callable:
     if beta == 1.0:
         return _reverse_kl
     return _mixture_jsd(beta)
+
+
+def _rows_kl(x: Tensor, y: Tensor) -> Tensor:
+    lq, lp = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def _rows_kl_reverse(x: Tensor, y: Tensor) -> Tensor:
+    lq, lp = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    return (lq.exp() * (lq - lp)).sum(-1)
+
+
+def _rows_soft_ce(x: Tensor, y: Tensor) -> Tensor:
+    return -(torch.softmax(y, -1) * torch.log_softmax(x, -1)).sum(-1)
+
+
+def _rows_mixture(beta: float) -> Callable:
+    def rows(x: Tensor, y: Tensor) -> Tensor:
+        lq, lp = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+        lm = torch.logaddexp(lp + math.log(beta), lq + math.log(1.0 - beta))
+        return beta * (lp.exp() * (lp - lm)).sum(-1) + (1.0 - beta) * (lq.exp() * (lq - lm)).sum(-1)
+
+    return rows
+
+
+# the differentiable row loss of each teacher-reading kernel (x, y fp32 logits / T): a target with a graph
+_forward_kl.target_rows = _rows_kl
+_reverse_kl.target_rows = _rows_kl_reverse
+_soft_ce.target_rows = _rows_soft_ce
 
 
 KERNELS: dict[str, Callable] = {
@@ -230,9 +265,20 @@ class _Side:
 # ---------------------------------------------------------------- the driver
 
 
+def _target_grad_rows(kernel: Callable, target: _Side, x_rows: Tensor, pred: _Side, y_rows: Tensor, r0: int,
+                      r1: int, w: Tensor) -> Tensor:
+    """d loss / d target logits of rows r0..r1 (fp32, the target's selected columns), by autograd on the chunk."""
+    with torch.enable_grad():
+        y = target.chunk(y_rows, r0, r1).requires_grad_()
+        row = kernel.target_rows(pred.chunk(x_rows, r0, r1), y)
+        (g,) = torch.autograd.grad((row * w).sum(), y)
+    return g.div_(target.T)
+
+
 def _run(pred: _Side, target: _Side | None, kernel: Callable, extra_rows, row_w: Tensor, chunk: int | None,
-         grad_pred: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(loss, grad of the pred rows or hidden states, fp32 grad of the head weight) over all rows, by chunks."""
+         grad_pred: bool, grad_target: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(loss, grad of the pred rows or hidden states, fp32 grads of the head weight and bias, grad of the target
+    rows) over all rows, by chunks."""
     x_rows = pred.flat
     y_rows = target.flat if target is not None else None
     n, width = x_rows.shape[0], pred.width
@@ -250,9 +296,21 @@ def _run(pred: _Side, target: _Side | None, kernel: Callable, extra_rows, row_w:
             # unselected columns get no gradient: zeros; otherwise every element is written
             grad = (torch.zeros if pred.cols is not None else torch.empty)(n, dense.shape[-1], dtype=dense.dtype,
                                                                            device=dense.device)
+    grad_t = None
+    if grad_target:
+        dense_t = target.value
+        grad_t = (torch.zeros if target.cols is not None else torch.empty)(n, dense_t.shape[-1], dtype=dense_t.dtype,
+                                                                           device=dense_t.device)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         w = row_w[r0:r1]
+        if grad_target:
+            g_t = _target_grad_rows(kernel, target, x_rows, pred, y_rows, r0, r1, w)
+            if target.cols is not None:
+                grad_t[r0:r1].index_copy_(-1, target.cols, g_t.to(grad_t.dtype))
+            else:
+                grad_t[r0:r1] = g_t
+            del g_t
         x = pred.chunk(x_rows, r0, r1)
         y = target.chunk(y_rows, r0, r1) if target is not None else None
         row, g = kernel(x, y, extra_rows(r0, r1) if extra_rows is not None else None)
@@ -272,44 +330,44 @@ def _run(pred: _Side, target: _Side | None, kernel: Callable, extra_rows, row_w:
         else:
             grad[r0:r1] = g
         del x, y, g, row  # before the next chunk's operands exist
-    return total, grad, (g_w, g_b)
+    return total, grad, (g_w, g_b), grad_t
 
 
 class _ChunkedDense(torch.autograd.Function):
     """Loss over dense student logits; the gradient buffer (pred dtype) is filled in forward."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, job: "_Job") -> Tensor:
-        total, grad, _ = _run(job.pred, job.target, job.kernel, job.extra, job.row_w, job.chunk, job.grad)
-        ctx.grad = grad
-        ctx.shape = z.shape
+    def forward(ctx, z: Tensor, t: Tensor | None, job: "_Job") -> Tensor:
+        total, grad, _, grad_t = _run(job.pred, job.target, job.kernel, job.extra, job.row_w, job.chunk, job.grad,
+                                      job.grad_target)
+        ctx.grad, ctx.grad_t = grad, grad_t
+        ctx.shape, ctx.t_shape = z.shape, None if t is None else t.shape
         return total
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            return None, None
-        if not _is_one(g):
-            grad.mul_(g.to(grad.dtype))
-        return grad.view(ctx.shape), None
+        (grad, grad_t), ctx.grad, ctx.grad_t = (ctx.grad, ctx.grad_t), None, None
+        return _scaled(grad, g, ctx.shape), _scaled(grad_t, g, ctx.t_shape), None
 
 
 class _ChunkedHead(torch.autograd.Function):
     """Loss over a student head (hidden states, weight, bias) whose logits are formed one chunk at a time."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, job: "_Job") -> Tensor:
-        total, g_h, (g_w, g_b) = _run(job.pred, job.target, job.kernel, job.extra, job.row_w, job.chunk, job.grad)
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, t: Tensor | None, job: "_Job") -> Tensor:
+        total, g_h, (g_w, g_b), grad_t = _run(job.pred, job.target, job.kernel, job.extra, job.row_w, job.chunk,
+                                              job.grad, job.grad_target)
         ctx.grads = (g_h, g_w, g_b)
+        ctx.grad_t, ctx.t_shape = grad_t, None if t is None else t.shape
         ctx.meta = (h.shape, w.dtype, job.pred.cols, w.shape, None if b is None else (b.dtype, b.shape))
         return total
 
     @staticmethod
     def backward(ctx, g: Tensor):
         (g_h, g_w, g_b), ctx.grads = ctx.grads, (None, None, None)
+        grad_t, ctx.grad_t = _scaled(ctx.grad_t, g, ctx.t_shape), None
         if g_h is None:
-            return None, None, None, None
+            return None, None, None, grad_t, None
         h_shape, w_dtype, cols, w_shape, b_meta = ctx.meta
         scale = None if _is_one(g) else g
         if scale is not None:
@@ -323,7 +381,16 @@ class _ChunkedHead(torch.autograd.Function):
             if g_b is not None:
                 g_b = torch.zeros(b_meta[1], dtype=torch.float32, device=g_b.device).index_copy_(0, cols, g_b)
         return (g_h.view(h_shape), g_w.to(w_dtype),
-                None if g_b is None else g_b.to(b_meta[0]), None)
+                None if g_b is None else g_b.to(b_meta[0]), grad_t, None)
+
+
+def _scaled(grad: Tensor | None, g: Tensor, shape) -> Tensor | None:
+    """A gradient computed in forward, times the incoming one, in its tensor's shape."""
+    if grad is None:
+        return None
+    if not _is_one(g):
+        grad.mul_(g.to(grad.dtype))
+    return grad.view(shape)
 
 
 def _is_one(g: Tensor) -> bool:
@@ -341,6 +408,7 @@ class _Job:
     row_w: Tensor
     chunk: int | None
     grad: bool
+    grad_target: bool = False
 
 
 def row_weights(rows: tuple[int, ...], mask: Tensor | None, scale: float, device) -> Tensor:
@@ -354,18 +422,25 @@ def row_weights(rows: tuple[int, ...], mask: Tensor | None, scale: float, device
 
 def chunked_loss(kernel: Callable, pred: Tensor | HeadLogits, target: Tensor | HeadLogits | None, *,
                  row_w: Tensor, T: float = 1.0, pred_cols: Tensor | None = None, target_cols: Tensor | None = None,
-                 extra: Callable | None = None, chunk: int | None = None) -> Tensor:
-    """sum_rows row_w * kernel row loss, with the gradient computed in this forward (see the module docstring)."""
+                 extra: Callable | None = None, chunk: int | None = None, target_grad: bool = False) -> Tensor:
+    """sum_rows row_w * kernel row loss, with the gradient computed in this forward (see the module docstring).
+
+    ``target_grad``: a dense target that requires grad gets its gradient as well (else it is treated as constant).
+    """
     p_side = _Side(pred, pred_cols, T)
     t_side = None if target is None else _Side(target, target_cols, T)
     if t_side is not None and t_side.width != p_side.width:
         raise RunError(f"teacher width {t_side.width} and student width {p_side.width} differ (select the "
                        "teacher's columns of a compressed vocabulary)")
+    keep_t = target_grad and isinstance(target, Tensor) and target.requires_grad and torch.is_grad_enabled()
+    if keep_t and getattr(kernel, "target_rows", None) is None:
+        raise RunError("this kernel cannot train its target (no differentiable row form)")
+    t_in = target if keep_t else None
     if isinstance(pred, HeadLogits):
         params = [pred.hidden, pred.weight] + ([pred.bias] if pred.bias is not None else [])
         needs = torch.is_grad_enabled() and any(t.requires_grad for t in params)
-        job = _Job(p_side, t_side, kernel, extra, row_w, chunk, needs)
-        return _ChunkedHead.apply(pred.hidden, pred.weight, pred.bias, job)
+        job = _Job(p_side, t_side, kernel, extra, row_w, chunk, needs, keep_t)
+        return _ChunkedHead.apply(pred.hidden, pred.weight, pred.bias, t_in, job)
     needs = torch.is_grad_enabled() and pred.requires_grad
-    job = _Job(p_side, t_side, kernel, extra, row_w, chunk, needs)
-    return _ChunkedDense.apply(pred, job)
+    job = _Job(p_side, t_side, kernel, extra, row_w, chunk, needs, keep_t)
+    return _ChunkedDense.apply(pred, t_in, job)

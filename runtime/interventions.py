@@ -159,7 +159,7 @@ def _terms_of(stage: StageSpec, group: str) -> list[str]:
 
 class Drop(Base):
     """Each step the group's terms are left out with probability p; one joint draw per step decides every drop
-    group of the stage, so that when all are dropped one (drawn) is kept (``min_kept: 1``)."""
+    group of the stage, so that when all are dropped one (drawn) is kept (``min_kept: 1``; ``0``: none, GKD's DGKD)."""
 
     kind = "drop"
 
@@ -674,9 +674,10 @@ def _units(iv: S.Weigh | S.SelectTeacher, setup: Setup) -> tuple[list[tuple[str,
 
 
 def _build_drop(iv: S.Drop, setup: Setup) -> Drop:
-    groups = [(i.group, i.p) for i in setup.stage.interventions if isinstance(i, S.Drop)]
-    return Drop(group=iv.group, terms=set(_terms_of(setup.stage, iv.group)), stage_groups=groups,
-                min_kept=iv.min_kept, seed=setup.seed)
+    drops = [i for i in setup.stage.interventions if isinstance(i, S.Drop)]
+    # one joint draw decides every drop group of the stage, so they must agree on the rescue: the largest
+    return Drop(group=iv.group, terms=set(_terms_of(setup.stage, iv.group)),
+                stage_groups=[(i.group, i.p) for i in drops], min_kept=max(i.min_kept for i in drops), seed=setup.seed)
 
 
 def _build_weigh(iv: S.Weigh, setup: Setup) -> Weigh:

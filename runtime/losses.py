@@ -29,6 +29,9 @@ key-masked attention maps.
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
+import contextvars
 import inspect
 import math
 from typing import Callable, NamedTuple
@@ -61,9 +64,23 @@ def _same_shape(name: str, target: Tensor, pred: Tensor) -> None:
         raise RunError(f"{name}: target shape {_shape(target)} and pred shape {_shape(pred)} differ")
 
 
+_TARGET_GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("gkdc_target_grad", default=False)
+
+
+@contextlib.contextmanager
+def target_grad(keep: bool = True) -> collections.abc.Iterator[None]:
+    """Within it the kernels keep the target's graph: a target computed by learned maps (a teacher-side
+    projection) or by attention over the student's own states trains them, as GKD's code trains them."""
+    token = _TARGET_GRAD.set(keep)
+    try:
+        yield
+    finally:
+        _TARGET_GRAD.reset(token)
+
+
 def _f32(target: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
-    """Detached fp32 target, fp32 pred (gradients reach pred only)."""
-    return target.detach().float(), pred.float()
+    """fp32 target, detached unless inside ``target_grad()``, and fp32 pred."""
+    return (target if _TARGET_GRAD.get() else target.detach()).float(), pred.float()
 
 
 def _row_mask(name: str, mask: Tensor | None, rows: torch.Size) -> Tensor | None:
@@ -290,7 +307,7 @@ def _distribution(name: str, kernel, target: Logits, pred: Logits, mask: Tensor 
             for c in (target_cols, pred_cols)]
     try:
         return chunked_loss(kernel, pred, target, row_w=weights, T=float(T), target_cols=cols[0], pred_cols=cols[1],
-                            chunk=chunk)
+                            chunk=chunk, target_grad=_TARGET_GRAD.get())
     except RunError as err:
         raise RunError(f"{name}: {err}") from None
 

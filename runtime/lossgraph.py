@@ -47,7 +47,7 @@ from gkdlang.spec import (
 from runtime.errors import RunError
 from runtime import transforms as T
 from runtime.chunked import HeadLogits
-from runtime.losses import LOSSES, check_options, get_loss, loss_options
+from runtime.losses import LOSSES, check_options, get_loss, loss_options, target_grad
 
 Signals = Mapping[str, Mapping[tuple[str, int | None], torch.Tensor]]
 """Model name -> {(kind, layer): tensor} as captured by the adapters."""
@@ -154,6 +154,7 @@ class LossGraph(nn.Module):
         self.seed = seed
         self.projections = nn.ModuleDict()
         self._key_masked = {t.id for t in self.terms if t.fn in LOSSES and "key_mask" in loss_options(t.fn)}
+        self._trainable_targets = {t.id for t in self.terms if _trains_target(t.target)}
         for term in self.terms:
             self._check_term(term)
             self._add_projections(term, term.pred, term.target)
@@ -233,8 +234,9 @@ class LossGraph(nn.Module):
             weight = float(term.weight.at(progress, step=step, epoch=epoch))
             if term.id not in active or weight == 0.0:
                 continue
-            value = self.term_value(term, signals, batch, progress, step=step, epoch=epoch,
-                                    rows=row_weights.get(term.id))
+            with target_grad(term.id in self._trainable_targets):
+                value = self.term_value(term, signals, batch, progress, step=step, epoch=epoch,
+                                        rows=row_weights.get(term.id))
             parts[term.id] = weight * value
         if not parts:
             zero = next(self.parameters(), None)
@@ -350,6 +352,14 @@ class LossGraph(nn.Module):
 def _in_window(term: LossTerm, progress: float) -> bool:
     gate = term.gate
     return gate.active_from <= progress and (progress < gate.active_until or gate.active_until >= 1.0)
+
+
+def _trains_target(node: Node) -> bool:
+    """A target built by a learned map or by attention over the student's states keeps its graph: GKD trains a
+    teacher-side projection (MT-BERT, RAIL-KD, Universal-KD) and ALP-KD's attention weights through the target."""
+    if isinstance(node, SignalNode):
+        return False
+    return node.module is not None or node.op == "attend" or any(_trains_target(x) for x in node.inputs)
 
 
 def _module_key(key: str) -> str:

@@ -141,7 +141,8 @@ def attend(student_h: Tensor, teacher_hs: Sequence[Tensor] | Tensor) -> Tensor:
     ``alpha = softmax_l(<s, t_l>)`` from unscaled dot products over the last dim, as in ALP-KD. ``student_h``
     is ``[..., d]`` (tokens ``[b, s, d]`` or pooled ``[b, d]``); ``teacher_hs`` a list of tensors of that shape
     or a stacked ``[L, ...]``. Widths must agree (project first). The result depends on ``student_h`` through
-    alpha; a loss that takes it as its target detaches it, as in the published method.
+    alpha; as a loss target it keeps its graph (the loss graph's ``target_grad``), so alpha trains the student as
+    in GKD's code.
     """
     ts = torch.stack(list(teacher_hs)) if not isinstance(teacher_hs, Tensor) else teacher_hs
     if ts.dim() != student_h.dim() + 1 or ts.shape[1:] != student_h.shape:

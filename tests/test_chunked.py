@@ -307,3 +307,78 @@ def test_loss_graph_hands_kernels_raw_logits_and_column_ids():
     expect = L.dense_kl(t.index_select(-1, keep), F.linear(h, w), T=2.0)
     assert total.item() == pytest.approx(expect.item(), rel=1e-2)  # bf16 head, fp32 loss
     assert h.grad.dtype == torch.bfloat16 and w.grad is not None
+
+
+TRAINABLE = [d for d in DISTS if d[0] in ("kl", "kl reverse", "soft_ce", "jsd", "gjsd 0.3", "gjsd 1")]
+
+
+@pytest.mark.parametrize("name,opts,new,ref", TRAINABLE, ids=[d[0] for d in TRAINABLE])
+@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_target_with_a_graph_gets_its_gradient_chunk_by_chunk(name, opts, new, ref, chunk, fused):
+    """Inside ``target_grad()`` (a teacher-side learned map) the chunked kernels train the target as autograd
+    through the dense formula does; outside it the target stays a constant."""
+    t0, mask = rnd(B, S, V, scale=3), padded_mask()
+    h, w = rnd(B, S, H, seed=2), rnd(V, H, seed=3) * 0.5
+    grads = {}
+    for kind, fn in (("chunked", lambda a, b: new(a, b, mask=mask, T=2.5, chunk=chunk, **opts)),
+                     ("dense", lambda a, b: ref(a, b.materialise() if isinstance(b, HeadLogits) else b, mask=mask,
+                                                T=2.5, **opts))):
+        t = t0.clone().requires_grad_(True)
+        hh = h.clone().requires_grad_(True)
+        pred = HeadLogits(hh, w) if fused else F.linear(hh, w)
+        with L.target_grad():
+            fn(t, pred).backward()
+        grads[kind] = (t.grad, hh.grad)
+    (gt, gh), (rt, rh) = grads["chunked"], grads["dense"]
+    assert gt is not None and rt is not None
+    assert (gt - rt).abs().max().item() <= 1e-5 * rt.abs().max().item()
+    assert (gh - rh).abs().max().item() <= 1e-5 * rh.abs().max().item()
+    assert gt[0, -3:].abs().max().item() == 0.0  # padding rows train nothing
+    t = t0.clone().requires_grad_(True)
+    new(t, F.linear(h, w).requires_grad_(True), mask=mask, T=2.5, chunk=chunk, **opts).backward()
+    assert t.grad is None  # no target_grad: the target is a constant, as before
+
+
+def test_target_gradient_with_selected_columns_lands_on_those_columns():
+    keep = torch.tensor([3, 0, 7, 9, 11, 20, 40])
+    t0, s = rnd(B, S, V, scale=3), rnd(B, S, len(keep), scale=3, seed=1)
+    out = []
+    for fn in (lambda a, b: L.kl(a, b, T=2.0, target_cols=keep, chunk=4),
+               lambda a, b: L.dense_kl(a.index_select(-1, keep), b, T=2.0)):
+        t = t0.clone().requires_grad_(True)
+        with L.target_grad():
+            fn(t, s.clone().requires_grad_(True)).backward()
+        out.append(t.grad)
+    assert (out[0] - out[1]).abs().max().item() <= 1e-5 * out[1].abs().max().item()
+    others = torch.ones(V, dtype=torch.bool)
+    others[keep] = False
+    assert out[0][..., others].abs().max().item() == 0.0
+
+
+def test_loss_graph_trains_a_teacher_side_map_feeding_a_chunked_kernel():
+    """A KL whose target is a learned map of the teacher's states (the loss graph's trainable target) runs the
+    chunked kernel and still trains the map, exactly as the dense formula does."""
+    from gkdlang.arch import arch_from_config
+    from gkdlang.spec import LossTerm, Project, SignalNode, Span
+    from runtime.lossgraph import LossGraph
+
+    span = Span(file="t", line=1, col=1, end_line=1, end_col=1)
+    target = Project(inputs=[SignalNode(model="t", kind="hidden", layer=1)], module="t_map", dim_in=8, dim_out=13)
+    term = LossTerm(id="kl", fn="kl", target=target, pred=SignalNode(model="s", kind="logits"), span=span,
+                    options={"T": 2.0})
+    arch = arch_from_config({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 13})
+    graph = LossGraph([term], {"t": arch, "s": arch})
+    th, s = rnd(2, 4, 8, seed=4), rnd(2, 4, 13, seed=5)
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)}
+    total, _ = graph({"t": {("hidden", 1): th}, "s": {("logits", None): s.clone().requires_grad_(True)}}, batch, 0.0)
+    total.backward()
+    proj = graph.projections["t_map"]
+    got = [p.grad.clone() for p in proj.parameters()]
+    assert all(g is not None and g.abs().max().item() > 0 for g in got)
+    for p in proj.parameters():
+        p.grad = None
+    with L.target_grad():
+        L.dense_kl(proj(th), s, T=2.0).backward()
+    for g, p in zip(got, proj.parameters()):
+        assert (g - p.grad).abs().max().item() <= 1e-5 * p.grad.abs().max().item()

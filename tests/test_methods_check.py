@@ -310,6 +310,14 @@ def test_stairs_schedule_lowers_to_levels_per_epoch():
     assert phi.at(0.0, step=7, epoch=0) == 0.25  # every: epoch ignores the step
 
 
+def test_stairs_every_stage_splits_the_stage_into_equal_parts():
+    result = check_source(STAIRS.format(loss="mse(anneal(bert.task_logits, phi: stairs(0.25, 1, levels: 4, "
+                                             "every: stage)), small.task_logits)"), "s.gkd", base_dir=CASES)
+    phi = result.spec.stages[0].loss[0].target.phi
+    assert phi.every == "stage"
+    assert [phi.at(x, epoch=9) for x in (0.0, 0.24, 0.25, 0.5, 0.74, 0.75, 1.0)] == [0.25, 0.25, 0.5, 0.75, 0.75, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("loss, code, at", [
     ("stairs(0.5, 1) * ce(labels, small.task_logits)", "missing-option", "stairs"),
     ("stairs(0.5, 1, levels: 0) * ce(labels, small.task_logits)", "bad-value", "0)"),
@@ -408,3 +416,22 @@ def test_relation_scores_option():
     bad = STAIRS.format(loss="mse(relation(bert.hidden[1], softmax: 3), relation(small.hidden[1]))")
     (d,) = [d for d in check_source(bad, "r.gkd", base_dir=CASES).diagnostics if d.severity == "error"]
     assert (d.code, d.span.line, d.span.col) == ("type-mismatch", 4, bad.splitlines()[3].index("3)") + 1)
+
+
+@pytest.mark.parametrize("loss, code, at", [
+    ("drop(soft_ce(bert.task_logits, small.task_logits), min_kept: -1)", "bad-value", "-1"),
+    ("drop(soft_ce(bert.task_logits, small.task_logits), min_kept: 0.5)", "bad-number", "0.5"),
+])
+def test_drop_min_kept_bad_input_has_a_code_and_position(loss, code, at):
+    text = STAIRS.format(loss=loss)
+    result = check_source(text, "d.gkd", base_dir=CASES)
+    errors = [d for d in result.diagnostics if d.severity == "error"]
+    assert [(d.code, d.span.line) for d in errors] == [(code, 4)], errors
+    assert errors[0].span.col == text.splitlines()[3].index(loss) + loss.index(at) + 1
+
+
+def test_drop_min_kept_reaches_the_intervention():
+    for extra, want in (("", 1), (", min_kept: 0", 0), (", min_kept: 2", 2)):
+        text = STAIRS.format(loss=f"drop(soft_ce(bert.task_logits, small.task_logits){extra})")
+        (iv,) = check_source(text, "d.gkd", base_dir=CASES).spec.stages[0].interventions
+        assert iv.min_kept == want

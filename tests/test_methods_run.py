@@ -179,7 +179,7 @@ stage select after average {{ data: sst2, steps: 4, batch: 8, loss: rl_kd([base,
 {T}assistant mid = like(bert) {{ layers: 3, head: classify(2) }}
 student small = like(bert) {{ layers: 2, head: classify(2) }}
 stage assistant_kd {{ data: sst2, steps: 4, batch: 8, loss: takd(bert, mid) }}
-stage student_kd after assistant_kd {{ data: sst2, steps: 4, batch: 8, loss: takd(mid, small) }}""", ["takd.takd/soft_ce"]),
+stage student_kd after assistant_kd {{ data: sst2, steps: 4, batch: 8, loss: takd(mid, small) }}""", ["takd.takd/kl"]),
     "dgkd": ("""use takd, dgkd
 {T}assistant mid = like(bert) {{ layers: 3, head: classify(2) }}
 student small = like(bert) {{ layers: 2, head: classify(2) }}

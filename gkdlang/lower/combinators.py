@@ -42,7 +42,7 @@ def lower_schedule(lw: Lowerer, e: ast.Call, name: str, scope: Scope) -> Schedul
 
 
 def lower_stairs(lw: Lowerer, e: ast.Call, scope: Scope) -> Schedule:
-    """stairs(a, b, levels: n, every: epoch): a to b in n equal steps, one per epoch (or step), then b."""
+    """stairs(a, b, levels: n, every: epoch): a to b in n equal steps, one per epoch (step, n-th of the stage)."""
     if len(e.args) != 2:
         raise lw.err("bad-arity", e.span, "stairs(start, end, levels: n, every: epoch) takes two values")
     a, b = (read_plain_number(lw, x, scope) for x in e.args)
@@ -50,8 +50,18 @@ def lower_stairs(lw: Lowerer, e: ast.Call, scope: Scope) -> Schedule:
     if "levels" not in kw:
         raise lw.err("missing-option", e.span, "stairs(...) needs levels: <how many values>")
     levels = read_int(lw, kw["levels"], "levels", minimum=1, scope=scope)
-    every = read_every(lw, kw, scope, "epoch")
+    every = read_stairs_every(lw, kw, scope)
     return Schedule(kind="stairs", value=a, end=b, levels=levels, every=every)
+
+
+def read_stairs_every(lw: Lowerer, kw: dict, scope: Scope) -> str:
+    """stairs' period: step, epoch, or stage (n equal parts of the stage's steps, GKD's Annealing-KD stair)."""
+    if "every" not in kw:
+        return "epoch"
+    v = lw.ev(kw["every"], scope)
+    if not isinstance(v, Symbol) or v.name not in (*B.EVERY, "stage"):
+        raise lw.err("bad-value", kw["every"].span, "every is step, epoch or stage")
+    return v.name
 
 
 def lower_pairs(lw: Lowerer, e: ast.Call, scope: Scope) -> LayerMap:

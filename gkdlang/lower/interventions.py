@@ -24,6 +24,7 @@ from gkdlang.lower.readers import (
     check_arity,
     read_bool,
     read_fraction,
+    read_int,
     read_kwargs,
     read_num,
     read_objective_arg,
@@ -111,21 +112,28 @@ def drop(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     p = read_fraction(lw, kw["p"], "p", scope) if "p" in kw else default_of(Drop, "p")
     if p >= 1:
         raise lw.err("bad-value", kw["p"].span, "p below 100%: a unit dropped at every step never trains")
+    # min_kept: 0 lets a step drop every group (GKD's DGKD); 1, the default, keeps one drawn at random
+    min_kept = read_int(lw, kw["min_kept"], "min_kept", 0, scope) if "min_kept" in kw else default_of(Drop, "min_kept")
     if "per" in kw:  # per: teacher -- each teacher's terms form a drop unit of their own (DGKD)
         read_symbol_value(lw, kw["per"], "per", ("teacher",), scope, "teacher")
         out = Objective()
         for part, _ in per_teacher(lw, obj):
-            one = drop_group(lw, e, part, p)
+            one = drop_group(lw, e, part, p, min_kept)
             out = Objective(out.terms + one.terms, out.interventions + one.interventions)
         return out
-    return drop_group(lw, e, obj, p)
+    return drop_group(lw, e, obj, p, min_kept)
 
 
-def drop_group(lw: Lowerer, e: ast.Call, obj: Objective, p: float) -> Objective:
+def drop_group(lw: Lowerer, e: ast.Call, obj: Objective, p: float, min_kept: int) -> Objective:
     group = lw.new_group("drop")
     terms = grouped(lw, e, obj.terms, Gate(group=group, every="step"))
     teachers = sorted({m for t in obj.terms for m in node_models(t.target.node)})
-    iv = Drop(models=teachers, span=e.span, group=group, p=p)
+    meaning = default_of(Drop, "meaning")
+    if min_kept != 1:
+        meaning = meaning.split("; ")[0] + "; " + (
+            f"if every drop group of the stage is dropped, {min_kept} drawn at random are kept" if min_kept
+            else "every group may be dropped at once")
+    iv = Drop(models=teachers, span=e.span, group=group, p=p, min_kept=min_kept, meaning=meaning)
     return Objective(terms, obj.interventions + (iv,))
 
 

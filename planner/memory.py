@@ -533,7 +533,11 @@ def bucket_items(zero_stage: int, buckets: ZeroBuckets, precision: str, world: i
         # overlap_comm double-buffers the reduce bucket; the all-gather bucket is used after the step
         return [MemoryItem(name="zero.buckets", bytes=(2 * reduce + gather) * w,
                            note="reduce (x2, overlap) + all-gather buckets")]
-    return [MemoryItem(name="zero.buckets", bytes=(reduce + prefetch) * w, note="reduce + stage-3 prefetch buckets")]
+    # DeepSpeed keeps up to stage3_max_live_parameters gathered while they are reused within the reuse distance
+    # (both MAX_LIVE_PARAMETERS): a student below it stays gathered from forward to backward (bench/scale.py)
+    live = min(buckets.max_live, trainable)
+    return [MemoryItem(name="zero.buckets", bytes=(reduce + prefetch) * w, note="reduce + stage-3 prefetch buckets"),
+            MemoryItem(name="zero.live_params", bytes=live * w, note="gathered parameters ZeRO-3 keeps live")]
 
 
 def overhead_item(device: Device) -> MemoryItem:

@@ -10,16 +10,17 @@ runtime (``--old-rev``, the commit before issue 11, unpacked with ``git archive`
 
 Cases (the teacher: Llama-style, random bf16 weights, 3.08 GB, ``bench/make_teacher.py``):
 
-- ``sharded``: the declared ``cpu_memory`` leaves 3.6 GiB per rank: a whole teacher per rank does not fit, the
-  planner picks ``sharded``; small replicated student.
+- ``sharded``: ``cpu_memory: 8GB`` leaves 3.73 GiB per rank (3.35 usable after the planner's margin): a whole
+  teacher per rank does not fit, the planner picks ``sharded``; small replicated student.
 - ``zero3``: a 1.2 GB fp32 student (4 blocks at the teacher's width) trained under ZeRO-3 (pinned through the
-  plan), MSE on hidden states of block 3, so the teacher is pruned to blocks 0..3 and sharded.
+  plan; ``cpu_memory: 14GB``), MSE on hidden states of block 3, so the teacher is pruned to blocks 0..3 and sharded.
 - ``cpu_offload``: the ``sharded`` spec with the teacher pinned to ``cpu_offload`` (ZeRO-3, parameters
   offloaded to host memory: on CPU the same memory as sharded, a different DeepSpeed path).
 
 Pinned placements are applied to the Plan object with the planner's own functions (estimate, DeepSpeed configs,
 host phases) until the language can pin them. Pass criteria printed per rank: VmHWM within 15% of the predicted
-host peak, and below 0.6 x teacher bytes + the student's share. Heavy: run under the shared lock,
+host peak, and below 0.6 x teacher bytes + the student's share (everything the plan puts on that rank at its
+peak phase besides the teacher: student, runtime, buffers). Heavy: run under the shared lock,
 ``flock /work/notes/heavy.lock timeout 900 python bench/scale.py --cases sharded``.
 """
 

@@ -97,7 +97,7 @@ data sst2 = jsonl("{data / 'sst2.jsonl'}") {{ text: sentence, label: label, seq_
 stage lm_stage {{ data: corpus, steps: 3, batch: 4, optimizer: adamw(lr: 1e-2), loss: ce(tokens, lm.logits) }}
 stage task after lm_stage {{ data: sst2, steps: 1, batch: 4, optimizer: adamw(lr: 1e-12, weight_decay: 0), loss: ce(labels, cls.task_logits) }}
 """)
-    r = gkdc("run", str(spec), "--out", str(tmp_path / "run"), "--no-progress")
+    r = gkdc("run", str(spec), "--out", str(tmp_path / "run"), "--no-progress", "--allow-path", str(ROOT))
     assert r.returncode == 0, r.stderr[-3000:]
     lm = load_file(tmp_path / "run" / "models" / "lm" / "model.safetensors")
     cls = load_file(tmp_path / "run" / "models" / "cls" / "model.safetensors")

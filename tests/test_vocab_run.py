@@ -45,7 +45,8 @@ def test_compressed_student_trains_saves_and_loads(tmp_path):
     spec = tmp_path / "glmd.gkd"
     spec.write_text(SPEC.format(root=ROOT))
     out = tmp_path / "run"
-    r = gkdc("run", str(spec), "--out", str(out), "--no-progress")
+    # the spec in a temporary folder reads the repository's files: allowed explicitly (docs/security.md)
+    r = gkdc("run", str(spec), "--out", str(out), "--no-progress", "--allow-path", str(ROOT))
     assert r.returncode == 0, r.stderr
     plan = json.loads((out / "plan.json").read_text())
     vocab = plan["spec"]["vocabs"]["s"]
@@ -90,7 +91,8 @@ def test_single_rank_run_ignores_a_stale_rendezvous_in_its_environment(tmp_path)
         env = dict(clean_env(), RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(taken.getsockname()[1]))
         r = subprocess.run([sys.executable, "-m", "gkdc", "run", str(spec), "--out", str(tmp_path / "run"),
-                            "--no-progress", "--max-steps", "1"], cwd=ROOT, env=env, capture_output=True,
+                            "--no-progress", "--max-steps", "1", "--allow-path", str(ROOT)], cwd=ROOT, env=env,
+                           capture_output=True,
                            text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.exists(tmp_path / "run" / "student" / "gkdc_vocab.json")

@@ -7,8 +7,9 @@ documents them (and a test checks that every name here appears in the docs).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
-from gkdlang.spec import INTERVENTION_CONSTRUCTS, OP_TYPES, Plateau
+from gkdlang.spec import INTERVENTION_CONSTRUCTS, OP_TYPES, LossTerm, Plateau
 
 #: signal attribute -> (layered, description)
 SIGNALS: dict[str, tuple[bool, str]] = {
@@ -68,6 +69,9 @@ LOSSES: dict[str, LossDef] = {
     "angle": LossDef({"window": "int", "heads": "int", "top_k": "int"}, frozenset({"hidden", "pooled"}),
                      "smooth L1 between triplet-angle tensors within a window (CKD / MGSKD relations)"),
 }
+
+#: every loss's ``average:`` option (LossTerm.average; its default, ``kept``, declared there)
+LOSS_AVERAGES: tuple[str, ...] = get_args(LossTerm.model_fields["average"].annotation)
 
 #: losses comparing relations *within* each model (pairwise distances, angles): the two sides may have
 #: different widths, but the same number of items along the related axis

@@ -414,6 +414,9 @@ class LossTerm(Frozen):
     """Kernel options, e.g. ``T`` (a Schedule), ``scale_t2``, ``reverse``."""
     mask: str | None = None
     """Token mask: "not pad", "masked", "cls", "not special", ... None = every position."""
+    average: Literal["kept", "all_positions"] = "kept"
+    """How a masked term averages: over the positions its mask keeps, or (``all_positions``, GKD's convention)
+    over every position, the masked-out ones counting 0: the kept mean times kept / all positions."""
     weight: Schedule = Schedule(value=1.0)
     gate: Gate = Gate()
     method: str | None = None

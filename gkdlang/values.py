@@ -120,6 +120,7 @@ class Term:
     options: dict[str, Any]
     span: Span
     mask: str | None = None
+    average: str = "kept"
     weight: Schedule = field(default_factory=lambda: Schedule(value=1.0))
     gate: Gate = field(default_factory=Gate)
     method: str | None = None

@@ -302,7 +302,7 @@ class LossGraph(nn.Module):
 
     def _term_value(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:
         target, pred, mask, options = self._operands(term, signals, ctx)
-        return LOSSES[term.fn](target, pred, mask=mask, **options)
+        return _averaged(term, LOSSES[term.fn](target, pred, mask=mask, **options), mask)
 
     def per_example(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:
         """``[b]``: the term's kernel on each example alone (every operand sliced on its batch dim)."""
@@ -317,7 +317,8 @@ class LossGraph(nn.Module):
             return x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == b else x
 
         values = [
-            LOSSES[term.fn](one(target, i), one(pred, i), mask=one(mask, i), **{k: one(v, i) for k, v in options.items()})
+            _averaged(term, LOSSES[term.fn](one(target, i), one(pred, i), mask=one(mask, i),
+                                            **{k: one(v, i) for k, v in options.items()}), one(mask, i))
             for i in range(b)
         ]
         return torch.stack(values)
@@ -352,6 +353,14 @@ class LossGraph(nn.Module):
 def _in_window(term: LossTerm, progress: float) -> bool:
     gate = term.gate
     return gate.active_from <= progress and (progress < gate.active_until or gate.active_until >= 1.0)
+
+
+def _averaged(term: LossTerm, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``average: all_positions`` (GKD's): the kept positions' mean times kept / all, so that the positions the mask
+    leaves out count 0 in a mean over every position; ``kept`` (the default) leaves the kernel's mean as it is."""
+    if term.average != "all_positions" or mask is None or mask.numel() == 0:
+        return value
+    return value * (mask.sum().to(torch.float32) / mask.numel())
 
 
 def _trains_target(node: Node) -> bool:

@@ -174,3 +174,29 @@ def test_relation_and_select_vocab_ops_match_the_transforms(data):
     missing = LossGraph(terms[1:], DIMS)
     with pytest.raises(RunError, match="loss term 'vc'.*kept rows of vocab 's'"):
         missing(signals, batch, 0.0)
+
+
+def test_average_all_positions_counts_masked_out_positions_as_zero_in_batch_and_per_example_values():
+    """``average: all_positions`` (GKD's): sum over the kept positions / every position, for the batch value and
+    for each example alone (weighted terms); the default ``kept`` averages over the kept positions."""
+    from gkdlang.arch import arch_from_config
+    from gkdlang.spec import LossTerm, SignalNode, Span
+    from runtime.lossgraph import LossGraph, _Ctx
+
+    span = Span(file="t", line=1, col=1, end_line=1, end_col=1)
+    arch = arch_from_config({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2, "vocab_size": 13})
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": mask}
+    sq = ((s - t) ** 2).mean(-1) * mask  # [b, s] per-position MSE, masked-out positions 0
+    for average, want, want_rows in (("kept", sq.sum() / mask.sum(), sq.sum(1) / mask.sum(1)),
+                                     ("all_positions", sq.sum() / mask.numel(), sq.sum(1) / 5)):
+        term = LossTerm(id="m", fn="mse", target=SignalNode(model="t", kind="hidden", layer=0),
+                        pred=SignalNode(model="s", kind="hidden", layer=0), mask="not pad", average=average,
+                        span=span)
+        graph = LossGraph([term], {"t": arch, "s": arch})
+        signals = {"t": {("hidden", 0): t}, "s": {("hidden", 0): s}}
+        assert graph.term_value(term, signals, batch, 0.0).item() == pytest.approx(want.item(), rel=1e-6)
+        rows = graph.per_example(term, signals, _Ctx(batch=batch, progress=0.0, term=term, step=0, epoch=0))
+        assert torch.allclose(rows, want_rows, rtol=1e-6)

@@ -430,6 +430,18 @@ def test_drop_min_kept_bad_input_has_a_code_and_position(loss, code, at):
     assert errors[0].span.col == text.splitlines()[3].index(loss) + loss.index(at) + 1
 
 
+def test_loss_average_reaches_the_term_and_bad_values_are_coded():
+    for extra, want in (("", "kept"), (", average: kept", "kept"), (", average: all_positions", "all_positions")):
+        text = STAIRS.format(loss=f"mse(bert.task_logits, small.task_logits{extra}) where not pad")
+        (term,) = check_source(text, "a.gkd", base_dir=CASES).spec.stages[0].loss
+        assert (term.average, term.mask) == (want, "not pad")
+    loss = "mse(bert.task_logits, small.task_logits, average: everything)"
+    text = STAIRS.format(loss=loss)
+    errors = [d for d in check_source(text, "a.gkd", base_dir=CASES).diagnostics if d.severity == "error"]
+    assert [(d.code, d.span.line) for d in errors] == [("bad-value", 4)], errors
+    assert errors[0].span.col == text.splitlines()[3].index(loss) + loss.index("everything") + 1
+
+
 def test_drop_min_kept_reaches_the_intervention():
     for extra, want in (("", 1), (", min_kept: 0", 0), (", min_kept: 2", 2)):
         text = STAIRS.format(loss=f"drop(soft_ce(bert.task_logits, small.task_logits){extra})")

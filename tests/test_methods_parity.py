@@ -780,12 +780,17 @@ def test_rail_kd(tdir, pad):
     close(value, best)
 
 
-@padded_differs("GLMKD zeroes the padded positions' logits (their KL is 0) and averages the "
-                                       "KL over all b x s positions; gkdc averages over the real ones")
-def test_glmd_word_prediction(tdir, pad):
+GLMD_PAD = ("GLMKD zeroes the padded positions' logits (their KL is 0) and averages the KL over all b x s "
+            "positions; gkdc's glmd averages over the real ones (glmd.glmd_glmkd: as GLMKD)")
+
+
+@pytest.mark.parametrize("variant,pad", [
+    pytest.param("glmd", "padded", marks=pytest.mark.xfail(strict=True, reason=GLMD_PAD)),
+    ("glmd", "unpadded"), ("glmd.glmd_glmkd", "padded"), ("glmd.glmd_glmkd", "unpadded")])
+def test_glmd_word_prediction(tdir, variant, pad):
     """LogitsDistil.inter_loss (distill_model.py:1536-1648), readme `## LogitsDistil` new 1:
     --distill_temperature=15 --logitsdistil_mask_pad."""
-    spec = stages(tdir, "use glmd\nstage a { data: corpus, steps: 4, loss: glmd(lmt, lm) }")
+    spec = stages(tdir, f"use glmd\nstage a {{ data: corpus, steps: 4, loss: {variant}(lmt, lm) }}")
     mask = MASKS[pad]
     sig, batch = inputs(spec, mask)
     m = mask[..., None].float()
@@ -793,13 +798,18 @@ def test_glmd_word_prediction(tdir, pad):
     close(total(spec, 0, sig, batch)[0], g_kl(s / 15, t / 15).mean() * 225)
 
 
-@padded_differs("GLMKD's pre-training MSE multiplies by the pad mask and averages over all "
-                                       "b x s x V elements; gkdc averages over the real positions")
-def test_tmkd_pretrain(tdir, pad):
+TMKD_PAD = ("GLMKD's pre-training MSE multiplies by the pad mask and averages over all b x s x V elements; "
+            "gkdc's tmkd.pretrain averages over the real positions (tmkd.pretrain_glmkd: as GLMKD)")
+
+
+@pytest.mark.parametrize("variant,pad", [
+    pytest.param("pretrain", "padded", marks=pytest.mark.xfail(strict=True, reason=TMKD_PAD)),
+    ("pretrain", "unpadded"), ("pretrain_glmkd", "padded"), ("pretrain_glmkd", "unpadded")])
+def test_tmkd_pretrain(tdir, variant, pad):
     """readme `## TMKD` 1: --distill_pt_soft --distill_pt_soft_mse --multi_teacher_model=tmkd
     --distill_only_mask_pad (pre_loss, distill_model.py:278-292: mask = labels > 0)."""
     spec = stages(tdir, "use tmkd\nteacher lmt2 = hf(\"" + str(tdir) + "/t2\") { head: lm }\n"
-                        "stage a { data: corpus, steps: 4, loss: tmkd.pretrain([lmt, lmt2], lm) }")
+                        f"stage a {{ data: corpus, steps: 4, loss: tmkd.{variant}([lmt, lmt2], lm) }}")
     mask = MASKS[pad]
     sig, batch = inputs(spec, mask)
     s = sig["lm"][("logits", None)]

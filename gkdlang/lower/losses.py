@@ -8,10 +8,11 @@ from typing import Any
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import SelectVocab
+from gkdlang.spec import LossTerm, SelectVocab
 from gkdlang.values import Item, ItemSet, LayerMap, Objective, PerModel, Symbol, Term
-from gkdlang.lower.context import Lowerer, Scope, describe, feat_group, fill_projection, fmt_number, vocab_label
-from gkdlang.lower.readers import items_of, read_kwargs, read_option, vocab_space
+from gkdlang.lower.context import (Lowerer, Scope, default_of, describe, feat_group, fill_projection, fmt_number,
+                                   vocab_label)
+from gkdlang.lower.readers import items_of, read_kwargs, read_option, read_symbol_value, vocab_space
 
 
 def check_relation_pair(lw: Lowerer, e: ast.Call, fn: str, t: Item, p: Item, rel,
@@ -41,7 +42,7 @@ def lower_loss(lw: Lowerer, e: ast.Call, fn: str, scope: Scope) -> Objective:
         raise lw.err("type-mismatch", e.args[1].span, f"the prediction of {fn} is one student's signal, not a "
                      "list of models' (a list of teachers goes in the first argument)")
     pred = items_of(lw, pred_value, e.args[1], fn)
-    spec_opts = dict(B.LOSSES[fn].options, map="map")
+    spec_opts = dict(B.LOSSES[fn].options, map="map", average="symbol")
     kw = read_kwargs(lw, e, spec_opts)
     options: dict[str, Any] = {}
     for key, kind in B.LOSSES[fn].options.items():
@@ -54,6 +55,8 @@ def lower_loss(lw: Lowerer, e: ast.Call, fn: str, scope: Scope) -> Objective:
     if fn == "gjsd" and "beta" in options and not 0 <= options["beta"] <= 1:
         raise lw.err("bad-value", kw["beta"].span, f"gjsd's beta is in [0, 1] (0 = forward KL, 1 = reverse KL), got "
                      f"{fmt_number(options['beta'])}")
+    average = read_symbol_value(lw, kw.get("average"), "average", B.LOSS_AVERAGES, scope,
+                                default_of(LossTerm, "average"))
     layer_map = None
     if "map" in kw:
         layer_map = lw.ev(kw["map"], scope)
@@ -63,7 +66,8 @@ def lower_loss(lw: Lowerer, e: ast.Call, fn: str, scope: Scope) -> Objective:
     terms: list[Term] = []
     for value in targets:  # a list of teachers: the terms of each, in list order
         pairs = pair_items(lw, e, items_of(lw, value, e.args[0], fn), pred, layer_map)
-        terms.extend(lower_term(lw, e, fn, t, p, options, scope.method) for t, p in pairs)
+        terms.extend(replace(lower_term(lw, e, fn, t, p, options, scope.method), average=average)
+                     for t, p in pairs)
     return Objective(tuple(terms))
 
 

@@ -206,7 +206,8 @@ def stage_terms(lw: Lowerer, objective: Objective, decl: ast.StageDecl, data: st
         n = ids.get(base, 0)
         ids[base] = n + 1
         terms.append(LossTerm(id=base if n == 0 else f"{base}#{n}", fn=term.fn, target=term.target.node,
-                              pred=term.pred.node, options=term.options, mask=term.mask, weight=term.weight,
+                              pred=term.pred.node, options=term.options, mask=term.mask, average=term.average,
+                              weight=term.weight,
                               gate=term.gate, method=term.method, span=term.span))
     teachers = [t for t in teachers if t not in students]
     if not terms:

@@ -4,7 +4,7 @@ Each case plans a spec with ``gkdc plan`` (``cluster { gpus: 2 x cpu, cpu_memory
 the ``deepspeed`` launcher (2 ranks, gloo) and samples every rank's ``/proc/<pid>/status`` from outside the
 process every 50 ms: ``VmHWM`` (the kernel's peak resident set: anonymous + file-backed + shared pages) at the
 rank's exit and the highest ``RssAnon`` seen (anonymous memory: what the rank allocated itself). The plan's
-predicted host figure for that rank is ``StagePlan.host[rank].peak`` (``planner.memory.host_phases``: the
+predicted host figure for that rank is ``StagePlan.host[rank].peak`` (``planner.hostmem.host_phases``: the
 largest of load / train / save). Each case is run twice: with this checkout and with the old whole-copy
 runtime (``--old-rev``, the commit before issue 11, unpacked with ``git archive``; it plans its own plan).
 
@@ -101,6 +101,10 @@ def plan(code: Path, spec: Path, out: Path) -> None:
 PIN_SCRIPT = r"""
 import json, sys
 from planner import dsconfig, memory, placement as P
+try:
+    from planner.hostmem import host_memory
+except ImportError:  # the old runtime's tree plans no host phases
+    host_memory = None
 from planner.build import model_params, world_size
 from planner.hardware import device_for
 from planner.plan import Plan
@@ -117,12 +121,12 @@ for sp, st in zip(plan.stages, spec.stages):
     models = P.stage_models(spec, st, sp.captures, params)
     cluster = P.cluster_shape(spec, device_for(spec.cluster), world)
     mem = memory.estimate(models, cluster, p)
-    host = memory.host_memory(models, cluster, p, mem) if hasattr(memory, "host_memory") else ([], 0)
+    host = host_memory(models, cluster, p, mem) if host_memory is not None else ([], 0)
     teachers = {c.model: dsconfig.teacher_ds_config(p, spec.models[c.model], world) for c in sp.captures
                 if c.model not in st.students}
     update = {"placement": p, "memory": mem, "deepspeed_config": dsconfig.student_ds_config(p, st, world),
               "teacher_configs": {k: v for k, v in teachers.items() if v}}
-    if hasattr(memory, "host_memory"):
+    if host_memory is not None:
         update |= {"host": host[0], "host_node_peak": host[1]}
     stages.append(sp.model_copy(update=update))
 open(path, "w").write(plan.model_copy(update={"stages": stages}).model_dump_json(indent=1))

@@ -26,7 +26,8 @@ from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
 from planner import dsconfig, offline_notes, placement, tokens
 from planner.graph import SignalGraph, build_graph
 from planner.hardware import device_for
-from planner.memory import fused_head, host_memory
+from planner.hostmem import host_memory
+from planner.memory import fused_head
 from planner.params import ParamCounts, count_params_for
 from planner.plan import HostCheck, ModelCapture, PinReport, Plan, ResolvedModel, StagePlan, TokensPerStep, sealed
 from planner.datasize import count_rows

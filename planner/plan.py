@@ -63,7 +63,7 @@ class RankMemory(Frozen):
 
 class HostMemory(Frozen):
     """Predicted host (CPU RAM) bytes of one rank at the peak of each phase: loading the stage's models,
-    training, writing the trained weights (``planner.memory.host_phases``)."""
+    training, writing the trained weights (``planner.hostmem.host_phases``)."""
 
     rank: int
     """0, or 1 for every other rank (only rank 0 writes files)."""

@@ -1,0 +1,133 @@
+"""Model + placement + training estimate -> host (CPU RAM) bytes per rank at the peak of each phase: loading the
+models, training, writing the trained weights; and one node's worst phase (all its ranks).
+
+The device-side estimate is ``planner.memory``; this module describes what the runtime holds on the host as
+it builds, trains and saves (runtime/models.py, runtime/recipe.py), measured by bench/scale.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gkdlang.builtins import DTYPE_BYTES
+from planner.hardware import Device
+from planner.memory import (RUNTIME_OVERHEAD_CPU, ClusterShape, StageModels, kept_teacher_params, overhead_item)
+from planner.params import ParamCounts
+from planner.plan import HostMemory, MemoryItem, Placement, RankMemory
+
+
+# ---------------------------------------------------------------- host memory per phase (load / train / save)
+#
+# What a rank's *host* holds as the runtime builds its models, trains and saves (runtime/models.py,
+# runtime/recipe.py after issue 11). Measured against the process's peak resident memory by bench/scale.py.
+#
+# - load: a replicated model is built whole on the host (a teacher's file pages are mapped, a student is built in
+#   fp32), then moved to the GPU; a model the plan shards is built partitioned (transformers under zero.Init),
+#   each rank streaming only its partition's bytes from the safetensors files, so its host share is its
+#   partition when the partitions live on the host (CPU runs, cpu_offload) and nothing otherwise; while a
+#   partitioned model is built, one module at a time is whole (built, then initialised gathered on every rank).
+# - train: the training estimate above (on a CPU run the device *is* the host) or the offloaded host items.
+# - save: the model states stay alive while the stage's trained weights are gathered one tensor at a time; rank 0
+#   also holds that tensor cast to fp32 while it writes it.
+
+#: A partitioned model's build holds its largest module whole twice: the module built before zero.Init
+#: partitions it, and the gathered copy transformers initialises (rank 0) and broadcasts.
+BUILD_GATHER_COPIES = 2
+
+
+@dataclass(frozen=True)
+class HostPhase:
+    """Host bytes one rank holds at the peak of one phase, itemised."""
+
+    items: list[MemoryItem]
+
+    @property
+    def total(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+
+def _largest_tensor(counts: ParamCounts) -> int:
+    """Elements of the largest single tensor: the embedding / head matrix or a block's widest module."""
+    return max(counts.largest_layer, counts.embeddings, counts.head)
+
+
+def host_load_items(models: StageModels, cluster: ClusterShape, p: Placement) -> list[MemoryItem]:
+    """Per-rank host bytes once every model of the stage is built (the load phase's peak)."""
+    cpu, world = cluster.device.is_cpu, cluster.world
+    items = [overhead_item(cluster.device) if cpu else MemoryItem(name="runtime", bytes=RUNTIME_OVERHEAD_CPU,
+                                                                   device="cpu", note="host process")]
+    transient = 0
+    for m, c, cap in models.teachers:
+        strategy = p.teacher_strategy.get(m.name, "replicated")
+        d, kept = DTYPE_BYTES[m.dtype], kept_teacher_params(c, cap)
+        if strategy == "replicated":
+            items.append(MemoryItem(name=f"host.teacher:{m.name}", bytes=kept * d, device="cpu",
+                                    note="whole on every rank's host while loaded (file pages)"))
+        elif strategy in ("sharded", "cpu_offload"):
+            on_host = cpu or strategy == "cpu_offload"
+            items.append(MemoryItem(name=f"host.teacher:{m.name}", bytes=math.ceil(kept * d / world) if on_host else 0,
+                                    device="cpu", note=f"ZeRO-3 partition of {world}, streamed from the files"))
+            transient = max(transient, BUILD_GATHER_COPIES * _largest_tensor(c) * d)
+        elif strategy == "nvme_offload":
+            transient = max(transient, BUILD_GATHER_COPIES * _largest_tensor(c) * d)
+    for m, c, _ in models.students:
+        if p.zero_stage == 3 and m.vocab is None:
+            w = DTYPE_BYTES[p.precision]
+            on_host = cpu or p.offload_params != "none"
+            items.append(MemoryItem(name=f"host.student:{m.name}", bytes=math.ceil(c.total * w / world) if on_host else 0,
+                                    device="cpu", note="ZeRO-3 partition, built partitioned"))
+            transient = max(transient, BUILD_GATHER_COPIES * _largest_tensor(c) * w)
+        else:
+            items.append(MemoryItem(name=f"host.student:{m.name}", bytes=4 * c.total, device="cpu",
+                                    note="fp32, built whole on every rank"))
+    items.append(MemoryItem(name="host.build_gather", bytes=transient, device="cpu",
+                            note=f"largest module of a partitioned model, x{BUILD_GATHER_COPIES}"))
+    return items
+
+
+def host_train_items(rank: RankMemory, device: Device) -> list[MemoryItem]:
+    """Per-rank host bytes while training: the whole estimate on a CPU run, the host-side items otherwise."""
+    if device.is_cpu:
+        return list(rank.items)
+    return [MemoryItem(name="runtime", bytes=RUNTIME_OVERHEAD_CPU, device="cpu", note="host process"),
+            *[i for i in rank.items if i.device == "cpu"]]
+
+
+_STEP_ITEMS = ("activations.", "logits.", "loss.", "signals.", "teacher:")
+
+
+def host_save_items(models: StageModels, rank: RankMemory, device: Device, rank_index: int) -> list[MemoryItem]:
+    """Per-rank host bytes while a stage's trained weights are written: the model states (not the step's
+    temporaries) plus one gathered tensor, and on rank 0 its fp32 copy being written."""
+    kept = [i for i in host_train_items(rank, device)
+            if not i.name.startswith(_STEP_ITEMS) or i.name.endswith(".weights")]
+    largest = max((_largest_tensor(c) for _, c, _ in models.students), default=0)
+    gathered = largest * DTYPE_BYTES["fp32"] * (2 if rank_index == 0 else 1)
+    return [*kept, MemoryItem(name="host.save_gather", bytes=gathered, device="cpu",
+                              note="one tensor gathered" + (" + its fp32 copy written" if rank_index == 0 else ""))]
+
+
+def host_phases(models: StageModels, cluster: ClusterShape, p: Placement, rank: RankMemory,
+                rank_index: int = 0) -> dict[str, HostPhase]:
+    """The three host phases of a student rank (``rank`` is its training estimate from ``estimate``)."""
+    return {"load": HostPhase(host_load_items(models, cluster, p)),
+            "train": HostPhase(host_train_items(rank, cluster.device)),
+            "save": HostPhase(host_save_items(models, rank, cluster.device, rank_index))}
+
+
+def host_memory(models: StageModels, cluster: ClusterShape, p: Placement,
+                memory: list[RankMemory]) -> tuple[list[HostMemory], int]:
+    """Host phases of rank 0 and (with more than one rank) of the others, and one node's peak (its ranks'
+    phases summed, phase by phase; node-shared items are already split over the node's ranks)."""
+    ranks = [0, 1] if cluster.world > 1 else [0]
+    out = []
+    for r in ranks:
+        phases = host_phases(models, cluster, p, memory[0], r)
+        totals = {k: v.total for k, v in phases.items()}
+        out.append(HostMemory(rank=r, phases=totals, peak=max(totals.values()),
+                              items={k: v.items for k, v in phases.items()}))
+    gpn = cluster.gpus_per_node
+    others = out[-1].phases if len(out) > 1 else out[0].phases
+    node = max(out[0].phases[k] + (gpn - 1) * others[k] for k in out[0].phases)
+    return out, node

@@ -44,7 +44,7 @@ from gkdlang.spec import ModelSpec, OpNode, Project, StageSpec
 from planner.graph import numel, signal_shape
 from planner.hardware import Device
 from planner.params import ParamCounts
-from planner.plan import HostMemory, MemoryItem, ModelCapture, Placement, RankMemory
+from planner.plan import MemoryItem, ModelCapture, Placement, RankMemory
 
 GiB = 2**30
 MiB = 2**20

@@ -29,9 +29,6 @@ key-masked attention maps.
 
 from __future__ import annotations
 
-import collections.abc
-import contextlib
-import contextvars
 import inspect
 import math
 from typing import Callable, NamedTuple
@@ -44,83 +41,12 @@ from gkdlang.diagnostics import closest
 from runtime.chunked import (KERNELS, HeadLogits, _hard_ce, _log_softmax_ as _log_softmax_inplace, _weighted_nll,
                              chunked_loss, gjsd_kernel, row_weights)
 from runtime.errors import RunError
-from runtime.transforms import relation
+from runtime.loss_helpers import (_NEG, _TARGET_GRAD, _check_choice, _f32, _key_mask, _masked_mean,  # noqa: F401
+                                  _row_mask, _same_shape, _shape, target_grad)
+from runtime.contrastive_losses import nce  # noqa: F401 (re-exported)
+from runtime.relation_losses import angle, attended_triplets, distance  # noqa: F401 (re-exported)
 
 LossFn = Callable[..., Tensor]
-
-_NEG = torch.finfo(torch.float32).min
-"""Finite stand-in for -inf on masked logits, so a row whose keys are all masked stays finite."""
-
-
-# ---------------------------------------------------------------- shared helpers
-
-
-def _shape(t: Tensor) -> str:
-    return str(list(t.shape))
-
-
-def _same_shape(name: str, target: Tensor, pred: Tensor) -> None:
-    if target.shape != pred.shape:
-        raise RunError(f"{name}: target shape {_shape(target)} and pred shape {_shape(pred)} differ")
-
-
-_TARGET_GRAD: contextvars.ContextVar[bool] = contextvars.ContextVar("gkdc_target_grad", default=False)
-
-
-@contextlib.contextmanager
-def target_grad(keep: bool = True) -> collections.abc.Iterator[None]:
-    """Within it the kernels keep the target's graph: a target computed by learned maps (a teacher-side
-    projection) or by attention over the student's own states trains them, as GKD's code trains them."""
-    token = _TARGET_GRAD.set(keep)
-    try:
-        yield
-    finally:
-        _TARGET_GRAD.reset(token)
-
-
-def _f32(target: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
-    """fp32 target, detached unless inside ``target_grad()``, and fp32 pred."""
-    return (target if _TARGET_GRAD.get() else target.detach()).float(), pred.float()
-
-
-def _row_mask(name: str, mask: Tensor | None, rows: torch.Size) -> Tensor | None:
-    """The position mask as a bool tensor of shape ``rows`` (None = every row counts)."""
-    if mask is None:
-        return None
-    mask = mask.to(torch.bool)
-    if mask.shape == rows:
-        return mask
-    if len(rows) == 3 and mask.shape == (rows[0], rows[2]):  # [b, s] over [b, H, s] query rows
-        return mask[:, None, :].expand(rows)
-    raise RunError(f"{name}: mask shape {_shape(mask)} does not fit positions {list(rows)}")
-
-
-def _key_mask(name: str, key_mask: Tensor | None, shape: torch.Size) -> Tensor | None:
-    """A ``[b, s]`` key mask broadcast over an attention-shaped ``[b, H, s, s]`` tensor."""
-    if key_mask is None:
-        return None
-    if len(shape) != 4 or key_mask.shape != (shape[0], shape[3]):
-        raise RunError(
-            f"{name}: key_mask shape {_shape(key_mask)} needs an attention-shaped [b, H, s, s] input "
-            f"with matching b and s, got {list(shape)}"
-        )
-    return key_mask.to(torch.bool)[:, None, None, :]
-
-
-def _masked_mean(values: Tensor, keep: Tensor | None) -> Tensor:
-    """Mean of ``values`` where ``keep``; zero (still connected to the graph) when nothing is kept."""
-    if keep is None:
-        return values.mean() if values.numel() else values.sum()
-    keep = keep.expand_as(values)
-    total = torch.where(keep, values, values.new_zeros(())).sum()
-    return total / keep.sum().clamp_min(1)
-
-
-def _check_choice(name: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise RunError(f"{name}: option {key}={value!r} is not one of {', '.join(allowed)}")
-
-
 # ---------------------------------------------------------------- distributions
 
 
@@ -504,286 +430,6 @@ def cos(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, eps: float 
     return _masked_mean(1 - F.cosine_similarity(s, t, dim=-1, eps=eps), _row_mask("cos", mask, t.shape[:-1]))
 
 
-# ---------------------------------------------------------------- contrastive
-
-
-def nce(
-    target: Tensor,
-    pred: Tensor,
-    *,
-    mask: Tensor | None = None,
-    tau: float = 0.1,
-    similarity: str = "cos",
-    gather: bool = False,
-) -> Tensor:
-    """In-batch contrastive loss (InfoNCE; with ``similarity="cos"`` the COS-NCE of LRC-BERT).
-
-    Inputs ``[b, d]``. For student example i the positive is teacher example i, the negatives are the
-    other teacher examples of the batch: ``-log softmax_j(sim(s_i, t_j) / tau)[i]``, mean over anchors.
-    ``mask`` ``[b]`` drops examples both as anchors and as negatives. ``gather=True`` takes the negatives
-    from the teacher examples of every data-parallel rank (LRC-BERT's global batch); on one rank it is
-    the same as ``False``.
-    """
-    _same_shape("nce", target, pred)
-    if pred.dim() != 2:
-        raise RunError(f"nce: inputs must be [batch, dim] (pool first), got {_shape(pred)}")
-    _check_choice("nce", "similarity", similarity, ("cos", "dot"))
-    if tau <= 0:
-        raise RunError(f"nce: option tau must be > 0, got {tau}")
-    t, s = _f32(target, pred)
-    if similarity == "cos":
-        t, s = F.normalize(t, dim=-1), F.normalize(s, dim=-1)
-    rows = _row_mask("nce", mask, t.shape[:1])
-    keys, offset = t, 0
-    key_rows = rows
-    if gather:
-        keys, offset = _gathered(t)
-        key_rows = None if rows is None else _gathered(rows)[0]
-    scores = s @ keys.T / tau
-    if key_rows is not None:
-        scores = scores.masked_fill(~key_rows[None, :], _NEG)
-    positives = torch.arange(len(s), device=s.device) + offset
-    per_anchor = F.cross_entropy(scores, positives, reduction="none")
-    return _masked_mean(per_anchor, rows)
-
-
-def _gathered(x: Tensor) -> tuple[Tensor, int]:
-    """``x`` of every data-parallel rank concatenated along dim 0, and where this rank's rows start.
-
-    Only the teacher side (no gradient) is gathered; every rank has the same micro-batch size.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    return torch.cat(parts), dist.get_rank() * x.shape[0]
-
-
-# ---------------------------------------------------------------- relations (CKD / MGSKD)
-
-
-def _as_sets(
-    name: str, target: Tensor, pred: Tensor, mask: Tensor | None, heads: int | None = None, center: bool = True
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Views as ``[B, n, d]`` sets of points plus a ``[B, n]`` mask.
-
-    A ``[n, d]`` input is one set; ``[b, s, d]`` is one set of s tokens per example; ``[b, s, L, d]`` (``stack``)
-    is one set of L layer states per position, and a ``[b, s]`` mask then selects positions. ``heads``
-    splits each side's features into that many relation heads, each a set of its own (MGSKD). Only the
-    point layout must agree: teacher and student widths may differ, since relations compare ``n x n``
-    structures.
-    """
-    if target.dim() not in (2, 3, 4) or target.shape[:-1] != pred.shape[:-1]:
-        raise RunError(
-            f"{name}: target shape {_shape(target)} and pred shape {_shape(pred)} must be [b, s, d], "
-            f"[b, s, L, d] or [n, d] with equal leading dims"
-        )
-    t, s = _f32(target, pred)
-    if t.dim() == 2:
-        t, s = t[None], s[None]
-        mask = None if mask is None else mask[None]
-    if t.dim() == 4:
-        keep = _row_mask(name, mask, t.shape[:2])
-        b, n_pos, n = t.shape[:3]
-        keep = None if keep is None else keep.reshape(-1, 1).expand(b * n_pos, n)
-        t, s = t.reshape(b * n_pos, n, -1), s.reshape(b * n_pos, n, -1)
-    else:
-        keep = _row_mask(name, mask, t.shape[:2])
-    keep = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if keep is None else keep
-    if heads is not None:
-        t, s, keep = _split_heads(name, t, heads), _split_heads(name, s, heads), keep.repeat_interleave(heads, 0)
-    if center:
-        t, s = _centred(t), _centred(s)
-    return t, s, keep
-
-
-def _centred(x: Tensor) -> Tensor:
-    """Centring changes no distance or angle but keeps the Gram-matrix identities below well conditioned."""
-    return x - x.mean(dim=1, keepdim=True)
-
-
-def _split_heads(name: str, x: Tensor, heads: int) -> Tensor:
-    """``[B, n, d] -> [B * heads, n, d / heads]``: each relation head is a set of its own."""
-    B, n, d = x.shape
-    if heads < 1 or d % heads:
-        raise RunError(f"{name}: option heads={heads} does not divide the width {d}")
-    return x.reshape(B, n, heads, d // heads).permute(0, 2, 1, 3).reshape(B * heads, n, d // heads)
-
-
-def _pair_dist(x: Tensor) -> Tensor:
-    """Euclidean distances ``[b, n, n]`` from the Gram matrix (no ``[b, n, n, d]`` intermediate)."""
-    gram = x @ x.transpose(1, 2)
-    sq = gram.diagonal(dim1=1, dim2=2)
-    # clamp before sqrt: exact zeros (the diagonal) would give an infinite gradient
-    return (sq[:, :, None] + sq[:, None, :] - 2 * gram).clamp_min(1e-12).sqrt()
-
-
-def _window_pairs(keep: Tensor, window: int | None) -> Tensor:
-    """Valid (i, j) pairs ``[b, n, n]``: both kept, i != j, |i - j| <= window // 2 when a window is set."""
-    n = keep.shape[1]
-    idx = torch.arange(n, device=keep.device)
-    gap = (idx[:, None] - idx[None, :]).abs()
-    near = gap > 0
-    if window is not None:
-        near = near & (gap <= window // 2)
-    return keep[:, :, None] & keep[:, None, :] & near
-
-
-def _normalised(dist: Tensor, pairs: Tensor) -> Tensor:
-    """Distances divided by their mean over the example's valid pairs (RKD's scale invariance)."""
-    total = torch.where(pairs, dist, dist.new_zeros(())).sum(dim=(1, 2), keepdim=True)
-    mean = total / pairs.sum(dim=(1, 2), keepdim=True).clamp_min(1)
-    return dist / mean.clamp_min(1e-12)
-
-
-def _check_window(name: str, window: int | None, topk: int | None = None) -> None:
-    if window is not None and window < 2:
-        raise RunError(f"{name}: option window must be >= 2, got {window}")
-    if topk is not None and topk < 2:
-        raise RunError(f"{name}: option topk must be >= 2 (an angle needs two neighbours), got {topk}")
-    if window is not None and topk is not None:
-        raise RunError(f"{name}: options window and topk exclude each other; give one")
-
-
-def distance(
-    target: Tensor,
-    pred: Tensor,
-    *,
-    mask: Tensor | None = None,
-    window: int | None = None,
-    beta: float = 1.0,
-    heads: int | None = None,
-) -> Tensor:
-    """Pair-distance relation loss (CKD word relation, RKD distance).
-
-    Per example, the Euclidean distances between every two kept points (tokens of ``[b, s, d]``, or
-    examples of a ``[n, d]`` batch) are divided by their mean; the loss is smooth-L1 (``beta``) between
-    the teacher's and the student's normalised distances, mean over pairs. ``window`` (CKD: 21) keeps
-    only pairs at most ``window // 2`` positions apart; ``heads`` relates each of that many feature slices
-    separately (MGSKD's relation heads). See ``_as_sets`` for the accepted shapes.
-    """
-    _check_window("distance", window)
-    t, s, keep = _as_sets("distance", target, pred, mask, heads)
-    pairs = _window_pairs(keep, window)
-    d_t = _normalised(_pair_dist(t), pairs)
-    d_s = _normalised(_pair_dist(s), pairs)
-    return _masked_mean(F.smooth_l1_loss(d_s, d_t, beta=beta, reduction="none"), pairs)
-
-
-def _neighbours(keep: Tensor, window: int | None) -> tuple[Tensor, Tensor]:
-    """Per anchor, the candidate neighbour ids ``[b, n, m]`` and whether each is valid: all points by default, or
-    the ``window // 2`` positions on each side (CKD)."""
-    b, n = keep.shape
-    idx = torch.arange(n, device=keep.device)
-    if window is None:
-        ids = idx.expand(b, n, n)
-    else:
-        half = window // 2
-        offsets = torch.cat([torch.arange(-half, 0), torch.arange(1, half + 1)]).to(keep.device)
-        ids = idx[:, None] + offsets[None, :]
-        inside = (ids >= 0) & (ids < n)
-        ids = ids.clamp(0, n - 1).expand(b, n, len(offsets))
-    valid = torch.gather(keep[:, None, :].expand(b, n, n), 2, ids) & (ids != idx[None, :, None])
-    if window is not None:
-        valid = valid & inside[None]
-    return ids, valid
-
-
-def attended_triplets(x: Tensor, keep: Tensor, k: int, heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """MGSKD's triplets (Liu et al. 2022): anchors are the ``k`` most attended points, and each anchor's
-    neighbours the ``k`` points it attends to most, in the self-attention of ``x`` itself.
-
-    ``x`` ``[B, n, d]`` (the teacher's states) is split into ``heads`` relation heads; per head the attention is
-    ``softmax_j(x_i . x_j / sqrt(d / heads))`` over kept keys, with kept queries only. A point's global score is
-    the attention it receives, summed over heads and queries; anchor a's local score of j is the attention from
-    a to j summed over heads (j != a). Returns (anchor ids ``[B, k1]``, anchor valid, neighbour ids
-    ``[B, k1, k2]``, neighbour valid) with k1 = k2 = min(k, n).
-    """
-    B, n, d = x.shape
-    if heads < 1 or d % heads:
-        raise RunError(f"angle: option heads={heads} does not divide the width {d}")
-    pair = keep[:, None, :, None] & keep[:, None, None, :]
-    # MiniLM's self-relation is this per-head attention; padded queries attend to nothing
-    probs = relation(x.detach(), heads, keep) * pair  # [B, H, n, n]
-    m = min(k, n)
-    global_score = probs.sum(dim=(1, 2)).masked_fill(~keep, -math.inf)  # [B, n]: attention received
-    top, anchors = global_score.topk(m, dim=-1)
-    anchor_ok = top.isfinite()
-    local = probs.sum(1)  # [B, n, n]: attention from row to column
-    local = local.masked_fill(~keep[:, None, :], -math.inf)
-    local = local.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device)[None], -math.inf)
-    rows = torch.gather(local, 1, anchors[..., None].expand(B, m, n))  # [B, k1, n]
-    near, ids = rows.topk(m, dim=-1)
-    return anchors, anchor_ok, ids, near.isfinite()
-
-
-def _angles(x: Tensor, ids: Tensor, anchors: Tensor | None = None) -> Tensor:
-    """cos of the angle at anchor a between neighbours p and q, ``[b, A, m, m]``, via the Gram matrix.
-
-    (x_p - x_a).(x_q - x_a) = G_pq - G_ap - G_aq + G_aa, so no ``[b, n, m, d]`` difference tensor is built.
-    ``anchors`` ``[b, A]`` picks the anchors (default: every point, A = n); ``ids`` ``[b, A, m]`` their neighbours.
-    """
-    b, n_anchor, m = ids.shape
-    gram = x @ x.transpose(1, 2)
-    bi = torch.arange(b, device=x.device)[:, None, None]
-    if anchors is None:
-        anchors = torch.arange(n_anchor, device=x.device)[None, :].expand(b, n_anchor)
-    g_diag = gram.diagonal(dim1=1, dim2=2)
-    g_aa = torch.gather(g_diag, 1, anchors)[:, :, None]
-    g_ap = gram[bi, anchors[:, :, None], ids]
-    g_pp = gram[bi, ids, ids]
-    g_pq = gram[bi[..., None], ids[..., :, None], ids[..., None, :]]
-    dots = g_pq - g_ap[..., :, None] - g_ap[..., None, :] + g_aa[..., None]
-    sq = (g_pp - 2 * g_ap + g_aa).clamp_min(1e-12)
-    return dots / (sq[..., :, None] * sq[..., None, :]).sqrt()
-
-
-def angle(
-    target: Tensor,
-    pred: Tensor,
-    *,
-    mask: Tensor | None = None,
-    window: int | None = None,
-    topk: int | None = None,
-    beta: float = 1.0,
-    heads: int | None = None,
-    top_k: int | None = None,
-) -> Tensor:
-    """Triplet-angle relation loss (CKD, MGSKD, RKD angle).
-
-    For an anchor a and two distinct neighbours p, q the cosine of the angle p-a-q is computed on each side;
-    the loss is smooth-L1 (``beta``) between teacher and student cosines, mean over triplets. By default every
-    kept point is an anchor and its neighbours are all kept points (O(n^3) memory per example), or the points
-    within ``window // 2`` of it (CKD); ``heads`` then relates each of that many feature slices separately
-    (MGSKD's sample level). ``topk`` (the language's ``top_k``) gives MGSKD's token- and span-level triplets
-    (``attended_triplets``): the k most attended points of the *teacher* are the anchors, and the k points each
-    anchor attends to most its neighbours, with the attention over ``heads`` relation heads (default 1); the
-    angles of those triplets are taken on the whole vectors of both sides.
-    """
-    if top_k is not None:
-        if topk is not None and topk != top_k:
-            raise RunError(f"angle: options topk={topk} and top_k={top_k} disagree; give one")
-        topk = top_k
-    _check_window("angle", window, topk)
-    if topk is not None:
-        raw_t, raw_s, keep = _as_sets("angle", target, pred, mask, None, center=False)
-        anchors, anchor_ok, ids, valid = attended_triplets(raw_t, keep, topk, heads or 1)
-        t, s = _centred(raw_t), _centred(raw_s)
-        a_t, a_s = _angles(t, ids, anchors), _angles(s, ids, anchors)
-        anchor_ok = anchor_ok & torch.gather(keep, 1, anchors)
-    else:
-        t, s, keep = _as_sets("angle", target, pred, mask, heads)
-        ids, valid = _neighbours(keep, window)
-        a_t, a_s = _angles(t, ids), _angles(s, ids)
-        anchor_ok = keep
-    m = ids.shape[-1]
-    distinct = ~torch.eye(m, dtype=torch.bool, device=ids.device)
-    triplets = anchor_ok[:, :, None, None] & valid[..., :, None] & valid[..., None, :] & distinct
-    return _masked_mean(F.smooth_l1_loss(a_s, a_t, beta=beta, reduction="none"), triplets)
-
-
 # ---------------------------------------------------------------- sparse teacher distributions
 
 
@@ -851,9 +497,11 @@ def dense_sparse_kl(
     log_q_all = F.log_softmax(pred_logits.float() / T, dim=-1)
     log_q = log_q_all.gather(-1, topk_indices.detach().long())
     live_tail = p_tail > 0
-    # with an empty tail (k = V) the student's tail is exp(-inf); keep it out of the graph
-    head_mass = torch.where(live_tail, torch.logsumexp(log_q, dim=-1), p_tail.new_full((), -1.0))
-    log_q_tail = _log1mexp(head_mass)
+    # the student's tail summed over its own tokens: 1 - (its mass on the top k) cancels in fp32 when that mass is
+    # close to 1. An empty tail (k = V) is left out of the graph (its log mass would be -inf).
+    top = torch.zeros_like(log_q_all, dtype=torch.bool).scatter_(-1, topk_indices.detach().long(), True)
+    tail_lse = torch.logsumexp(log_q_all.masked_fill(top & live_tail[..., None], -math.inf), dim=-1)
+    log_q_tail = torch.where(live_tail, tail_lse, p_tail.new_full((), -1.0))
     head = _kl_terms(p.clamp_min(1e-30).log().masked_fill(p <= 0, -math.inf), log_q).sum(-1)
     tail = _kl_terms(p_tail.clamp_min(1e-30).log().masked_fill(~live_tail, -math.inf), log_q_tail)
     rows = _row_mask("sparse_kl", mask, p.shape[:-1])
@@ -868,14 +516,17 @@ def _bucket_rows(x: Tensor, y: Tensor | None, extra) -> tuple[Tensor, Tensor]:
     q = _log_softmax_inplace(x)
     log_q = x.gather(-1, ids)
     live = p_tail > 0
-    head_mass = torch.where(live, torch.logsumexp(log_q, dim=-1), p_tail.new_full((), -1.0))
-    log_q_tail = _log1mexp(head_mass)
+    q_top = q.gather(-1, ids)
+    # q_T summed over the tail's own tokens (in place: the top ids zeroed, then restored), not 1 - Q, which
+    # cancels in fp32 when the student's top-k mass Q is close to 1
+    q_tail = q.scatter_(-1, ids, 0.0).sum(-1)
+    q.scatter_(-1, ids, q_top)
+    log_q_tail = torch.where(live, q_tail.clamp_min(torch.finfo(torch.float32).tiny).log(), p_tail.new_zeros(()))
     head = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - log_q), p.new_zeros(())).sum(-1)
     tail = torch.where(live, p_tail * (p_tail.clamp_min(1e-30).log() - log_q_tail), p_tail.new_zeros(()))
     ratio = torch.where(live, p_tail / log_q_tail.exp(), p_tail.new_zeros(()))
-    q_top = q.gather(-1, ids)
     # on the top ids (p_T / q_T) q_j (1 - Q) is exactly p_T q_j: written so, nothing large has to cancel
-    grad = q.mul_((p.sum(-1) - ratio * head_mass.exp())[:, None])
+    grad = q.mul_((p.sum(-1) - ratio * q_top.sum(-1))[:, None])
     grad.scatter_(-1, ids, q_top * (p.sum(-1) + p_tail)[:, None] - p)
     return head + tail, grad
 

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="plan a spec: signal graph, memory, placement, DeepSpeed configs")
     pl.add_argument("file", type=Path, nargs="?")
-    pl.add_argument("-o", "--output", type=Path, help="write the plan JSON here")
+    pl.add_argument("-o", "--output", type=Path, help="write the plan JSON here ('-': to stdout)")
     pl.add_argument("--explain", action="store_true", help="say why each choice was made")
     pl.add_argument("--format", choices=("text", "json", "github"), default="text", help="diagnostics format")
     pl.add_argument("--schema", action="store_true", help="print the plan's JSON Schema and exit")
@@ -104,17 +104,19 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- check / fmt
 
 
-def _emit(diags, sources, fmt: str, stream=None) -> None:
+def _emit(diags, sources, fmt: str, stream=None, machine=None) -> None:
+    """Diagnostics: text on ``stream`` (stderr), json / github on ``machine`` (stdout unless it carries a plan)."""
     from gkdlang.diagnostics import render_github, render_json, render_text
 
     stream = stream or sys.stderr  # looked up per call: callers may redirect stderr
+    machine = machine or sys.stdout
 
     if not diags:
         return
     if fmt == "json":
-        print(render_json(diags), file=sys.stdout)
+        print(render_json(diags), file=machine)
     elif fmt == "github":
-        print(render_github(diags), file=sys.stdout)
+        print(render_github(diags), file=machine)
     else:
         print(render_text(diags, sources), file=stream)
 
@@ -165,7 +167,11 @@ def cmd_check(args) -> int:
             _emit(diags, srcs, "text")
             status = "ok" if not errors else f"{errors} error{'s' * (errors != 1)}"
             print(f"{_short(_display(path))}: {status}", file=sys.stderr)
-    if args.format != "text":
+    if args.format == "json":  # a clean run prints [] so a CI step can always parse stdout
+        from gkdlang.diagnostics import render_json
+
+        print(render_json(all_diags))
+    elif args.format != "text":
         _emit(all_diags, sources, args.format)
     return EXIT_ERRORS if failed else EXIT_OK
 
@@ -225,21 +231,27 @@ def cmd_plan(args) -> int:
     if args.file is None:
         print("gkdc plan: error: a spec file is required (or --schema)", file=sys.stderr)
         return EXIT_USAGE
+    # the plan JSON goes to stdout with `-o -`, or with --format json and no -o; machine diagnostics then go to stderr
+    to_stdout = (args.output is not None and str(args.output) == "-") or (args.output is None and args.format == "json")
+    machine = sys.stderr if to_stdout else None
+    output = None if to_stdout else args.output
     diags, sources, spec = _check_one(args.file, with_plan=False, allowed=args.allow_path)
-    _emit(diags, sources, args.format)
+    _emit(diags, sources, args.format, machine=machine)
     if spec is None:
         return EXIT_ERRORS
-    plan, plan_diags = _build_plan(spec, args.file.resolve(), args.output)
-    _emit(plan_diags, sources, args.format)
+    plan, plan_diags = _build_plan(spec, args.file.resolve(), output)
+    _emit(plan_diags, sources, args.format, machine=machine)
     if plan is None:
         return EXIT_ERRORS
     from planner.report import render_report
 
-    if args.format == "text":
+    if to_stdout:
+        print(plan.model_dump_json(indent=2))
+    elif args.format == "text":
         print(render_report(plan, explain=args.explain))
-    if args.output:
-        _atomic_write(args.output, plan.model_dump_json(indent=2) + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
+    if output:
+        _atomic_write(output, plan.model_dump_json(indent=2) + "\n")
+        print(f"wrote {output}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -251,6 +251,20 @@ def test_cli_json_and_github():
     assert proc.stdout.splitlines()[1].startswith(f"::error file={case},line=5,col=9,")
 
 
+def test_cli_json_on_a_clean_spec_prints_an_empty_list():
+    proc = run_cli("check", "--no-plan", "--format", "json", "specs/minilm.gkd")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == []
+
+
+def test_cli_plan_json_goes_to_stdout_with_dash_or_json_format(tmp_path):
+    for args in (("-o", "-"), ("--format", "json")):
+        proc = run_cli("plan", "specs/kd.gkd", *args)
+        assert proc.returncode == 0, proc.stderr
+        plan = json.loads(proc.stdout)  # the plan alone on stdout; diagnostics (if any) on stderr
+        assert plan["plan_schema_version"] >= 2 and plan["stages"]
+    assert not (ROOT / "-").exists()
+
+
 def test_cli_several_files_one_failing():
     proc = run_cli("check", "--no-plan", "specs/kd.gkd", "tests/cases/errors/syntax_token.gkd")
     assert proc.returncode == 1

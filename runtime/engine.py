@@ -203,11 +203,17 @@ def autocast_dtype(config: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
+def _data_parallel_ranks() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_ranks_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of ``x`` over the data-parallel ranks (``x`` itself for one rank)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _data_parallel_ranks() == 1:
         return x
     y = x.clone()
     dist.all_reduce(y)
@@ -216,13 +222,9 @@ def all_ranks_sum(x: torch.Tensor) -> torch.Tensor:
 
 def all_ranks_mean(x: torch.Tensor) -> torch.Tensor:
     """The mean of ``x`` over the data-parallel ranks (detached; ``x`` itself for one rank)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x.detach()
-    y = x.detach().clone()
-    dist.all_reduce(y)
-    return y / dist.get_world_size()
+    world = _data_parallel_ranks()
+    total = all_ranks_sum(x.detach())
+    return total if world == 1 else total / world
 
 
 # ---------------------------------------------------------------- models built into their ZeRO-3 partitions

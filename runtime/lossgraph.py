@@ -402,10 +402,7 @@ def _op_normalize(graph: LossGraph, node: Normalize, xs: list[torch.Tensor], ctx
 
 
 def _op_select_vocab(graph: LossGraph, node: SelectVocab, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
-    keep = graph.keep_ids.get(node.vocab)
-    if keep is None:
-        raise RunError(f"loss term '{ctx.term.id}': select_vocab needs the kept rows of vocab '{node.vocab}'")
-    return T.select_vocab(xs[0], keep)
+    return T.select_vocab(xs[0], graph._kept_columns(node, ctx))
 
 
 def _op_mean(graph: LossGraph, node: Mean, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:

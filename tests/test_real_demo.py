@@ -16,14 +16,6 @@ import pytest
 
 from clitools import ROOT, gkdc
 
-
-@pytest.fixture(autouse=True)
-def _allow_example_data(monkeypatch):
-    """These specs live in a temporary folder and read the repository's example data: allow it as the
-    documented GKDC_ALLOW_PATHS does (docs/security.md); subprocesses inherit it."""
-    monkeypatch.setenv("GKDC_ALLOW_PATHS", str(Path(__file__).resolve().parents[1] / "examples"))
-
-
 MODEL = ROOT / "models" / "smollm2-135m"
 DATA = ROOT / "examples" / "real" / "data"
 SPECS = ROOT / "specs" / "demo"

@@ -286,11 +286,17 @@ STAGE_CHECKS: dict[type[Intervention], Callable[..., dict[str, Any] | None]] = {
 }
 
 
-def lower_optimizer(lw: Lowerer, expr: ast.Expr) -> OptimizerSpec:
+def _named_call(lw: Lowerer, expr: ast.Expr, expected: str) -> ast.Call:
+    """``name`` or ``name(...)`` as a call (``adamw`` means ``adamw()``); anything else is ``type-mismatch``."""
     if isinstance(expr, ast.Name):
         expr = ast.Call(expr.span, expr, (), ())
     if not (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name)):
-        raise lw.err("type-mismatch", expr.span, "optimizer is adamw(lr: ..., betas: (..), weight_decay: ..)")
+        raise lw.err("type-mismatch", expr.span, expected)
+    return expr
+
+
+def lower_optimizer(lw: Lowerer, expr: ast.Expr) -> OptimizerSpec:
+    expr = _named_call(lw, expr, "optimizer is adamw(lr: ..., betas: (..), weight_decay: ..)")
     name = expr.func.id
     if name == "lamb":  # GKD's optimizer: refused rather than silently trained with another
         raise lw.err("unknown-function", expr.func.span, "optimizer 'lamb' is not implemented by gkdc's runtime",
@@ -318,10 +324,7 @@ def lower_optimizer(lw: Lowerer, expr: ast.Expr) -> OptimizerSpec:
 
 
 def lower_lr_schedule(lw: Lowerer, expr: ast.Expr) -> LRScheduleSpec:
-    if isinstance(expr, ast.Name):
-        expr = ast.Call(expr.span, expr, (), ())
-    if not (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name)):
-        raise lw.err("type-mismatch", expr.span, "schedule is constant, linear(warmup: 5%) or cosine(...)")
+    expr = _named_call(lw, expr, "schedule is constant, linear(warmup: 5%) or cosine(...)")
     name = expr.func.id
     if name not in B.LR_SCHEDULES:
         raise lw.err("unknown-function", expr.func.span, f"unknown learning-rate schedule '{name}'",

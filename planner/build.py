@@ -199,7 +199,7 @@ def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str,
     step = tokens.step_tokens(st.batch, chosen.micro_batch, seq, packing.packed, lengths)
     return StagePlan(
         name=st.name, captures=captures, placement=chosen, memory=result.memory, step_time_s=result.step_time_s,
-        step_time_parts=dict(result.step_time_parts), total_steps=total_steps(spec, st, spec_dir)[0],
+        step_time_parts=dict(result.step_time_parts), total_steps=total_steps(spec, st, spec_dir, packing.packed)[0],
         alternatives=result.alternatives, deepspeed_config=dsconfig.student_ds_config(chosen, st, world),
         teacher_configs=_teacher_configs(spec, captures, st, chosen, world), host=host, host_node_peak=host_node,
         tokens=TokensPerStep(packed=packing.packed, why=packing.why, seq_len=seq, real=step.real,
@@ -313,12 +313,13 @@ def _is_cpu(spec: Spec) -> bool:
     return dev is not None and dev.is_cpu
 
 
-def total_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str | None]:
-    """(optimizer steps, note or None); -1 when ``epochs`` meet a data size unknown at plan time."""
+def total_steps(spec: Spec, st: StageSpec, spec_dir: Path, packed: bool | None = None) -> tuple[int, str | None]:
+    """(optimizer steps, note or None); -1 when ``epochs`` meet a data size unknown at plan time. ``packed``: the
+    stage's packing choice when the caller already made it (``tokens.packing_choice``)."""
     if st.steps is not None:
         return st.steps, None
     data = spec.data[st.data]
-    if tokens.packing_choice(spec, st).packed:
+    if (tokens.packing_choice(spec, st).packed if packed is None else packed):
         return _packed_steps(spec, st, spec_dir)
     rows = count_rows(data, spec_dir)
     if rows is None:

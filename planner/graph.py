@@ -1,6 +1,6 @@
 """Spec -> SignalGraph: the data dependencies of every stage's losses, pruning, liveness and DOT export.
 
-Nodes (networkx ids are readable strings, attribute ``type`` says which kind):
+Nodes (ids are readable strings, attribute ``type`` says which kind):
 
 - ``signal``  ``sig:<model>.<kind>[<layer>]``: one per model signal, with a symbolic ``shape`` such as
   ``("b", "s", 768)``, ``dtype``, ``dtype_bytes`` and ``bytes_per_token`` (None for attention maps, whose size
@@ -27,10 +27,10 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-import networkx as nx
 
 from gkdlang.builtins import DTYPE_BYTES as BYTES_PER_ELEMENT
 from gkdlang.spec import LAYERED_KINDS, LossTerm, ModelSpec, Node, OpNode, Project, SignalNode, Spec, StageSpec
+from planner.digraph import DiGraph, ancestors, descendants
 from planner.plan import CapturePoint, ModelCapture
 
 DTYPE_BYTES = {**BYTES_PER_ELEMENT, "int64": 8}
@@ -112,7 +112,7 @@ class SignalGraph:
     """The signal graph of one Spec (see the module docstring); queries take a stage name or StageSpec."""
 
     spec: Spec
-    graph: nx.DiGraph
+    graph: DiGraph
 
     # ------------------------------------------------------------ stage queries
 
@@ -129,7 +129,7 @@ class SignalGraph:
         st = self.stage(stage)
         consumers = self._stage_consumers(st)
         keys = []
-        for node in sorted(nx.ancestors(self.graph, f"stage:{st.name}")):
+        for node in sorted(ancestors(self.graph, f"stage:{st.name}")):
             attrs = self.graph.nodes[node]
             if attrs["type"] == "signal" and any(v in consumers for v in self.graph.successors(node)):
                 keys.append(attrs["key"])
@@ -207,7 +207,7 @@ class SignalGraph:
         """Learned module key -> parameter count (projections: in*out weights + out bias) used by a stage."""
         st = self.stage(stage)
         out: dict[str, int] = {}
-        for node in nx.ancestors(self.graph, f"stage:{st.name}"):
+        for node in ancestors(self.graph, f"stage:{st.name}"):
             attrs = self.graph.nodes[node]
             if attrs["type"] == "op" and attrs["module"] is not None:
                 out[attrs["module"]] = attrs["params"]
@@ -217,13 +217,13 @@ class SignalGraph:
         """Term ids (``stage:id``) that read a signal directly or through ops."""
         if key.node_id not in self.graph:
             return []
-        terms = [n for n in nx.descendants(self.graph, key.node_id) if self.graph.nodes[n]["type"] == "term"]
+        terms = [n for n in descendants(self.graph, key.node_id) if self.graph.nodes[n]["type"] == "term"]
         return sorted(t.removeprefix("term:") for t in terms)
 
     # ------------------------------------------------------------ helpers
 
     def _stage_consumers(self, st: StageSpec) -> set[str]:
-        anc = nx.ancestors(self.graph, f"stage:{st.name}")
+        anc = ancestors(self.graph, f"stage:{st.name}")
         return {n for n in anc if self.graph.nodes[n]["type"] in ("op", "term")}
 
     def _intervention_models(self, st: StageSpec) -> set[str]:
@@ -274,7 +274,7 @@ def _leaves(node: Node) -> list[SignalKey]:
 
 def build_graph(spec: Spec) -> SignalGraph:
     """The signal graph of every stage of a Spec."""
-    g = nx.DiGraph()
+    g = DiGraph()
     for st in spec.stages:
         g.add_node(f"stage:{st.name}", type="stage", name=st.name)
         for index, term in enumerate(st.loss):
@@ -284,7 +284,7 @@ def build_graph(spec: Spec) -> SignalGraph:
     return SignalGraph(spec=spec, graph=g)
 
 
-def _add_term(g: nx.DiGraph, spec: Spec, st: StageSpec, index: int, term: LossTerm) -> None:
+def _add_term(g: DiGraph, spec: Spec, st: StageSpec, index: int, term: LossTerm) -> None:
     node = f"term:{st.name}:{term.id}"
     g.add_node(node, type="term", stage=st.name, id=term.id, fn=term.fn, index=index, method=term.method,
                weight=term.weight.value, mask=term.mask)
@@ -295,7 +295,7 @@ def _add_term(g: nx.DiGraph, spec: Spec, st: StageSpec, index: int, term: LossTe
         g.add_edge(src, node, kind="input", role=roles)
 
 
-def _add_tree(g: nx.DiGraph, spec: Spec, tree: Node) -> str:
+def _add_tree(g: DiGraph, spec: Spec, tree: Node) -> str:
     if isinstance(tree, SignalNode):
         return _add_signal(g, spec, SignalKey(tree.model, tree.kind, tree.layer))
     node = _op_id(tree)
@@ -314,7 +314,7 @@ def _op_id(op: OpNode) -> str:
     return f"op:{op.op}:{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
-def _add_signal(g: nx.DiGraph, spec: Spec, key: SignalKey) -> str:
+def _add_signal(g: DiGraph, spec: Spec, key: SignalKey) -> str:
     node = key.node_id
     if node in g:
         return node
@@ -331,7 +331,7 @@ def _add_signal(g: nx.DiGraph, spec: Spec, key: SignalKey) -> str:
     return node
 
 
-def _add_chain(g: nx.DiGraph, spec: Spec, model: ModelSpec) -> None:
+def _add_chain(g: DiGraph, spec: Spec, model: ModelSpec) -> None:
     """embeddings -> hidden[0..L-1] -> head; other block signals depend on their block's input."""
     name, n_layers = model.name, model.arch.num_layers
     chain = [_add_signal(g, spec, SignalKey(name, "embeddings"))]
@@ -377,7 +377,7 @@ def to_dot(sg: SignalGraph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _dot_model_cluster(g: nx.DiGraph, model: ModelSpec, shown: set[str]) -> list[str]:
+def _dot_model_cluster(g: DiGraph, model: ModelSpec, shown: set[str]) -> list[str]:
     name, n_layers = model.name, model.arch.num_layers
     mine = [(n, a["key"]) for n, a in g.nodes(data=True) if a["type"] == "signal" and a["key"].model == name]
     read = {n for n, _ in mine if any(g.edges[n, v]["kind"] == "input" for v in g.successors(n))}

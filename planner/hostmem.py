@@ -97,15 +97,22 @@ def host_train_items(rank: RankMemory, device: Device) -> list[MemoryItem]:
 _STEP_ITEMS = ("activations.", "logits.", "loss.", "signals.", "teacher:")
 
 
+def _save_kept(train_items: list[MemoryItem]) -> list[MemoryItem]:
+    """What stays alive while the weights are written: the model states, not the step's temporaries."""
+    return [i for i in train_items if not i.name.startswith(_STEP_ITEMS) or i.name.endswith(".weights")]
+
+
+def _save_gather_bytes(models: StageModels, rank_index: int) -> int:
+    largest = max((_largest_tensor(c) for _, c, _ in models.students), default=0)
+    return largest * DTYPE_BYTES["fp32"] * (2 if rank_index == 0 else 1)
+
+
 def host_save_items(models: StageModels, rank: RankMemory, device: Device, rank_index: int) -> list[MemoryItem]:
     """Per-rank host bytes while a stage's trained weights are written: the model states (not the step's
     temporaries) plus one gathered tensor, and on rank 0 its fp32 copy being written."""
-    kept = [i for i in host_train_items(rank, device)
-            if not i.name.startswith(_STEP_ITEMS) or i.name.endswith(".weights")]
-    largest = max((_largest_tensor(c) for _, c, _ in models.students), default=0)
-    gathered = largest * DTYPE_BYTES["fp32"] * (2 if rank_index == 0 else 1)
-    return [*kept, MemoryItem(name="host.save_gather", bytes=gathered, device="cpu",
-                              note="one tensor gathered" + (" + its fp32 copy written" if rank_index == 0 else ""))]
+    return [*_save_kept(host_train_items(rank, device)),
+            MemoryItem(name="host.save_gather", bytes=_save_gather_bytes(models, rank_index), device="cpu",
+                       note="one tensor gathered" + (" + its fp32 copy written" if rank_index == 0 else ""))]
 
 
 def host_phases(models: StageModels, cluster: ClusterShape, p: Placement, rank: RankMemory,
@@ -116,18 +123,36 @@ def host_phases(models: StageModels, cluster: ClusterShape, p: Placement, rank: 
             "save": HostPhase(host_save_items(models, rank, cluster.device, rank_index))}
 
 
+def _ranks(cluster: ClusterShape) -> list[int]:
+    return [0, 1] if cluster.world > 1 else [0]
+
+
+def _node_peak(rank_phases: list[dict[str, int]], gpus_per_node: int) -> int:
+    """One node's worst phase: rank 0's phase plus the other ranks' (alike, so rank 1 stands for them)."""
+    first, others = rank_phases[0], rank_phases[-1]
+    return max(first[k] + (gpus_per_node - 1) * others[k] for k in first)
+
+
 def host_memory(models: StageModels, cluster: ClusterShape, p: Placement,
                 memory: list[RankMemory]) -> tuple[list[HostMemory], int]:
     """Host phases of rank 0 and (with more than one rank) of the others, and one node's peak (its ranks'
     phases summed, phase by phase; node-shared items are already split over the node's ranks)."""
-    ranks = [0, 1] if cluster.world > 1 else [0]
     out = []
-    for r in ranks:
+    for r in _ranks(cluster):
         phases = host_phases(models, cluster, p, memory[0], r)
         totals = {k: v.total for k, v in phases.items()}
         out.append(HostMemory(rank=r, phases=totals, peak=max(totals.values()),
                               items={k: v.items for k, v in phases.items()}))
-    gpn = cluster.gpus_per_node
-    others = out[-1].phases if len(out) > 1 else out[0].phases
-    node = max(out[0].phases[k] + (gpn - 1) * others[k] for k in out[0].phases)
-    return out, node
+    return out, _node_peak([h.phases for h in out], cluster.gpus_per_node)
+
+
+def host_peaks(models: StageModels, cluster: ClusterShape, p: Placement, memory: list[RankMemory]) -> tuple[int, int]:
+    """(peak host bytes of one rank, of one node): ``host_memory``'s figures without building its records, each
+    phase computed once for all ranks (only the save phase's gathered tensor differs by rank). The placement
+    search calls this once per candidate; tests/test_placement.py checks it equals ``host_memory``."""
+    load = sum(i.bytes for i in host_load_items(models, cluster, p))
+    train_items = host_train_items(memory[0], cluster.device)
+    train = sum(i.bytes for i in train_items)
+    kept = sum(i.bytes for i in _save_kept(train_items))
+    phases = [{"load": load, "train": train, "save": kept + _save_gather_bytes(models, r)} for r in _ranks(cluster)]
+    return max(max(ph.values()) for ph in phases), _node_peak(phases, cluster.gpus_per_node)

@@ -30,7 +30,7 @@ from gkdlang.spec import PlacementPin, Spec, StageSpec
 from planner.cost import StepCost, step_cost
 from planner.graph import logit_losses
 from planner.hardware import CATALOG, Device, device_for, training_precision
-from planner.hostmem import host_memory
+from planner.hostmem import host_peaks
 from planner.memory import GiB, ClusterShape, StageModels, estimate, learned_params
 from planner.offline import offline_problems, stage_epochs
 from planner.params import ParamCounts
@@ -270,10 +270,9 @@ def evaluate(models: StageModels, cluster: ClusterShape, p: Placement) -> _Eval:
 
 def host_need(models: StageModels, cluster: ClusterShape, p: Placement,
               memory: list[RankMemory]) -> tuple[int, int]:
-    """(peak host bytes of one rank, of one node) over the load / train / save phases (``planner.hostmem.host_memory``):
+    """(peak host bytes of one rank, of one node) over the load / train / save phases (``planner.hostmem``):
     every rank of a node shares its host memory; on CPU runs the host *is* the ranks' device."""
-    phases, node = host_memory(models, cluster, p, memory)
-    return max(h.peak for h in phases), node
+    return host_peaks(models, cluster, p, memory)
 
 
 def shortfall(memory: list[RankMemory], cluster: ClusterShape, host_node: int,

@@ -255,3 +255,28 @@ def test_logit_losses_per_model():
     kl = term("kl", "kl", sig("t", "logits"), sig("s", "logits"))
     ce = term("ce", "ce", sig(None, "tokens"), sig("s", "logits"))
     assert logit_losses(stage("a", [kl, ce])) == {"t": ("kl",), "s": ("kl", "ce")}
+
+
+# ---------------------------------------------------------------- the graph class (planner/digraph.py)
+
+
+def test_digraph_agrees_with_networkx():
+    """The signal graph's own DiGraph answers reachability, successors and attributes as networkx does."""
+    import networkx as nx
+
+    from planner.digraph import ancestors, descendants
+
+    terms = tinybert_terms() + [term("kd", "kl", sig("t", "logits"), sig("s", "logits"))]
+    ours = build_graph(make_spec([stage("g", terms)])).graph
+    ref = ours.to_networkx()
+    assert sorted(ours.edges()) == sorted(ref.edges()) and len(ours) == ref.number_of_nodes() > 20
+    for node in ours:
+        assert ancestors(ours, node) == nx.ancestors(ref, node)
+        assert descendants(ours, node) == nx.descendants(ref, node)
+        assert set(ours.successors(node)) == set(ref.successors(node))
+        assert set(ours.predecessors(node)) == set(ref.predecessors(node))
+        assert ours.nodes[node] == ref.nodes[node]
+    u, v = next(iter(ours.edges()))
+    assert ours.edges[u, v] == ref.edges[u, v] and ours.has_edge(u, v) and not ours.has_edge(v, u)
+    with pytest.raises(KeyError):
+        ancestors(ours, "no-such-node")

@@ -68,3 +68,17 @@ def test_module_imports_no_heavy_package(module: str):
         if module.startswith("gkdlang."):
             pytest.fail(f"{module} does not import: {out['err']}")
         pytest.skip(f"{module} does not import yet (planner in progress): {out['err']}")
+
+
+def test_check_with_planning_loads_no_graph_library():
+    """Start-up time: `gkdc check` (planning included) never imports networkx (110-135 ms of a 0.5 s budget;
+    planner/digraph.py serves the signal graph) nor the runtime's packages (bench/check_time.py times it)."""
+    code = ("import io, json, sys, contextlib\nfrom gkdc import cli\n"
+            "err = io.StringIO()\n"
+            "with contextlib.redirect_stderr(err):\n"
+            "    rc = cli.main(['check', 'specs/mix.gkd'])\n"
+            "slow = sorted({m.split('.')[0] for m in sys.modules} & {'networkx', 'numpy', 'safetensors', 'runtime'})\n"
+            "print(json.dumps({'rc': rc, 'err': err.getvalue(), 'slow': slow}))")
+    out = run_python(code)
+    assert out["rc"] == 0, out["err"]
+    assert out["slow"] == [], f"gkdc check imported {out['slow']}"

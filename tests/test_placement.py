@@ -156,3 +156,22 @@ def test_deepspeed_parses_the_configs(zero, off):
     assert parsed.gradient_accumulation_steps == 4
     teacher = dsconfig.teacher_ds_config(_placement(teacher_strategy={"t": "sharded"}, micro_batch=2), spec.models["t"], 1)
     assert ds_config.DeepSpeedConfig(teacher).zero_optimization_stage == 3
+
+
+@pytest.mark.parametrize("gpu, n", [("A100-40GB", 8), ("cpu", 2), ("cpu", 1)])
+def test_search_host_peaks_equal_the_plans_host_records(gpu, n):
+    """The search's per-candidate host figures (hostmem.host_peaks) are host_memory's, for every candidate."""
+    from planner.hardware import device_for
+    from planner.hostmem import host_memory, host_peaks
+    from planner.memory import estimate
+
+    spec, stage = _spec(TINY, {**TINY, "n_layer": 1}, ClusterSpec(gpus_per_node=n, gpu=gpu, span=SPAN), batch=8)
+    params = {name: count_params(m.arch) for name, m in spec.models.items()}
+    models = placement.stage_models(spec, stage, _captures(), params)
+    cluster = placement.cluster_shape(spec, device_for(spec.cluster), n)
+    candidates = placement.placements(spec, stage, models, cluster)
+    assert len(candidates) > 5
+    for p in candidates:
+        memory = estimate(models, cluster, p)
+        records, node = host_memory(models, cluster, p, memory)
+        assert host_peaks(models, cluster, p, memory) == (max(h.peak for h in records), node)

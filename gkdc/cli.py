@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-plan", action="store_true", help="skip the memory feasibility check")
     c.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
                     help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
+    _add_set(c)
     c.set_defaults(func=cmd_check)
 
     f = sub.add_parser("fmt", help="format specs canonically")
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--schema", action="store_true", help="print the plan's JSON Schema and exit")
     pl.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
                     help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
+    _add_set(pl)
     pl.set_defaults(func=cmd_plan)
 
     g = sub.add_parser("graph", help="write the signal graph as .dot (or .svg/.png with Graphviz)")
@@ -69,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", type=Path, required=True)
     g.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
                     help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
+    _add_set(g)
     g.set_defaults(func=cmd_graph)
 
     e = sub.add_parser("eval", help="held-out perplexity or accuracy of saved models (e.g. runs/x/models/*)")
@@ -85,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("--out", type=Path, default=None, help="write under DIR/<stage> instead of the spec's cache path")
     ca.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
                     help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
+    _add_set(ca)
     ca.set_defaults(func=cmd_cache)
 
     r = sub.add_parser("run", help="execute a plan (or a spec, planning it first) with DeepSpeed")
@@ -97,8 +101,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
                     help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
+    _add_set(r)
     r.set_defaults(func=cmd_run)
     return p
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
+                   help="change a spec value before checking, e.g. stage.train.steps=100 or cluster.cpu_memory=64GiB "
+                        "(repeatable; recorded in the plan; see docs/language.md)")
 
 
 # ---------------------------------------------------------------- check / fmt
@@ -128,14 +139,16 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _check_one(path: Path, with_plan: bool, allowed: list[str] | tuple[str, ...] = ()):
-    """(diagnostics, sources, spec) for one file, including the planner's feasibility check."""
+def _check_one(path: Path, with_plan: bool, allowed: list[str] | tuple[str, ...] = (),
+               overrides: list[str] | tuple[str, ...] = ()):
+    """(diagnostics, sources, spec) for one file, including the planner's feasibility check; ``overrides``: the
+    ``--set`` texts (gkdlang.overrides)."""
     from gkdlang.diagnostics import Diagnostic
     from gkdlang.lower import check_file
 
     if not _is_file(path):
         return [Diagnostic("file-not-found", f"no such file: {_short(_display(path))}", None)], {}, None
-    result = check_file(path, display_name=_display(path), allowed_paths=allowed)
+    result = check_file(path, display_name=_display(path), allowed_paths=allowed, overrides=overrides)
     diags = list(result.diagnostics)
     if result.spec is not None and with_plan:
         plan, plan_diags = _build_plan(result.spec, path)
@@ -158,7 +171,7 @@ def _short(text: str, width: int = 120) -> str:
 def cmd_check(args) -> int:
     all_diags, sources, failed = [], {}, 0
     for path in args.files:
-        diags, srcs, spec = _check_one(path, not args.no_plan, args.allow_path)
+        diags, srcs, spec = _check_one(path, not args.no_plan, args.allow_path, args.overrides)
         sources.update(srcs)
         all_diags.extend(diags)
         errors = sum(1 for d in diags if d.severity == "error")
@@ -235,7 +248,7 @@ def cmd_plan(args) -> int:
     to_stdout = (args.output is not None and str(args.output) == "-") or (args.output is None and args.format == "json")
     machine = sys.stderr if to_stdout else None
     output = None if to_stdout else args.output
-    diags, sources, spec = _check_one(args.file, with_plan=False, allowed=args.allow_path)
+    diags, sources, spec = _check_one(args.file, with_plan=False, allowed=args.allow_path, overrides=args.overrides)
     _emit(diags, sources, args.format, machine=machine)
     if spec is None:
         return EXIT_ERRORS
@@ -258,7 +271,7 @@ def cmd_plan(args) -> int:
 def cmd_graph(args) -> int:
     from planner.graph import GraphRenderError, build_graph, render
 
-    diags, sources, spec = _check_one(args.file, with_plan=False, allowed=args.allow_path)
+    diags, sources, spec = _check_one(args.file, with_plan=False, allowed=args.allow_path, overrides=args.overrides)
     _emit(diags, sources, "text")
     if spec is None:
         return EXIT_ERRORS
@@ -282,7 +295,7 @@ def cmd_run(args) -> int:
         print(f"error: no such file: {_short(str(path))}", file=sys.stderr)
         return EXIT_USAGE
     if path.suffix == ".gkd":
-        diags, sources, spec = _check_one(path, with_plan=False, allowed=args.allow_path)
+        diags, sources, spec = _check_one(path, with_plan=False, allowed=args.allow_path, overrides=args.overrides)
         _emit(diags, sources, "text")
         if spec is None:
             return EXIT_ERRORS
@@ -294,6 +307,10 @@ def cmd_run(args) -> int:
             return EXIT_ERRORS
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write(plan_path, plan.model_dump_json(indent=2) + "\n")
+    elif args.overrides:
+        print(f"error: --set changes a spec, and {_short(str(path))} is a plan; re-plan the spec with --set",
+              file=sys.stderr)
+        return EXIT_USAGE
     else:
         plan_path = path
         try:
@@ -318,7 +335,7 @@ def cmd_cache(args) -> int:
     """Write (or resume) the caches; ranks come from RANK / WORLD_SIZE when a launcher starts several."""
     from planner.graph import build_graph
 
-    diags, sources, spec = _check_one(args.file, with_plan=False, allowed=args.allow_path)
+    diags, sources, spec = _check_one(args.file, with_plan=False, allowed=args.allow_path, overrides=args.overrides)
     _emit(diags, sources, "text")
     if spec is None:
         return EXIT_ERRORS

@@ -27,6 +27,9 @@ CODES: dict[str, tuple[Severity, str]] = {
     "bad-string": ("error", "A string literal with an invalid escape."),
     "nesting-too-deep": ("error", "An expression nested more than 100 levels deep, brackets nested deeper, or a flat sum "
                          "or product of more than 400 operands (split it with `let`)."),
+    "set-syntax": ("error", "A `--set` that is not PATH=VALUE, or whose value is not one expression of the language."),
+    "set-target": ("error", "A `--set` path that names no value of the spec (no such stage, model, data, let, or "
+                            "keyword argument to change)."),
     "spec-too-large": ("error", "A spec file over 256 KiB characters (25x the largest shipped spec)."),
     # names
     "unknown-name": ("error", "A name that is not a declared model, data source, constant or parameter."),

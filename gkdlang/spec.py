@@ -722,3 +722,6 @@ class Spec(Frozen):
     """In execution order (a topological order of ``after``)."""
     cluster: ClusterSpec
     uses: list[str] = Field(default_factory=list)
+    overrides: list[str] = Field(default_factory=list, exclude_if=lambda v: not v)
+    """``--set PATH=VALUE`` texts applied to the spec's text, in order (gkdlang.overrides); part of ``source_hash``.
+    Left out of the JSON when empty, so a spec without overrides serialises (and seals) as before."""

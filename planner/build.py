@@ -62,7 +62,9 @@ def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str 
         return PlanFailure(bad)
     world = world_size(spec.cluster)
     spec_dir = Path(spec_path).parent
-    stages, failures, notes = [], [], []
+    stages, failures = [], []
+    notes = [f"spec values set on the command line (recorded in spec.overrides and the spec hash): "
+             f"{', '.join('--set ' + o for o in spec.overrides)}"] if spec.overrides else []
     for st in spec.stages:
         result = _plan_stage(spec, graph, st, params, world, spec_dir)
         if isinstance(result, list):

@@ -71,7 +71,7 @@ def check_spec_origin(plan: Plan, plan_path: Path, spec_path: Path, allowed_path
             text = raw.decode("utf-8") if raw is not None else None
         except (OSError, UnicodeDecodeError):
             text = None
-        if text is None or spec_digest(text, plan.spec.uses) != plan.spec_hash:
+        if text is None or spec_digest(text, plan.spec.uses, plan.spec.overrides) != plan.spec_hash:
             raise RunError(f"{spec_path} changed since {plan_path} was made; re-run `gkdc plan {spec_path}`")
         return
     from gkdlang.paths import allowed_roots

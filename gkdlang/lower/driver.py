@@ -31,6 +31,8 @@ from gkdlang.lower.declarations import (
 from gkdlang.lower.expressions import EXPRESSIONS
 from gkdlang.lower.placement import lower_placements
 from gkdlang.lower.stages import lower_stages
+from gkdlang.overrides import OverrideError, apply_overrides
+from gkdlang.overrides import sources as override_sources
 from gkdlang.parser import ParseError, parse
 from gkdlang.paths import check_paths
 from gkdlang.spec import Span, Spec
@@ -49,7 +51,7 @@ class CheckResult:
 
 
 def check_file(path: str | Path, *, display_name: str | None = None,
-               allowed_paths: tuple[str | Path, ...] | list = ()) -> CheckResult:
+               allowed_paths: tuple[str | Path, ...] | list = (), overrides: tuple[str, ...] | list = ()) -> CheckResult:
     path = Path(path)
     name = display_name or str(path)
     try:
@@ -58,17 +60,18 @@ def check_file(path: str | Path, *, display_name: str | None = None,
         span = Span(file=name, line=1, col=1, end_line=1, end_col=1)
         d = Diagnostic("syntax-unexpected-char", f"file is not UTF-8 (byte {exc.start})", span)
         return CheckResult(None, [d], {})
-    return check_source(text, name, base_dir=path.parent, allowed_paths=allowed_paths)
+    return check_source(text, name, base_dir=path.parent, allowed_paths=allowed_paths, overrides=overrides)
 
 
 def check_source(text: str, file: str = "<input>", *, base_dir: str | Path | None = None,
-                 allowed_paths: tuple[str | Path, ...] | list = ()) -> CheckResult:
+                 allowed_paths: tuple[str | Path, ...] | list = (), overrides: tuple[str, ...] | list = ()) -> CheckResult:
     """Parse and lower a spec text; never raises for bad input. ``allowed_paths``: folders beside the spec's project
-    where data and cache paths may point (gkdlang.paths, ``--allow-path``)."""
-    sources = {file: text}
+    where data and cache paths may point (gkdlang.paths, ``--allow-path``). ``overrides``: ``--set PATH=VALUE``
+    texts applied to the parsed module before any check (gkdlang.overrides), recorded in the Spec and its hash."""
+    sources = {file: text, **override_sources(overrides)}
     try:
-        module = parse(text, file)
-    except ParseError as exc:
+        module = apply_overrides(parse(text, file), overrides)
+    except (ParseError, OverrideError) as exc:
         return CheckResult(None, [exc.diagnostic], sources)
     refused = check_paths(module, Path(base_dir or "."), allowed_paths)
     if refused:  # the path rule runs before any pass reads a file: a refused path never reaches the file system
@@ -76,6 +79,9 @@ def check_source(text: str, file: str = "<input>", *, base_dir: str | Path | Non
     diags = Collector()
     lw = Lowerer(module, text, file, Path(base_dir or "."), diags, sources, EXPRESSIONS)
     spec = lower_module(lw)
+    if spec is not None and overrides:
+        spec = spec.model_copy(update={"overrides": list(overrides),
+                                       "source_hash": spec_hash(text, spec.uses, list(overrides))})
     return CheckResult(spec if not diags.has_errors() else None, diags.sorted(), sources, module)
 
 

@@ -83,10 +83,15 @@ def _resolve(model: ModelSpec, models: dict[str, ModelSpec]) -> ModelSpec:
 
 
 def _where(model: ModelSpec, base_dir: Path) -> tuple[str, bool]:
-    """(path or hub id to load from, whether it is local)."""
+    """(path or hub id to load from, whether it is local). A hub model found in the local Hugging Face cache is
+    loaded from its cached snapshot folder, as a local folder (no network; the safetensors rules apply)."""
     if model.source_kind == "local":
         return str(_local_dir(model, base_dir)), True
-    return _hub_id(model), False
+    hub_id = _hub_id(model)
+    from gkdlang.models import hub_snapshot
+
+    cached = hub_snapshot(hub_id)
+    return (str(cached), True) if cached is not None else (hub_id, False)
 
 
 def _fetch_error(model: ModelSpec, where: str, what: str, exc: Exception) -> RunError:

@@ -72,12 +72,14 @@ def test_module_imports_no_heavy_package(module: str):
 
 def test_check_with_planning_loads_no_graph_library():
     """Start-up time: `gkdc check` (planning included) never imports networkx (110-135 ms of a 0.5 s budget;
-    planner/digraph.py serves the signal graph) nor the runtime's packages (bench/check_time.py times it)."""
+    planner/digraph.py serves the signal graph), nor huggingface_hub's download module (0.3 s; loaded only when
+    the local HF cache holds the model), nor the runtime's packages (bench/check_time.py times it)."""
     code = ("import io, json, sys, contextlib\nfrom gkdc import cli\n"
             "err = io.StringIO()\n"
             "with contextlib.redirect_stderr(err):\n"
             "    rc = cli.main(['check', 'specs/mix.gkd'])\n"
             "slow = sorted({m.split('.')[0] for m in sys.modules} & {'networkx', 'numpy', 'safetensors', 'runtime'})\n"
+            "slow += [m for m in ('huggingface_hub.file_download',) if m in sys.modules]\n"
             "print(json.dumps({'rc': rc, 'err': err.getvalue(), 'slow': slow}))")
     out = run_python(code)
     assert out["rc"] == 0, out["err"]

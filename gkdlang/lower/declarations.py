@@ -163,7 +163,7 @@ def lower_model(lw: Lowerer, decl: ast.ModelDecl) -> None:
         check_arity(lw, src, 1, "hf")
         source = read_string(lw, src.args[0], "hf")
         kind, config, path = resolve_model_source(lw, source, src.args[0].span)
-        base, source_val = None, path or source
+        base, source_val = None, path if kind == "local" else source  # a cached hub model keeps its id
         if overrides:
             config = derive_config(arch_of(lw, config, src.span), overrides)
     elif func == "like":
@@ -408,16 +408,28 @@ def lower_cluster(lw: Lowerer, decl: ast.ClusterDecl | None) -> ClusterSpec | No
         return None
 
 
+def _weights_folder(lw: Lowerer, model: ModelSpec) -> Path | None:
+    """The folder of a local model, or the cached snapshot of a hub model (gkdlang.models.hub_snapshot)."""
+    if model.source_kind == "hub":
+        from gkdlang.models import hub_snapshot
+
+        return hub_snapshot(str(model.source))
+    folder = Path(model.source)
+    return folder if folder.is_absolute() else lw.base_dir / folder
+
+
 def check_teacher_weights(lw: Lowerer, stages: list[StageSpec]) -> None:
     """A local teacher folder holds the heads the spec reads (gkdlang.weights: safetensors headers, no torch)."""
     from gkdlang import weights as W
 
     for name, kinds in W.read_kinds(stages).items():
         model = lw.models.get(name)
-        if model is None or model.role != "teacher" or model.source_kind != "local" or model.init.kind != "pretrained":
+        if model is None or model.role != "teacher" or model.source_kind not in ("local", "hub") \
+                or model.init.kind != "pretrained":
             continue
-        folder = Path(model.source)
-        folder = folder if folder.is_absolute() else lw.base_dir / folder
+        folder = _weights_folder(lw, model)
+        if folder is None:
+            continue
         try:
             names = W.folder_names(folder)
         except (W.HeaderError, OSError) as exc:

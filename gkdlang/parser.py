@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import re
 from pathlib import Path
 
 import lark
-from lark import Lark, Transformer, v_args
+from lark import Lark, Transformer
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
 
 from gkdlang import ast
@@ -35,9 +37,11 @@ def _parser() -> Lark:
                 cache=True)
 
 
-#: largest spec accepted, in characters: 25x the largest shipped spec, and still checked in a few seconds (the
-#: LALR parser runs at roughly 100-200 KB/s); a bigger file is refused before parsing, so no phase runs unbounded
-MAX_SPEC_CHARS = 256 * 1024
+#: largest spec accepted, in characters. Measured by bench/large_spec.py on the 2-core dev box (load 5-7): a
+#: 5 MB spec of 55,000 lets, 5,500 methods and 200 stages checks (--no-plan) in 16 s with 0.72 GB peak, 1 MB in
+#: 2 s with 0.17 GB; memory grows ~145 bytes per character, so the cap keeps a check near 1.2 GB and well
+#: under a minute; a bigger file is refused before parsing, so no phase runs unbounded
+MAX_SPEC_CHARS = 8 * 1024 * 1024
 
 
 def parse(text: str, file: str = "<input>") -> ast.Module:
@@ -50,17 +54,32 @@ def parse(text: str, file: str = "<input>") -> ast.Module:
                                                                            end_col=2),
                                     "split it into several specs, or move repeated parts into methods"))
     _check_brackets(text, file)
+    with no_gc():
+        try:
+            tree = _parser().parse(text)
+        except (UnexpectedCharacters, UnexpectedToken, UnexpectedEOF) as exc:
+            raise ParseError(_syntax_diagnostic(exc, text, file)) from None
+        _check_depth(tree, file)
+        try:
+            return _ToAst(file).transform(tree)
+        except VisitError as exc:  # raised inside a transformer method: unwrap lark's wrapper
+            if isinstance(exc.orig_exc, ParseError):
+                raise exc.orig_exc from None
+            raise
+
+
+@contextlib.contextmanager
+def no_gc():
+    """The cyclic garbage collector paused while a spec is parsed: parsing allocates millions of objects that
+    all stay alive until the AST is built (no cycles), and each collection rescans them (a third of the time
+    of a 1 MB spec, more as the heap grows)."""
+    was = gc.isenabled()
+    gc.disable()
     try:
-        tree = _parser().parse(text)
-    except (UnexpectedCharacters, UnexpectedToken, UnexpectedEOF) as exc:
-        raise ParseError(_syntax_diagnostic(exc, text, file)) from None
-    _check_depth(tree, file)
-    try:
-        return _ToAst(file).transform(tree)
-    except VisitError as exc:  # raised inside a transformer method: unwrap lark's wrapper
-        if isinstance(exc.orig_exc, ParseError):
-            raise exc.orig_exc from None
-        raise
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 #: deepest expression accepted; every later phase recurses over the tree (real specs nest about 15 deep)
@@ -122,26 +141,43 @@ def parse_file(path: str | Path) -> ast.Module:
 # ---------------------------------------------------------------- lark tree -> AST
 
 
+# Spans are built unvalidated (``model_construct``): lark's positions are ints by construction, and validating
+# one Span per AST node was 20% of the time a 1 MB spec took to parse (bench/large_spec.py)
+_new_span = Span.model_construct
+
+
 def _span(file: str, meta) -> Span:
     if getattr(meta, "empty", True):
-        return Span(file=file, line=1, col=1, end_line=1, end_col=1)
-    return Span(file=file, line=meta.line, col=meta.column, end_line=meta.end_line, end_col=meta.end_column)
+        return _new_span(file=file, line=1, col=1, end_line=1, end_col=1)
+    return _new_span(file=file, line=meta.line, col=meta.column, end_line=meta.end_line, end_col=meta.end_column)
 
 
 def _tok_span(file: str, tok: lark.Token) -> Span:
-    return Span(file=file, line=tok.line, col=tok.column, end_line=tok.end_line, end_col=tok.end_column)
+    return _new_span(file=file, line=tok.line, col=tok.column, end_line=tok.end_line, end_col=tok.end_column)
 
 
 _ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
 
 
-@v_args(meta=True)
 class _ToAst(Transformer):
-    """Builds AST nodes bottom-up; every span comes from ``self.s(meta)``."""
+    """Builds AST nodes bottom-up; every span comes from ``self.s(meta)``. Each rule's method takes
+    ``(meta, children)``, as under lark's ``v_args(meta=True)``, called directly by ``_call_userfunc``: the
+    decorator wraps every call anew (functools.update_wrapper), a third of the transform's time."""
 
     def __init__(self, file: str):
-        super().__init__()
+        super().__init__(visit_tokens=False)  # no terminal has a callback: tokens reach the rules as they are
         self.file = file
+
+    def _call_userfunc(self, tree, new_children=None):
+        children = new_children if new_children is not None else tree.children
+        try:
+            f = getattr(self, tree.data)
+        except AttributeError:
+            return self.__default__(tree.data, children, tree.meta)
+        try:
+            return f(tree.meta, children)
+        except Exception as e:  # as lark's own: wrapped, and unwrapped at the one boundary (parse)
+            raise VisitError(tree.data, tree, e) from e
 
     def s(self, meta) -> Span:
         return _span(self.file, meta)

@@ -55,8 +55,9 @@ def verify_plan(plan: Plan, plan_path: Path, base_dir: Path, allowed_paths: Iter
     check_spec_paths(plan, base_dir, allowed_paths)
 
 
-#: a spec file larger than this is not read to compare hashes (the front end refuses specs over 256 KiB anyway)
-MAX_SPEC_BYTES = 1 << 20
+#: a spec file larger than this is not read to compare hashes (the front end refuses specs over 8 MiB characters,
+#: at most 4 bytes each in UTF-8)
+MAX_SPEC_BYTES = 32 << 20
 
 
 def check_spec_origin(plan: Plan, plan_path: Path, spec_path: Path, allowed_paths: Iterable[str] = ()) -> None:

@@ -33,7 +33,7 @@ from gkdlang.lower.placement import lower_placements
 from gkdlang.lower.stages import lower_stages
 from gkdlang.overrides import OverrideError, apply_overrides
 from gkdlang.overrides import sources as override_sources
-from gkdlang.parser import ParseError, parse
+from gkdlang.parser import ParseError, no_gc, parse
 from gkdlang.paths import check_paths
 from gkdlang.spec import Span, Spec
 
@@ -78,7 +78,8 @@ def check_source(text: str, file: str = "<input>", *, base_dir: str | Path | Non
         return CheckResult(None, sorted(refused, key=lambda d: (d.span.line, d.span.col)), sources, module)
     diags = Collector()
     lw = Lowerer(module, text, file, Path(base_dir or "."), diags, sources, EXPRESSIONS)
-    spec = lower_module(lw)
+    with no_gc():  # the AST stays alive throughout: collections would rescan it (gkdlang.parser.no_gc)
+        spec = lower_module(lw)
     if spec is not None and overrides:
         spec = spec.model_copy(update={"overrides": list(overrides),
                                        "source_hash": spec_hash(text, spec.uses, list(overrides))})

@@ -220,6 +220,17 @@ def all_ranks_sum(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def all_ranks_max(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``x`` over the data-parallel ranks (``x`` itself for one rank)."""
+    import torch.distributed as dist
+
+    if _data_parallel_ranks() == 1:
+        return x
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y
+
+
 def all_ranks_mean(x: torch.Tensor) -> torch.Tensor:
     """The mean of ``x`` over the data-parallel ranks (detached; ``x`` itself for one rank)."""
     world = _data_parallel_ranks()

@@ -124,6 +124,9 @@ def run_stage(
     total = live.total  # counted from the data when the plan could not (total_steps -1)
     if resume_tag is not None:
         restore(env, live.engine, resume_tag, live.data)
+    from runtime import divergence
+
+    divergence.note_start(live.engine)  # the scale a checkpoint's weights are checked against
 
     env.logger.start_stage(stage.name, total, start)
     save_every = stage.save_every or DEFAULT_SAVE_EVERY
@@ -703,21 +706,10 @@ def _kept(env: "_RunEnv") -> str:
 
 
 def _check_weights_finite(env: "_RunEnv", engine: Any, stage: str, step: int) -> None:
-    """Every rank: its (partition of the) trained weights are finite, or the run stops before writing them."""
-    finite = True
-    with torch.no_grad():
-        for p in engine.module.parameters():
-            t = getattr(p, "ds_tensor", None)
-            t = p.data if t is None or t.numel() == 0 else t
-            if t.numel() and not bool(torch.isfinite(t).all()):
-                finite = False
-                break
-    if eng.all_true(finite):
-        return
-    kept = _kept(env)
-    raise RunError(f"stage '{stage}', step {step}: the trained weights are not finite (the run diverged); this "
-                   f"checkpoint was not written, {kept}. Lower the learning rate or the loss weights in the spec, "
-                   "re-plan it and resume with --resume")
+    """Every rank: the trained weights are finite and not diverged (runtime.divergence), or nothing is written."""
+    from runtime import divergence
+
+    divergence.check(engine, stage, step, _kept(env))
 
 
 def save_final_student(env: "_RunEnv", trained: Mapping[str, Path]) -> Path | None:

@@ -71,6 +71,11 @@ def host_load_items(models: StageModels, cluster: ClusterShape, p: Placement) ->
             transient = max(transient, BUILD_GATHER_COPIES * _largest_tensor(c) * d)
         elif strategy == "nvme_offload":
             transient = max(transient, BUILD_GATHER_COPIES * _largest_tensor(c) * d)
+        elif strategy == "tensor_parallel":  # built empty, each rank reads its 1/t of every block from the files
+            t = p.teacher_tp.get(m.name, 1)
+            items.append(MemoryItem(name=f"host.teacher:{m.name}", bytes=math.ceil(kept * d / t) if cpu else 0,
+                                    device="cpu", note=f"tensor-parallel shard of {t}, read from the files"))
+            transient = max(transient, _largest_tensor(c) * d)
     for m, c, _ in models.students:
         if p.zero_stage == 3 and m.vocab is None:
             w = DTYPE_BYTES[p.precision]

@@ -12,7 +12,9 @@ refusal reports, and the advice says what would fit.
 The fastest fitting placement wins (ties: less memory, then simpler); runner-ups carry a short reason.
 
 Teacher strategies searched are those the runtime executes: ``replicated`` (plain module), ``sharded``
-(ZeRO-3 inference engine), ``cpu_offload`` / ``nvme_offload`` (ZeRO-3 with offloaded parameters).
+(ZeRO-3 inference engine; on several nodes also with an hpZ secondary partition per node), ``cpu_offload`` /
+``nvme_offload`` (ZeRO-3 with offloaded parameters), ``tensor_parallel`` at each degree
+``planner.tensor_parallel.degrees`` allows (runtime/tensor_parallel.py splits the blocks).
 ``offline`` (signals read from a cache written once by ``gkdc cache``) is searched for teachers that declare
 ``cache`` and meet ``planner.offline``'s rules; it is priced by ``planner.cost`` (one teacher pass amortised over
 the epochs, cache reads). ``separate`` is modelled by ``planner.memory`` but not run, so it is not searched; for

@@ -49,6 +49,8 @@ class Name(Node):
 class HwSpec(Node):
     count: int
     device: str
+    per_node: bool = False
+    """Written ``8 x A100-40GB per node`` (the count is per node either way; this says so)."""
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ PLACEMENT_KEYS = {"zero": "int", "offload_optimizer": "symbol", "offload_params"
                   "checkpointing": "bool"}
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
 #: teacher strategies a spec may pin: those the runtime runs (the planner's ``separate`` is modelled only)
-TEACHER_STRATEGIES = ("replicated", "sharded", "cpu_offload", "nvme_offload", "offline")
+TEACHER_STRATEGIES = ("replicated", "sharded", "tensor_parallel", "cpu_offload", "nvme_offload", "offline")
 #: ``cached`` reads as what it is in the plan: ``offline`` (signals read from the teacher's cache)
 TEACHER_STRATEGY_ALIASES = {"cached": "offline"}
 OPTIMIZER_KEYS = {"lr": "number", "betas": "pair", "eps": "number", "weight_decay": "number"}

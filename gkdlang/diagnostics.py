@@ -112,6 +112,8 @@ CODES: dict[str, tuple[Severity, str]] = {
                             "masked LM, or a per-sequence signal)."),
     "no-cpu-memory": ("warning", "The cluster gives no `cpu_memory`: host memory was not checked; the message states "
                       "what the plan needs per node."),
+    "gpus-per-node": ("warning", "A cluster of several `nodes` whose `gpus` does not say `per node`: the count is per "
+                      "node (`nodes: 2, gpus: 8 x A100-40GB` is 16 ranks); write `8 x A100-40GB per node` to say so."),
 }
 
 

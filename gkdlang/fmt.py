@@ -192,7 +192,7 @@ class _Printer:
         if isinstance(e, ast.Name):
             return e.id, top
         if isinstance(e, ast.HwSpec):
-            return f"{e.count} x {e.device}", top
+            return f"{e.count} x {e.device}{' per node' * e.per_node}", top
         if isinstance(e, ast.Attr):
             return f"{self.expr(e.obj, 5)}.{e.name.name}", 5
         if isinstance(e, ast.Index):

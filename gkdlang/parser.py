@@ -259,8 +259,8 @@ class _ToAst(Transformer):
         return ast.String(self.s(meta), re.sub(r"\\(.)", unescape, raw))
 
     def hwspec(self, meta, toks):
-        count, device = re.fullmatch(r"(\d+)\s*x\s*(.+)", str(toks[0])).groups()
-        return ast.HwSpec(self.s(meta), int(count), device)
+        count, device, per_node = re.fullmatch(r"(\d+)\s*x\s*(.+?)(\s+per\s+node)?", str(toks[0])).groups()
+        return ast.HwSpec(self.s(meta), int(count), device, per_node is not None)
 
     def true(self, meta, _):
         return ast.Bool(self.s(meta), True)
@@ -328,7 +328,7 @@ class _ToAst(Transformer):
 
 _READABLE = {
     "$END": "end of file", "NAME": "name", "NUMBER": "number", "STRING": "string",
-    "HWSPEC": "device spec (8 x A100-40GB)", "STAR": "'*'",
+    "HWSPEC": "device spec (8 x A100-40GB, 8 x A100-40GB per node)", "STAR": "'*'",
 }
 
 

@@ -641,7 +641,7 @@ class LRScheduleSpec(Frozen):
     min_lr: float = 0.0
 
 
-TeacherStrategy = Literal["replicated", "sharded", "cpu_offload", "nvme_offload", "offline"]
+TeacherStrategy = Literal["replicated", "sharded", "tensor_parallel", "cpu_offload", "nvme_offload", "offline"]
 """How a teacher is placed: a whole copy per rank, ZeRO-3 shards, shards offloaded to host memory or NVMe, or
 read from its cache (``offline``). The planner's ``separate`` (teachers on their own ranks) is not run, so not here."""
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gkdlang.diagnostics import Diagnostic
 from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
-from planner import dsconfig, offline_notes, placement, tokens
+from planner import dsconfig, offline_notes, placement, tensor_parallel, tokens
 from planner.graph import SignalGraph, build_graph
 from planner.hardware import device_for
 from planner.hostmem import host_memory
@@ -73,6 +73,7 @@ def build_plan(spec: Spec, *, gkdc_version: str, spec_path: str, plan_path: str 
         stages.append(result)
         notes += stage_notes(spec, graph, st, spec_dir, result.captures)
         notes += offline_notes.comparison_notes(spec, st, result.captures, params, world, result.placement.teacher_strategy)
+        notes += tensor_parallel.placement_notes(st.name, result.placement, result.step_time_s, result.alternatives)
     if failures:
         return PlanFailure(failures)
     launch, hostfile = launch_command(spec.cluster, plan_path, master_port(spec.source_hash))

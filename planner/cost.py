@@ -9,7 +9,9 @@ Per optimizer step on one rank (``tokens`` = micro_batch * seq_len * grad_accum)
   teacher actually runs (up to ``stop_after_layer``, head only when needed), at the teacher dtype's peak;
 - ``zero_comm``: gradient all-reduce (ZeRO-0/1, once per step), gradient reduce-scatter (ZeRO-2/3, every
   micro-batch), parameter all-gathers (ZeRO-3: forward and backward of every micro-batch; a sharded teacher:
-  its forward), ring cost ``2 (n-1)/n`` / ``(n-1)/n`` bytes over NVLink inside a node, InfiniBand across;
+  its forward, inside the node with an hpZ secondary partition), a tensor-parallel teacher's two all-reduces per
+  block inside its node; each priced hierarchically by ``planner.collectives`` (NVLink inside a node, each
+  GPU's own InfiniBand adapter across nodes, a latency per ring step and call);
 - ``cache_read`` (offline teachers): the step's cached signals (``planner.offline.bytes_per_token``) read at
   the node's NVMe bandwidth; an offline teacher's ``compute_teacher`` is its one pass over the data spread over
   the stage's epochs (online cost / epochs);
@@ -26,8 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.hardware import INTER_NODE_BW, Device
-from planner.memory import DTYPE_BYTES, StageModels, teacher_needed_params
+import math
+
+from planner import tensor_parallel as TP
+from planner.collectives import Topology, all_gather, all_reduce, reduce_scatter
+from planner.hardware import Device
+from planner.memory import DTYPE_BYTES, StageModels, teacher_needed_params, zero_buckets
 from planner.plan import Placement
 
 #: Fraction of peak FLOP/s that transformer training reaches (typical model-FLOPs utilisation).
@@ -54,10 +60,6 @@ def _peak(device: Device, dtype: str) -> float:
     return device.flops.get(dtype) or device.flops["fp32"]
 
 
-def _bandwidth(device: Device, world: int, gpus_per_node: int) -> float:
-    return device.link_bw if world <= gpus_per_node else min(device.link_bw, INTER_NODE_BW)
-
-
 def step_cost(models: StageModels, p: Placement, device: Device, world: int, gpus_per_node: int) -> StepCost:
     """Predicted seconds per optimizer step for one placement (see the module docstring)."""
     seq = models.step_seq(p.micro_batch)  # seq_len, or the expected padded width of unpacked data
@@ -69,8 +71,7 @@ def step_cost(models: StageModels, p: Placement, device: Device, world: int, gpu
     parts = {"compute_student": (6 * n + 3 * attn) * tokens / rate,
              "recompute": (2 * n + attn) * tokens / rate if p.activation_checkpointing else 0.0,
              "compute_teacher": _teacher_compute(models, p, device, tokens, seq)}
-    bw = _bandwidth(device, world, gpus_per_node)
-    parts["zero_comm"] = _zero_comm(models, p, world, bw)
+    parts["zero_comm"] = _zero_comm(models, p, Topology.of(device, world, gpus_per_node))
     parts["offload"] = _offload(models, p, device, world, gpus_per_node)
     parts["latency"] = _latency(models, p)
     parts["cache_read"] = _cache_read(models, p, device, tokens)
@@ -107,23 +108,32 @@ def _cache_read(models: StageModels, p: Placement, device: Device, tokens: int) 
     return seconds
 
 
-def _zero_comm(models: StageModels, p: Placement, world: int, bw: float) -> float:
-    if world <= 1:
+def _zero_comm(models: StageModels, p: Placement, topo: Topology) -> float:
+    """ZeRO's gradient and weight collectives, and the teachers' gathers or all-reduces, hierarchically priced
+    (``planner.collectives``): one collective per bucket (gradients) or per block (weights)."""
+    if topo.ranks <= 1:
         return 0.0
-    ring = (world - 1) / world
     w = DTYPE_BYTES[p.precision]
     grads = models.trainable * w
+    buckets = max(1, math.ceil(models.trainable / zero_buckets().reduce))
+    blocks = sum(m.arch.num_layers for m, _, _ in models.students)
     if p.zero_stage <= 1:
-        seconds = 2 * ring * grads / bw  # one all-reduce per optimizer step
+        seconds = all_reduce(grads, topo, buckets)  # one all-reduce per optimizer step
     else:
-        seconds = p.grad_accum * ring * grads / bw  # reduce-scatter every micro-batch
-        seconds += ring * grads / bw if p.zero_stage == 2 else 0.0  # ZeRO-2 all-gathers updated weights
+        seconds = p.grad_accum * reduce_scatter(grads, topo, buckets)  # reduce-scatter every micro-batch
+        seconds += all_gather(grads, topo, buckets) if p.zero_stage == 2 else 0.0  # updated weights gathered
     if p.zero_stage == 3:
-        seconds += p.grad_accum * 2 * ring * grads / bw  # weights gathered for forward and backward
+        seconds += p.grad_accum * 2 * all_gather(grads, topo, blocks)  # weights gathered for forward and backward
+    seq = models.step_seq(p.micro_batch)
     for m, counts, cap in models.teachers:
-        if p.teacher_strategy.get(m.name) in ("sharded", "cpu_offload", "nvme_offload"):
+        strategy = p.teacher_strategy.get(m.name)
+        if strategy == "tensor_parallel":
+            seconds += p.grad_accum * TP.comm_seconds(m, cap, p.micro_batch, seq, p.teacher_tp[m.name], topo)
+        elif strategy in ("sharded", "cpu_offload", "nvme_offload"):
             needed = teacher_needed_params(counts, cap, m.arch) * DTYPE_BYTES[m.dtype]
-            seconds += p.grad_accum * ring * needed / bw
+            hpz = p.teacher_hpz.get(m.name, 1)
+            group = topo.within_node(hpz) if hpz > 1 else topo  # hpZ: from the node's secondary partition
+            seconds += p.grad_accum * all_gather(needed, group, TP.blocks_run(m, cap))
     return seconds
 
 

@@ -70,10 +70,18 @@ def describe_placement(p: Placement) -> str:
         offload.append(f"optimizer->{p.offload_optimizer}")
     if p.offload_params != "none":
         offload.append(f"params->{p.offload_params}")
-    teachers = ", ".join(f"{m}: {s}" for m, s in sorted(p.teacher_strategy.items())) or "none"
+    teachers = ", ".join(f"{m}: {teacher_strategy(p, m)}" for m in sorted(p.teacher_strategy)) or "none"
     return (f"ZeRO-{p.zero_stage}{' offload ' + ', '.join(offload) if offload else ''}, micro-batch {p.micro_batch}"
             f" x accum {p.grad_accum}, {'activation checkpointing, ' if p.activation_checkpointing else ''}"
             f"{p.precision}; teachers {teachers}")
+
+
+def teacher_strategy(p: Placement, name: str) -> str:
+    """``sharded``, ``sharded (hpZ 8)``, ``tensor_parallel (8)``, ...: a teacher's strategy with its group size."""
+    s = p.teacher_strategy[name]
+    if name in p.teacher_tp:
+        return f"{s} ({p.teacher_tp[name]})"
+    return f"{s} (hpZ {p.teacher_hpz[name]})" if name in p.teacher_hpz else s
 
 
 def pin_block(stage: str, p: Placement) -> str:

@@ -104,6 +104,9 @@ def teacher_ds_config(placement: Placement, model: ModelSpec, world: int) -> dic
     counts = count_params_for(model.arch, model.head.kind, model.head.num_labels or 2)
     zero |= {"stage3_max_live_parameters": teacher_window_params(counts), "stage3_max_reuse_distance": 0,
              "stage3_prefetch_bucket_size": counts.per_layer}
+    hpz = placement.teacher_hpz.get(model.name, 1)
+    if hpz > 1:  # ZeRO++ hpZ: a secondary partition over the node's ranks, kept (a frozen teacher never steps)
+        zero["zero_hpz_partition_size"] = hpz
     return {
         "train_batch_size": placement.micro_batch * world,
         "train_micro_batch_size_per_gpu": placement.micro_batch,

@@ -2,7 +2,10 @@
 
 ``lookup`` / ``suggest`` / ``cluster_device`` answer None for unknown names (the checker reports
 ``unknown-gpu`` itself); ``require`` / ``device_for`` raise ``HardwareError`` with a did-you-mean instead.
-Figures are vendors' datasheet numbers (dense, no sparsity); bandwidths per GPU and per direction. Memory is the usable device memory in bytes as
+Figures are vendors' datasheet numbers (dense, no sparsity); bandwidths per GPU and per direction: ``link_bw``
+inside a node (NVLink 3: 300 GB/s a direction on A100 SXM, NVLink 4: 450 GB/s on H100 / H200 SXM; PCIe peers
+25 GB/s), ``inter_bw`` to other nodes (the GPU's own InfiniBand or Ethernet adapter, see the field), latencies
+per ring step (``INTRA_NODE_LATENCY_S`` / ``INTER_NODE_LATENCY_S``). Memory is the usable device memory in bytes as
 ``torch.cuda.get_device_properties().total_memory`` reports it (what the allocator can reach), not the
 marketing figure. ``cpu`` describes a CPU-only rank (the test suite and laptops).
 """
@@ -16,8 +19,12 @@ from gkdlang.spec import ClusterSpec
 
 GiB = 2**30
 
-#: Bandwidth between nodes per GPU: a 200 Gb/s InfiniBand HDR link, the common training-cluster figure.
-INTER_NODE_BW = 25e9
+#: Per ring step latency of a collective inside a node (NVLink / NVSwitch): nccl-tests' small-message all-reduce
+#: on 8 x A100 or H100 SXM takes ~15-20 us over 2 x 7 ring steps, so ~1-2 us a step plus launch; 3 us charged.
+INTRA_NODE_LATENCY_S = 3e-6
+#: Per ring step latency across nodes over InfiniBand: ~5-8 us a hop in nccl-tests across 2-4 DGX nodes
+#: (RDMA verbs + proxy thread); 8 us charged.
+INTER_NODE_LATENCY_S = 8e-6
 
 
 class HardwareError(ValueError):
@@ -42,6 +49,12 @@ class Device:
     aliases: tuple[str, ...] = ()
     nvme_bw: float = 3e9
     """NVMe read/write bandwidth per node for NVMe offload, bytes/s."""
+    inter_bw: float = 25e9
+    """Per-device bandwidth to other nodes, bytes/s, one direction: the device's own NIC (DGX A100: one 200 Gb/s
+    HDR InfiniBand adapter per GPU = 25 GB/s; DGX H100 / H200: one 400 Gb/s NDR adapter per GPU = 50 GB/s;
+    PCIe cards in cloud nodes: a 100 Gb/s Ethernet share, 12.5 GB/s)."""
+    intra_latency: float = INTRA_NODE_LATENCY_S
+    inter_latency: float = INTER_NODE_LATENCY_S
 
     def supports(self, dtype: str) -> bool:
         return dtype in self.flops
@@ -61,19 +74,21 @@ CATALOG: dict[str, Device] = {d.name: d for d in (
     Device("A100-80GB", int(79.15 * GiB), {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
            2.039e12, 300e9, 25e9, int(1.0 * GiB), ("a100-80g", "a100-sxm4-80gb")),
     Device("H100-80GB", int(79.1 * GiB), {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12},
-           3.35e12, 450e9, 55e9, int(1.2 * GiB), ("h100", "h100-sxm", "h100-80g")),
+           3.35e12, 450e9, 55e9, int(1.2 * GiB), ("h100", "h100-sxm", "h100-80g"), inter_bw=50e9),
     Device("H200", int(139.8 * GiB), {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12},
-           4.8e12, 450e9, 55e9, int(1.2 * GiB), ("h200-141gb", "h200-sxm")),
+           4.8e12, 450e9, 55e9, int(1.2 * GiB), ("h200-141gb", "h200-sxm"), inter_bw=50e9),
     Device("L4", int(22.0 * GiB), {"fp32": 30.3e12, "bf16": 121e12, "fp16": 121e12},
-           300e9, 25e9, 25e9, int(0.8 * GiB), ("l4-24gb",)),
+           300e9, 25e9, 25e9, int(0.8 * GiB), ("l4-24gb",), inter_bw=12.5e9),
     Device("A10G", int(22.0 * GiB), {"fp32": 31.2e12, "bf16": 70e12, "fp16": 70e12},
-           600e9, 25e9, 25e9, int(0.8 * GiB), ("a10g-24gb", "a10")),
+           600e9, 25e9, 25e9, int(0.8 * GiB), ("a10g-24gb", "a10"), inter_bw=12.5e9),
     Device("V100-32GB", int(31.7 * GiB), {"fp32": 15.7e12, "fp16": 125e12},
-           900e9, 150e9, 12e9, int(0.8 * GiB), ("v100", "v100-32g")),
+           900e9, 150e9, 12e9, int(0.8 * GiB), ("v100", "v100-32g"), inter_bw=12.5e9),
     Device("RTX-4090", int(23.6 * GiB), {"fp32": 82.6e12, "bf16": 165e12, "fp16": 165e12},
-           1.008e12, 25e9, 25e9, int(0.8 * GiB), ("4090", "rtx4090")),
-    # A CPU rank: ranks of a node share host memory; FLOP/s of a few cores with AVX2 in fp32.
-    Device("cpu", 16 * GiB, {"fp32": 2e11, "bf16": 1e11}, 20e9, 10e9, 20e9, int(0.3 * GiB), ("CPU",)),
+           1.008e12, 25e9, 25e9, int(0.8 * GiB), ("4090", "rtx4090"), inter_bw=12.5e9),
+    # A CPU rank: ranks of a node share host memory; FLOP/s of a few cores with AVX2 in fp32; nodes over
+    # 10 Gb/s Ethernet (gloo over TCP: ~30 us a hop).
+    Device("cpu", 16 * GiB, {"fp32": 2e11, "bf16": 1e11}, 20e9, 10e9, 20e9, int(0.3 * GiB), ("CPU",),
+           inter_bw=1.25e9, intra_latency=10e-6, inter_latency=30e-6),
 )}
 
 

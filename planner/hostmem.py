@@ -71,6 +71,12 @@ def host_load_items(models: StageModels, cluster: ClusterShape, p: Placement) ->
             transient = max(transient, BUILD_GATHER_COPIES * _largest_tensor(c) * d)
         elif strategy == "nvme_offload":
             transient = max(transient, BUILD_GATHER_COPIES * _largest_tensor(c) * d)
+        elif strategy == "tensor_parallel":  # runtime/tensor_parallel.py: local files read shard by shard
+            t = p.teacher_tp.get(m.name, 1)
+            streamed = m.source_kind == "local"  # else (hub id, random init) loaded whole, then split
+            items.append(MemoryItem(name=f"host.teacher:{m.name}", bytes=math.ceil(kept * d / t) if streamed else
+                                    kept * d, device="cpu", note=f"1/{t} of its blocks read from the files" if streamed
+                                    else f"whole on every rank's host while loaded, then split 1/{t}"))
     for m, c, _ in models.students:
         if p.zero_stage == 3 and m.vocab is None:
             w = DTYPE_BYTES[p.precision]

@@ -95,6 +95,8 @@ class StageModels:
     """Model -> kernels of the terms reading its logits (``SignalGraph.logit_losses``): their memory per kernel."""
     fusable: frozenset[str] = frozenset()
     """Models whose heads the loss can fuse (``SignalGraph.fusable_heads``); ``fused_head`` says when it does."""
+    tensor_parallel: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Teacher -> the tensor-parallel degrees it can run at in this stage (``planner.tensor_parallel.degrees``)."""
     lengths: tuple[int, ...] = ()
     """Sorted token counts of unpacked documents, clipped to seq_len (``planner.tokens``); empty: every
     sequence fills seq_len (packed data, or lengths unknown at plan time). Memory always plans for full
@@ -469,8 +471,9 @@ def teacher_window_params(counts: ParamCounts) -> int:
 
 
 def teacher_items(model: ModelSpec, counts: ParamCounts, cap: ModelCapture, strategy: str,
-                  cluster: ClusterShape) -> tuple[list[MemoryItem], list[MemoryItem]]:
-    """(student-rank items, node CPU items) for a teacher's weights under a strategy."""
+                  cluster: ClusterShape, group: int = 1) -> tuple[list[MemoryItem], list[MemoryItem]]:
+    """(student-rank items, node CPU items) for a teacher's weights under a strategy; ``group``: the degree of a
+    tensor-parallel teacher, the hpZ secondary partition size of a sharded one (1: none)."""
     d = DTYPE_BYTES[model.dtype]
     name = f"teacher:{model.name}"
     full = kept_teacher_params(counts, cap) * d
@@ -478,10 +481,19 @@ def teacher_items(model: ModelSpec, counts: ParamCounts, cap: ModelCapture, stra
     gpn = cluster.gpus_per_node
     if strategy == "replicated":
         return [MemoryItem(name=f"{name}.weights", bytes=full, note=f"{model.dtype}, replicated")], []
+    if strategy == "tensor_parallel":  # 1/t of every kept block; embeddings, norm and head whole (tensor_parallel.py)
+        blocks = counts.layers if cap.stop_after_layer is None or cap.needs_head else \
+            (cap.stop_after_layer + 1) * counts.per_layer
+        whole = kept_teacher_params(counts, cap) - blocks
+        return [MemoryItem(name=f"{name}.weights", bytes=math.ceil(blocks / group) * d,
+                           note=f"{model.dtype}, 1/{group} of every block (tensor parallel)"),
+                MemoryItem(name=f"{name}.weights_whole", bytes=whole * d, note="embeddings, norm and head whole")], []
     if strategy == "sharded":
+        hpz = [MemoryItem(name=f"{name}.hpz_secondary", bytes=math.ceil(full / group),
+                          note=f"hpZ secondary partition over {group} ranks of the node")] * (group > 1)
         return [MemoryItem(name=f"{name}.weights", bytes=math.ceil(full / cluster.world),
                            note=f"ZeRO-3 shard of {cluster.world}"),
-                MemoryItem(name=f"{name}.window", bytes=window, note=f"{PREFETCH_BLOCKS} gathered blocks")], []
+                MemoryItem(name=f"{name}.window", bytes=window, note=f"{PREFETCH_BLOCKS} gathered blocks"), *hpz], []
     if strategy == "cpu_offload":
         node = math.ceil(full / cluster.world) * gpn
         return ([MemoryItem(name=f"{name}.window", bytes=window, note="prefetch window; weights in host memory")],
@@ -616,8 +628,9 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
     signals, teacher_fwd = [], []
     for m, c, cap in models.teachers:
         strategy = p.teacher_strategy.get(m.name, "replicated")
-        on_rank, node_cpu = _memo(models, ("teacher", m.name, strategy, *where),
-                                  lambda: _teacher_rank_items(m, c, cap, strategy, cluster))
+        group = p.teacher_tp.get(m.name) or p.teacher_hpz.get(m.name) or 1
+        on_rank, node_cpu = _memo(models, ("teacher", m.name, strategy, group, *where),
+                                  lambda: _teacher_rank_items(m, c, cap, strategy, cluster, group))
         fixed += on_rank
         cpu += node_cpu
         if strategy != "separate":
@@ -628,9 +641,11 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
                 note="read from the cache (top-k logits)" if strategy == "offline" else
                 "final hidden states instead of logits (fused head)" if fused_t else "")))
             if strategy != "offline":
-                teacher_fwd.append(_memo(models, ("teacher.forward", m.name, p.micro_batch), lambda: MemoryItem(
-                    name=f"teacher:{m.name}.forward",
-                    bytes=teacher_forward_peak(m, c, cap, p.micro_batch, models.seq_len))))
+                tp = p.teacher_tp.get(m.name, 1)  # a tensor-parallel group runs the union of its micro-batches
+                teacher_fwd.append(_memo(models, ("teacher.forward", m.name, p.micro_batch, tp), lambda: MemoryItem(
+                    name=f"teacher:{m.name}.forward", bytes=teacher_forward_peak(m, c, cap, p.micro_batch * tp,
+                                                                                 models.seq_len)
+                    + (tp - 1) * teacher_signal_bytes(m, cap, p.micro_batch, models.seq_len))))
     fixed += bucket_items(p.zero_stage, zero_buckets(), p.precision, cluster.world, models.trainable)
     fused = tuple(sorted(n for n in models.fusable if fused_head(models, n, p)))
     train = _memo(models, ("train", *where, p.micro_batch, p.activation_checkpointing, p.precision, fused),
@@ -650,8 +665,8 @@ def _zero_init(models: StageModels) -> bool:
 
 
 def _teacher_rank_items(model: ModelSpec, counts: ParamCounts, cap: ModelCapture, strategy: str,
-                        cluster: ClusterShape) -> tuple[list[MemoryItem], list[MemoryItem]]:
-    on_rank, node_cpu = teacher_items(model, counts, cap, strategy, cluster)
+                        cluster: ClusterShape, group: int = 1) -> tuple[list[MemoryItem], list[MemoryItem]]:
+    on_rank, node_cpu = teacher_items(model, counts, cap, strategy, cluster, group)
     return on_rank, [_per_rank(i, cluster.gpus_per_node) for i in node_cpu]
 
 

@@ -12,7 +12,9 @@ refusal reports, and the advice says what would fit.
 The fastest fitting placement wins (ties: less memory, then simpler); runner-ups carry a short reason.
 
 Teacher strategies searched are those the runtime executes: ``replicated`` (plain module), ``sharded``
-(ZeRO-3 inference engine), ``cpu_offload`` / ``nvme_offload`` (ZeRO-3 with offloaded parameters).
+(ZeRO-3 inference engine; on several nodes also with an hpZ secondary partition per node), ``cpu_offload`` /
+``nvme_offload`` (ZeRO-3 with offloaded parameters), ``tensor_parallel`` at each degree
+``planner.tensor_parallel.degrees`` allows (runtime/tensor_parallel.py splits the blocks).
 ``offline`` (signals read from a cache written once by ``gkdc cache``) is searched for teachers that declare
 ``cache`` and meet ``planner.offline``'s rules; it is priced by ``planner.cost`` (one teacher pass amortised over
 the epochs, cache reads). ``separate`` is modelled by ``planner.memory`` but not run, so it is not searched; for
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gkdlang.spec import PlacementPin, Spec, StageSpec
+from planner import tensor_parallel as TP
 from planner.cost import StepCost, step_cost
 from planner.graph import logit_losses
 from planner.hardware import CATALOG, Device, device_for, training_precision
@@ -40,7 +43,7 @@ from planner.plan import Candidate, ModelCapture, Placement, RankMemory
 SAFETY_MARGIN = 0.10
 #: Runner-ups reported with the chosen placement.
 MAX_ALTERNATIVES = 8
-SEARCHED_TEACHER_STRATEGIES = ("replicated", "sharded", "cpu_offload", "nvme_offload")
+SEARCHED_TEACHER_STRATEGIES = ("replicated", "sharded", "cpu_offload", "nvme_offload", "tensor_parallel")
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,12 @@ def stage_models(spec: Spec, stage: StageSpec, captures: list[ModelCapture],
                 if c.model not in stage.students and c.model in params]
     seq = stage.seq_len or spec.data[stage.data].seq_len
     offline = frozenset(m.name for m, _, c in teachers if not offline_problems(spec, stage, m.name, c))
+    gpn = spec.cluster.gpus_per_node
+    tp = {m.name: TP.degrees(m, c, stage, gpn) for m, _, c in teachers if spec.cluster.gpu != "cpu" or gpn > 1}
     return StageModels(students=students, teachers=teachers, seq_len=seq, extra_trainable=learned_params(stage),
                        offline=offline, epochs=stage_epochs(spec, stage) if offline else 1.0,
-                       logit_losses=logit_losses(stage), fusable=frozenset(c.model for c in captures if c.fused_head), lengths=lengths)
+                       logit_losses=logit_losses(stage), fusable=frozenset(c.model for c in captures if c.fused_head),
+                       tensor_parallel={k: v for k, v in tp.items() if v}, lengths=lengths)
 
 
 def _whole(model: str) -> ModelCapture:
@@ -230,15 +236,30 @@ def _pin_allows(pin: PlacementPin, option: tuple[int, str, str]) -> bool:
 
 
 def _teacher_options(models: StageModels, device: Device, world: int, nvme: bool,
-                     pin: PlacementPin | None = None) -> list[dict[str, str]]:
+                     pin: PlacementPin | None = None, cluster: ClusterShape | None = None) -> list[dict[str, tuple[str, int]]]:
+    """Per teacher ``(strategy, group)``: group is the tensor-parallel degree, or the hpZ partition size of a
+    sharded teacher on several nodes (the node's GPUs), else 1."""
     allowed = [s for s in SEARCHED_TEACHER_STRATEGIES
                if not (s == "sharded" and world == 1) and not (device.is_cpu and s.endswith("offload"))
-               and not (s == "nvme_offload" and not nvme)]
+               and not (s == "nvme_offload" and not nvme) and s != "tensor_parallel"]
     names = [m.name for m, _, _ in models.teachers]
     pinned = pin.teachers if pin is not None else {}
-    per_teacher = [[pinned[name]] if name in pinned else allowed + ["offline"] * (name in models.offline)
-                   for name in names]
-    return [dict(zip(names, combo)) for combo in itertools.product(*per_teacher)]
+    hpz = cluster.gpus_per_node if cluster is not None and cluster.nodes > 1 and cluster.gpus_per_node > 1 else 0
+
+    def options(name: str) -> list[tuple[str, int]]:
+        strategies = [pinned[name]] if name in pinned else allowed + ["offline"] * (name in models.offline)
+        out = []
+        for s in strategies:
+            if s == "tensor_parallel":
+                continue
+            out.append((s, 1))
+            if s == "sharded" and hpz:
+                out.append((s, hpz))
+        if pinned.get(name, "tensor_parallel") == "tensor_parallel":
+            out += [("tensor_parallel", t) for t in models.tensor_parallel.get(name, ())]
+        return out
+
+    return [dict(zip(names, combo)) for combo in itertools.product(*(options(n) for n in names))]
 
 
 def placements(spec: Spec, stage: StageSpec, models: StageModels, cluster: ClusterShape) -> list[Placement]:
@@ -247,11 +268,13 @@ def placements(spec: Spec, stage: StageSpec, models: StageModels, cluster: Clust
     ckpt = [stage.activation_checkpointing] if stage.activation_checkpointing is not None else [False, True]
     out = []
     for teachers, (zero, off_opt, off_par), ac, (micro, accum) in itertools.product(
-            _teacher_options(models, cluster.device, cluster.world, nvme, stage.pin),
+            _teacher_options(models, cluster.device, cluster.world, nvme, stage.pin, cluster),
             _zero_options(cluster.device, cluster.world, nvme, stage.pin), ckpt, micro_batches(stage, cluster.world)):
-        out.append(Placement(teacher_strategy=teachers, zero_stage=zero, offload_optimizer=off_opt,
-                             offload_params=off_par, micro_batch=micro, grad_accum=accum,
-                             activation_checkpointing=ac, precision=precision))
+        out.append(Placement(teacher_strategy={n: s for n, (s, _) in teachers.items()}, zero_stage=zero,
+                             offload_optimizer=off_opt, offload_params=off_par, micro_batch=micro, grad_accum=accum,
+                             activation_checkpointing=ac, precision=precision,
+                             teacher_tp={n: g for n, (s, g) in teachers.items() if s == "tensor_parallel"},
+                             teacher_hpz={n: g for n, (s, g) in teachers.items() if s == "sharded" and g > 1}))
     return out
 
 
@@ -313,7 +336,7 @@ def _complexity(p: Placement) -> int:
     order = (*SEARCHED_TEACHER_STRATEGIES, "offline")  # offline last: it needs a cache on disk
     strategies = sum(order.index(s) for s in p.teacher_strategy.values())
     return p.zero_stage + 2 * (p.offload_optimizer != "none") + 2 * (p.offload_params != "none") + strategies \
-        + p.activation_checkpointing
+        + p.activation_checkpointing + len(p.teacher_hpz)
 
 
 def _rank_key(e: _Eval) -> tuple:
@@ -330,7 +353,8 @@ def _alternatives(best: _Eval, others: list[_Eval], evals: list[_Eval]) -> list[
     seen, out = set(), []
     for e in others:
         key = (e.placement.zero_stage, e.placement.offload_optimizer, e.placement.offload_params,
-               tuple(sorted(e.placement.teacher_strategy.items())), e.placement.activation_checkpointing)
+               tuple(sorted(e.placement.teacher_strategy.items())), e.placement.activation_checkpointing,
+               tuple(sorted(e.placement.teacher_tp.items())), tuple(sorted(e.placement.teacher_hpz.items())))
         if key in seen:
             continue
         seen.add(key)
@@ -378,6 +402,13 @@ def pin_problems(spec: Spec, stage: StageSpec, captures: list[ModelCapture]) -> 
         if strategy == "nvme_offload" and not nvme:
             out.append(("pin-unavailable", where, f"teacher '{name}': nvme_offload needs NVMe in the cluster",
                         "give cluster.nvme (bytes per node), or pin cpu_offload"))
+        if strategy == "tensor_parallel":
+            gpn, cap = spec.cluster.gpus_per_node, caps[name]
+            reasons = [TP.why_not(spec.models[name], cap, stage, gpn, t) for t in range(2, gpn + 1)]
+            if all(reasons):
+                why = reasons[-1] if reasons else f"a node has {gpn} device: nothing to split over"
+                out.append(("pin-unavailable", where, f"teacher '{name}' cannot run tensor parallel in stage "
+                            f"'{stage.name}': {why}", "pin sharded (ZeRO-3) or replicated"))
         if strategy == "offline":
             problems = offline_problems(spec, stage, name, caps[name])
             if problems:

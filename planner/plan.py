@@ -76,7 +76,8 @@ class HostMemory(Frozen):
 
 
 class Placement(Frozen):
-    teacher_strategy: dict[str, Literal["replicated", "sharded", "cpu_offload", "nvme_offload", "separate", "offline"]]
+    teacher_strategy: dict[str, Literal["replicated", "sharded", "tensor_parallel", "cpu_offload", "nvme_offload",
+                                        "separate", "offline"]]
     zero_stage: Literal[0, 1, 2, 3]
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
     offload_params: Literal["none", "cpu", "nvme"] = "none"
@@ -84,6 +85,11 @@ class Placement(Frozen):
     grad_accum: int
     activation_checkpointing: bool
     precision: Literal["fp32", "bf16", "fp16"]
+    teacher_tp: dict[str, int] = Field(default_factory=dict)
+    """Degree of each ``tensor_parallel`` teacher: the ranks of one node it is split over (planner.tensor_parallel)."""
+    teacher_hpz: dict[str, int] = Field(default_factory=dict)
+    """ZeRO++ hpZ secondary partition size of a ``sharded`` teacher (``zero_hpz_partition_size``: after its first
+    forward each node keeps a copy sharded over its own ranks, so gathers stay inside the node); absent: none."""
 
 
 class Candidate(Frozen):

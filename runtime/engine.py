@@ -329,3 +329,42 @@ def gathered_pair(source: torch.Tensor, target: torch.Tensor) -> Iterator[bool]:
             yield ds_comm.get_rank() == 0
         else:
             yield True
+
+
+# ---------------------------------------------------------------- tensor-parallel groups (runtime/tensor_parallel.py)
+
+
+def tp_group(size: int) -> tuple[Any, int, int]:
+    """``(process group, this rank's index in it, size)`` of this rank's tensor-parallel group: ``size``
+    consecutive ranks (the launcher numbers a node's ranks consecutively, so a group never spans nodes). Every
+    rank creates every group, as torch.distributed requires."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if size < 1 or world % size:
+        raise RunError(f"a tensor-parallel degree of {size} does not divide the {world} ranks; re-run `gkdc plan`")
+    mine = None
+    for start in range(0, world, size):
+        ranks = list(range(start, start + size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = (group, ranks.index(rank), size)
+    assert mine is not None
+    return mine
+
+
+def group_all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum ``x`` in place over ``group`` (a row-parallel linear's partial outputs)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def group_all_gather(x: torch.Tensor, group: Any, size: int) -> list[torch.Tensor]:
+    """``x`` of every rank of ``group``, in rank order (equal shapes)."""
+    import torch.distributed as dist
+
+    out = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(out, x.contiguous(), group=group)
+    return out

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 from contextlib import ExitStack
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -28,6 +29,7 @@ from runtime import cache
 from runtime import checkpoint as ckpt
 from runtime import engine as eng
 from runtime import interventions as ivs
+from runtime import tensor_parallel
 from runtime.optim import build_lr_schedule, build_optimizer, lr_factor, optimizer_groups  # noqa: F401
 from runtime.adapters import capture
 from runtime.errors import RunError
@@ -189,8 +191,10 @@ def setup_stage(
     optimizer = build_optimizer(groups, stage.optimizer, stage.name)
     scheduler = build_lr_schedule(optimizer, stage.schedule, total, [g["scale"] for g in groups])
     engine = eng.init_student(step_module, optimizer, scheduler, stage_plan.deepspeed_config, stage=stage.name)
+    tp = stage_plan.placement.teacher_tp  # split on the host over the tensor-parallel group, then moved
     teachers = {
-        name: eng.init_teacher(models.modules[name], stage_plan.teacher_configs.get(name), name=name, stage=stage.name)
+        name: eng.init_teacher(tensor_parallel.shard(models.modules[name], tp[name], name) if name in tp else
+                               models.modules[name], stage_plan.teacher_configs.get(name), name=name, stage=stage.name)
         for name in used
     }
     blocks = {name: eng.init_teacher(models.modules[name], stage_plan.teacher_configs.get(name), name=name,
@@ -353,6 +357,7 @@ class Placing:
     zero3: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Model -> the ZeRO-3 config it is partitioned under while it is built (sharded / offloaded teachers,
     a ZeRO-3 student)."""
+    tp: dict[str, int] = field(default_factory=dict)  # teacher -> tensor-parallel degree (built into its shards)
 
 
 def _placing(stage: StageSpec, stage_plan: StagePlan, captures: Mapping[str, ModelCapture], used: list[str],
@@ -365,7 +370,7 @@ def _placing(stage: StageSpec, stage_plan: StagePlan, captures: Mapping[str, Mod
     zero3 = {name: cfg for name, cfg in stage_plan.teacher_configs.items() if cfg}
     if stage_plan.placement.zero_stage == 3:
         zero3.update({name: stage_plan.deepspeed_config for name in stage.students})
-    return Placing(keep, zero3)
+    return Placing(keep, zero3, dict(stage_plan.placement.teacher_tp))
 
 
 def build_models(
@@ -443,9 +448,10 @@ def _build_teacher(env: "_RunEnv", name: str, placing: Placing, copied_from: boo
 
             adapter_for(net).prune(net, keep, drop_head=True)
         return net
-    return M.build_teacher(model_spec, env.base_dir, keep_blocks=keep, drop_head=keep is not None,
-                           zero3=placing.zero3.get(name), trust_remote_code=env.trust_remote_code,
-                           allow_pickle=env.allow_pickle)
+    build = partial(tensor_parallel.build_teacher, size=placing.tp[name]) if name in placing.tp else \
+        partial(M.build_teacher, zero3=placing.zero3.get(name))
+    return build(model_spec, env.base_dir, keep_blocks=keep, drop_head=keep is not None,
+                 trust_remote_code=env.trust_remote_code, allow_pickle=env.allow_pickle)
 
 
 def _copy_source(

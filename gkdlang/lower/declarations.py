@@ -411,6 +411,12 @@ def lower_cluster(lw: Lowerer, decl: ast.ClusterDecl | None) -> ClusterSpec | No
             fields["gpu"] = read_string(lw, opts["gpu"], "gpu")
         if "nodes" in opts:
             fields["nodes"] = read_int(lw, opts["nodes"], "nodes", minimum=1)
+            gpus = opts.get("gpus")
+            if fields["nodes"] > 1 and isinstance(gpus, ast.HwSpec) and not gpus.per_node:
+                count = gpus.count
+                lw.err("gpus-per-node", gpus.span, f"gpus counts the devices of one node: {fields['nodes']} nodes x "
+                        f"{count} = {fields['nodes'] * count} ranks",
+                        f"say so: gpus: {count} x {fields.get('gpu', 'A100-40GB')} per node")
         for key in ("cpu_memory", "nvme", "gpu_memory"):
             if key in opts:
                 fields[key] = read_bytes(lw, opts[key], key)

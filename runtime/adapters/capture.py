@@ -116,9 +116,14 @@ def capture(model: nn.Module, batch: dict[str, Tensor], capture: ModelCapture, *
         stack.enter_context(_hooks(_plan_hooks(adapter, blocks, capture, record, stop)))
         stack.enter_context(attention_taps(hf, _attention_taps(adapter, blocks, capture), record))
         inputs = _model_inputs(batch, adapter, capture.model)
+        tp = model if hasattr(model, "gather_inputs") else None  # a tensor-parallel teacher runs its group's union
+        if tp is not None:
+            inputs = tp.gather_inputs(inputs)
         output = _forward(hf.base_model if _base_only(hf, capture, grad) else model, inputs)
     signals = {key: _join(tensors) for key, tensors in store.items()}
     signals.update(_fused_head(hf, output, capture) if capture.fused_head else _head_signals(output, capture))
+    if tp is not None:  # ... and keeps this rank's rows
+        signals = {key: tp.own_rows(key[0], value) for key, value in signals.items()}
     _check_complete(signals, capture, adapter)
     return Captured(capture.model, signals)
 

@@ -61,6 +61,8 @@ LOSSES: dict[str, LossDef] = {
     "smooth_l1": LossDef({"beta": "number"}, _SHAPES, "smooth L1 (Huber) loss"),
     "cos": LossDef({}, _SHAPES, "1 - cosine similarity along the feature dim"),
     "hinge_mse": LossDef({"margin": "number"}, _SHAPES, "MSE ignoring errors below a margin (Continuation-KD)"),
+    "gated_mse": LossDef({"margin": "schedule"}, _SHAPES,
+                         "per-row MSE counted only where it exceeds margin (GKD's Continuation-KD gate)"),
     "nce": LossDef({"tau": "number", "gather": "bool"}, frozenset({"pooled", "hidden"}),
                    "contrastive InfoNCE across the batch: the teacher vector of the same example is the positive; "
                    "gather: true takes negatives from every data-parallel rank (LRC-BERT)"),

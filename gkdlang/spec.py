@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from gkdlang.arch import ArchInfo
 
@@ -54,6 +54,17 @@ class Schedule(Frozen):
     """stairs: how many distinct values (period k has level min(k, levels - 1))."""
     every: Literal["step", "epoch", "stage"] | None = None
     """stairs: the period that moves to the next level (``stage``: each n-th of the stage's steps)."""
+    after: float | None = None
+    """linear / cosine / step: the value once progress is past ``until`` (``then:``; None = ``end``), as GKD's
+    Continuation-KD weights jump to 0 / 1 after 66.6% of the stage."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_after(self, handler):
+        """``after`` is written only when set, so plans and goldens of schedules without it are unchanged."""
+        out = handler(self)
+        if isinstance(out, dict) and out.get("after") is None:
+            out.pop("after", None)
+        return out
 
     def at(self, frac: float, *, step: int = 0, epoch: int = 0) -> float:
         """Value at training progress ``frac`` in [0, 1] (``stairs``: at optimizer step ``step`` / epoch ``epoch``)."""
@@ -72,6 +83,8 @@ class Schedule(Frozen):
             return self.value + (self.end - self.value) * k / (levels - 1)
         if frac <= self.start:
             return self.value
+        if frac > self.until and self.after is not None:
+            return self.after
         if frac >= self.until:
             return self.end
         x = (frac - self.start) / max(self.until - self.start, 1e-12)

@@ -45,6 +45,7 @@ from runtime.loss_helpers import (_NEG, _TARGET_GRAD, _check_choice, _f32, _key_
                                   _row_mask, _same_shape, _shape, target_grad)
 from runtime.contrastive_losses import nce  # noqa: F401 (re-exported)
 from runtime.relation_losses import angle, attended_triplets, distance  # noqa: F401 (re-exported)
+from runtime import glmkd_losses as G
 
 LossFn = Callable[..., Tensor]
 # ---------------------------------------------------------------- distributions
@@ -727,6 +728,7 @@ LOSSES: dict[str, LossFn] = {
     "angle": angle,
     "distance": distance,
     "sparse_kl": _sparse_kl_entry,
+    "gated_mse": G.gated_mse,
 }
 
 

@@ -153,7 +153,7 @@ stage finetune after transfer {{ data: sst2, steps: 4, batch: 8, loss: ce(labels
     "continuation_kd": ("""use continuation_kd
 {T}student small = like(bert) {{ layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }}
 stage finetune {{ data: sst2, steps: 4, batch: 8, loss: continuation_kd(bert, small, max_T: 10, margin: 1) }}""",
-                        ["continuation_kd.continuation_kd/hinge_mse"]),
+                        ["continuation_kd.continuation_kd/gated_mse", "continuation_kd.continuation_kd/ce"]),
     "tmkd": ("""use tmkd
 {T}teacher base = hf("{f}2") {{ head: classify(2), init: random }}
 student small = like(base) {{ layers: 2, head: classify(2) }}

@@ -50,7 +50,7 @@ def lower_loss(lw: Lowerer, e: ast.Call, fn: str, scope: Scope) -> Objective:
             options[key] = read_option(lw, kw[key], key, kind, scope)
     if "T" in options:
         t = options["T"]
-        if min(t.value, t.end if t.end is not None else t.value) <= 0:
+        if min(t.value, t.end if t.end is not None else t.value, t.after if t.after is not None else t.value) <= 0:
             raise lw.err("bad-temperature", kw["T"].span, f"temperature must be positive, got {fmt_number(t.value)}")
     if fn == "gjsd" and "beta" in options and not 0 <= options["beta"] <= 1:
         raise lw.err("bad-value", kw["beta"].span, f"gjsd's beta is in [0, 1] (0 = forward KL, 1 = reverse KL), got "

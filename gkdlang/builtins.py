@@ -70,6 +70,12 @@ LOSSES: dict[str, LossDef] = {
                         "smooth L1 between normalised pairwise-distance matrices (CKD / MGSKD relations)"),
     "angle": LossDef({"window": "int", "heads": "int", "top_k": "int"}, frozenset({"hidden", "pooled"}),
                      "smooth L1 between triplet-angle tensors within a window (CKD / MGSKD relations)"),
+    "ckd_distance": LossDef({"layers": "bool"}, frozenset({"hidden"}),
+                            "CKD's distance relation as its authors' code computes it: softmaxed cosine similarities "
+                            "within each set compared by KL (layers: true relates a stack's layers)"),
+    "ckd_angle": LossDef({"window": "int", "layers": "bool"}, frozenset({"hidden"}),
+                         "CKD's angle relation as its authors' code computes it: triplet angle cosines compared by "
+                         "squared error, within a window of tokens or across a stack's layers"),
 }
 
 #: every loss's ``average:`` option (LossTerm.average; its default, ``kept``, declared there)
@@ -77,7 +83,7 @@ LOSS_AVERAGES: tuple[str, ...] = get_args(LossTerm.model_fields["average"].annot
 
 #: losses comparing relations *within* each model (pairwise distances, angles): the two sides may have
 #: different widths, but the same number of items along the related axis
-RELATION_LOSSES = frozenset({"distance", "angle"})
+RELATION_LOSSES = frozenset({"distance", "angle", "ckd_distance", "ckd_angle"})
 
 #: losses whose two sides may be distributions given as probabilities
 DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd", "gjsd"})

@@ -729,6 +729,8 @@ LOSSES: dict[str, LossFn] = {
     "distance": distance,
     "sparse_kl": _sparse_kl_entry,
     "gated_mse": G.gated_mse,
+    "ckd_distance": G.ckd_distance,
+    "ckd_angle": G.ckd_angle,
 }
 
 

@@ -17,7 +17,7 @@ def rnd(*shape, seed=0):
 def test_gated_mse_matches_naive(margin):
     t, s = rnd(5, 3), rnd(5, 3, seed=1).requires_grad_(True)
     got = L.LOSSES["gated_mse"](t, s, margin=margin)
-    rows = [float(((s[i] - t[i]) ** 2).mean()) for i in range(5)]
+    rows = [float(((s[i].detach() - t[i]) ** 2).mean()) for i in range(5)]
     want = sum(r for r in rows if r > margin) / 5
     assert float(got) == pytest.approx(want, rel=1e-6, abs=1e-9)
     got.backward()
@@ -38,3 +38,78 @@ def test_gated_mse_mask_and_errors():
         L.LOSSES["gated_mse"](t, s, margin=-1.0)
     with pytest.raises(RunError, match="shape"):
         L.LOSSES["gated_mse"](t, s[:, :2], margin=1.0)
+
+
+def _ckd_dist_loop(t, s, real):
+    """Per example and layer: for each real token i, KL over the other real tokens j of softmax(cos(x_i, x_j));
+    summed, over the number of real (i, j) pairs (the diagonal included), as the CKD authors' WR_Dist."""
+    total, pairs = 0.0, 0
+    for b in range(t.shape[0]):
+        for layer in range(t.shape[2]):
+            idx = [i for i in range(t.shape[1]) if real[b, i]]
+            pairs += len(idx) ** 2
+            for i in idx:
+                others = [j for j in idx if j != i]
+                if not others:
+                    continue
+                ct = torch.stack([torch.cosine_similarity(t[b, i, layer], t[b, j, layer], dim=0) for j in others])
+                cs = torch.stack([torch.cosine_similarity(s[b, i, layer], s[b, j, layer], dim=0) for j in others])
+                p, log_q = torch.softmax(ct, 0), torch.log_softmax(cs, 0)
+                total += float((p * (p.log() - log_q)).sum())
+    return total / pairs
+
+
+def _ckd_angle_window_loop(t, s, real, w):
+    """Per example, layer and real token i: over the window j, k (clamped positions), squared error of
+    cos(x_j - x_i, x_k - x_i) (0 where a difference is 0), over the number of counted triplets."""
+    n, h = t.shape[1], (w - 1) // 2
+    total, count = 0.0, 0
+
+    def ang(x, i, j, k):
+        a, c = x[j] - x[i], x[k] - x[i]
+        return 0.0 if float(a.norm()) == 0 or float(c.norm()) == 0 else float(a @ c / a.norm() / c.norm())
+
+    for b in range(t.shape[0]):
+        for layer in range(t.shape[2]):
+            for i in range(n):
+                if not real[b, i]:
+                    continue
+                win = [min(max(i + o, 0), n - 1) for o in range(-h, h + 1)]
+                for j in win:
+                    for k in win:
+                        total += (ang(s[b, :, layer], i, j, k) - ang(t[b, :, layer], i, j, k)) ** 2
+                        count += 1
+    return total / count
+
+
+def test_ckd_relations_match_loops():
+    t, s = rnd(2, 5, 3, 6), rnd(2, 5, 3, 4, seed=1)
+    real = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert float(L.LOSSES["ckd_distance"](t, s, mask=real)) == pytest.approx(_ckd_dist_loop(t, s, real), rel=1e-5)
+    assert float(L.LOSSES["ckd_angle"](t, s, mask=real, window=3)) == pytest.approx(
+        _ckd_angle_window_loop(t, s, real, 3), rel=1e-5)
+    # layers: true relates the 3 stacked states of each real position: the same loops on the transposed sets
+    tl, sl = t.transpose(1, 2), s.transpose(1, 2)  # [b, L, s, d]: the L "tokens" of a position are its layers
+    per_pos = [_ckd_dist_loop(tl[b:b + 1, :, p][:, :, None], sl[b:b + 1, :, p][:, :, None],
+                              torch.ones(1, 3, dtype=torch.bool)) for b in range(2) for p in range(5) if real[b, p]]
+    assert float(L.LOSSES["ckd_distance"](t, s, mask=real, layers=True)) == pytest.approx(
+        sum(per_pos) / len(per_pos), rel=1e-5)
+
+
+def test_ckd_relations_gradients_are_finite_with_padding_and_lone_tokens():
+    t, s = rnd(2, 4, 3, 6), rnd(2, 4, 3, 4, seed=1).requires_grad_(True)
+    real = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)  # one real token: no pair to relate
+    value = sum(L.LOSSES[n](t, s, mask=real, **kw) for n, kw in
+                (("ckd_distance", {}), ("ckd_distance", {"layers": True}), ("ckd_angle", {"window": 3}),
+                 ("ckd_angle", {}), ("ckd_angle", {"layers": True})))
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all() and float(s.grad.abs().sum()) > 0
+    # a padded position is in no relation, except as a windowed neighbour (the authors' clamped window keeps it)
+    s.grad = None
+    sum(L.LOSSES[n](t, s, mask=real, **kw) for n, kw in (("ckd_distance", {}), ("ckd_angle", {}),
+                                                          ("ckd_angle", {"layers": True}))).backward()
+    assert float(s.grad[:, 3].abs().sum()) == 0
+    with pytest.raises(RunError, match="window must be odd"):
+        L.LOSSES["ckd_angle"](t, s, window=4)
+    with pytest.raises(RunError, match="stack"):
+        L.LOSSES["ckd_distance"](t[:, :, 0], s[:, :, 0], layers=True)

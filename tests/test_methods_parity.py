@@ -599,9 +599,6 @@ def glmkd_ckd_relations(t, s, real, window):
 
 
 @both
-@pytest.mark.xfail(strict=True, reason="GLMKD's CKD (the authors' loss.py, cite/ckd.py) compares softmaxed cosine "
-                                       "similarities by KL and angles by squared error, over embeddings + mapped "
-                                       "blocks + output stacked; gkdc's distance/angle are RKD's smooth-L1 forms")
 def test_ckd(tdir, pad):
     """readme `## CKD` 2: --ckd_window_size=21 (3 here) --ckd_wrdist_w=1 --ckd_ltrdist_w=1 --ckd_wrangle_w=10
     --ckd_ltrangle_w=10 --distill_ft_soft --distill_ft_hard --distill_temperature=3 --distill_soft_rate=0.9

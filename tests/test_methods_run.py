@@ -121,7 +121,7 @@ stage finetune {{ data: sst2, steps: 4, batch: 8, loss: alp_kd(bert, small, w: 0
     "ckd": ("""use ckd
 {T}student small = like(bert) {{ layers: 2, hidden: 16, heads: 2, head: classify(2) }}
 stage finetune {{ data: sst2, steps: 4, batch: 8, loss: ckd(bert, small, window: 21) }}""",
-            ["ckd.ckd/distance[stack", "ckd.ckd/angle[stack", "ckd.ckd/angle[small"]),
+            ["ckd.ckd/ckd_distance[stack", "ckd.ckd/ckd_angle[stack"]),
     "theseus": ("""use theseus
 {T}student small = like(bert) {{ layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }}
 stage finetune {{ data: sst2, steps: 4, batch: 8, loss: theseus(bert, small, p0: 0.3, until: 66%) }}""",

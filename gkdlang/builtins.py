@@ -36,7 +36,7 @@ TARGETS: dict[str, str] = {
 @dataclass(frozen=True)
 class LossDef:
     options: dict[str, str]
-    """keyword -> kind of value: "schedule", "number", "bool", "int"."""
+    """keyword -> kind of value: "schedule", "number", "bool", "int", "fraction"."""
     accepts: frozenset[str]
     """Feature kinds the loss compares."""
     doc: str
@@ -76,6 +76,12 @@ LOSSES: dict[str, LossDef] = {
     "ckd_angle": LossDef({"window": "int", "layers": "bool"}, frozenset({"hidden"}),
                          "CKD's angle relation as its authors' code computes it: triplet angle cosines compared by "
                          "squared error, within a window of tokens or across a stack's layers"),
+    "mgskd_token": LossDef({"heads": "int", "top_k": "int", "spans": "fraction"}, frozenset({"hidden"}),
+                           "MGSKD's token (or, with spans: rate, span) level as its authors' code computes it: "
+                           "head-wise pair relations by squared error plus attended triplet angles by smooth L1"),
+    "mgskd_sample": LossDef({"heads": "int"}, frozenset({"hidden"}),
+                            "MGSKD's sample level as its authors' code computes it: angles among the batch's "
+                            "mean-pooled examples per relation head, smooth L1 over every entry"),
 }
 
 #: every loss's ``average:`` option (LossTerm.average; its default, ``kept``, declared there)
@@ -83,7 +89,7 @@ LOSS_AVERAGES: tuple[str, ...] = get_args(LossTerm.model_fields["average"].annot
 
 #: losses comparing relations *within* each model (pairwise distances, angles): the two sides may have
 #: different widths, but the same number of items along the related axis
-RELATION_LOSSES = frozenset({"distance", "angle", "ckd_distance", "ckd_angle"})
+RELATION_LOSSES = frozenset({"distance", "angle", "ckd_distance", "ckd_angle", "mgskd_token", "mgskd_sample"})
 
 #: losses whose two sides may be distributions given as probabilities
 DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd", "gjsd"})

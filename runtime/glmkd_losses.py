@@ -9,6 +9,8 @@ Same conventions as ``runtime/losses.py``: ``fn(target, pred, *, mask=None, **op
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -124,3 +126,121 @@ def ckd_angle(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, windo
         keep = valid[..., :, None, None] & valid[..., None, :, None] & valid[..., None, None, :]
     diff = (angles(s) - angles(t)) ** 2
     return torch.where(keep, diff, diff.new_zeros(())).sum() / keep.sum().clamp_min(1)
+
+
+# ---------------------------------------------------------------- MGSKD as its authors' loss.py computes it
+
+
+def glmkd_span_lengths(n: int, rate: float, gen: torch.Generator) -> list[int]:
+    """GKD's MGSKD spans (distill_model.py:1220-1228): ``int(n x rate)`` spans (the rate sets their number) of the
+    whole padded row, of lengths 1 + floor(|N(0, 1)| share of n - count), the rounding deficit added to the last
+    ones. Two guards GKD lacks: at least one span, and no deficit (possible only if every share is whole) adds
+    nothing (GKD's ``a[0:] += 1`` would overrun the row)."""
+    count = max(1, min(n, int(n * rate)))
+    a = torch.randn(count, generator=gen).abs()
+    a = (a / a.sum() * (n - count)).int() + 1
+    deficit = n - int(a.sum())
+    if deficit > 0:
+        a[count - deficit:] += 1
+    return a.tolist()
+
+
+def _mgskd_pairs(x: Tensor, ext: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """Per relation head the scaled dot products ``[b, H, n, n]`` (masked pairs 0) and their masked softmax."""
+    b, n, d = x.shape
+    xh = x.reshape(b, n, heads, d // heads).permute(0, 2, 1, 3)
+    scores = (xh @ xh.transpose(-1, -2)) / math.sqrt(d // heads) * ext
+    return scores, F.softmax(scores + (1.0 - ext) * -10000.0, dim=-1) * ext
+
+
+def _mgskd_angles(x: Tensor, anchors: Tensor, near: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+    """Angles ``[b, k1, k2, k2]`` at each anchor between its neighbours (whole vectors) and the triplets counted:
+    anchor and both neighbours real, two different neighbours, the angle not exactly 0."""
+    b, k1, k2 = near.shape
+    d = x.shape[-1]
+    a = x.gather(1, anchors[:, :, None].expand(b, k1, d))
+    nb = x.gather(1, near.reshape(b, k1 * k2, 1).expand(b, k1 * k2, d)).reshape(b, k1, k2, d)
+    sub = F.normalize(a[:, :, None, :] - nb, p=2, dim=-1)
+    angle = sub @ sub.transpose(-1, -2)
+    r_a = real.gather(1, anchors)[:, :, None, None]
+    r_n = real.gather(1, near.reshape(b, -1)).reshape(b, k1, k2)
+    keep = r_a & r_n[:, :, :, None] & r_n[:, :, None, :] & (angle != 0)
+    keep = keep & ~torch.eye(k2, dtype=torch.bool, device=x.device)
+    return torch.where(keep, angle, angle.new_zeros(())), keep
+
+
+def _mgskd_token_phrase(t: Tensor, s: Tensor, real: Tensor, heads: int, k: int) -> Tensor:
+    b, n, _ = s.shape
+    ext = (real[:, :, None] & real[:, None, :]).float()[:, None].expand(b, heads, n, n)
+    s_pair, _ = _mgskd_pairs(s, ext, heads)
+    with torch.no_grad():
+        t_pair, t_att = _mgskd_pairs(t, ext, heads)
+        k1 = k2 = min(k, n)
+        anchors = t_att.sum(2).sum(1).topk(k1, dim=1).indices
+        local = t_att.sum(1) * (1 - torch.eye(n, device=t.device))
+        near = local.topk(k2, dim=2).indices.gather(1, anchors[:, :, None].expand(b, k1, k2))
+    loss_pair = ((s_pair - t_pair) ** 2).sum() / ext.sum().clamp_min(1)
+    s_angle, s_keep = _mgskd_angles(s, anchors, near, real)
+    t_angle, _ = _mgskd_angles(t, anchors, near, real)
+    return loss_pair + F.smooth_l1_loss(s_angle, t_angle, reduction="sum") / s_keep.sum().clamp_min(1)
+
+
+def _check_heads(name: str, heads: int, *widths: int) -> None:
+    if heads < 1 or any(w % heads for w in widths):
+        raise RunError(f"{name}: option heads={heads} does not divide the widths {', '.join(map(str, widths))}")
+
+
+def mgskd_token(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, heads: int = 64, top_k: int = 20,
+                spans: float = 0.0, span_lengths: list[int] | None = None) -> Tensor:
+    """MGSKD's token and span levels as its authors' ``TokenPhraseLoss`` computes them (GKD's ``cite/mgskd.py``):
+    pair relations x_i . x_j / sqrt(d_h) per relation head, squared error summed over real pairs over their count
+    (x heads); triplet angles at the ``top_k`` most attended anchors (the teacher's masked softmax of those scores,
+    summed over heads and rows) between each anchor's ``top_k`` most attended positions, on whole vectors, smooth
+    L1 summed over the counted triplets over their number (the student's count).
+
+    ``spans`` > 0 gives the span level as GKD runs it: ``int(s x spans)`` contiguous spans of the whole padded row
+    (``span_lengths``, drawn once per step by the runtime: ``glmkd_span_lengths``), each mean-pooled over all its
+    positions, a span real when any of its positions is.
+    """
+    if target.dim() != 3 or target.shape[:2] != pred.shape[:2]:
+        raise RunError(f"mgskd_token: target {_shape(target)} and pred {_shape(pred)} must be [b, s, d] with equal b, s")
+    _check_heads("mgskd_token", heads, target.shape[-1], pred.shape[-1])
+    if top_k < 2:
+        raise RunError(f"mgskd_token: option top_k must be >= 2 (an angle needs two neighbours), got {top_k}")
+    t, s = _f32(target, pred)
+    real = _row_mask("mgskd_token", mask, t.shape[:2])
+    real = torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if real is None else real
+    if spans > 0:
+        if span_lengths is None or sum(span_lengths) != t.shape[1]:
+            raise RunError(f"mgskd_token: spans need the step's span lengths over {t.shape[1]} positions")
+        t = torch.stack([c.mean(1) for c in torch.split(t, span_lengths, dim=1)], 1)
+        s = torch.stack([c.mean(1) for c in torch.split(s, span_lengths, dim=1)], 1)
+        real = torch.stack([c.any(1) for c in torch.split(real, span_lengths, dim=1)], 1)
+    return _mgskd_token_phrase(t, s, real, heads, top_k)
+
+
+def mgskd_sample(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, heads: int = 64) -> Tensor:
+    """MGSKD's sample level as its authors' ``SampleLoss`` computes it: each example's states mean-pooled over its
+    real tokens, per relation head the angles at example i between examples j and k of the batch, smooth L1 averaged
+    over every one of the H x b x b x b entries (degenerate ones, 0 on both sides, included)."""
+    if target.dim() != 3 or target.shape[:2] != pred.shape[:2]:
+        raise RunError(f"mgskd_sample: target {_shape(target)} and pred {_shape(pred)} must be [b, s, d] with equal b, s")
+    _check_heads("mgskd_sample", heads, target.shape[-1], pred.shape[-1])
+    t, s = _f32(target, pred)
+    real = _row_mask("mgskd_sample", mask, t.shape[:2])
+    w = (torch.ones(t.shape[:2], device=t.device) if real is None else real.float())[..., None]
+
+    def angles(x: Tensor) -> Tensor:
+        pooled = (x * w).sum(1) / w.sum(1).clamp_min(1)
+        ph = pooled.reshape(pooled.shape[0], heads, -1).permute(1, 0, 2)  # [H, b, d]
+        sub = F.normalize(ph[:, None, :, :] - ph[:, :, None, :], p=2, dim=-1)  # [H, i, j]: x_j - x_i
+        return sub @ sub.transpose(-1, -2)
+
+    return F.smooth_l1_loss(angles(s), angles(t))
+
+
+def step_span_lengths(seed: int, step: int, n: int, rate: float) -> list[int]:
+    """The step's GKD-style span lengths, from (seed, step) alone: every ``mgskd_token(spans: ...)`` term of a
+    step (each layer, teacher and student sides) pools the same spans, as GKD draws one segmentation per step."""
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2 ** 62))
+    return glmkd_span_lengths(n, rate, gen)

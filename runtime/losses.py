@@ -731,6 +731,8 @@ LOSSES: dict[str, LossFn] = {
     "gated_mse": G.gated_mse,
     "ckd_distance": G.ckd_distance,
     "ckd_angle": G.ckd_angle,
+    "mgskd_token": G.mgskd_token,
+    "mgskd_sample": G.mgskd_sample,
 }
 
 

@@ -47,6 +47,7 @@ from gkdlang.spec import (
 from runtime.errors import RunError
 from runtime import transforms as T
 from runtime.chunked import HeadLogits
+from runtime.glmkd_losses import step_span_lengths
 from runtime.losses import LOSSES, check_options, get_loss, loss_options, target_grad
 
 Signals = Mapping[str, Mapping[tuple[str, int | None], torch.Tensor]]
@@ -281,6 +282,8 @@ class LossGraph(nn.Module):
                 and pred.shape[-1] == batch["attention_mask"].shape[-1]):  # (relations of pooled spans have none)
             # attention-shaped signals: padded keys never count, whatever the query mask
             options["key_mask"] = batch["attention_mask"].bool()
+        if term.fn == "mgskd_token" and options.get("spans", 0) > 0:  # GKD's spans: one segmentation per step
+            options["span_lengths"] = step_span_lengths(self.seed, ctx.step, pred.shape[1], float(options["spans"]))
         return target, pred, mask, options
 
     def _logit_operand(self, term: LossTerm, role: str, node: Node, signals: Signals, ctx: _Ctx, options: dict) -> Any:
@@ -507,5 +510,5 @@ def _is_logits(node: Node, select: bool) -> bool:
     return select and node.op == "select_vocab" and len(node.inputs) == 1 and _is_logits(node.inputs[0], False)
 
 
-_BATCH_COUPLED = frozenset({"nce"})
+_BATCH_COUPLED = frozenset({"nce", "mgskd_sample"})
 """Kernels whose value for one example depends on the others (no per-example weights)."""

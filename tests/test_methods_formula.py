@@ -350,7 +350,7 @@ def test_rail_kd_draws_sorted_teacher_layers_per_epoch(tdir):
 
 
 def test_mgskd_token_span_and_sample_structure(tdir):
-    spec = stages(tdir, "use mgskd\nstage a { data: sst2, steps: 4, loss: mgskd(bert, small, m: 1, heads: 2, k: 3) }")
+    spec = stages(tdir, "use mgskd\nstage a { data: sst2, steps: 4, loss: mgskd.real_tokens(bert, small, m: 1, heads: 2, k: 3) }")
     sig, batch = make_inputs(spec)
     t, s = sig["bert"], sig["small"]
     value, parts, _, _ = total(spec, 0, sig, batch, step=5)

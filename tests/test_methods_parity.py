@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runtime.glmkd_losses import step_span_lengths
 from runtime.lossgraph import LossGraph
 from test_methods_formula import B, C, H, S, V, proj, stages, tdir, total  # noqa: F401 (tdir is a fixture)
 
@@ -690,13 +691,13 @@ def glmkd_mgskd(ts, ss, real, m, heads, k, lengths, w_token=1.0, w_span=1.0, w_s
 
 
 @both
-@pytest.mark.xfail(strict=True, reason="GLMKD's MGSKD counts the embeddings as layer 0 (its block inputs), averages "
-                                       "the sample level over all H x b^3 entries and draws int(n x rate) spans of "
-                                       "the whole padded row; gkdc starts at block 0 and draws spans of at most 40%")
-def test_mgskd(tdir, pad):
+@pytest.mark.parametrize("step", [0, 5, 9])
+def test_mgskd(tdir, pad, step):
     """readme `## MGSKD` 2: --mgskd_weight_sample=4 --mgskd_weight_token=1 --mgskd_weight_span=1
-    --mgskd_sample_level_m=3 --mgskd_triplet_k1=20 --mgskd_triplet_k2=20 (here m = 1, k = 3, 2 heads)."""
-    spec = stages(tdir, "use mgskd\nstage a { data: sst2, steps: 4, loss: mgskd(bert, small, m: 1, heads: 2, k: 3) }")
+    --mgskd_sample_level_m=3 --mgskd_triplet_k1=20 --mgskd_triplet_k2=20 (here m = 2 of the student's 3 layers, the
+    embeddings and block 0 at the token and span levels, block 1 at the sample level; k = 3, 2 heads). GLMKD draws
+    its spans with torch.normal; for the step's draw gkdc made (from the same formula), GLMKD's value."""
+    spec = stages(tdir, "use mgskd\nstage a { data: sst2, steps: 4, loss: mgskd(bert, small, m: 2, heads: 2, k: 3, span: 50%) }")
     mask = MASKS[pad]
     sig, batch = inputs(spec, mask)
     t, s = sig["bert"], sig["small"]
@@ -704,8 +705,18 @@ def test_mgskd(tdir, pad):
     ss = [s[("embeddings", None)], s[("hidden", 0)], s[("hidden", 1)]]
     # GLMKD's rate 0.4 gives int(6 x 0.4) = 2 spans here, too few for any triplet (its loss is then 0 / 0);
     # 0.5 gives 3 (GLMKD's 512-token rows get 204)
-    lengths = mgskd_glmkd_spans(S, 0.5, torch.Generator().manual_seed(5))
-    close(total(spec, 0, sig, batch, step=5)[0], glmkd_mgskd(ts, ss, mask, 1, 2, 3, lengths))
+    lengths = mgskd_glmkd_spans(S, 0.5, torch.Generator().manual_seed((7 * 1_000_003 + step) % 2 ** 62))
+    assert lengths == step_span_lengths(7, step, S, 0.5) and len(lengths) == 3 and sum(lengths) == S
+    close(total(spec, 0, sig, batch, step=step)[0], glmkd_mgskd(ts, ss, mask, 2, 2, 3, lengths))
+
+
+def test_mgskd_span_draw_follows_glmkd():
+    """int(n x rate) spans over the whole row, lengths 1 + floor(|N| share), the deficit on the last ones
+    (distill_model.py:1220-1228); different steps draw different segmentations."""
+    draws = {tuple(step_span_lengths(7, step, 512, 0.4)) for step in range(20)}
+    assert len(draws) == 20
+    for d in draws:
+        assert len(d) == 204 and sum(d) == 512 and min(d) >= 1
 
 
 # ---------------------------------------------------------------- projections, contrast, pooling, word logits

@@ -100,10 +100,10 @@ stage finetune after pretrain {{ data: sst2, steps: 4, batch: 8, loss: rail_kd(b
     "mgskd": ("""use tinybert, mgskd
 {T}student small = like(bert) {{ layers: 2, head: classify(2) }}
 stage general {{ data: corpus, steps: 4, batch: 8, loss: tinybert.intermediate(bert, small) }}
-stage structure after general {{ data: sst2, steps: 4, batch: 8, loss: mgskd(bert, small, m: 1, heads: 4, k: 3) }}
+stage structure after general {{ data: sst2, steps: 4, batch: 8, loss: mgskd(bert, small, m: 2, heads: 4, k: 3) }}
 stage predict after structure {{ data: sst2, steps: 4, batch: 8, loss: mgskd.prediction(bert, small, T: 1) }}""",
-              ["mgskd.mgskd/mse[relation(small", "mgskd.mgskd/mse[spans(relation(small", "mgskd.mgskd/angle[spans",
-               "mgskd.mgskd/angle[pool"]),
+              ["mgskd.mgskd/mgskd_token[small.embeddings", "mgskd.mgskd/mgskd_token[small.hidden[0]",
+               "mgskd.mgskd/mgskd_sample[small.hidden[1]"]),
     "diito": ("""use diito
 {T}student small = like(bert) {{ layers: 2, head: lm, init: copy(bert, layers: [0, 2]) }}
 stage pretrain {{ data: corpus, steps: 4, batch: 8, loss: diito(bert, small, T: 2, fraction: 30%) }}""",

@@ -171,6 +171,8 @@ def read_option(lw: Lowerer, expr: ast.Expr, key: str, kind: str, scope: Scope) 
         return read_bool(lw, expr, key, scope)
     if kind == "int":
         return read_int(lw, expr, key, minimum=1, scope=scope)
+    if kind == "fraction":
+        return read_fraction(lw, expr, key, scope)
     value = read_num(lw, expr, key, scope)
     if value < 0:
         raise lw.err("bad-value", expr.span, f"{key} must not be negative")

@@ -47,7 +47,8 @@ _SHAPES = frozenset({"hidden", "qkv", "ffn", "pooled", "attn", "relation", "logi
 _DISTS = frozenset({"logits", "task_logits", "attn", "relation", "pooled"})
 
 LOSSES: dict[str, LossDef] = {
-    "kl": LossDef({"T": "schedule", "scale_t2": "bool", "reverse": "bool"}, _DISTS,
+    "kl": LossDef({"T": "schedule", "scale_t2": "bool", "reverse": "bool", "mask_keys": "bool",
+                   "probs_as_logits": "bool"}, _DISTS,
                   "KL(teacher || student) of softmax(x / T), times T^2 unless scale_t2: false"),
     "soft_ce": LossDef({"T": "schedule", "scale_t2": "bool"}, _DISTS,
                        "cross-entropy of the student's softmax(x/T) against the teacher's soft targets"),

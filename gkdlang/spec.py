@@ -17,6 +17,16 @@ from gkdlang.arch import ArchInfo
 SCHEMA_VERSION = 2
 
 
+def _omit_defaults(out, defaults: dict):
+    """A dump without the given fields where they hold their default: fields added for GKD's variants
+    (``Schedule.after``, ``Relation.padded``) leave the plans and goldens of specs that do not use them unchanged."""
+    if isinstance(out, dict):
+        for key, default in defaults.items():
+            if key in out and out[key] == default:
+                del out[key]
+    return out
+
+
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -61,10 +71,7 @@ class Schedule(Frozen):
     @model_serializer(mode="wrap")
     def _drop_unset_after(self, handler):
         """``after`` is written only when set, so plans and goldens of schedules without it are unchanged."""
-        out = handler(self)
-        if isinstance(out, dict) and out.get("after") is None:
-            out.pop("after", None)
-        return out
+        return _omit_defaults(handler(self), {"after": None})
 
     def at(self, frac: float, *, step: int = 0, epoch: int = 0) -> float:
         """Value at training progress ``frac`` in [0, 1] (``stairs``: at optimizer step ``step`` / epoch ``epoch``)."""
@@ -280,9 +287,15 @@ class Relation(OpNode):
     heads: int
     softmax: bool = True
     """False: the raw scaled scores (compared as logits)."""
+    padded: bool = False
+    """True: padded positions take part like real ones (GKD's MiniLM / MiniLMv2: no mask on the relations)."""
 
     transform: ClassVar[str | None] = "relation"
-    options: ClassVar[dict[str, str]] = {"heads": "int", "softmax": "bool"}
+    options: ClassVar[dict[str, str]] = {"heads": "int", "softmax": "bool", "padded": "bool"}
+
+    @model_serializer(mode="wrap")
+    def _drop_default_padded(self, handler):
+        return _omit_defaults(handler(self), {"padded": False})
 
 
 class Pool(OpNode):

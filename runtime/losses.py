@@ -252,14 +252,18 @@ def kl(
     target_cols: Tensor | None = None,
     pred_cols: Tensor | None = None,
     chunk: int | None = None,
+    mask_keys: bool = True,
+    probs_as_logits: bool = False,
 ) -> Tensor:
     """KL(softmax(t/T) || softmax(s/T)) per row, mean over rows, times T^2 if ``scale_t2``.
 
-    ``reverse=True`` gives KL(s || t). ``inputs`` says what both tensors hold: ``logits`` (chunked kernel,
+    ``mask_keys=False`` lets padded keys of attention-shaped inputs count (GKD's MiniLM / MiniLMv2);
+    ``probs_as_logits`` softmaxes probabilities once more as if logits (GKD's MiniLM bug). ``reverse=True`` gives KL(s || t). ``inputs`` says what both tensors hold: ``logits`` (chunked kernel,
     runtime/chunked.py), ``probs`` or ``log_probs`` (attention probabilities and relation matrices, T must be 1:
     ``dense_kl``). ``target_cols`` / ``pred_cols`` select vocabulary columns inside the kernel (GLMD's
     compressed vocabulary); ``chunk`` overrides the rows per chunk.
     """
+    key_mask, inputs = (key_mask if mask_keys else None), ("logits" if probs_as_logits else inputs)
     if not _chunkable("kl", pred, inputs, key_mask):
         t, s = _dense_args(target, pred, target_cols, pred_cols)
         return dense_kl(t, s, mask=mask, T=T, scale_t2=scale_t2, reverse=reverse, inputs=inputs, key_mask=key_mask)

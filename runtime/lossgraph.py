@@ -391,7 +391,7 @@ def _op_project(graph: LossGraph, node: Project, xs: list[torch.Tensor], ctx: _C
 
 def _op_relation(graph: LossGraph, node: Relation, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
     mask = ctx.batch["attention_mask"].bool()
-    if xs[0].dim() == 3 and xs[0].shape[1] != mask.shape[1]:  # pooled spans: every position is real
+    if node.padded or (xs[0].dim() == 3 and xs[0].shape[1] != mask.shape[1]):  # pooled spans: every position real
         mask = None
     return T.relation(xs[0], node.heads, mask, softmax=node.softmax)
 

@@ -68,7 +68,8 @@ def relation(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
             raise lw.err("relation-heads", (kw.get("heads") or e).span,
                          f"{heads} relation heads do not divide width {it.feat.dim} of {describe(it)}")
         softmax = read_bool(lw, kw["softmax"], "softmax", scope) if "softmax" in kw else True
-        node = Relation(inputs=[it.node], heads=heads, softmax=softmax)
+        extra = {"padded": read_bool(lw, kw["padded"], "padded", scope)} if "padded" in kw else {}
+        node = Relation(inputs=[it.node], heads=heads, softmax=softmax, **extra)
         items.append(replace(it, node=node, feat=Feat("relation", heads=heads, probs=softmax)))
     return replace(xs, items=tuple(items))
 

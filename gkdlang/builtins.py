@@ -58,7 +58,8 @@ LOSSES: dict[str, LossDef] = {
                     "beta KL(t||m) + (1-beta) KL(s||m), m = beta t + (1-beta) s"),
     "ce": LossDef({}, frozenset({"labels", "tokens"}), "hard cross-entropy against data labels or tokens"),
     "mse": LossDef({}, _SHAPES, "mean squared error"),
-    "sse": LossDef({}, _SHAPES, "sum of squared errors over the feature dim, mean over positions"),
+    "sse": LossDef({"total": "bool"}, _SHAPES, "sum of squared errors over the feature dim, mean over positions "
+                   "(total: true sums over them too, GKD's RAIL-KD)"),
     "smooth_l1": LossDef({"beta": "number"}, _SHAPES, "smooth L1 (Huber) loss"),
     "cos": LossDef({}, _SHAPES, "1 - cosine similarity along the feature dim"),
     "hinge_mse": LossDef({"margin": "number"}, _SHAPES, "MSE ignoring errors below a margin (Continuation-KD)"),
@@ -113,7 +114,7 @@ COMBINATORS: dict[str, dict[str, str]] = {
 #: conditions evaluated by the runtime on a stage's running losses -> options (``progressive(x, until: ...)``)
 TRIGGERS: dict[str, dict[str, str]] = {"plateau": dict(Plateau.options)}
 
-POOLS = ("mean", "cls", "max")
+POOLS = ("mean", "cls", "max", "mean_all")
 
 #: layer maps: student block j -> teacher block
 LAYER_MAPS: dict[str, str] = {

@@ -299,10 +299,11 @@ class Relation(OpNode):
 
 
 class Pool(OpNode):
-    """One vector per example: the mean over real positions, position 0 (``cls``) or the maximum."""
+    """One vector per example: the mean over real positions, position 0 (``cls``), the maximum, or the mean over
+    every position, padded ones included (``mean_all``: GKD's RAIL-KD)."""
 
     op: Literal["pool"] = "pool"
-    how: Literal["mean", "cls", "max"] = "mean"
+    how: Literal["mean", "cls", "max", "mean_all"] = "mean"
 
     transform: ClassVar[str | None] = "pool"
     options: ClassVar[dict[str, str]] = {"how": "symbol"}
@@ -314,6 +315,15 @@ class Normalize(OpNode):
     op: Literal["normalize"] = "normalize"
 
     transform: ClassVar[str | None] = "normalize"
+    options: ClassVar[dict[str, str]] = {}
+
+
+class ZeroPad(OpNode):
+    """Its input with every padded position set to 0 (GKD multiplies its states by the pad mask: DistilBERT)."""
+
+    op: Literal["zero_pad"] = "zero_pad"
+
+    transform: ClassVar[str | None] = "zero_pad"
     options: ClassVar[dict[str, str]] = {}
 
 
@@ -410,7 +420,7 @@ class Interchanged(OpNode):
 
 #: every op a Spec can hold: the transforms in the order the docs list them, then the ops the checker inserts
 OP_TYPES: tuple[type[OpNode], ...] = (Project, Relation, Pool, Normalize, SelectVocab, Concat, Mean, Attend, Anneal,
-                                      Stack, Spans, Choose, Interchanged)
+                                      Stack, Spans, ZeroPad, Choose, Interchanged)
 Op = Annotated[Union[OP_TYPES], Field(discriminator="op")]
 Node = Annotated[Union[SignalNode, Op], Field(discriminator="node")]
 for _op in (OpNode, *OP_TYPES):

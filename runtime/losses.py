@@ -421,11 +421,14 @@ def hinge_mse(
     return _masked_mean(values, _element_keep("hinge_mse", t.shape, mask, key_mask))
 
 
-def sse(target: Tensor, pred: Tensor, *, mask: Tensor | None = None) -> Tensor:
-    """RAIL-KD's sum of squared errors: sum over the last dim, mean over rows."""
+def sse(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, total: bool = False) -> Tensor:
+    """RAIL-KD's sum of squared errors: sum over the last dim, mean over rows (``total``: summed over the rows too,
+    as GKD's RAIL-KD sums over its micro-batch)."""
     _same_shape("sse", target, pred)
     t, s = _f32(target, pred)
-    return _masked_mean(((s - t) ** 2).sum(-1), _row_mask("sse", mask, t.shape[:-1]))
+    keep = _row_mask("sse", mask, t.shape[:-1])
+    per = ((s - t) ** 2).sum(-1)
+    return (per if keep is None else torch.where(keep, per, per.new_zeros(()))).sum() if total else _masked_mean(per, keep)
 
 
 def cos(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:

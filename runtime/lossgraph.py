@@ -43,6 +43,7 @@ from gkdlang.spec import (
     SignalNode,
     Spans,
     Stack,
+    ZeroPad,
 )
 from runtime.errors import RunError
 from runtime import transforms as T
@@ -404,6 +405,13 @@ def _op_normalize(graph: LossGraph, node: Normalize, xs: list[torch.Tensor], ctx
     return T.normalize(xs[0])
 
 
+def _op_zero_pad(graph: LossGraph, node: ZeroPad, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
+    real = ctx.batch["attention_mask"].bool()
+    if xs[0].dim() < 2 or tuple(xs[0].shape[:2]) != tuple(real.shape):
+        raise RunError(f"zero_pad: input {list(xs[0].shape)} is not per token of the batch {list(real.shape)}")
+    return xs[0] * real.reshape(*real.shape, *([1] * (xs[0].dim() - 2))).to(xs[0].dtype)
+
+
 def _op_select_vocab(graph: LossGraph, node: SelectVocab, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
     return T.select_vocab(xs[0], graph._kept_columns(node, ctx))
 
@@ -452,6 +460,7 @@ OPS: dict[str, OpFn] = {
     "anneal": _op_anneal,
     "stack": _op_stack,
     "spans": _op_spans,
+    "zero_pad": _op_zero_pad,
 }
 """``OpNode.op`` -> kernel; a kernel gets the op (its typed fields), the evaluated inputs and the context."""
 

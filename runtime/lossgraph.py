@@ -306,7 +306,7 @@ class LossGraph(nn.Module):
 
     def _term_value(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:
         target, pred, mask, options = self._operands(term, signals, ctx)
-        return _averaged(term, LOSSES[term.fn](target, pred, mask=mask, **options), mask)
+        return _averaged(term, LOSSES[term.fn](target, pred, mask=mask, **options), mask, options.get("key_mask"), pred)
 
     def per_example(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:
         """``[b]``: the term's kernel on each example alone (every operand sliced on its batch dim)."""
@@ -322,7 +322,8 @@ class LossGraph(nn.Module):
 
         values = [
             _averaged(term, LOSSES[term.fn](one(target, i), one(pred, i), mask=one(mask, i),
-                                            **{k: one(v, i) for k, v in options.items()}), one(mask, i))
+                                            **{k: one(v, i) for k, v in options.items()}), one(mask, i),
+                      one(options.get("key_mask"), i), one(pred, i))
             for i in range(b)
         ]
         return torch.stack(values)
@@ -359,12 +360,26 @@ def _in_window(term: LossTerm, progress: float) -> bool:
     return gate.active_from <= progress and (progress < gate.active_until or gate.active_until >= 1.0)
 
 
-def _averaged(term: LossTerm, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _averaged(term: LossTerm, value: torch.Tensor, mask: torch.Tensor | None, key_mask: torch.Tensor | None = None,
+              pred: Any = None) -> torch.Tensor:
     """``average: all_positions`` (GKD's): the kept positions' mean times kept / all, so that the positions the mask
-    leaves out count 0 in a mean over every position; ``kept`` (the default) leaves the kernel's mean as it is."""
-    if term.average != "all_positions" or mask is None or mask.numel() == 0:
+    leaves out count 0 in a mean over every position; ``kept`` (the default) leaves the kernel's mean as it is.
+    An element loss over attention-shaped ``[b, H, s, s]`` inputs also leaves out padded keys: then kept counts the
+    (query, key) pairs, so padded keys add 0 to a mean over every pair (GKD's TinyBERT attention MSE)."""
+    if term.average != "all_positions":
+        return value
+    elementwise = key_mask is not None and term.fn not in _DISTRIBUTION and getattr(pred, "dim", lambda: 0)() == 4
+    if elementwise:
+        rows = (mask if mask is not None else torch.ones_like(key_mask)).bool()
+        kept = (rows.sum(1).to(torch.float32) * key_mask.bool().sum(1).to(torch.float32)).sum()
+        return value * (kept / (rows.shape[0] * rows.shape[1] * key_mask.shape[1]))
+    if mask is None or mask.numel() == 0:
         return value
     return value * (mask.sum().to(torch.float32) / mask.numel())
+
+
+#: kernels whose key mask drops keys from each row's distribution (a row still counts once), not elements
+_DISTRIBUTION = frozenset({"kl", "soft_ce", "jsd", "gjsd"})
 
 
 def _trains_target(node: Node) -> bool:

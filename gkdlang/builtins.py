@@ -84,6 +84,9 @@ LOSSES: dict[str, LossDef] = {
     "mgskd_sample": LossDef({"heads": "int"}, frozenset({"hidden"}),
                             "MGSKD's sample level as its authors' code computes it: angles among the batch's "
                             "mean-pooled examples per relation head, smooth L1 over every entry"),
+    "cos_nce": LossDef({"gather": "bool"}, frozenset({"hidden", "pooled"}),
+                       "LRC-BERT's COS-NCE as GKD computes it: angular distances 1 - cos between every student and "
+                       "teacher example, averaged over positions; 1 - the negatives' mean / 2 + 1.5 x the positive's"),
 }
 
 #: every loss's ``average:`` option (LossTerm.average; its default, ``kept``, declared there)

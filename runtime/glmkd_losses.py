@@ -244,3 +244,44 @@ def step_span_lengths(seed: int, step: int, n: int, rate: float) -> list[int]:
     step (each layer, teacher and student sides) pools the same spans, as GKD draws one segmentation per step."""
     gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2 ** 62))
     return glmkd_span_lengths(n, rate, gen)
+
+
+# ---------------------------------------------------------------- LRC-BERT's COS-NCE as GKD computes it
+
+
+def cos_nce(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, gather: bool = False) -> Tensor:
+    """LRC-BERT's COS-NCE as GKD computes it (distill_model.py:2087-2126): the angular distance
+    g_ij = 1 - cos(s_i, t_j), averaged over the positions of ``[b, s, d]`` sequences (``[b, d]``: one position),
+    between every student example i and teacher example j; per example ``1 - (sum_j g_ij - B g_ii) / (B - 1) / 2
+    + g_ii`` (B teacher examples: 1 - the negatives' mean / 2 + 1.5 x the positive's), the mean over examples.
+
+    GKD concatenates every mapped layer's positions into one mean and multiplies by the number of layers; the
+    formula is linear in g, so that equals the sum of this kernel over the layers (one term per layer pair).
+    ``mask`` (``[b, s]``) keeps the positions where both examples are real; GKD's command uses every position.
+    ``gather`` takes the teacher examples of every data-parallel rank (GKD's ``--lrc_bert_gather_dp``).
+    """
+    from runtime.contrastive_losses import _gathered
+
+    if target.shape[-1:] != pred.shape[-1:] or target.shape[:-1] != pred.shape[:-1] or pred.dim() not in (2, 3):
+        raise RunError(f"cos_nce: target {_shape(target)} and pred {_shape(pred)} must be equal [b, d] or [b, s, d]")
+    t, s = _f32(target, pred)
+    if s.dim() == 2:
+        t, s = t[:, None], s[:, None]
+        mask = None if mask is None else mask[:, None]
+    real = _row_mask("cos_nce", mask, s.shape[:2])
+    keys, offset = (_gathered(t) if gather else (t, 0))
+    key_real = None if real is None else (_gathered(real)[0] if gather else real)
+    if keys.shape[0] < 2:
+        raise RunError("cos_nce: needs at least 2 examples in the (global) batch: the others are the negatives")
+    dots = torch.einsum("ipd,jpd->pij", s, keys)
+    norms = s.norm(dim=-1).T[:, :, None] * keys.norm(dim=-1).T[:, None, :]
+    cos = dots / norms.clamp_min(1e-30)
+    if real is None:
+        g = 1 - cos.mean(0)
+    else:
+        both = (real.T[:, :, None] & key_real.T[:, None, :]).to(cos.dtype)  # [s, b, B]
+        g = 1 - (cos * both).sum(0) / both.sum(0).clamp_min(1)
+    rows = torch.arange(g.shape[0], device=g.device)
+    diag = g[rows, rows + offset]
+    n = g.shape[1]
+    return (1 - (g.sum(-1) - diag * n) / (n - 1) / 2 + diag).mean()

@@ -740,6 +740,7 @@ LOSSES: dict[str, LossFn] = {
     "ckd_angle": G.ckd_angle,
     "mgskd_token": G.mgskd_token,
     "mgskd_sample": G.mgskd_sample,
+    "cos_nce": G.cos_nce,
 }
 
 

@@ -534,5 +534,5 @@ def _is_logits(node: Node, select: bool) -> bool:
     return select and node.op == "select_vocab" and len(node.inputs) == 1 and _is_logits(node.inputs[0], False)
 
 
-_BATCH_COUPLED = frozenset({"nce", "mgskd_sample"})
+_BATCH_COUPLED = frozenset({"nce", "mgskd_sample", "cos_nce"})
 """Kernels whose value for one example depends on the others (no per-example weights)."""

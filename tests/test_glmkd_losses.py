@@ -113,3 +113,18 @@ def test_ckd_relations_gradients_are_finite_with_padding_and_lone_tokens():
         L.LOSSES["ckd_angle"](t, s, window=4)
     with pytest.raises(RunError, match="stack"):
         L.LOSSES["ckd_distance"](t[:, :, 0], s[:, :, 0], layers=True)
+
+
+def test_cos_nce_matches_loops():
+    """Per student example i: g_ij = 1 - mean over positions of cos(s_i, t_j); 1 - (sum_j g_ij - b g_ii) / (b - 1)
+    / 2 + g_ii; the mean over i."""
+    t, s = rnd(4, 3, 5), rnd(4, 3, 5, seed=1)
+    b = 4
+    g = [[1 - sum(float(torch.cosine_similarity(s[i, p], t[j, p], dim=0)) for p in range(3)) / 3 for j in range(b)]
+         for i in range(b)]
+    want = sum(1 - (sum(g[i]) - b * g[i][i]) / (b - 1) / 2 + g[i][i] for i in range(b)) / b
+    assert float(L.LOSSES["cos_nce"](t, s)) == pytest.approx(want, rel=1e-5)
+    pooled = L.LOSSES["cos_nce"](t[:, 0], s[:, 0].requires_grad_(True))
+    pooled.backward()
+    with pytest.raises(RunError, match="at least 2"):
+        L.LOSSES["cos_nce"](t[:1], s[:1])

@@ -88,8 +88,8 @@ def test_lrc_bert_perturb_forbids_gradient_accumulation():
         assert not st.grad_accum_allowed
         assert [iv.kind for iv in st.interventions] == ["perturb"]
         assert st.interventions[0].passes == 2
-    nce = next(t for t in stage("lrc_bert", "contrast").loss if t.fn == "nce")
-    assert nce.options["gather"] is True
+    terms = [t for t in stage("lrc_bert", "contrast").loss if t.fn == "cos_nce"]
+    assert terms and all(t.options["gather"] is False for t in terms)  # GKD's command: no --lrc_bert_gather_dp
 
 
 def test_uncertainty_hard_weigh_units_and_minimum_micro_batch():

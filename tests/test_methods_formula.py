@@ -515,8 +515,9 @@ def test_universal_kd(tdir):
     close(value, want + 0.5 * kl(t[("task_logits", None)], s[("task_logits", None)]))
 
 
-def test_lrc_bert_cos_nce(tdir):
-    spec = stages(tdir, "use lrc_bert\nstage a { data: sst2, steps: 4, micro_batch: 4, batch: 4, loss: lrc_bert(bert, small) }",
+def test_lrc_bert_info_nce(tdir):
+    """lrc_bert.info_nce, gkdc's earlier reading (the default, GKD's COS-NCE: tests/test_methods_parity.py)."""
+    spec = stages(tdir, "use lrc_bert\nstage a { data: sst2, steps: 4, micro_batch: 4, batch: 4, loss: lrc_bert.info_nce(bert, small) }",
                   "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
     sig, batch = make_inputs(spec)
     value, _, graph, _ = total(spec, 0, sig, batch)

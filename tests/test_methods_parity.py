@@ -781,8 +781,6 @@ def glmkd_cos_nce(s_layers, t_layers):
 
 
 @both
-@pytest.mark.xfail(strict=True, reason="GLMKD's COS-NCE averages 1 - cos over every position of every mapped layer "
-                                       "with its own negative term; gkdc's nce is InfoNCE on [CLS]")
 def test_lrc_bert(tdir, pad):
     """readme `## LRC_BERT` 2: --lrc_bert_gard_perturb --ignore_first_backward_gard --forward_repeat_num=1
     (alpha 1): the contrastive term only (the perturbation is checked against GLMKD's in

@@ -135,7 +135,7 @@ stage finetune after distil {{ data: sst2, steps: 4, batch: 8, loss: ce(labels, 
 {T}student small = like(bert) {{ layers: 2, hidden: 16, heads: 2, head: classify(2) }}
 stage contrast {{ data: sst2, steps: 4, batch: 8, micro_batch: 8, loss: lrc_bert(bert, small) }}
 stage predict after contrast {{ data: sst2, steps: 4, batch: 8, micro_batch: 8, loss: lrc_bert.prediction(bert, small) }}""",
-                 ["lrc_bert.lrc_bert/nce", "lrc_bert.prediction/kl"]),
+                 ["lrc_bert.lrc_bert/cos_nce", "lrc_bert.prediction/kl"]),
     "annealing_kd": ("""use annealing_kd
 {T}student small = like(bert) {{ layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }}
 stage anneal {{ data: sst2, steps: 4, batch: 8, loss: annealing_kd(bert, small, max_T: 7) }}

@@ -36,7 +36,7 @@ TARGETS: dict[str, str] = {
 @dataclass(frozen=True)
 class LossDef:
     options: dict[str, str]
-    """keyword -> kind of value: "schedule", "number", "bool", "int"."""
+    """keyword -> kind of value: "schedule", "number", "bool", "int", "fraction"."""
     accepts: frozenset[str]
     """Feature kinds the loss compares."""
     doc: str
@@ -47,7 +47,8 @@ _SHAPES = frozenset({"hidden", "qkv", "ffn", "pooled", "attn", "relation", "logi
 _DISTS = frozenset({"logits", "task_logits", "attn", "relation", "pooled"})
 
 LOSSES: dict[str, LossDef] = {
-    "kl": LossDef({"T": "schedule", "scale_t2": "bool", "reverse": "bool"}, _DISTS,
+    "kl": LossDef({"T": "schedule", "scale_t2": "bool", "reverse": "bool", "mask_keys": "bool",
+                   "probs_as_logits": "bool"}, _DISTS,
                   "KL(teacher || student) of softmax(x / T), times T^2 unless scale_t2: false"),
     "soft_ce": LossDef({"T": "schedule", "scale_t2": "bool"}, _DISTS,
                        "cross-entropy of the student's softmax(x/T) against the teacher's soft targets"),
@@ -57,10 +58,13 @@ LOSSES: dict[str, LossDef] = {
                     "beta KL(t||m) + (1-beta) KL(s||m), m = beta t + (1-beta) s"),
     "ce": LossDef({}, frozenset({"labels", "tokens"}), "hard cross-entropy against data labels or tokens"),
     "mse": LossDef({}, _SHAPES, "mean squared error"),
-    "sse": LossDef({}, _SHAPES, "sum of squared errors over the feature dim, mean over positions"),
+    "sse": LossDef({"total": "bool"}, _SHAPES, "sum of squared errors over the feature dim, mean over positions "
+                   "(total: true sums over them too, GKD's RAIL-KD)"),
     "smooth_l1": LossDef({"beta": "number"}, _SHAPES, "smooth L1 (Huber) loss"),
     "cos": LossDef({}, _SHAPES, "1 - cosine similarity along the feature dim"),
     "hinge_mse": LossDef({"margin": "number"}, _SHAPES, "MSE ignoring errors below a margin (Continuation-KD)"),
+    "gated_mse": LossDef({"margin": "schedule"}, _SHAPES,
+                         "per-row MSE counted only where it exceeds margin (GKD's Continuation-KD gate)"),
     "nce": LossDef({"tau": "number", "gather": "bool"}, frozenset({"pooled", "hidden"}),
                    "contrastive InfoNCE across the batch: the teacher vector of the same example is the positive; "
                    "gather: true takes negatives from every data-parallel rank (LRC-BERT)"),
@@ -68,6 +72,21 @@ LOSSES: dict[str, LossDef] = {
                         "smooth L1 between normalised pairwise-distance matrices (CKD / MGSKD relations)"),
     "angle": LossDef({"window": "int", "heads": "int", "top_k": "int"}, frozenset({"hidden", "pooled"}),
                      "smooth L1 between triplet-angle tensors within a window (CKD / MGSKD relations)"),
+    "ckd_distance": LossDef({"layers": "bool"}, frozenset({"hidden"}),
+                            "CKD's distance relation as its authors' code computes it: softmaxed cosine similarities "
+                            "within each set compared by KL (layers: true relates a stack's layers)"),
+    "ckd_angle": LossDef({"window": "int", "layers": "bool"}, frozenset({"hidden"}),
+                         "CKD's angle relation as its authors' code computes it: triplet angle cosines compared by "
+                         "squared error, within a window of tokens or across a stack's layers"),
+    "mgskd_token": LossDef({"heads": "int", "top_k": "int", "spans": "fraction"}, frozenset({"hidden"}),
+                           "MGSKD's token (or, with spans: rate, span) level as its authors' code computes it: "
+                           "head-wise pair relations by squared error plus attended triplet angles by smooth L1"),
+    "mgskd_sample": LossDef({"heads": "int"}, frozenset({"hidden"}),
+                            "MGSKD's sample level as its authors' code computes it: angles among the batch's "
+                            "mean-pooled examples per relation head, smooth L1 over every entry"),
+    "cos_nce": LossDef({"gather": "bool"}, frozenset({"hidden", "pooled"}),
+                       "LRC-BERT's COS-NCE as GKD computes it: angular distances 1 - cos between every student and "
+                       "teacher example, averaged over positions; 1 - the negatives' mean / 2 + 1.5 x the positive's"),
 }
 
 #: every loss's ``average:`` option (LossTerm.average; its default, ``kept``, declared there)
@@ -75,7 +94,7 @@ LOSS_AVERAGES: tuple[str, ...] = get_args(LossTerm.model_fields["average"].annot
 
 #: losses comparing relations *within* each model (pairwise distances, angles): the two sides may have
 #: different widths, but the same number of items along the related axis
-RELATION_LOSSES = frozenset({"distance", "angle"})
+RELATION_LOSSES = frozenset({"distance", "angle", "ckd_distance", "ckd_angle", "mgskd_token", "mgskd_sample"})
 
 #: losses whose two sides may be distributions given as probabilities
 DISTRIBUTION_LOSSES = frozenset({"kl", "soft_ce", "jsd", "gjsd"})
@@ -98,7 +117,7 @@ COMBINATORS: dict[str, dict[str, str]] = {
 #: conditions evaluated by the runtime on a stage's running losses -> options (``progressive(x, until: ...)``)
 TRIGGERS: dict[str, dict[str, str]] = {"plateau": dict(Plateau.options)}
 
-POOLS = ("mean", "cls", "max")
+POOLS = ("mean", "cls", "max", "mean_all")
 
 #: layer maps: student block j -> teacher block
 LAYER_MAPS: dict[str, str] = {

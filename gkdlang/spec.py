@@ -10,11 +10,21 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from gkdlang.arch import ArchInfo
 
 SCHEMA_VERSION = 2
+
+
+def _omit_defaults(out, defaults: dict):
+    """A dump without the given fields where they hold their default: fields added for GKD's variants
+    (``Schedule.after``, ``Relation.padded``) leave the plans and goldens of specs that do not use them unchanged."""
+    if isinstance(out, dict):
+        for key, default in defaults.items():
+            if key in out and out[key] == default:
+                del out[key]
+    return out
 
 
 class Frozen(BaseModel):
@@ -54,6 +64,14 @@ class Schedule(Frozen):
     """stairs: how many distinct values (period k has level min(k, levels - 1))."""
     every: Literal["step", "epoch", "stage"] | None = None
     """stairs: the period that moves to the next level (``stage``: each n-th of the stage's steps)."""
+    after: float | None = None
+    """linear / cosine / step: the value once progress is past ``until`` (``then:``; None = ``end``), as GKD's
+    Continuation-KD weights jump to 0 / 1 after 66.6% of the stage."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_after(self, handler):
+        """``after`` is written only when set, so plans and goldens of schedules without it are unchanged."""
+        return _omit_defaults(handler(self), {"after": None})
 
     def at(self, frac: float, *, step: int = 0, epoch: int = 0) -> float:
         """Value at training progress ``frac`` in [0, 1] (``stairs``: at optimizer step ``step`` / epoch ``epoch``)."""
@@ -72,6 +90,8 @@ class Schedule(Frozen):
             return self.value + (self.end - self.value) * k / (levels - 1)
         if frac <= self.start:
             return self.value
+        if frac > self.until and self.after is not None:
+            return self.after
         if frac >= self.until:
             return self.end
         x = (frac - self.start) / max(self.until - self.start, 1e-12)
@@ -267,16 +287,23 @@ class Relation(OpNode):
     heads: int
     softmax: bool = True
     """False: the raw scaled scores (compared as logits)."""
+    padded: bool = False
+    """True: padded positions take part like real ones (GKD's MiniLM / MiniLMv2: no mask on the relations)."""
 
     transform: ClassVar[str | None] = "relation"
-    options: ClassVar[dict[str, str]] = {"heads": "int", "softmax": "bool"}
+    options: ClassVar[dict[str, str]] = {"heads": "int", "softmax": "bool", "padded": "bool"}
+
+    @model_serializer(mode="wrap")
+    def _drop_default_padded(self, handler):
+        return _omit_defaults(handler(self), {"padded": False})
 
 
 class Pool(OpNode):
-    """One vector per example: the mean over real positions, position 0 (``cls``) or the maximum."""
+    """One vector per example: the mean over real positions, position 0 (``cls``), the maximum, or the mean over
+    every position, padded ones included (``mean_all``: GKD's RAIL-KD)."""
 
     op: Literal["pool"] = "pool"
-    how: Literal["mean", "cls", "max"] = "mean"
+    how: Literal["mean", "cls", "max", "mean_all"] = "mean"
 
     transform: ClassVar[str | None] = "pool"
     options: ClassVar[dict[str, str]] = {"how": "symbol"}
@@ -288,6 +315,15 @@ class Normalize(OpNode):
     op: Literal["normalize"] = "normalize"
 
     transform: ClassVar[str | None] = "normalize"
+    options: ClassVar[dict[str, str]] = {}
+
+
+class ZeroPad(OpNode):
+    """Its input with every padded position set to 0 (GKD multiplies its states by the pad mask: DistilBERT)."""
+
+    op: Literal["zero_pad"] = "zero_pad"
+
+    transform: ClassVar[str | None] = "zero_pad"
     options: ClassVar[dict[str, str]] = {}
 
 
@@ -384,7 +420,7 @@ class Interchanged(OpNode):
 
 #: every op a Spec can hold: the transforms in the order the docs list them, then the ops the checker inserts
 OP_TYPES: tuple[type[OpNode], ...] = (Project, Relation, Pool, Normalize, SelectVocab, Concat, Mean, Attend, Anneal,
-                                      Stack, Spans, Choose, Interchanged)
+                                      Stack, Spans, ZeroPad, Choose, Interchanged)
 Op = Annotated[Union[OP_TYPES], Field(discriminator="op")]
 Node = Annotated[Union[SignalNode, Op], Field(discriminator="node")]
 for _op in (OpNode, *OP_TYPES):

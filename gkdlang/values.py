@@ -148,4 +148,5 @@ def mul_schedules(a: Schedule, b: Schedule) -> Schedule:
     if b.kind != "constant" and b.end is not None:
         raise WeightError("a weight schedule multiplied by another schedule")
     k = b.value
-    return a.model_copy(update={"value": a.value * k, "end": None if a.end is None else a.end * k})
+    return a.model_copy(update={"value": a.value * k, "end": None if a.end is None else a.end * k,
+                                "after": None if a.after is None else a.after * k})

@@ -45,6 +45,7 @@ from runtime.loss_helpers import (_NEG, _TARGET_GRAD, _check_choice, _f32, _key_
                                   _row_mask, _same_shape, _shape, target_grad)
 from runtime.contrastive_losses import nce  # noqa: F401 (re-exported)
 from runtime.relation_losses import angle, attended_triplets, distance  # noqa: F401 (re-exported)
+from runtime import glmkd_losses as G
 
 LossFn = Callable[..., Tensor]
 # ---------------------------------------------------------------- distributions
@@ -251,14 +252,18 @@ def kl(
     target_cols: Tensor | None = None,
     pred_cols: Tensor | None = None,
     chunk: int | None = None,
+    mask_keys: bool = True,
+    probs_as_logits: bool = False,
 ) -> Tensor:
     """KL(softmax(t/T) || softmax(s/T)) per row, mean over rows, times T^2 if ``scale_t2``.
 
-    ``reverse=True`` gives KL(s || t). ``inputs`` says what both tensors hold: ``logits`` (chunked kernel,
+    ``mask_keys=False`` lets padded keys of attention-shaped inputs count (GKD's MiniLM / MiniLMv2);
+    ``probs_as_logits`` softmaxes probabilities once more as if logits (GKD's MiniLM bug). ``reverse=True`` gives KL(s || t). ``inputs`` says what both tensors hold: ``logits`` (chunked kernel,
     runtime/chunked.py), ``probs`` or ``log_probs`` (attention probabilities and relation matrices, T must be 1:
     ``dense_kl``). ``target_cols`` / ``pred_cols`` select vocabulary columns inside the kernel (GLMD's
     compressed vocabulary); ``chunk`` overrides the rows per chunk.
     """
+    key_mask, inputs = (key_mask if mask_keys else None), ("logits" if probs_as_logits else inputs)
     if not _chunkable("kl", pred, inputs, key_mask):
         t, s = _dense_args(target, pred, target_cols, pred_cols)
         return dense_kl(t, s, mask=mask, T=T, scale_t2=scale_t2, reverse=reverse, inputs=inputs, key_mask=key_mask)
@@ -416,11 +421,14 @@ def hinge_mse(
     return _masked_mean(values, _element_keep("hinge_mse", t.shape, mask, key_mask))
 
 
-def sse(target: Tensor, pred: Tensor, *, mask: Tensor | None = None) -> Tensor:
-    """RAIL-KD's sum of squared errors: sum over the last dim, mean over rows."""
+def sse(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, total: bool = False) -> Tensor:
+    """RAIL-KD's sum of squared errors: sum over the last dim, mean over rows (``total``: summed over the rows too,
+    as GKD's RAIL-KD sums over its micro-batch)."""
     _same_shape("sse", target, pred)
     t, s = _f32(target, pred)
-    return _masked_mean(((s - t) ** 2).sum(-1), _row_mask("sse", mask, t.shape[:-1]))
+    keep = _row_mask("sse", mask, t.shape[:-1])
+    per = ((s - t) ** 2).sum(-1)
+    return (per if keep is None else torch.where(keep, per, per.new_zeros(()))).sum() if total else _masked_mean(per, keep)
 
 
 def cos(target: Tensor, pred: Tensor, *, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
@@ -727,6 +735,12 @@ LOSSES: dict[str, LossFn] = {
     "angle": angle,
     "distance": distance,
     "sparse_kl": _sparse_kl_entry,
+    "gated_mse": G.gated_mse,
+    "ckd_distance": G.ckd_distance,
+    "ckd_angle": G.ckd_angle,
+    "mgskd_token": G.mgskd_token,
+    "mgskd_sample": G.mgskd_sample,
+    "cos_nce": G.cos_nce,
 }
 
 

@@ -43,10 +43,12 @@ from gkdlang.spec import (
     SignalNode,
     Spans,
     Stack,
+    ZeroPad,
 )
 from runtime.errors import RunError
 from runtime import transforms as T
 from runtime.chunked import HeadLogits
+from runtime.glmkd_losses import step_span_lengths
 from runtime.losses import LOSSES, check_options, get_loss, loss_options, target_grad
 
 Signals = Mapping[str, Mapping[tuple[str, int | None], torch.Tensor]]
@@ -281,6 +283,8 @@ class LossGraph(nn.Module):
                 and pred.shape[-1] == batch["attention_mask"].shape[-1]):  # (relations of pooled spans have none)
             # attention-shaped signals: padded keys never count, whatever the query mask
             options["key_mask"] = batch["attention_mask"].bool()
+        if term.fn == "mgskd_token" and options.get("spans", 0) > 0:  # GKD's spans: one segmentation per step
+            options["span_lengths"] = step_span_lengths(self.seed, ctx.step, pred.shape[1], float(options["spans"]))
         return target, pred, mask, options
 
     def _logit_operand(self, term: LossTerm, role: str, node: Node, signals: Signals, ctx: _Ctx, options: dict) -> Any:
@@ -302,7 +306,7 @@ class LossGraph(nn.Module):
 
     def _term_value(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:
         target, pred, mask, options = self._operands(term, signals, ctx)
-        return _averaged(term, LOSSES[term.fn](target, pred, mask=mask, **options), mask)
+        return _averaged(term, LOSSES[term.fn](target, pred, mask=mask, **options), mask, options.get("key_mask"), pred)
 
     def per_example(self, term: LossTerm, signals: Signals, ctx: _Ctx) -> torch.Tensor:
         """``[b]``: the term's kernel on each example alone (every operand sliced on its batch dim)."""
@@ -318,7 +322,8 @@ class LossGraph(nn.Module):
 
         values = [
             _averaged(term, LOSSES[term.fn](one(target, i), one(pred, i), mask=one(mask, i),
-                                            **{k: one(v, i) for k, v in options.items()}), one(mask, i))
+                                            **{k: one(v, i) for k, v in options.items()}), one(mask, i),
+                      one(options.get("key_mask"), i), one(pred, i))
             for i in range(b)
         ]
         return torch.stack(values)
@@ -355,12 +360,26 @@ def _in_window(term: LossTerm, progress: float) -> bool:
     return gate.active_from <= progress and (progress < gate.active_until or gate.active_until >= 1.0)
 
 
-def _averaged(term: LossTerm, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _averaged(term: LossTerm, value: torch.Tensor, mask: torch.Tensor | None, key_mask: torch.Tensor | None = None,
+              pred: Any = None) -> torch.Tensor:
     """``average: all_positions`` (GKD's): the kept positions' mean times kept / all, so that the positions the mask
-    leaves out count 0 in a mean over every position; ``kept`` (the default) leaves the kernel's mean as it is."""
-    if term.average != "all_positions" or mask is None or mask.numel() == 0:
+    leaves out count 0 in a mean over every position; ``kept`` (the default) leaves the kernel's mean as it is.
+    An element loss over attention-shaped ``[b, H, s, s]`` inputs also leaves out padded keys: then kept counts the
+    (query, key) pairs, so padded keys add 0 to a mean over every pair (GKD's TinyBERT attention MSE)."""
+    if term.average != "all_positions":
+        return value
+    elementwise = key_mask is not None and term.fn not in _DISTRIBUTION and getattr(pred, "dim", lambda: 0)() == 4
+    if elementwise:
+        rows = (mask if mask is not None else torch.ones_like(key_mask)).bool()
+        kept = (rows.sum(1).to(torch.float32) * key_mask.bool().sum(1).to(torch.float32)).sum()
+        return value * (kept / (rows.shape[0] * rows.shape[1] * key_mask.shape[1]))
+    if mask is None or mask.numel() == 0:
         return value
     return value * (mask.sum().to(torch.float32) / mask.numel())
+
+
+#: kernels whose key mask drops keys from each row's distribution (a row still counts once), not elements
+_DISTRIBUTION = frozenset({"kl", "soft_ce", "jsd", "gjsd"})
 
 
 def _trains_target(node: Node) -> bool:
@@ -388,7 +407,7 @@ def _op_project(graph: LossGraph, node: Project, xs: list[torch.Tensor], ctx: _C
 
 def _op_relation(graph: LossGraph, node: Relation, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
     mask = ctx.batch["attention_mask"].bool()
-    if xs[0].dim() == 3 and xs[0].shape[1] != mask.shape[1]:  # pooled spans: every position is real
+    if node.padded or (xs[0].dim() == 3 and xs[0].shape[1] != mask.shape[1]):  # pooled spans: every position real
         mask = None
     return T.relation(xs[0], node.heads, mask, softmax=node.softmax)
 
@@ -399,6 +418,13 @@ def _op_pool(graph: LossGraph, node: Pool, xs: list[torch.Tensor], ctx: _Ctx) ->
 
 def _op_normalize(graph: LossGraph, node: Normalize, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
     return T.normalize(xs[0])
+
+
+def _op_zero_pad(graph: LossGraph, node: ZeroPad, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
+    real = ctx.batch["attention_mask"].bool()
+    if xs[0].dim() < 2 or tuple(xs[0].shape[:2]) != tuple(real.shape):
+        raise RunError(f"zero_pad: input {list(xs[0].shape)} is not per token of the batch {list(real.shape)}")
+    return xs[0] * real.reshape(*real.shape, *([1] * (xs[0].dim() - 2))).to(xs[0].dtype)
 
 
 def _op_select_vocab(graph: LossGraph, node: SelectVocab, xs: list[torch.Tensor], ctx: _Ctx) -> torch.Tensor:
@@ -449,6 +475,7 @@ OPS: dict[str, OpFn] = {
     "anneal": _op_anneal,
     "stack": _op_stack,
     "spans": _op_spans,
+    "zero_pad": _op_zero_pad,
 }
 """``OpNode.op`` -> kernel; a kernel gets the op (its typed fields), the evaluated inputs and the context."""
 
@@ -507,5 +534,5 @@ def _is_logits(node: Node, select: bool) -> bool:
     return select and node.op == "select_vocab" and len(node.inputs) == 1 and _is_logits(node.inputs[0], False)
 
 
-_BATCH_COUPLED = frozenset({"nce"})
+_BATCH_COUPLED = frozenset({"nce", "mgskd_sample", "cos_nce"})
 """Kernels whose value for one example depends on the others (no per-example weights)."""

@@ -86,6 +86,8 @@ def pool(x: Tensor, how: str = "mean", mask: Tensor | None = None) -> Tensor:
     keep = _check_mask("pool", x, mask)
     if how == "cls":
         return x[:, 0]
+    if how == "mean_all":  # every position, padded ones included (GKD's RAIL-KD)
+        return x.mean(dim=1)
     if how == "mean":
         if keep is None:
             return x.mean(dim=1)
@@ -95,7 +97,7 @@ def pool(x: Tensor, how: str = "mean", mask: Tensor | None = None) -> Tensor:
         if keep is None:
             return x.amax(dim=1)
         return x.masked_fill(~keep[..., None], torch.finfo(x.dtype).min).amax(dim=1)
-    raise RunError(f"pool: option how={how!r} is not one of mean, cls, max")
+    raise RunError(f"pool: option how={how!r} is not one of mean, cls, max, mean_all")
 
 
 def normalize(x: Tensor, p: float = 2.0, eps: float = 1e-12) -> Tensor:

@@ -88,8 +88,8 @@ def test_lrc_bert_perturb_forbids_gradient_accumulation():
         assert not st.grad_accum_allowed
         assert [iv.kind for iv in st.interventions] == ["perturb"]
         assert st.interventions[0].passes == 2
-    nce = next(t for t in stage("lrc_bert", "contrast").loss if t.fn == "nce")
-    assert nce.options["gather"] is True
+    terms = [t for t in stage("lrc_bert", "contrast").loss if t.fn == "cos_nce"]
+    assert terms and all(t.options["gather"] is False for t in terms)  # GKD's command: no --lrc_bert_gather_dp
 
 
 def test_uncertainty_hard_weigh_units_and_minimum_micro_batch():
@@ -169,7 +169,7 @@ stage s { data: corpus, steps: 10,
 CALLS = {
     "kd": "kd(t, s)", "pd": "pd(t, s)", "tinybert": "tinybert.intermediate(t, s)", "minilm": "minilm(t, s)",
     "minilmv2": "minilmv2(t, s, heads: 16)", "distilbert": "distilbert(t, s)", "pkd": "pkd(t, s)",
-    "rail_kd": "rail_kd(t, s)", "mgskd": "mgskd(t, s, m: 1, heads: 16)", "diito": "diito(t, s)",
+    "rail_kd": "rail_kd(t, s)", "mgskd": "mgskd(t, s, m: 2, heads: 16)", "diito": "diito(t, s)",
     "sid": "sid(t, s)", "alp_kd": "alp_kd(t, s)", "ckd": "ckd(t, s)", "theseus": "theseus(t, s)",
     "universal_kd": "universal_kd(t, s)", "lrc_bert": "lrc_bert(t, s)", "annealing_kd": "annealing_kd(t, s)",
     "mobilebert": "mobilebert(t, s)", "continuation_kd": "continuation_kd(t, s)",

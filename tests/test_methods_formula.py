@@ -350,7 +350,7 @@ def test_rail_kd_draws_sorted_teacher_layers_per_epoch(tdir):
 
 
 def test_mgskd_token_span_and_sample_structure(tdir):
-    spec = stages(tdir, "use mgskd\nstage a { data: sst2, steps: 4, loss: mgskd(bert, small, m: 1, heads: 2, k: 3) }")
+    spec = stages(tdir, "use mgskd\nstage a { data: sst2, steps: 4, loss: mgskd.real_tokens(bert, small, m: 1, heads: 2, k: 3) }")
     sig, batch = make_inputs(spec)
     t, s = sig["bert"], sig["small"]
     value, parts, _, _ = total(spec, 0, sig, batch, step=5)
@@ -480,8 +480,9 @@ def test_alp_kd(tdir):
     close(total(spec, 0, sig, batch)[0], want)
 
 
-def test_ckd(tdir):
-    spec = stages(tdir, "use ckd\nstage a { data: sst2, steps: 4, loss: ckd(bert, small, window: 3) }",
+def test_ckd_rkd(tdir):
+    """ckd.rkd, gkdc's RKD-style reading (the default, the authors' computation: tests/test_methods_parity.py)."""
+    spec = stages(tdir, "use ckd\nstage a { data: sst2, steps: 4, loss: ckd.rkd(bert, small, window: 3) }",
                   "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
     sig, batch = make_inputs(spec)
     t, s = sig["bert"], sig["small"]
@@ -514,8 +515,9 @@ def test_universal_kd(tdir):
     close(value, want + 0.5 * kl(t[("task_logits", None)], s[("task_logits", None)]))
 
 
-def test_lrc_bert_cos_nce(tdir):
-    spec = stages(tdir, "use lrc_bert\nstage a { data: sst2, steps: 4, micro_batch: 4, batch: 4, loss: lrc_bert(bert, small) }",
+def test_lrc_bert_info_nce(tdir):
+    """lrc_bert.info_nce, gkdc's earlier reading (the default, GKD's COS-NCE: tests/test_methods_parity.py)."""
+    spec = stages(tdir, "use lrc_bert\nstage a { data: sst2, steps: 4, micro_batch: 4, batch: 4, loss: lrc_bert.info_nce(bert, small) }",
                   "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
     sig, batch = make_inputs(spec)
     value, _, graph, _ = total(spec, 0, sig, batch)
@@ -532,7 +534,7 @@ def test_lrc_bert_cos_nce(tdir):
 def test_annealing_and_continuation_kd(tdir):
     spec = stages(tdir, "use annealing_kd, continuation_kd\n"
                         "stage a { data: sst2, steps: 4, loss: annealing_kd(bert, small, max_T: 7, every: epoch) }\n"
-                        "stage b after a { data: sst2, steps: 4, loss: continuation_kd(bert, small, max_T: 10, margin: 1) }")
+                        "stage b after a { data: sst2, steps: 4, loss: continuation_kd.hinge(bert, small, max_T: 10, margin: 1) }")
     sig, batch = make_inputs(spec)
     t, s = sig["bert"][("task_logits", None)], sig["small"][("task_logits", None)]
     for epoch in range(10):
@@ -546,7 +548,7 @@ def test_annealing_and_continuation_kd(tdir):
     for progress in (0.0, 0.1, 0.3, 0.5, 0.86, 0.99):
         phi = 1 - (max(1, math.ceil((1 - progress) * 7)) - 1) / 7
         close(total(default, 0, sig, batch, progress=progress, epoch=0)[0], ((s - phi * t) ** 2).mean())
-    for x in (0.3, 0.8):
+    for x in (0.3, 0.8):  # continuation_kd.hinge, gkdc's earlier reading (the default: test_methods_parity.py)
         phi = 0.1 + 0.9 * min(1.0, x / 0.666)
         psi = 0.0 if x <= 0.666 else 0.75 * (x - 0.666) / (1 - 0.666)
         want = (F.relu((s - phi * t).abs() - 1) ** 2).mean() + psi * hard_ce(batch["labels"], s)

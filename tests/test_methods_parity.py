@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from runtime.glmkd_losses import step_span_lengths
 from runtime.lossgraph import LossGraph
 from test_methods_formula import B, C, H, S, V, proj, stages, tdir, total  # noqa: F401 (tdir is a fixture)
 
@@ -356,8 +357,7 @@ TINYBERT_ATT = ("GLMKD's attention MSE divides by every (query, key) entry, padd
     pytest.param("intermediate", "padded", marks=pytest.mark.xfail(
         strict=True, reason=TINYBERT_ATT + ", and its embedding and hidden-state MSEs over real tokens")),
     ("intermediate", "unpadded"),
-    pytest.param("intermediate_glmkd", "padded", marks=pytest.mark.xfail(strict=True, reason=TINYBERT_ATT)),
-    ("intermediate_glmkd", "unpadded")])
+    ("intermediate_glmkd", "padded"), ("intermediate_glmkd", "unpadded")])
 def test_tinybert_intermediate(tdir, variant, pad):
     """TinyBERT.inter_loss (distill_model.py:552-613), readme `## TinyBERT` 1-2: teacher block inputs 0, k, ..,
     Lt - k and the output against student block inputs 0 .. Ls - 1 and the output, all student states through
@@ -396,13 +396,18 @@ def test_tinybert_glmkd_embedding_and_hidden_terms(tdir, pad):
     close(sum(parts[k] for k in hidden), want)
 
 
-@both
-@pytest.mark.xfail(strict=True, reason="GLMKD's cosine loss counts each padded position as 1 - cos(0, 0) = 1 and "
-                                       "its KL averages the MLM positions' values over all b x s positions")
-def test_distilbert(tdir, pad):
+DISTILBERT_PAD = ("GLMKD's cosine loss counts each padded position as 1 - cos(0, 0) = 1 and its KL averages the MLM "
+                  "positions' values over all b x s positions (distilbert.distilbert_glmkd: as GLMKD)")
+
+
+@pytest.mark.parametrize("variant,pad", [
+    pytest.param("distilbert", "padded", marks=pytest.mark.xfail(strict=True, reason=DISTILBERT_PAD)),
+    pytest.param("distilbert", "unpadded", marks=pytest.mark.xfail(strict=True, reason=DISTILBERT_PAD)),
+    ("distilbert.distilbert_glmkd", "padded"), ("distilbert.distilbert_glmkd", "unpadded")])
+def test_distilbert(tdir, variant, pad):
     """DistilBERT.inter_loss / pre_loss (distill_model.py:741-800), readme `## DistilBERT`: --distill_temperature=2
     --distilbert_alpha_ce=5 --distilbert_alpha_mlm=2 --distilbert_alpha_cos=1 --distilbert_cos_mask_padding."""
-    spec = stages(tdir, "use distilbert\nstage a { data: corpus, steps: 4, loss: distilbert(lmt, lm, T: 2) }")
+    spec = stages(tdir, f"use distilbert\nstage a {{ data: corpus, steps: 4, loss: {variant}(lmt, lm, T: 2) }}")
     mask = MASKS[pad]
     sig, batch = inputs(spec, mask)
     t, s = sig["lmt"], sig["lm"]
@@ -416,14 +421,18 @@ def test_distilbert(tdir, pad):
     close(total(spec, 0, sig, batch)[0], cos + kl + 2 * mlm)
 
 
-@both
-@pytest.mark.xfail(strict=True, reason="GLMKD's MiniLM passes attention probabilities through a second softmax "
-                                       "and leaves padded keys in the value relations (a bug of GLMKD's; gkdc's "
-                                       "minilm follows the paper)")
-def test_minilm(tdir, pad):
+MINILM_BUG = ("GLMKD's MiniLM passes attention probabilities through a second softmax and leaves padded keys in "
+              "the value relations (a bug of GLMKD's; gkdc's minilm follows the paper, minilm.glmkd is GLMKD's)")
+
+
+@pytest.mark.parametrize("variant,pad", [
+    pytest.param("minilm", "padded", marks=pytest.mark.xfail(strict=True, reason=MINILM_BUG)),
+    pytest.param("minilm", "unpadded", marks=pytest.mark.xfail(strict=True, reason=MINILM_BUG)),
+    ("minilm.glmkd", "padded"), ("minilm.glmkd", "unpadded")])
+def test_minilm(tdir, variant, pad):
     """MiniLM.inter_loss (distill_model.py:697-713): kl_div(s_probs, t_probs) softmaxes the probabilities again;
     value relations V_h V_h^T / sqrt(d_h) with no key mask; means over every (b, H, query) row."""
-    spec = stages(tdir, "use minilm\nstage a { data: corpus, steps: 4, loss: minilm(bert, small) }")
+    spec = stages(tdir, f"use minilm\nstage a {{ data: corpus, steps: 4, loss: {variant}(bert, small) }}")
     sig, batch = inputs(spec, MASKS[pad])
     t, s = sig["bert"], sig["small"]
 
@@ -446,12 +455,17 @@ def glmkd_minilmv2(sig, heads, t_layer):
     return sum(g_kl(rel(sig["small"][(k, 1)]), rel(sig["bert"][(k, t_layer)])).mean() for k in ("query", "key", "value"))
 
 
-@padded_differs("with padding GLMKD's relations also attend to padded keys and its KL averages over padded query "
-                "rows; gkdc's relation masks both")
-def test_minilmv2(tdir, pad):
+MINILMV2_PAD = ("with padding GLMKD's relations also attend to padded keys and its KL averages over padded query "
+                "rows; gkdc's relation masks both (minilmv2.minilmv2_glmkd: as GLMKD)")
+
+
+@pytest.mark.parametrize("variant,pad", [
+    pytest.param("minilmv2", "padded", marks=pytest.mark.xfail(strict=True, reason=MINILMV2_PAD)),
+    ("minilmv2", "unpadded"), ("minilmv2.minilmv2_glmkd", "padded"), ("minilmv2.minilmv2_glmkd", "unpadded")])
+def test_minilmv2(tdir, variant, pad):
     """readme `## MiniLMv2`: --minilmv2_relation_heads=48 --minilmv2_teacher_layer=12 (here: 4 heads, the last
     block)."""
-    spec = stages(tdir, "use minilmv2\nstage a { data: corpus, steps: 4, loss: minilmv2(bert, small, heads: 4) }")
+    spec = stages(tdir, f"use minilmv2\nstage a {{ data: corpus, steps: 4, loss: {variant}(bert, small, heads: 4) }}")
     sig, batch = inputs(spec, MASKS[pad])
     close(total(spec, 0, sig, batch)[0], glmkd_minilmv2(sig, 4, 3))
 
@@ -509,17 +523,37 @@ def glmkd_continuation(s, t, hard_b, it, n, max_t=10, margin=1.0, sep=0.666, den
     return loss.mean()
 
 
-@pytest.mark.xfail(strict=True, reason="GLMKD's Continuation-KD gates each example's whole MSE by soft > margin x "
-                                       "phi, uses a 10-level stair for phi and psi = it / (1.333 N) then 1; gkdc's "
-                                       "hinge MSE and linear schedules differ at every point")
-def test_continuation_kd(tdir):
+@both
+@pytest.mark.parametrize("n", [100, 37, 1000])
+def test_continuation_kd(tdir, pad, n):
+    """Continuation_KD (distill_model.py:2226-2245) at every iteration of stages of 37 and 100 iterations and at
+    points of one of 1000 (phi's 10 levels, psi's jump past 66.6%, the per-example gate opening and closing)."""
     spec = stages(tdir, "use continuation_kd\nstage a { data: sst2, steps: 4, loss: continuation_kd(bert, small) }")
-    sig, batch = inputs(spec, PADDED)
+    sig, batch = inputs(spec, MASKS[pad])
+    s, t = tl(sig, "small"), tl(sig, "bert")
+    s = s * 0.6  # errors near the margin: some examples pass the gate, others not, as phi rises
+    sig["small"][("task_logits", None)] = s
+    hard_b = F.cross_entropy(s, batch["labels"], reduction="none")
+    points = range(n) if n < 1000 else (0, 1, 99, 100, 101, 450, 665, 666, 667, 999)
+    gated = set()
+    for it in points:
+        want = glmkd_continuation(s, t, hard_b, it, n)
+        phi = glmkd_stair(it, n, 10)
+        gated.add(int((F.mse_loss(s, t * phi, reduction="none").mean(-1) > phi).sum()))
+        close(total(spec, 0, sig, batch, progress=it / n, step=it)[0], want)
+    assert len(gated) > 2  # the gate keeps different numbers of examples along the stage
+
+
+@both
+def test_continuation_kd_hinge_is_not_glmkd(tdir, pad):
+    """`continuation_kd.hinge`, gkdc's earlier reading, differs from GLMKD's at most points (kept for comparison)."""
+    spec = stages(tdir, "use continuation_kd\nstage a { data: sst2, steps: 4, loss: continuation_kd.hinge(bert, small) }")
+    sig, batch = inputs(spec, MASKS[pad])
     s, t = tl(sig, "small"), tl(sig, "bert")
     hard_b = F.cross_entropy(s, batch["labels"], reduction="none")
-    n = 100
-    for it in (0, 10, 40, 66, 67, 90):
-        close(total(spec, 0, sig, batch, progress=it / n, step=it)[0], glmkd_continuation(s, t, hard_b, it, n))
+    far = [abs(total(spec, 0, sig, batch, progress=it / 100, step=it)[0] - float(glmkd_continuation(s, t, hard_b, it, 100)))
+           > 1e-3 for it in (10, 40, 66, 67, 90)]
+    assert sum(far) >= 4
 
 
 # ---------------------------------------------------------------- relation methods (GLMKD's cite/ files)
@@ -579,9 +613,6 @@ def glmkd_ckd_relations(t, s, real, window):
 
 
 @both
-@pytest.mark.xfail(strict=True, reason="GLMKD's CKD (the authors' loss.py, cite/ckd.py) compares softmaxed cosine "
-                                       "similarities by KL and angles by squared error, over embeddings + mapped "
-                                       "blocks + output stacked; gkdc's distance/angle are RKD's smooth-L1 forms")
 def test_ckd(tdir, pad):
     """readme `## CKD` 2: --ckd_window_size=21 (3 here) --ckd_wrdist_w=1 --ckd_ltrdist_w=1 --ckd_wrangle_w=10
     --ckd_ltrangle_w=10 --distill_ft_soft --distill_ft_hard --distill_temperature=3 --distill_soft_rate=0.9
@@ -673,13 +704,13 @@ def glmkd_mgskd(ts, ss, real, m, heads, k, lengths, w_token=1.0, w_span=1.0, w_s
 
 
 @both
-@pytest.mark.xfail(strict=True, reason="GLMKD's MGSKD counts the embeddings as layer 0 (its block inputs), averages "
-                                       "the sample level over all H x b^3 entries and draws int(n x rate) spans of "
-                                       "the whole padded row; gkdc starts at block 0 and draws spans of at most 40%")
-def test_mgskd(tdir, pad):
+@pytest.mark.parametrize("step", [0, 5, 9])
+def test_mgskd(tdir, pad, step):
     """readme `## MGSKD` 2: --mgskd_weight_sample=4 --mgskd_weight_token=1 --mgskd_weight_span=1
-    --mgskd_sample_level_m=3 --mgskd_triplet_k1=20 --mgskd_triplet_k2=20 (here m = 1, k = 3, 2 heads)."""
-    spec = stages(tdir, "use mgskd\nstage a { data: sst2, steps: 4, loss: mgskd(bert, small, m: 1, heads: 2, k: 3) }")
+    --mgskd_sample_level_m=3 --mgskd_triplet_k1=20 --mgskd_triplet_k2=20 (here m = 2 of the student's 3 layers, the
+    embeddings and block 0 at the token and span levels, block 1 at the sample level; k = 3, 2 heads). GLMKD draws
+    its spans with torch.normal; for the step's draw gkdc made (from the same formula), GLMKD's value."""
+    spec = stages(tdir, "use mgskd\nstage a { data: sst2, steps: 4, loss: mgskd(bert, small, m: 2, heads: 2, k: 3, span: 50%) }")
     mask = MASKS[pad]
     sig, batch = inputs(spec, mask)
     t, s = sig["bert"], sig["small"]
@@ -687,8 +718,18 @@ def test_mgskd(tdir, pad):
     ss = [s[("embeddings", None)], s[("hidden", 0)], s[("hidden", 1)]]
     # GLMKD's rate 0.4 gives int(6 x 0.4) = 2 spans here, too few for any triplet (its loss is then 0 / 0);
     # 0.5 gives 3 (GLMKD's 512-token rows get 204)
-    lengths = mgskd_glmkd_spans(S, 0.5, torch.Generator().manual_seed(5))
-    close(total(spec, 0, sig, batch, step=5)[0], glmkd_mgskd(ts, ss, mask, 1, 2, 3, lengths))
+    lengths = mgskd_glmkd_spans(S, 0.5, torch.Generator().manual_seed((7 * 1_000_003 + step) % 2 ** 62))
+    assert lengths == step_span_lengths(7, step, S, 0.5) and len(lengths) == 3 and sum(lengths) == S
+    close(total(spec, 0, sig, batch, step=step)[0], glmkd_mgskd(ts, ss, mask, 2, 2, 3, lengths))
+
+
+def test_mgskd_span_draw_follows_glmkd():
+    """int(n x rate) spans over the whole row, lengths 1 + floor(|N| share), the deficit on the last ones
+    (distill_model.py:1220-1228); different steps draw different segmentations."""
+    draws = {tuple(step_span_lengths(7, step, 512, 0.4)) for step in range(20)}
+    assert len(draws) == 20
+    for d in draws:
+        assert len(d) == 204 and sum(d) == 512 and min(d) >= 1
 
 
 # ---------------------------------------------------------------- projections, contrast, pooling, word logits
@@ -740,8 +781,6 @@ def glmkd_cos_nce(s_layers, t_layers):
 
 
 @both
-@pytest.mark.xfail(strict=True, reason="GLMKD's COS-NCE averages 1 - cos over every position of every mapped layer "
-                                       "with its own negative term; gkdc's nce is InfoNCE on [CLS]")
 def test_lrc_bert(tdir, pad):
     """readme `## LRC_BERT` 2: --lrc_bert_gard_perturb --ignore_first_backward_gard --forward_repeat_num=1
     (alpha 1): the contrastive term only (the perturbation is checked against GLMKD's in
@@ -756,14 +795,19 @@ def test_lrc_bert(tdir, pad):
     close(value, glmkd_cos_nce(s_layers, t_layers))
 
 
-@both
-@pytest.mark.xfail(strict=True, reason="GLMKD's RAIL-KD mean-pools padded positions too and sums the squared "
-                                       "errors over the batch; gkdc pools real tokens and averages over examples")
-def test_rail_kd(tdir, pad):
+RAIL_PAD = ("GLMKD's RAIL-KD mean-pools padded positions too and sums the squared errors over the batch; gkdc's "
+            "rail_kd pools real tokens and averages over examples (rail_kd.rail_kd_glmkd: as GLMKD)")
+
+
+@pytest.mark.parametrize("variant,pad", [
+    pytest.param("rail_kd", "padded", marks=pytest.mark.xfail(strict=True, reason=RAIL_PAD)),
+    pytest.param("rail_kd", "unpadded", marks=pytest.mark.xfail(strict=True, reason=RAIL_PAD)),
+    ("rail_kd.rail_kd_glmkd", "padded"), ("rail_kd.rail_kd_glmkd", "unpadded")])
+def test_rail_kd(tdir, variant, pad):
     """RAIL_KD (distill_model.py:1052-1171), readme `## RAIL_KD` 2: --rail_kd_inter_rate=0.3333 --rail_kd_u=128
     --rail_kd_concatenated --rail_kd_epochs=1 plus soft CE (T = 10) and hard x 0.3333. For the teacher blocks
     gkdc drew, GLMKD's value (its own draw is python's random.sample)."""
-    spec = stages(tdir, "use rail_kd\nstage a { data: sst2, steps: 4, loss: rail_kd(bert, small, dim: 8) }",
+    spec = stages(tdir, f"use rail_kd\nstage a {{ data: sst2, steps: 4, loss: {variant}(bert, small, dim: 8) }}",
                   "{ layers: 3, head: classify(3) }")
     sig, batch = inputs(spec, MASKS[pad])
     value, _, graph, _ = total(spec, 0, sig, batch)

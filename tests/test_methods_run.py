@@ -100,10 +100,10 @@ stage finetune after pretrain {{ data: sst2, steps: 4, batch: 8, loss: rail_kd(b
     "mgskd": ("""use tinybert, mgskd
 {T}student small = like(bert) {{ layers: 2, head: classify(2) }}
 stage general {{ data: corpus, steps: 4, batch: 8, loss: tinybert.intermediate(bert, small) }}
-stage structure after general {{ data: sst2, steps: 4, batch: 8, loss: mgskd(bert, small, m: 1, heads: 4, k: 3) }}
+stage structure after general {{ data: sst2, steps: 4, batch: 8, loss: mgskd(bert, small, m: 2, heads: 4, k: 3) }}
 stage predict after structure {{ data: sst2, steps: 4, batch: 8, loss: mgskd.prediction(bert, small, T: 1) }}""",
-              ["mgskd.mgskd/mse[relation(small", "mgskd.mgskd/mse[spans(relation(small", "mgskd.mgskd/angle[spans",
-               "mgskd.mgskd/angle[pool"]),
+              ["mgskd.mgskd/mgskd_token[small.embeddings", "mgskd.mgskd/mgskd_token[small.hidden[0]",
+               "mgskd.mgskd/mgskd_sample[small.hidden[1]"]),
     "diito": ("""use diito
 {T}student small = like(bert) {{ layers: 2, head: lm, init: copy(bert, layers: [0, 2]) }}
 stage pretrain {{ data: corpus, steps: 4, batch: 8, loss: diito(bert, small, T: 2, fraction: 30%) }}""",
@@ -121,7 +121,7 @@ stage finetune {{ data: sst2, steps: 4, batch: 8, loss: alp_kd(bert, small, w: 0
     "ckd": ("""use ckd
 {T}student small = like(bert) {{ layers: 2, hidden: 16, heads: 2, head: classify(2) }}
 stage finetune {{ data: sst2, steps: 4, batch: 8, loss: ckd(bert, small, window: 21) }}""",
-            ["ckd.ckd/distance[stack", "ckd.ckd/angle[stack", "ckd.ckd/angle[small"]),
+            ["ckd.ckd/ckd_distance[stack", "ckd.ckd/ckd_angle[stack"]),
     "theseus": ("""use theseus
 {T}student small = like(bert) {{ layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }}
 stage finetune {{ data: sst2, steps: 4, batch: 8, loss: theseus(bert, small, p0: 0.3, until: 66%) }}""",
@@ -135,7 +135,7 @@ stage finetune after distil {{ data: sst2, steps: 4, batch: 8, loss: ce(labels, 
 {T}student small = like(bert) {{ layers: 2, hidden: 16, heads: 2, head: classify(2) }}
 stage contrast {{ data: sst2, steps: 4, batch: 8, micro_batch: 8, loss: lrc_bert(bert, small) }}
 stage predict after contrast {{ data: sst2, steps: 4, batch: 8, micro_batch: 8, loss: lrc_bert.prediction(bert, small) }}""",
-                 ["lrc_bert.lrc_bert/nce", "lrc_bert.prediction/kl"]),
+                 ["lrc_bert.lrc_bert/cos_nce", "lrc_bert.prediction/kl"]),
     "annealing_kd": ("""use annealing_kd
 {T}student small = like(bert) {{ layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }}
 stage anneal {{ data: sst2, steps: 4, batch: 8, loss: annealing_kd(bert, small, max_T: 7) }}
@@ -153,7 +153,7 @@ stage finetune after transfer {{ data: sst2, steps: 4, batch: 8, loss: ce(labels
     "continuation_kd": ("""use continuation_kd
 {T}student small = like(bert) {{ layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }}
 stage finetune {{ data: sst2, steps: 4, batch: 8, loss: continuation_kd(bert, small, max_T: 10, margin: 1) }}""",
-                        ["continuation_kd.continuation_kd/hinge_mse"]),
+                        ["continuation_kd.continuation_kd/gated_mse", "continuation_kd.continuation_kd/ce"]),
     "tmkd": ("""use tmkd
 {T}teacher base = hf("{f}2") {{ head: classify(2), init: random }}
 student small = like(base) {{ layers: 2, head: classify(2) }}

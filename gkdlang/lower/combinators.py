@@ -31,14 +31,15 @@ def lower_schedule(lw: Lowerer, e: ast.Call, name: str, scope: Scope) -> Schedul
     if len(e.args) != 2:
         raise lw.err("bad-arity", e.span, f"{name}(start, end, start: 0%, until: 100%) takes two values")
     a, b = (read_plain_number(lw, x, scope) for x in e.args)
-    kw = read_kwargs(lw, e, {"start": "fraction", "until": "fraction", "at": "fraction"})
+    kw = read_kwargs(lw, e, {"start": "fraction", "until": "fraction", "at": "fraction", "then": "number"})
     start = read_fraction(lw, kw["start"], "start", scope) if "start" in kw else 0.0
     until = read_fraction(lw, kw["until"], "until", scope) if "until" in kw else 1.0
     if "at" in kw:
         start = until = read_fraction(lw, kw["at"], "at", scope)
     if until < start:
         raise lw.err("bad-value", e.span, "a schedule must end after it starts")
-    return Schedule(kind=name, value=a, end=b, start=start, until=until)
+    after = read_plain_number(lw, kw["then"], scope) if "then" in kw else None
+    return Schedule(kind=name, value=a, end=b, start=start, until=until, after=after)
 
 
 def lower_stairs(lw: Lowerer, e: ast.Call, scope: Scope) -> Schedule:

@@ -259,7 +259,7 @@ def weight_of(lw: Lowerer, v: Any, span: Span) -> Schedule:
     if isinstance(v, NumVal) and v.unit == "percent":
         return Schedule(value=v.value)
     if isinstance(v, Schedule):
-        if min(v.value, v.end if v.end is not None else v.value) < 0:
+        if min(v.value, v.end if v.end is not None else v.value, v.after if v.after is not None else v.value) < 0:
             raise lw.err("negative-weight", span, "a weight schedule goes below zero")
         return v
     raise lw.err("type-mismatch", span, f"a loss weight must be a number or a schedule, not {kind_of(v)}")

@@ -32,6 +32,20 @@ def check_relation_pair(lw: Lowerer, e: ast.Call, fn: str, t: Item, p: Item, rel
     return t, p
 
 
+def check_ckd_relation(lw: Lowerer, e: ast.Call, fn: str, t: Item, options: dict) -> None:
+    """ckd_distance / ckd_angle: layers: true relates a stack's layers; a window is odd (centred on a token)."""
+    if fn not in ("ckd_distance", "ckd_angle"):
+        return
+    if options.get("layers") and not t.feat.items:
+        raise lw.err("type-mismatch", e.span, f"{fn}(..., layers: true) relates stacked layers",
+                     "stack both sides: stack([t.embeddings, align(t.hidden, s.hidden, map: uniform)])")
+    window = options.get("window")
+    if window is not None and (window % 2 == 0 or options.get("layers")):
+        span = next(k.span for k in e.kwargs if k.key.name == "window")
+        raise lw.err("bad-value", span, f"{fn}'s window is odd (centred on each token) and relates tokens "
+                     f"(not with layers: true), got {window}")
+
+
 def lower_loss(lw: Lowerer, e: ast.Call, fn: str, scope: Scope) -> Objective:
     if len(e.args) != 2:
         raise lw.err("bad-arity", e.span, f"{fn}(target, prediction) takes two signals, got {len(e.args)}")
@@ -50,7 +64,7 @@ def lower_loss(lw: Lowerer, e: ast.Call, fn: str, scope: Scope) -> Objective:
             options[key] = read_option(lw, kw[key], key, kind, scope)
     if "T" in options:
         t = options["T"]
-        if min(t.value, t.end if t.end is not None else t.value) <= 0:
+        if min(t.value, t.end if t.end is not None else t.value, t.after if t.after is not None else t.value) <= 0:
             raise lw.err("bad-temperature", kw["T"].span, f"temperature must be positive, got {fmt_number(t.value)}")
     if fn == "gjsd" and "beta" in options and not 0 <= options["beta"] <= 1:
         raise lw.err("bad-value", kw["beta"].span, f"gjsd's beta is in [0, 1] (0 = forward KL, 1 = reverse KL), got "
@@ -178,6 +192,7 @@ def check_pair(lw: Lowerer, e: ast.Call, fn: str, t: Item, p: Item, method: str 
                          "labels", related=rel)
         return t, p
     if fn in B.RELATION_LOSSES:
+        check_ckd_relation(lw, e, fn, t, options or {})
         return check_relation_pair(lw, e, fn, t, p, rel, (options or {}).get("heads"))
     if p.feat.dim is None and t.feat.dim is not None:
         p = fill_projection(p, t.feat.dim)

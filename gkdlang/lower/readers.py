@@ -93,7 +93,8 @@ def read_probability(lw: Lowerer, expr: ast.Expr | None, key: str, scope: Scope,
     if p.kind == "stairs":
         raise lw.err("bad-value", expr.span, f"{key} follows the stage's progress: use linear, cosine or step "
                      "(stairs schedules count epochs or steps and apply to loss options and weights)")
-    if not all(0 <= v <= 1 for v in (p.value, p.end if p.end is not None else p.value)):
+    if not all(0 <= v <= 1 for v in (p.value, p.end if p.end is not None else p.value,
+                                     p.after if p.after is not None else p.value)):
         raise lw.err("bad-value", expr.span, f"{key} is a probability between 0 and 1")
     return p
 
@@ -170,6 +171,8 @@ def read_option(lw: Lowerer, expr: ast.Expr, key: str, kind: str, scope: Scope) 
         return read_bool(lw, expr, key, scope)
     if kind == "int":
         return read_int(lw, expr, key, minimum=1, scope=scope)
+    if kind == "fraction":
+        return read_fraction(lw, expr, key, scope)
     value = read_num(lw, expr, key, scope)
     if value < 0:
         raise lw.err("bad-value", expr.span, f"{key} must not be negative")

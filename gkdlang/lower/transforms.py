@@ -7,7 +7,8 @@ from dataclasses import replace
 from gkdlang import ast
 from gkdlang import builtins as B
 from gkdlang.diagnostics import did_you_mean
-from gkdlang.spec import Anneal, Attend, Concat, Mean, Normalize, Pool, Project, Relation, SelectVocab, Spans, Stack
+from gkdlang.spec import (Anneal, Attend, Concat, Mean, Normalize, Pool, Project, Relation, SelectVocab, Spans, Stack,
+                          ZeroPad)
 from gkdlang.values import Feat, Item, ItemSet, LayerMap, PerModel, Symbol
 from gkdlang.lower.context import Lowerer, Scope, default_of, describe, fill_projection
 from gkdlang.lower.readers import (
@@ -68,7 +69,8 @@ def relation(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
             raise lw.err("relation-heads", (kw.get("heads") or e).span,
                          f"{heads} relation heads do not divide width {it.feat.dim} of {describe(it)}")
         softmax = read_bool(lw, kw["softmax"], "softmax", scope) if "softmax" in kw else True
-        node = Relation(inputs=[it.node], heads=heads, softmax=softmax)
+        extra = {"padded": read_bool(lw, kw["padded"], "padded", scope)} if "padded" in kw else {}
+        node = Relation(inputs=[it.node], heads=heads, softmax=softmax, **extra)
         items.append(replace(it, node=node, feat=Feat("relation", heads=heads, probs=softmax)))
     return replace(xs, items=tuple(items))
 
@@ -87,7 +89,7 @@ def pool(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
         how_v = lw.ev(kw["how"], scope)
         how = how_v.name if isinstance(how_v, Symbol) else None
     if how not in B.POOLS:
-        raise lw.err("bad-value", e.span, "pool(x, mean|cls|max)")
+        raise lw.err("bad-value", e.span, "pool(x, mean|cls|max|mean_all)")
     items = []
     for it in xs.items:
         if it.feat.kind not in ("hidden", "qkv"):
@@ -101,6 +103,15 @@ def normalize(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
     check_arity(lw, e, 1, "normalize")
     items = tuple(replace(it, node=Normalize(inputs=[it.node])) for it in xs.items)
     return replace(xs, items=items)
+
+
+def zero_pad(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
+    """zero_pad(x): x with its padded positions set to 0 (GKD's convention before a loss over every position)."""
+    check_arity(lw, e, 1, "zero_pad")
+    for it in xs.items:
+        if it.feat.kind not in ("hidden", "qkv", "ffn", "logits"):
+            raise lw.err("type-mismatch", e.args[0].span, f"zero_pad() takes per-token signals, not {it.feat.kind}")
+    return replace(xs, items=tuple(replace(it, node=ZeroPad(inputs=[it.node])) for it in xs.items))
 
 
 def select(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
@@ -212,6 +223,6 @@ def spans(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
 #: transform name (builtins.TRANSFORMS) -> lowering; each takes (lw, call, input items, keyword args, scope)
 TRANSFORMS = {
     "project": project, "relation": relation, "pool": pool, "normalize": normalize, "select": select,
-    "attend": attend, "anneal": anneal, "concat": concat, "mean": mean, "align": align, "stack": stack,
+    "attend": attend, "anneal": anneal, "concat": concat, "mean": mean, "align": align, "stack": stack, "zero_pad": zero_pad,
     "spans": spans,
 }

@@ -40,6 +40,19 @@ def render_report(plan: Plan, explain: bool = False) -> str:
     return buf.getvalue()
 
 
+def mismatch_warning(plan_device: str, cuda_devices: int) -> str | None:
+    """Why a plan's figures are not this machine's (``gkdc run`` warns ``device-mismatch``), or None: a GPU plan
+    on a machine without CUDA runs on the CPU; a CPU plan on a machine with GPUs runs on them."""
+    if plan_device != "cpu" and cuda_devices == 0:
+        return (f"the plan is for {plan_device} GPUs, but this machine has no CUDA device: the run uses the CPU, so the "
+                "plan's memory and time figures are not this machine's (re-plan with cluster { gpus: 1 x cpu } for "
+                "CPU figures)")
+    if plan_device == "cpu" and cuda_devices > 0:
+        return (f"the plan is for CPU ranks, but this machine has {cuda_devices} CUDA device(s) and the run uses them; "
+                "the plan's memory and time figures are a CPU's (re-plan with the GPU in the cluster block)")
+    return None
+
+
 def _table(title: str, console: Console) -> Table:
     # ASCII borders in files and pipes (plain text), box drawing on terminals
     return Table(title=title, title_justify="left", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)

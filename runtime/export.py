@@ -36,6 +36,15 @@ def the_student(spec: Spec) -> tuple[str, str]:
     return stage.students[0], stage.name
 
 
+def exported_config(model: Any) -> Any:
+    """``model``'s config naming its own class in ``architectures`` (as ``save_pretrained`` would): a derived
+    student inherits its base's list, e.g. ``BertForMaskedLM`` for a classifier, and ``from_pretrained`` (and
+    ``gkdc eval``) would then load it with the wrong head."""
+    config = model.config
+    config.architectures = [type(model).__name__]
+    return config
+
+
 def save_models(env: Any, trained: Mapping[str, Path], exports: Mapping[str, tuple]) -> list[Saved]:
     """Rank 0 writes; every rank returns the list (``exports``: name -> (config, tokenizer, vocab map))."""
     from runtime import models as M

@@ -32,6 +32,7 @@ from runtime.optim import build_lr_schedule, build_optimizer, lr_factor, optimiz
 from runtime.adapters import capture
 from runtime.errors import RunError
 from runtime.evalloop import Evaluator, split_ids
+from runtime.export import exported_config
 from runtime.rerun import starting_point
 from runtime.lossgraph import LossGraph
 from runtime.metrics import METRICS_FILE, MetricsLogger, plain_grad_norm, step_grad_norm
@@ -149,7 +150,7 @@ def run_stage(
     eng.barrier()
     trained[live.student] = path
     finish_stage(env, index, stage.name, total, live.student, trained)
-    env.exports[live.student] = (student.config, models.tokenizer, models.vocab_maps.get(live.student))
+    env.exports[live.student] = (exported_config(student), models.tokenizer, models.vocab_maps.get(live.student))
     for engine in [live.engine, *live.teachers.values()]:
         eng.release(engine)
     return StageResult(stage.name, total, last)
@@ -725,7 +726,7 @@ def save_final_student(env: "_RunEnv", trained: Mapping[str, Path]) -> Path | No
             env.placing = Placing(zero3={name: env.plan.stages[index].deepspeed_config}
                                   if env.plan.stages[index].placement.zero_stage == 3 else {})
             models = build_models(env, stage, [], {})  # only its config, tokenizer and vocabulary are read
-            env.exports[name] = (models.modules[name].config, models.tokenizer, models.vocab_maps.get(name))
+            env.exports[name] = (exported_config(models.modules[name]), models.tokenizer, models.vocab_maps.get(name))
             del models
     saved = save_models(env, trained, env.exports)
     for line in saved_lines(saved):

@@ -315,3 +315,37 @@ def test_two_ranks_shard_the_evaluation_and_agree_with_one_process(tmp_path):
     got = evaluate(out / "models" / "s", tmp_path / "held.txt", seq_len=12)
     assert got.count == evals[-1]["targets"] and math.isclose(got.value, evals[-1]["perplexity"], rel_tol=1e-4)
     assert (out / "models" / "s-best" / "config.json").exists()
+
+
+def test_wandb_logs_offline_beside_tensorboard(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from runtime.metrics import WANDB_ENV
+    from runtime.recipe import run
+
+    monkeypatch.setenv(WANDB_ENV, "offline")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    plan_path = make_plan(tmp_path, steps=(2,), split=0.25)
+    run(load(plan_path), plan_path, tmp_path / "out", resume=False, progress=False)
+    (events,) = list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+    data = events.read_bytes()
+    assert b"eval/loss" in data and b"grad_norm" in data and b"perf/tokens_per_second" in data
+    assert (tmp_path / "out" / "tensorboard").is_dir()
+
+
+def test_wandb_missing_is_a_warning_not_an_error(tmp_path, monkeypatch):
+    import builtins
+
+    from runtime import metrics
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    warned = []
+    log = type("Log", (), {"warning": lambda self, m: warned.append(m)})()
+    assert metrics._open_wandb(tmp_path, log) is None
+    assert warned and "pip install 'gkdc[wandb]'" in warned[0]

@@ -394,14 +394,26 @@ def cmd_eval(args) -> int:
         except RunError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERRORS
-    width = max(len(r.model) for r in results)
-    print(f"{'model':<{width}}  {'metric':<14} {'value':>10} {'scored':>8} {'params':>12} {'embedding':>11}")
-    for r in results:
-        print(f"{r.model:<{width}}  {r.metric:<14} {r.value:>10.3f} {r.count:>8} {r.parameters:>12,} "
-              f"{r.embedding_parameters:>11,}" + (f"  ({r.note})" if r.note else ""))
+    _eval_table(results)
     if args.json:
         _atomic_write(args.json, json.dumps([r.__dict__ for r in results], indent=2) + "\n")
     return EXIT_OK
+
+
+def _eval_table(results) -> None:
+    """The results as a rich table (box drawing on a terminal, ASCII in files and pipes), like the plan report."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    tty = sys.stdout.isatty()
+    table = Table(box=box.HEAVY_HEAD if tty else box.ASCII)
+    for col in ("model", "metric", "value", "scored", "params", "embedding", "note"):
+        table.add_column(col, justify="right" if col in ("value", "scored", "params", "embedding") else "left")
+    for r in results:
+        table.add_row(r.model, r.metric, f"{r.value:.3f}", str(r.count), f"{r.parameters:,}",
+                      f"{r.embedding_parameters:,}", r.note)
+    Console(force_terminal=tty, no_color=not tty, width=None if tty else 120, highlight=False).print(table)
 
 
 def _plan_load_error(path: Path, exc: Exception) -> int:

@@ -347,6 +347,14 @@ def _packed_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str]:
                    f"{seq} tokens of '{data.name}' / batch {st.batch})")
 
 
+def _examples(spec: Spec, st: StageSpec, spec_dir: Path) -> int | None:
+    """The stage's examples as the runtime samples them: rows, or packed blocks; None when unknown at plan time."""
+    if tokens.packing_choice(spec, st).packed:
+        lengths = stage_lengths(spec, st, spec_dir)
+        return tokens.packed_blocks(lengths, st.seq_len or spec.data[st.data].seq_len) if lengths is not None else None
+    return count_rows(spec.data[st.data], spec_dir)
+
+
 def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path,
                 captures: list[ModelCapture] | None = None) -> list[str]:
     """What the planner pruned or decided for a stage, in words (``captures``: the plan's, with fused heads)."""
@@ -363,7 +371,7 @@ def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path,
     if note is not None:
         notes.append(note)
     split = spec.data[st.data].split
-    rows = count_rows(spec.data[st.data], spec_dir) if split else None
+    rows = _examples(spec, st, spec_dir) if split else None
     if rows:
         # teachers counted as costly as the student: the share is within 1.5x of one that weighs them by size
         note = evalcost.eval_note(st.name, steps, st.batch, evalcost.held_out(rows, split), st.eval_every,

@@ -98,7 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-steps", type=int, default=None, help="stop each stage after this many steps (smoke runs)")
     r.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     r.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) weights")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--overwrite", action="store_true",
+                   help="remove a previous run's outputs from --out first and start again (the plan is kept)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar: a plain line every --log-every steps")
+    r.add_argument("--log-every", type=int, default=None, metavar="N",
+                   help="steps between plain progress lines (default: about 20 per stage)")
+    r.add_argument("--wandb", action="store_true",
+                   help="also log to Weights & Biases, offline, under <out>/wandb (needs pip install 'gkdc[wandb]')")
     r.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
                     help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
     _add_set(r)
@@ -318,17 +324,52 @@ def cmd_run(args) -> int:
         except Exception as exc:  # pydantic / JSON errors: the boundary where they become a message
             return _plan_load_error(path, exc)
         out = args.out or Path("runs") / Path(plan.spec_file).stem
+    if args.resume and args.overwrite:
+        print("error: --resume continues a run and --overwrite starts it again; give one of them", file=sys.stderr)
+        return EXIT_USAGE
+    if args.log_every is not None and args.log_every < 1:
+        print("error: --log-every must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    _run_logging_env(args)
+    _warn_device(plan)
     from runtime.errors import RunError
     from runtime.launch import run_plan
 
     try:
         run_plan(plan, plan_path, out, resume=args.resume, max_steps=args.max_steps,
                  trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                 progress=not args.no_progress, allowed_paths=tuple(args.allow_path))
+                 progress=not args.no_progress, allowed_paths=tuple(args.allow_path), overwrite=args.overwrite)
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERRORS
     return EXIT_OK
+
+
+def _run_logging_env(args) -> None:
+    """The run's logging options reach every rank through the environment (the launcher passes it on)."""
+    from runtime.metrics import LOG_EVERY_ENV, WANDB_ENV
+
+    if args.log_every is not None:
+        os.environ[LOG_EVERY_ENV] = str(args.log_every)
+    if args.wandb:
+        os.environ[WANDB_ENV] = "offline"
+
+
+def _warn_device(plan) -> None:
+    """A plan made for GPUs run where there is none (or the reverse) runs, but its figures are not this machine's."""
+    from planner.report import mismatch_warning
+
+    message = mismatch_warning(plan.spec.cluster.gpu, _cuda_devices())
+    if message:
+        print(f"warning: {message}  [device-mismatch]", file=sys.stderr)
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def cmd_cache(args) -> int:
@@ -370,14 +411,26 @@ def cmd_eval(args) -> int:
         except RunError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERRORS
-    width = max(len(r.model) for r in results)
-    print(f"{'model':<{width}}  {'metric':<14} {'value':>10} {'scored':>8} {'params':>12} {'embedding':>11}")
-    for r in results:
-        print(f"{r.model:<{width}}  {r.metric:<14} {r.value:>10.3f} {r.count:>8} {r.parameters:>12,} "
-              f"{r.embedding_parameters:>11,}" + (f"  ({r.note})" if r.note else ""))
+    _eval_table(results)
     if args.json:
         _atomic_write(args.json, json.dumps([r.__dict__ for r in results], indent=2) + "\n")
     return EXIT_OK
+
+
+def _eval_table(results) -> None:
+    """The results as a rich table (box drawing on a terminal, ASCII in files and pipes), like the plan report."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    tty = sys.stdout.isatty()
+    table = Table(box=box.HEAVY_HEAD if tty else box.ASCII)
+    for col in ("model", "metric", "value", "scored", "params", "embedding", "note"):
+        table.add_column(col, justify="right" if col in ("value", "scored", "params", "embedding") else "left")
+    for r in results:
+        table.add_row(r.model, r.metric, f"{r.value:.3f}", str(r.count), f"{r.parameters:,}",
+                      f"{r.embedding_parameters:,}", r.note)
+    Console(force_terminal=tty, no_color=not tty, width=None if tty else 120, highlight=False).print(table)
 
 
 def _plan_load_error(path: Path, exc: Exception) -> int:

@@ -133,10 +133,7 @@ MASKS = ("pad", "masked", "cls", "special")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 #: accepted keys whose behaviour the runtime does not execute yet: key -> what is missing (warning not-executed)
-NOT_EXECUTED = {
-    "eval_every": "`gkdc run` evaluates no held-out data during training; evaluate saved students with `gkdc eval`",
-    "split": "`gkdc run` trains on every example and holds none out; evaluate with `gkdc eval` on a separate file",
-}
+NOT_EXECUTED: dict[str, str] = {}
 DATA_FORMATS = ("text", "jsonl", "json", "parquet", "csv")
 DTYPES = ("fp32", "bf16", "fp16")
 #: bytes per element of each dtype: the one table (planner memory, signal sizes, cache storage)
@@ -188,7 +185,7 @@ VOCAB_KEYS = {"keep": "keep", "rank": "rank", "protect": "strings", "remap": "re
 STAGE_KEYS = {
     "data": "data", "steps": "int", "epochs": "number", "batch": "int", "micro_batch": "int", "seq_len": "int",
     "optimizer": "optimizer", "schedule": "lr_schedule", "loss": "objective", "activation_checkpointing": "bool",
-    "eval_every": "int", "save_every": "int",
+    "eval_every": "int", "keep_best": "symbol", "save_every": "int",
 }
 CLUSTER_KEYS = {
     "gpus": "gpus", "gpu": "string", "nodes": "int", "cpu_memory": "bytes", "nvme": "bytes",

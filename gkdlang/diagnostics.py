@@ -46,8 +46,11 @@ CODES: dict[str, tuple[Severity, str]] = {
     "duplicate-definition": ("error", "Two declarations with the same name."),
     "duplicate-option": ("error", "The same key twice in one block or call."),
     "unused-definition": ("warning", "A model or data source declared but never used."),
-    "not-executed": ("warning", "A key the checker accepts but `gkdc run` does not execute yet (`eval_every`, data "
-                                "`split`): it has no effect on the run."),
+    "not-executed": ("warning", "A key the checker accepts but `gkdc run` does not execute yet: it has no effect on "
+                                "the run (no key is in this state today)."),
+    "device-mismatch": ("warning", "`gkdc run` of a plan made for GPUs on a machine with none (or for CPU ranks on one "
+                                   "with GPUs): it runs, but the plan's memory and time figures are not this machine's."),
+    "no-held-out": ("error", "`eval_every` or `keep_best` on a stage whose data has no `split` (nothing held out)."),
     # models
     "model-source": ("error", "A model source that is neither a local directory with config.json nor a catalog model."),
     "bad-config": ("error", "A config.json gkdc cannot read (invalid JSON or unsupported architecture)."),

@@ -699,6 +699,21 @@ class PlacementPin(Frozen):
     span: Span
 
 
+class KeepBest(Frozen):
+    """``keep_best: <metric>``: the student's weights at its best held-out evaluation are kept (saved beside the
+    final ones as ``models/<name>-best``); the stage still hands its last weights on."""
+
+    metric: Literal["loss", "perplexity", "accuracy", "distill"]
+    """``loss``: the student's own held-out loss (next-token / masked-LM cross-entropy, or the classifier's
+    cross-entropy on labels); ``perplexity``: exp of the LM loss; ``accuracy``: a classifier's; ``distill``: the
+    stage's distillation loss on held-out data."""
+    mode: Literal["min", "max"]
+    """``max`` for accuracy, ``min`` otherwise (derived from the metric)."""
+    span: Span
+
+    options: ClassVar[tuple[str, ...]] = ("loss", "perplexity", "accuracy", "distill")
+
+
 class StageSpec(Frozen):
     name: str
     after: list[str] = Field(default_factory=list)
@@ -724,6 +739,9 @@ class StageSpec(Frozen):
     grad_accum_allowed: bool = True
     """False when a term forbids gradient accumulation (e.g. LRC-BERT gradient perturbation)."""
     eval_every: int | None = None
+    """Optimizer steps between held-out evaluations (the stage's data needs a ``split``); a stage whose data has
+    a split is also evaluated at its end."""
+    keep_best: KeepBest | None = None
     save_every: int | None = None
     pin: PlacementPin | None = None
     """Placement choices the spec pins for this stage; None: the planner chooses everything."""

@@ -7,7 +7,7 @@ clock or the machine, so the same spec gives a byte-identical plan.
 Decisions made here (documented in the plan's ``notes``):
 
 - ``total_steps``: a stage's ``steps``; for ``epochs`` over a jsonl source whose files exist at plan time,
-  ``ceil(epochs * train_rows / batch)`` (one example per non-empty line; ``split`` is not executed yet);
+  ``ceil(epochs * train_rows / batch)`` (one example per non-empty line, less the rows its ``split`` holds out);
   otherwise -1: the size is unknown until the runtime tokenises the data, and a note says so.
 - launch: one rank runs in-process (``gkdc run PLAN``); several use the ``deepspeed`` launcher with
   ``--module runtime.worker PLAN`` (the runtime appends its own arguments); more than one node adds
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gkdlang.diagnostics import Diagnostic
 from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
-from planner import dsconfig, offline_notes, placement, tensor_parallel, tokens
+from planner import dsconfig, evalcost, offline_notes, placement, tensor_parallel, tokens
 from planner.graph import SignalGraph, build_graph
 from planner.hardware import device_for
 from planner.hostmem import host_memory
@@ -328,9 +328,11 @@ def total_steps(spec: Spec, st: StageSpec, spec_dir: Path, packed: bool | None =
     if rows is None:
         return -1, (f"stage '{st.name}': {st.epochs:g} epochs of '{data.name}' ({data.format}); its size is known "
                     f"only after tokenisation, so total_steps is -1 and the runtime counts it")
-    train_rows = rows  # data `split` is not executed yet (warning not-executed): the run trains on every row
+    held = evalcost.held_out(rows, data.split)  # the run trains on the rows its split does not hold out
+    train_rows = rows - held
     steps = max(1, math.ceil(st.epochs * train_rows / st.batch))
-    return steps, (f"stage '{st.name}': {steps} steps = ceil({st.epochs:g} epochs x {train_rows} training rows "
+    kept = f" ({held} held out)" if held else ""
+    return steps, (f"stage '{st.name}': {steps} steps = ceil({st.epochs:g} epochs x {train_rows} training rows{kept} "
                    f"of '{data.name}' / batch {st.batch})")
 
 
@@ -343,10 +345,18 @@ def _packed_steps(spec: Spec, st: StageSpec, spec_dir: Path) -> tuple[int, str]:
     if blocks is None:
         return -1, (f"stage '{st.name}': {st.epochs:g} epochs of packed '{data.name}'; its blocks are known only "
                     f"after tokenisation, so total_steps is -1 and the runtime counts it")
-    train = blocks  # data `split` is not executed yet (warning not-executed): the run trains on every block
+    train = blocks - evalcost.held_out(blocks, data.split)  # its split holds whole blocks out
     steps = max(1, math.ceil(st.epochs * train / st.batch))
     return steps, (f"stage '{st.name}': {steps} steps = ceil({st.epochs:g} epochs x {train} packed blocks of "
                    f"{seq} tokens of '{data.name}' / batch {st.batch})")
+
+
+def _examples(spec: Spec, st: StageSpec, spec_dir: Path) -> int | None:
+    """The stage's examples as the runtime samples them: rows, or packed blocks; None when unknown at plan time."""
+    if tokens.packing_choice(spec, st).packed:
+        lengths = stage_lengths(spec, st, spec_dir)
+        return tokens.packed_blocks(lengths, st.seq_len or spec.data[st.data].seq_len) if lengths is not None else None
+    return count_rows(spec.data[st.data], spec_dir)
 
 
 def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path,
@@ -361,9 +371,17 @@ def stage_notes(spec: Spec, graph: SignalGraph, st: StageSpec, spec_dir: Path,
     if modules:
         notes.append(f"stage '{st.name}': learned transforms {', '.join(modules)} add "
                      f"{sum(modules.values()):,} trainable parameters (trained with the student, not saved in it)")
-    note = total_steps(spec, st, spec_dir)[1]
+    steps, note = total_steps(spec, st, spec_dir)
     if note is not None:
         notes.append(note)
+    split = spec.data[st.data].split
+    rows = _examples(spec, st, spec_dir) if split else None
+    if rows:
+        # teachers counted as costly as the student: the share is within 1.5x of one that weighs them by size
+        note = evalcost.eval_note(st.name, steps, st.batch, evalcost.held_out(rows, split), st.eval_every,
+                                  float(len(st.teachers)))
+        if note is not None:
+            notes.append(note)
     return notes
 
 

@@ -10,12 +10,19 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
 def fmt_bytes(n: int | float) -> str:
-    """Binary units with 3 significant digits: ``1.50 GiB``; negative sizes keep their sign."""
-    value, unit = float(abs(n)), 0
-    while value >= 1024 and unit < len(_UNITS) - 1:
-        value, unit = value / 1024, unit + 1
+    """Binary units, 3 significant digits and never an exponent: ``1.5 GiB``, ``1010 MiB``; negative sizes keep
+    their sign. The unit comes from rich's ``filesize.pick_unit_and_suffix`` (rich's own formatters are decimal)."""
+    from rich.filesize import pick_unit_and_suffix
+
+    size = abs(n)
+    factor, suffix = pick_unit_and_suffix(int(size), ["B", *_UNITS[1:]], 1024)
+    value = size / factor
     sign = "-" if n < 0 else ""
-    return f"{sign}{int(value)} B" if unit == 0 else f"{sign}{value:.3g} {_UNITS[unit]}"
+    if factor == 1:
+        return f"{sign}{int(value)} B"
+    if round(value) >= 1024 and suffix != _UNITS[-1]:  # 1023.9 MiB reads 1.00 GiB, not 1024 MiB
+        value, suffix = value / 1024, _UNITS[_UNITS.index(suffix) + 1]
+    return f"{sign}{value:.3g} {suffix}" if value < 999.5 else f"{sign}{value:.0f} {suffix}"
 
 
 def fmt_count(n: int) -> str:

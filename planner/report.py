@@ -40,6 +40,19 @@ def render_report(plan: Plan, explain: bool = False) -> str:
     return buf.getvalue()
 
 
+def mismatch_warning(plan_device: str, cuda_devices: int) -> str | None:
+    """Why a plan's figures are not this machine's (``gkdc run`` warns ``device-mismatch``), or None: a GPU plan
+    on a machine without CUDA runs on the CPU; a CPU plan on a machine with GPUs runs on them."""
+    if plan_device != "cpu" and cuda_devices == 0:
+        return (f"the plan is for {plan_device} GPUs, but this machine has no CUDA device: the run uses the CPU, so the "
+                "plan's memory and time figures are not this machine's (re-plan with cluster { gpus: 1 x cpu } for "
+                "CPU figures)")
+    if plan_device == "cpu" and cuda_devices > 0:
+        return (f"the plan is for CPU ranks, but this machine has {cuda_devices} CUDA device(s) and the run uses them; "
+                "the plan's memory and time figures are a CPU's (re-plan with the GPU in the cluster block)")
+    return None
+
+
 def _table(title: str, console: Console) -> Table:
     # ASCII borders in files and pipes (plain text), box drawing on terminals
     return Table(title=title, title_justify="left", box=box.HEAVY_HEAD if console.is_terminal else box.ASCII)
@@ -89,9 +102,9 @@ def _print_stage(console: Console, plan: Plan, sp: StagePlan, explain: bool) -> 
     if sp.host_check is not None:
         console.print(_host_line(sp, plan.spec.cluster), soft_wrap=True)
     if sp.memory:
-        console.print(_memory_table(sp.memory, console))
+        console.print(_memory_table(sp.memory, console, plan.spec.cluster))
     if sp.alternatives:
-        console.print(_alternatives_table(sp.alternatives, console))
+        console.print(_alternatives_table(sp.alternatives, console, plan.spec.cluster))
     if explain:
         _print_explain(console, plan, st, sp)
 
@@ -129,7 +142,18 @@ def _captures_table(plan: Plan, st: StageSpec, sp: StagePlan, console: Console) 
     return table
 
 
-def _memory_table(memory: list[RankMemory], console: Console) -> Table:
+def _on_cpu(cluster) -> bool:
+    from planner import hardware
+
+    dev = hardware.lookup(cluster.gpu)
+    return dev is not None and dev.is_cpu
+
+
+def _memory_table(memory: list[RankMemory], console: Console, cluster) -> Table:
+    """Per-rank items. On a CPU plan the device memory is the rank's share of host memory: rows say ``cpu``, and
+    a capacity the spec does not give (no ``cpu_memory``) is labelled as the catalog's assumption."""
+    cpu = _on_cpu(cluster)
+    device = "cpu" if cpu else "gpu"
     table = _table("predicted memory per rank", console)
     table.add_column("item")
     table.add_column("where")
@@ -142,22 +166,27 @@ def _memory_table(memory: list[RankMemory], console: Console) -> Table:
         for item in rank.items:
             rows.setdefault((item.name, item.device), {})[rank.rank] = item.bytes
             notes.setdefault((item.name, item.device), item.note)
-    for (name, device), per_rank in rows.items():
+    for (name, where), per_rank in rows.items():
         cells = [fmt_bytes(per_rank[r.rank]) if r.rank in per_rank else "-" for r in memory]
-        table.add_row(name, device, *cells, notes[(name, device)])
+        table.add_row(name, "cpu" if cpu and where == "gpu" else where, *cells, notes[(name, where)])
     table.add_section()
-    table.add_row("total GPU", "gpu", *[fmt_bytes(r.total_gpu) for r in memory], "")
-    table.add_row("capacity", "gpu", *[fmt_bytes(r.capacity_gpu) for r in memory], "")
+    table.add_row("total" if cpu else "total GPU", device, *[fmt_bytes(r.total_gpu) for r in memory], "")
+    assumed = cpu and cluster.cpu_memory is None
+    table.add_row("capacity (assumed)" if assumed else "capacity", device,
+                  *[fmt_bytes(r.capacity_gpu) for r in memory],
+                  "the catalog's figure per CPU rank: give cluster { cpu_memory: ... }" if assumed else "")
     table.add_row("headroom", "", *[f"{r.headroom:.0%}" for r in memory], "")
     if any(r.total_cpu for r in memory):
-        table.add_row("total host", "cpu", *[fmt_bytes(r.total_cpu) for r in memory], "")
+        table.add_row("total host" if cpu else "total host", "cpu", *[fmt_bytes(r.total_cpu) for r in memory],
+                      "offloaded to host memory" if cpu else "")
     return table
 
 
-def _alternatives_table(alternatives: list[Candidate], console: Console) -> Table:
+def _alternatives_table(alternatives: list[Candidate], console: Console, cluster) -> Table:
     table = _table("placements considered", console)
-    for col in ("placement", "fits", "peak GPU", "step", "verdict"):
-        table.add_column(col, justify="right" if col in ("peak GPU", "step") else "left")
+    peak = "peak" if _on_cpu(cluster) else "peak GPU"
+    for col in ("placement", "fits", peak, "step", "verdict"):
+        table.add_column(col, justify="right" if col in (peak, "step") else "left")
     for cand in alternatives:
         table.add_row(describe_placement(cand.placement), "yes" if cand.fits else "no", fmt_bytes(cand.peak_gpu),
                       f"{cand.step_time_s:.3g}s", cand.reason)

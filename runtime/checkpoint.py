@@ -239,7 +239,7 @@ SPEC_FILE = "spec.json"
 #: parts of a spec a resumed run may change (the documented recovery after a non-finite loss: a lower learning
 #: rate, another schedule, loss weights or temperatures); anything else (models, data, batch sizes, stages'
 #: names and order, the cluster) would make the checkpoint another run's
-RESUMABLE_STAGE_KEYS = {"optimizer", "schedule", "loss", "save_every", "interventions"}
+RESUMABLE_STAGE_KEYS = {"optimizer", "schedule", "loss", "save_every", "eval_every", "keep_best", "interventions"}
 
 
 def write_spec(out_dir: Path, spec_json: str) -> None:

@@ -27,11 +27,17 @@ from runtime.errors import RunError
 
 def run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool = False, max_steps: int | None = None,
              trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = True,
-             allowed_paths: tuple[str, ...] = ()) -> None:
+             allowed_paths: tuple[str, ...] = (), overwrite: bool = False) -> None:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with run_folder_lock(out):
+            if overwrite:  # under the lock: never another live run's files
+                from runtime.rerun import clear_outputs
+
+                removed = clear_outputs(out)
+                if removed:
+                    print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
             _run_plan(plan, Path(plan_path), out, resume=resume, max_steps=max_steps,
                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress,
                       allowed_paths=allowed_paths)
@@ -192,11 +198,9 @@ def _env() -> dict[str, str]:
 def _summary(out: Path, student: Path | None) -> None:
     metrics = out / "metrics.jsonl"
     last = None
-    if metrics.exists():
-        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-        last = json.loads(lines[-1]) if lines else None
+    if metrics.exists():  # the last training record (evaluations are listed in the log as they happen)
+        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        last = next((r for r in reversed(lines) if r.get("kind", "train") == "train"), None)
     if last:
         print(f"finished: stage {last.get('stage')} step {last.get('step')} loss {last.get('total', float('nan')):.4f}",
               file=sys.stderr)
-    if student is not None and Path(student).exists():
-        print(f"student saved to {student}", file=sys.stderr)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import time
 from contextlib import ExitStack
 from functools import partial
 from dataclasses import asdict, dataclass, field
@@ -33,8 +33,11 @@ from runtime import tensor_parallel
 from runtime.optim import build_lr_schedule, build_optimizer, lr_factor, optimizer_groups  # noqa: F401
 from runtime.adapters import capture
 from runtime.errors import RunError
+from runtime.evalloop import Evaluator, split_ids
+from runtime.export import exported_config
+from runtime.rerun import starting_point
 from runtime.lossgraph import LossGraph
-from runtime.metrics import METRICS_FILE, MetricsLogger
+from runtime.metrics import METRICS_FILE, MetricsLogger, plain_grad_norm, step_grad_norm
 from runtime.stagekit import SEED, pruned as _pruned, seed_everything as _seed_everything  # noqa: F401 (SEED: used by callers)
 
 DEFAULT_SAVE_EVERY = 500
@@ -85,10 +88,10 @@ def run(
                        f"launch it with: gkdc run {plan_path}")
     _quiet_libraries()  # our own bar shows training progress; loading bars of every stage would bury it
     out_dir = Path(out_dir)
-    state = _starting_point(plan, out_dir, resume, rank)
+    logger = MetricsLogger(out_dir, enabled=rank == 0, show_bar=progress, rank=rank)
+    state = starting_point(plan, out_dir, resume, rank)  # runtime/rerun.py: says where a resume restarts
     if rank == 0:
         ckpt.write_spec(out_dir, plan.spec.model_dump_json())
-    logger = MetricsLogger(out_dir, enabled=rank == 0, show_bar=progress)
     kept = logger.open((state.stage, state.step) if state else None)
     env = _RunEnv(plan, base_dir, out_dir, rank, world, trust_remote_code, allow_pickle, logger, global_step=kept)
     env.weight_files.update(state.trained if state else {})
@@ -130,12 +133,15 @@ def run_stage(
 
     divergence.note_start(live.engine)  # the scale a checkpoint's weights are checked against
 
-    env.logger.start_stage(stage.name, total, start)
+    env.logger.start_stage(stage.name, total, start, [t.id for t in live.graph.terms])
     save_every = stage.save_every or DEFAULT_SAVE_EVERY
     batches = live.data.micro_batches(start, live.engine.device)
+    evaluator = Evaluator.for_stage(env, live)  # None when the stage's data holds nothing out
     last: dict[str, float] = {}
     for step in range(start, total):
         last = train_step(env, live, batches, step)
+        if evaluator is not None and evaluator.due(step + 1):
+            evaluator.evaluate(step + 1)
         if (step + 1) % save_every == 0 and step + 1 < total:
             save_checkpoint(env, live.engine, live.data, index, stage.name, step + 1)
     env.logger.end_stage()
@@ -149,7 +155,7 @@ def run_stage(
     eng.barrier()
     trained[live.student] = path
     finish_stage(env, index, stage.name, total, live.student, trained)
-    env.exports[live.student] = (student.config, models.tokenizer, models.vocab_maps.get(live.student))
+    env.exports[live.student] = (exported_config(student), models.tokenizer, models.vocab_maps.get(live.student))
     for engine in [live.engine, *live.teachers.values()]:
         eng.release(engine)
     return StageResult(stage.name, total, last)
@@ -179,7 +185,7 @@ def setup_stage(
     models = build_models(env, stage, [*used, *blocks_only], trained)
     data = StageData.build(env, stage, stage_plan, models, index)
     if total < 0:  # epochs over data the planner could not count: count the tokenised examples now
-        total = steps_from_epochs(stage, len(data.tokens), max_steps)
+        total = steps_from_epochs(stage, data.sampler.n, max_steps)
     student = models.modules[student_name]
     keep_ids = {vm.name: vm.kept_ids for vm in models.vocab_maps.values()}
     terms = cache.offline_terms(stage.loss, {t: spec_models[t].cache for t in offline}) if offline else stage.loss
@@ -255,6 +261,7 @@ def train_step(
     accum = engine.gradient_accumulation_steps()
     sums: dict[str, float] = {}
     fed = torch.zeros(2, dtype=torch.long)  # real tokens and positions run (with padding) on this rank
+    started, norm = time.perf_counter(), None
     for micro in range(accum):
         inputs = next(batches)
         mask = inputs["student"]["attention_mask"]
@@ -270,6 +277,7 @@ def train_step(
         loss, parts = engine(inputs["student"], signals, info, active)
         _check_finite(env, live.stage.name, step, loss, parts)
         engine.backward(loss)
+        norm = plain_grad_norm(engine) if micro == accum - 1 else None
         engine.step()
         for key, value in {"total": sum(parts.values()), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value / accum
@@ -277,8 +285,10 @@ def train_step(
         iv.observe(sums, ivs.StepInfo(step, epoch, progress, rank=env.rank))
     total = sums.pop("total", 0.0)
     tokens, positions = eng.all_ranks_sum(fed.to(engine.device)).tolist()  # TokensPerStep counts all ranks
+    seconds = time.perf_counter() - started
     record = {"stage": live.stage.name, "stage_index": live.index, "step": step + 1, "lr": lr, "total": total,
-              "terms": sums, "tokens": tokens, "positions": positions}
+              "terms": sums, "tokens": tokens, "positions": positions, "grad_norm": step_grad_norm(engine, norm),
+              "step_seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
     env.logger.log_step(record, env.next_global_step())
     return {"total": total, **sums}
 
@@ -514,11 +524,15 @@ def _weights_file(path: Path) -> Path:
 class StageData:
     """Tokenised data + this rank's resumable sampler -> micro-batches per model (student ids may be remapped)."""
 
-    def __init__(self, tokens: Any, sampler: Any, seed: int, rank: int) -> None:
+    def __init__(self, tokens: Any, sampler: Any, seed: int, rank: int, train_ids: list[int] | None = None,
+                 held_ids: list[int] | None = None) -> None:
         self.tokens = tokens
         self.sampler = sampler
         self.seed = seed
         self.rank = rank
+        self.train_ids = train_ids
+        """Example ids the sampler's positions stand for (None: every example); the rest are ``held_ids``."""
+        self.held_ids = held_ids or []
 
     @classmethod
     def build(cls, env: "_RunEnv", stage: StageSpec, stage_plan: StagePlan, models: StageModels, index: int):
@@ -536,8 +550,10 @@ class StageData:
             packed=stage_plan.tokens is not None and stage_plan.tokens.packed,
         )
         micro = stage_plan.placement.micro_batch
-        sampler = D.ResumableSampler(len(tokens), stage.batch, micro, env.rank, env.world, SEED + index)
-        return cls(tokens, sampler, SEED + index, env.rank)
+        train_ids, held_ids = split_ids(len(tokens), data_spec.split, data_spec.name, SEED)  # runtime/evalloop.py
+        n_train = len(tokens) if train_ids is None else len(train_ids)
+        sampler = D.ResumableSampler(n_train, stage.batch, micro, env.rank, env.world, SEED + index)
+        return cls(tokens, sampler, SEED + index, env.rank, train_ids, held_ids)
 
     def epoch_of(self, step: int) -> int:
         return step // self.sampler.steps_per_epoch
@@ -552,14 +568,19 @@ class StageData:
         accum = self.sampler.accum
         for k, ids in enumerate(self.sampler.micro_batches(start_step)):
             step, micro = start_step + k // accum, k % accum
-            batch = self.tokens.collate(ids, D.step_seed(self.seed, step, micro, self.rank))
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            student = dict(batch)
-            if "student_input_ids" in student:
-                student["input_ids"] = student.pop("student_input_ids")
-                batch.pop("student_input_ids")
-            # example indices let an offline teacher's signals be read from its cache
-            yield {"teacher": {**batch, "example_ids": torch.tensor(ids, device=device)}, "student": student}
+            ids = ids if self.train_ids is None else [self.train_ids[i] for i in ids]
+            yield self.batch_of(ids, D.step_seed(self.seed, step, micro, self.rank), device)
+
+    def batch_of(self, ids: list[int], seed: int, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+        """The examples ``ids`` as ``{"teacher": batch, "student": batch}`` on device (``seed``: MLM masks)."""
+        batch = self.tokens.collate(ids, seed)
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        student = dict(batch)
+        if "student_input_ids" in student:
+            student["input_ids"] = student.pop("student_input_ids")
+            batch.pop("student_input_ids")
+        # example indices let an offline teacher's signals be read from its cache
+        return {"teacher": {**batch, "example_ids": torch.tensor(ids, device=device)}, "student": student}
 
 
 # ================================================================ checkpoints
@@ -597,32 +618,6 @@ def restore(env: "_RunEnv", engine: Any, tag: str, data: StageData) -> None:
     state = ckpt.read_rank_state(env.out_dir, tag, env.rank)
     data.sampler.load_state_dict(state["sampler"])  # refuses a checkpoint of other data or batch sizes
     ckpt.set_rng_state(state["rng"])
-
-
-def _starting_point(plan: Plan, out_dir: Path, resume: bool, rank: int = 0) -> ckpt.Progress | None:
-    state = ckpt.read_progress(out_dir)
-    if not resume:
-        if state is not None:
-            raise RunError(f"{out_dir} already holds a run; pass --resume to continue it or choose another directory")
-        return None
-    if state is None:
-        return None  # nothing complete yet: start from the beginning
-    if state.spec_hash != plan.spec_hash:
-        old = ckpt.read_spec(out_dir)
-        if old is None:
-            raise RunError(f"the checkpoints in {out_dir} were written for a different spec, and the folder does "
-                           "not record which; start the run again with another --out")
-        allowed, refused = ckpt.spec_changes(old, plan.spec.model_dump(mode="json"))
-        if refused:
-            raise RunError(f"the checkpoints in {out_dir} were written for another spec and cannot continue with "
-                           f"this one: {'; '.join(refused[:4])}" + (f" (+{len(refused) - 4} more)" if len(refused) > 4
-                                                                    else "") +
-                           ". A resume may change optimizer, schedule and loss settings only; start the run again "
-                           "with another --out")
-        if rank == 0:
-            print(f"note: resuming {state.stage_name}:{state.step} with a changed spec: {'; '.join(allowed)}",
-                  file=sys.stderr)
-    return state
 
 
 # ================================================================ checks and small helpers
@@ -719,10 +714,9 @@ def _check_weights_finite(env: "_RunEnv", engine: Any, stage: str, step: int) ->
 
 
 def save_final_student(env: "_RunEnv", trained: Mapping[str, Path]) -> Path | None:
-    """Rank 0: every model the run trained, in HF format (sharded safetensors) under ``out/models/<name>``, and
-    the last stage's student again under ``out/student``, copied tensor by tensor from the stage weights files.
-    Models trained before a resumed process started are rebuilt for their config and tokenizer."""
-    from runtime import models as M
+    """Every model the run trained saved once, in HF format (runtime/export.py), listed with its path. Models
+    trained before a resumed process started are rebuilt for their config and tokenizer."""
+    from runtime.export import save_models, saved_lines
 
     for index, stage in enumerate(env.plan.spec.stages):
         name = _single_student(stage)
@@ -730,17 +724,12 @@ def save_final_student(env: "_RunEnv", trained: Mapping[str, Path]) -> Path | No
             env.placing = Placing(zero3={name: env.plan.stages[index].deepspeed_config}
                                   if env.plan.stages[index].placement.zero_stage == 3 else {})
             models = build_models(env, stage, [], {})  # only its config, tokenizer and vocabulary are read
-            env.exports[name] = (models.modules[name].config, models.tokenizer, models.vocab_maps.get(name))
+            env.exports[name] = (exported_config(models.modules[name]), models.tokenizer, models.vocab_maps.get(name))
             del models
-    last = _single_student(env.plan.spec.stages[-1])
-    out = env.out_dir / "student"
-    if env.rank == 0:
-        for name, (config, tokenizer, vocab_map) in env.exports.items():
-            M.export_student(config, trained[name], tokenizer, env.out_dir / "models" / name, vocab_map)
-            if name == last:
-                M.export_student(config, trained[name], tokenizer, out, vocab_map)
-    eng.barrier()
-    return out if env.rank == 0 else None
+    saved = save_models(env, trained, env.exports)
+    for line in saved_lines(saved):
+        env.logger.info(line)
+    return saved[-1].path if env.rank == 0 else None
 
 
 def _write_rank_result(env: "_RunEnv", results: list[StageResult], trained: Mapping[str, Path]) -> None:

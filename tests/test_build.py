@@ -172,3 +172,31 @@ def test_multi_rank_plan_has_world_size_and_port(tmp_path):
 def test_formatting_helpers():
     assert fmt_bytes(1536 * 2**20) == "1.5 GiB" and fmt_bytes(12) == "12 B"
     assert ranges([0, 1, 2, 5, 7, 8]) == "0..2, 5, 7..8"
+
+
+def test_fmt_bytes_never_writes_an_exponent():
+    """Issue 16: ``1.01e+03 MiB``; sizes from 1000 to 1023 of a unit print as integers."""
+    assert fmt_bytes(1010 * 2**20) == "1010 MiB" and fmt_bytes(999.7 * 2**20) == "1000 MiB"
+    assert fmt_bytes(1023.9 * 2**20) == "1 GiB" and fmt_bytes(3.16 * 2**20) == "3.16 MiB"
+    for exp in range(0, 50):
+        for frac in (1.0, 1.37, 9.99, 99.96, 999.6, 1023.7):
+            assert "e" not in fmt_bytes(frac * 2**exp)
+
+
+def test_cpu_plan_report_says_cpu_and_labels_an_assumed_capacity(tmp_path):
+    text = render_report(plan_of(tmp_path))
+    table = text[text.index("predicted memory per rank"):text.index("placements considered")]
+    assert "| gpu " not in table and "total GPU" not in table and "| cpu " in table
+    assert "capacity (assumed)" in table and "cpu_memory" in table
+    given = render_report(plan_of(tmp_path, cluster="cluster { gpus: 1 x cpu, cpu_memory: 8GB }"))
+    assert "capacity (assumed)" not in given
+    gpu = render_report(plan_of(tmp_path, cluster="cluster { gpus: 1 x A100-40GB }"))
+    assert "total GPU" in gpu and "peak GPU" in gpu
+
+
+def test_device_mismatch_warning_both_ways():
+    from planner.report import mismatch_warning
+
+    assert "no CUDA device" in mismatch_warning("RTX-4090", 0)
+    assert "2 CUDA device(s)" in mismatch_warning("cpu", 2)
+    assert mismatch_warning("cpu", 0) is None and mismatch_warning("A100-40GB", 1) is None

@@ -50,3 +50,24 @@ def test_full_demo_distilled_student_beats_the_baseline(tmp_path):
     teacher, small, plain = (results[n]["value"] for n in ("teacher", "small", "plain"))
     assert teacher < small < plain
     assert plain - small > 0.2, (small, plain)
+
+
+def test_make_demo_runs_twice_in_a_row_and_prints_each_warning_once(tmp_path):
+    """examples/demo.sh (what `make demo` runs) twice on the same folder: the second run starts again from scratch
+    (--overwrite); check's warnings are printed once per run; every saved model is listed with its path."""
+    import subprocess
+    import sys
+
+    from clitools import clean_env
+
+    env = {**clean_env(), "GKDC": f"{sys.executable} -m gkdc", "OUT": str(tmp_path / "demo"), "MAX_STEPS": "1"}
+    for attempt in (1, 2):
+        r = subprocess.run(["bash", str(ROOT / "examples" / "demo.sh")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, f"attempt {attempt}: {r.stderr[-3000:]}"
+        assert r.stderr.count("[no-teacher-signal]") == 2  # two teacherless stages, each warned about once
+        assert ("--overwrite: removed the previous run's" in r.stderr) == (attempt == 2)
+        for name in ("teacher", "small", "plain", "small-best"):
+            assert f"{tmp_path / 'demo' / 'models' / name} " in r.stderr
+        assert "the run's student: 'small' of stage distill" in r.stderr
+    assert (tmp_path / "demo" / "student").resolve() == (tmp_path / "demo" / "models" / "small").resolve()

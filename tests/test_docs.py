@@ -113,3 +113,37 @@ def test_diagnostics_module_cli():
     proc = subprocess.run([sys.executable, "-m", "gkdlang.diagnostics", "--markdown"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout == markdown()
+
+
+def _commands(doc: str) -> list[str]:
+    """The `gkdc ...` lines of a doc's plain ``` blocks (not ```gkd)."""
+    out, fence = [], None
+    for line in (DOCS / doc).read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:].strip()
+        elif fence == "" and line.startswith("gkdc "):
+            out.append(line.split("#", 1)[0].strip())
+    return out
+
+
+@pytest.mark.parametrize("doc", ["tutorial.md", "runtime.md"])
+def test_doc_commands_parse_and_name_files_that_exist(doc):
+    """Every `gkdc` command of the tutorial and the runtime page: its flags are the CLI's, and the specs, plans'
+    specs and data it names exist (runs/... are what the earlier commands write). The run commands themselves
+    are run by tests/test_demo.py (make demo, twice) and tests/test_evalloop.py (--overwrite, --log-every)."""
+    import shlex
+
+    from gkdc.cli import _parser
+
+    commands = _commands(doc)
+    assert doc != "tutorial.md" or len(commands) >= 8
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exc:
+            raise AssertionError(f"{doc}: `{command}` is refused by the CLI") from exc
+        for value in vars(args).values():
+            for path in value if isinstance(value, list) else [value]:
+                if isinstance(path, Path) and str(path).startswith(("examples/", "specs/", "docs/")):
+                    assert (ROOT / path).exists(), f"{doc}: `{command}` names {path}, which does not exist"

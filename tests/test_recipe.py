@@ -19,6 +19,7 @@ from gkdlang.spec import (
     ClusterSpec,
     DataSpec,
     HeadSpec,
+    KeepBest,
     LossTerm,
     LRScheduleSpec,
     ModelSpec,
@@ -131,6 +132,9 @@ def make_plan(
     precision: str = "fp32",
     sharded_teacher: bool = False,
     packed: bool = False,
+    split: float | None = None,
+    eval_every: int | None = None,
+    keep_best: str | None = None,
 ) -> Path:
     """Write teacher, corpus, spec and plan.json under ``root``; stage 0 distills, stage 1 adds hard labels."""
     root.mkdir(parents=True, exist_ok=True)
@@ -147,7 +151,9 @@ def make_plan(
                        overrides={"hidden": 16}, arch=arch_from_config(s_cfg), dtype="fp32", frozen=False,
                        head=HeadSpec(kind="lm"), span=SPAN),
     }
-    data = {"corpus": DataSpec(name="corpus", format="text", paths=["corpus.txt"], seq_len=SEQ, span=SPAN)}
+    data = {"corpus": DataSpec(name="corpus", format="text", paths=["corpus.txt"], seq_len=SEQ, split=split,
+                               span=SPAN)}
+    best = KeepBest(metric=keep_best, mode="max" if keep_best == "accuracy" else "min", span=SPAN) if keep_best else None
     losses = [distill_terms(weight), hard_terms()]
     stages, stage_plans = [], []
     for i, n in enumerate(steps):
@@ -155,7 +161,8 @@ def make_plan(
         stages.append(StageSpec(
             name=name, after=[f"stage{i - 1}"] if i else [], data="corpus", steps=n, batch=micro * accum * world,
             micro_batch=micro, optimizer=OptimizerSpec(lr=lr), schedule=LRScheduleSpec(kind="cosine", warmup=0.2),
-            loss=losses[i % 2], students=["s"], teachers=["t"], save_every=save_every, span=SPAN))
+            loss=losses[i % 2], students=["s"], teachers=["t"], save_every=save_every, eval_every=eval_every,
+            keep_best=best, span=SPAN))
         points = [("logits", None), ("hidden", 1)]
         teacher_cfg = {k: v for k, v in ds_config(3, micro, accum, world, precision).items() if k != "gradient_clipping"}
         stage_plans.append(StagePlan(

@@ -60,8 +60,9 @@ def _kill_at(plan_path: Path, out: Path, kill_after: int, extra_delay: float) ->
 
 
 @pytest.mark.deepspeed
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tmp_path, packed):
+@pytest.mark.parametrize("packed, split", [(False, None), (True, None), (False, 0.25)],
+                         ids=["padded", "packed", "evaluated"])
+def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tmp_path, packed, split):
     from runtime.recipe import run
 
     seed = int(os.environ.get("GKDC_TEST_SEED", random.randrange(1 << 30)))
@@ -70,10 +71,11 @@ def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tmp_path, pack
     delay = rng.uniform(0.0, 0.25)
     print(f"seed {seed}: kill after step {kill_after} + {delay:.3f} s")
 
-    ref_plan = make_plan(tmp_path / "ref", steps=STEPS, save_every=2, packed=packed)
+    evaluation = {"split": split, "eval_every": 2, "keep_best": "loss"} if split else {}
+    ref_plan = make_plan(tmp_path / "ref", steps=STEPS, save_every=2, packed=packed, **evaluation)
     run(load(ref_plan), ref_plan, tmp_path / "ref" / "out", resume=False, progress=False)
 
-    plan_path = make_plan(tmp_path / "killed", steps=STEPS, save_every=2, packed=packed)
+    plan_path = make_plan(tmp_path / "killed", steps=STEPS, save_every=2, packed=packed, **evaluation)
     out = tmp_path / "killed" / "out"
     _kill_at(plan_path, out, kill_after, delay)
     assert not (out / "student").exists()
@@ -85,8 +87,16 @@ def test_sigkill_at_random_step_then_resume_matches_uninterrupted(tmp_path, pack
         assert got[key].dtype == torch.float32
         assert torch.equal(expected[key], got[key]), f"{key} differs after resume (seed {seed})"
     # the metrics file tells one uninterrupted story with the same losses
-    ref_recs, recs = records(tmp_path / "ref" / "out"), records(out)
-    assert [(r["stage"], r["step"]) for r in recs] == [(r["stage"], r["step"]) for r in ref_recs]
+    ref_all, every = records(tmp_path / "ref" / "out"), records(out)
+    assert [(r["kind"], r["stage"], r["step"]) for r in every] == [(r["kind"], r["stage"], r["step"]) for r in ref_all]
+    drop = ("seconds", "step_seconds", "tokens_per_second")  # wall-clock figures differ between runs
+    assert [{k: v for k, v in r.items() if k not in drop} for r in every if r["kind"] == "eval"] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in ref_all if r["kind"] == "eval"]
+    if split:
+        assert json.loads((out / "best" / "stage-1.json").read_text()) == \
+            json.loads((tmp_path / "ref" / "out" / "best" / "stage-1.json").read_text())
+    ref_recs, recs = [r for r in ref_all if r["kind"] == "train"], [r for r in every if r["kind"] == "train"]
+    assert [r["grad_norm"] for r in recs] == [r["grad_norm"] for r in ref_recs]
     assert [r["total"] for r in recs] == [r["total"] for r in ref_recs]
     assert [r["lr"] for r in recs] == [r["lr"] for r in ref_recs]
     assert [r["tokens"] for r in recs] == [r["tokens"] for r in ref_recs]

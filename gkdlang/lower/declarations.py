@@ -16,7 +16,6 @@ from gkdlang.values import ItemSet, NumVal
 from gkdlang.digest import STDLIB
 from gkdlang.lower.context import Lowerer, MethodDef, Scope, Skip
 from gkdlang.lower.readers import (
-    not_executed,
     check_arity,
     read_block,
     read_bool,
@@ -319,7 +318,10 @@ def lower_data(lw: Lowerer, decl: ast.DataDecl) -> None:
         fields["seq_len"] = read_int(lw, opts["seq_len"], "seq_len", minimum=1)
     if "split" in opts:
         fields["split"] = read_fraction(lw, opts["split"], "split")
-        not_executed(lw, opts, "data")
+        if not 0 < fields["split"] < 1:
+            lw.err("bad-value", opts["split"].span, "split holds out a fraction between 0% and 100% (exclusive)",
+                   "e.g. split: 5%")
+            del fields["split"]
     if "packing" in opts:
         fields["packing"] = read_bool(lw, opts["packing"], "packing")
     for pattern in paths:

@@ -10,6 +10,7 @@ from gkdlang.diagnostics import did_you_mean
 from gkdlang.spec import Interchange, Intervention, LossTerm, LRScheduleSpec, OptimizerSpec, Perturb, StageSpec, Weigh
 from gkdlang.values import Objective, Symbol
 from gkdlang.lower.context import Lowerer, Scope, Skip, describe, kind_of, node_models
+from gkdlang.lower.evaluation import lower_evaluation
 from gkdlang.lower.placement import PinDraft, merge_stage_fields, stage_draft, stage_pin
 from gkdlang.lower.readers import (
     check_arity,
@@ -108,6 +109,7 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl, pins: dict[str | None, PinDraf
     teachers += [m for iv in objective.interventions for m in iv.models
                  if m not in students and m not in teachers and lw.models[m].role != "student"]
     check_positions(lw, decl, opts, fields, data, [*students, *teachers])
+    lower_evaluation(lw, opts, fields, data, students, bool(objective.interventions), bool(teachers))
     pin = stage_pin(lw, draft, own_opts, decl.name.name, teachers, own=decl.name.name in (pins or {}))
     if len(lw.d.errors) > errors_before:
         raise Skip()

@@ -109,6 +109,7 @@ TRANSFORMS: dict[str, dict[str, str]] = {
 #: signal: then it picks a random sorted subset of its items (RAIL-KD's random teacher layers).
 COMBINATORS: dict[str, dict[str, str]] = {
     "progressive": {"over": "fraction", "exclusive": "bool", "below_lr": "number", "until": "trigger", "kept": "number",
+                    "only_then": "bool",
                     "then": "objective"},
     "choose": {"every": "symbol"},
     "len": {},

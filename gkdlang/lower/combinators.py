@@ -109,6 +109,9 @@ def progressive(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
             keys.append(key)
     if "kept" in kw:
         return progressive_kept(lw, e, kw, obj, keys, scope)
+    if "only_then" in kw:
+        raise lw.err("missing-option", kw["only_then"].span, "only_then belongs to progressive(..., kept: f): "
+                     "GKD's equal parts (with over, then: y already replaces the progressive terms)")
     n = len(keys)
     start = {k: round(over * i / n, 12) for i, k in enumerate(keys)}
     until = {k: (round(over * (i + 1) / n, 12) if i + 1 < n else 1.0) for i, k in enumerate(keys)}
@@ -147,12 +150,15 @@ def progressive_kept(lw: Lowerer, e: ast.Call, kw: dict, obj: Objective, keys: l
     (the embeddings) at f times, the layers above not at all; in the last part every term counts at full weight,
     and so do the terms of ``y``. Each part starts just past its boundary (progress > j / (n + 1)), as GKD moves to
     the next stage after the step that reaches it. A term kept at f and at full weight is written as two terms
-    (one weight schedule each)."""
+    (one weight schedule each). ``only_then: true``: the last part counts the terms of ``y`` alone (GKD's SID)."""
+    if "only_then" in kw and "then" not in kw:
+        raise lw.err("missing-option", kw["only_then"].span, "only_then needs then: <the last part's loss>")
     for key in ("over", "exclusive", "below_lr", "until"):
         if key in kw:
             raise lw.err("conflicting-options", kw[key].span, f"progressive(kept: ...) fixes its own stages (n + 1 "
                          f"equal parts); it takes no {key}", related=[(kw["kept"].span, "kept is here")])
     kept = read_num(lw, kw["kept"], "kept", scope)
+    last = 0.0 if ("only_then" in kw and read_bool(lw, kw["only_then"], "only_then", scope)) else 1.0
     if not 0 <= kept <= 1:
         raise lw.err("bad-value", kw["kept"].span, "kept is a loss-weight factor between 0 and 1")
     layers = [k for k in keys if k[0] == "layer"]
@@ -167,12 +173,12 @@ def progressive_kept(lw: Lowerer, e: ast.Call, kw: dict, obj: Objective, keys: l
     terms: list[Term] = []
     for t in obj.terms:
         if t.pred.layer is None:  # no layer (the embeddings): kept until the last part
-            terms.append(t.scaled(sched(kept, kept, 0.0, bound[n], 1.0)))
+            terms.append(t.scaled(sched(kept, kept, 0.0, bound[n], last)))
             continue
         j = layers.index(("layer", t.pred.layer))
         first = sched(1.0, 1.0, 0.0, bound[1], 0.0) if j == 0 else sched(0.0, 1.0, bound[j], bound[j + 1], 0.0)
         terms.append(t.scaled(first))
-        terms.append(t.scaled(sched(0.0, kept, bound[j + 1], bound[n], 1.0)))
+        terms.append(t.scaled(sched(0.0, kept, bound[j + 1], bound[n], last)))
     interventions = obj.interventions
     if "then" in kw:
         then = read_objective_arg(lw, kw["then"], scope, "progressive(then: ...)")

@@ -108,7 +108,8 @@ TRANSFORMS: dict[str, dict[str, str]] = {
 #: functions that regroup or gate the terms of a loss expression -> options. ``choose`` also takes a layered
 #: signal: then it picks a random sorted subset of its items (RAIL-KD's random teacher layers).
 COMBINATORS: dict[str, dict[str, str]] = {
-    "progressive": {"over": "fraction", "exclusive": "bool", "below_lr": "number", "until": "trigger",
+    "progressive": {"over": "fraction", "exclusive": "bool", "below_lr": "number", "until": "trigger", "kept": "number",
+                    "only_then": "bool",
                     "then": "objective"},
     "choose": {"every": "symbol"},
     "len": {},

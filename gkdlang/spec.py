@@ -88,6 +88,8 @@ class Schedule(Frozen):
             else:
                 k = min(epoch if self.every == "epoch" else step, levels - 1)
             return self.value + (self.end - self.value) * k / (levels - 1)
+        if self.kind == "step" and self.after is not None:  # three parts: value, end in (start, until], after
+            return self.value if frac <= self.start else (self.end if frac <= self.until else self.after)
         if frac <= self.start:
             return self.value
         if frac > self.until and self.after is not None:

@@ -107,6 +107,11 @@ def progressive(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
         key = ("layer", t.pred.layer) if t.pred.layer is not None else ("term", i)
         if key not in keys:
             keys.append(key)
+    if "kept" in kw:
+        return progressive_kept(lw, e, kw, obj, keys, scope)
+    if "only_then" in kw:
+        raise lw.err("missing-option", kw["only_then"].span, "only_then belongs to progressive(..., kept: f): "
+                     "GKD's equal parts (with over, then: y already replaces the progressive terms)")
     n = len(keys)
     start = {k: round(over * i / n, 12) for i, k in enumerate(keys)}
     until = {k: (round(over * (i + 1) / n, 12) if i + 1 < n else 1.0) for i, k in enumerate(keys)}
@@ -136,6 +141,50 @@ def progressive(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
         interventions += then.interventions
     if "below_lr" in kw:
         interventions += (progressive_lr(lw, e, kw["below_lr"], obj, keys, start, until, scope),)
+    return Objective(tuple(terms), interventions)
+
+
+def progressive_kept(lw: Lowerer, e: ast.Call, kw: dict, obj: Objective, keys: list, scope: Scope) -> Objective:
+    """progressive(x, kept: f, then: y): GKD's MobileBERT stages. The stage is cut into n + 1 equal parts (n layers
+    of the student); in part j layer j's terms count at full weight, the layers below it and the terms of no layer
+    (the embeddings) at f times, the layers above not at all; in the last part every term counts at full weight,
+    and so do the terms of ``y``. Each part starts just past its boundary (progress > j / (n + 1)), as GKD moves to
+    the next stage after the step that reaches it. A term kept at f and at full weight is written as two terms
+    (one weight schedule each). ``only_then: true``: the last part counts the terms of ``y`` alone (GKD's SID)."""
+    if "only_then" in kw and "then" not in kw:
+        raise lw.err("missing-option", kw["only_then"].span, "only_then needs then: <the last part's loss>")
+    for key in ("over", "exclusive", "below_lr", "until"):
+        if key in kw:
+            raise lw.err("conflicting-options", kw[key].span, f"progressive(kept: ...) fixes its own stages (n + 1 "
+                         f"equal parts); it takes no {key}", related=[(kw["kept"].span, "kept is here")])
+    kept = read_num(lw, kw["kept"], "kept", scope)
+    last = 0.0 if ("only_then" in kw and read_bool(lw, kw["only_then"], "only_then", scope)) else 1.0
+    if not 0 <= kept <= 1:
+        raise lw.err("bad-value", kw["kept"].span, "kept is a loss-weight factor between 0 and 1")
+    layers = [k for k in keys if k[0] == "layer"]
+    n = len(layers)
+    if not n:
+        raise lw.err("type-mismatch", e.span, "progressive(..., kept: f) needs layered terms of the student")
+    bound = [j / (n + 1) for j in range(n + 1)]  # part j is (bound[j], bound[j + 1]]; the last part starts past bound[n]
+
+    def sched(value: float, end: float, start: float, until: float, after: float) -> Schedule:
+        return Schedule(kind="step", value=value, end=end, start=start, until=until, after=after)
+
+    terms: list[Term] = []
+    for t in obj.terms:
+        if t.pred.layer is None:  # no layer (the embeddings): kept until the last part
+            terms.append(t.scaled(sched(kept, kept, 0.0, bound[n], last)))
+            continue
+        j = layers.index(("layer", t.pred.layer))
+        first = sched(1.0, 1.0, 0.0, bound[1], 0.0) if j == 0 else sched(0.0, 1.0, bound[j], bound[j + 1], 0.0)
+        terms.append(t.scaled(first))
+        terms.append(t.scaled(sched(0.0, kept, bound[j + 1], bound[n], last)))
+    interventions = obj.interventions
+    if "then" in kw:
+        then = read_objective_arg(lw, kw["then"], scope, "progressive(then: ...)")
+        terms += [t.scaled(Schedule(kind="step", value=0.0, end=1.0, start=bound[n], until=bound[n]))
+                  for t in then.terms]
+        interventions += then.interventions
     return Objective(tuple(terms), interventions)
 
 

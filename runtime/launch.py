@@ -48,6 +48,8 @@ def run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool = False, ma
 
 
 LOCK_FILE = ".lock"
+#: environment variable naming the run that holds ``out/.lock`` (its line in the file), set for the ranks it starts
+LOCK_ENV = "GKDC_RUN_LOCK"
 
 
 @contextlib.contextmanager
@@ -69,10 +71,13 @@ def run_folder_lock(out: Path) -> Iterator[None]:
                            "another --out") from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        token = f"pid {os.getpid()} on {socket.gethostname()} run {os.urandom(8).hex()}"
+        fh.write(token + "\n")
         fh.flush()
+        os.environ[LOCK_ENV] = token  # the ranks this run launches inherit it: the lock is theirs (runtime.worker)
         yield
     finally:
+        os.environ.pop(LOCK_ENV, None)
         fh.close()  # closing the file releases the lock
 
 

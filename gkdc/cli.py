@@ -297,6 +297,12 @@ def cmd_run(args) -> int:
     from planner.plan import Plan
 
     path: Path = args.file
+    if args.resume and args.overwrite:
+        print("error: --resume continues a run and --overwrite starts it again; give one of them", file=sys.stderr)
+        return EXIT_USAGE
+    if args.log_every is not None and args.log_every < 1:
+        print("error: --log-every must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
     if not _is_file(path):
         print(f"error: no such file: {_short(str(path))}", file=sys.stderr)
         return EXIT_USAGE
@@ -306,6 +312,11 @@ def cmd_run(args) -> int:
         if spec is None:
             return EXIT_ERRORS
         out = args.out or Path("runs") / path.stem
+        if not (args.resume or args.overwrite) and (out / "checkpoints" / "progress.json").exists():
+            # refused before its plan.json is replaced by this spec's
+            print(f"error: {out} already holds a run; pass --resume to continue it, --overwrite to start it again "
+                  "from scratch, or choose another --out", file=sys.stderr)
+            return EXIT_ERRORS
         plan_path = out / "plan.json"
         plan, plan_diags = _build_plan(spec, path.resolve(), plan_path)
         _emit(plan_diags, sources, "text")
@@ -324,12 +335,6 @@ def cmd_run(args) -> int:
         except Exception as exc:  # pydantic / JSON errors: the boundary where they become a message
             return _plan_load_error(path, exc)
         out = args.out or Path("runs") / Path(plan.spec_file).stem
-    if args.resume and args.overwrite:
-        print("error: --resume continues a run and --overwrite starts it again; give one of them", file=sys.stderr)
-        return EXIT_USAGE
-    if args.log_every is not None and args.log_every < 1:
-        print("error: --log-every must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
     _run_logging_env(args)
     _warn_device(plan)
     from runtime.errors import RunError

@@ -137,7 +137,9 @@ class Evaluator:
             inputs = data.batch_of(ids, _EVAL_SEED + b, device)
             logits = capture(student, inputs["student"], cap, grad=False)[(head_kind, None)]
             n = len(ids) * weight
-            if self.kind == "classify":
+            if self.kind == "classify" and "labels" not in inputs["student"]:
+                pass  # unlabelled data (distillation only): no loss or accuracy of its own
+            elif self.kind == "classify":
                 labels = inputs["student"]["labels"]
                 acc["nll"] += weight * float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
                 acc["targets"] += n
@@ -178,12 +180,14 @@ class Evaluator:
         nll, targets, correct, examples, distill, *term_values = sums.tolist()
         live = self.live
         record: dict[str, Any] = {"kind": "eval", "stage": live.stage.name, "stage_index": live.index, "step": done,
-                                  "examples": int(examples), "loss": nll / max(targets, 1.0)}
-        if self.kind == "classify":
-            record["accuracy"] = correct / max(examples, 1.0)
-        else:
-            record["perplexity"] = math.exp(min(record["loss"], 700.0))
-            record["targets"] = int(targets)
+                                  "examples": int(examples)}
+        if targets > 0:  # none: unlabelled data for a classifier, or an encoder without a mask token
+            record["loss"] = nll / targets
+            if self.kind == "classify":
+                record["accuracy"] = correct / targets
+            else:
+                record["perplexity"] = math.exp(min(record["loss"], 700.0))
+                record["targets"] = int(targets)
         if self.distill:
             record["distill"] = distill / max(examples, 1.0)
             record["distill_terms"] = {k: v / max(examples, 1.0) for k, v in zip(terms, term_values)}
@@ -194,6 +198,10 @@ class Evaluator:
 
     def _keep_if_best(self, done: int, record: dict[str, Any]) -> None:
         keep = self.keep
+        if keep.metric not in record:  # the checker refuses the cases it can see (unlabelled classifier data)
+            measured = [k for k in ("loss", "perplexity", "accuracy", "distill") if k in record]
+            raise RunError(f"stage '{self.live.stage.name}': keep_best: {keep.metric} is not measured on its held-out "
+                           f"data (measured: {', '.join(measured) or 'nothing'}); choose one of those")
         value = float(record[keep.metric])
         better = self.best is None or (value > self.best.value if keep.mode == "max" else value < self.best.value)
         if not better or not math.isfinite(value):

@@ -202,7 +202,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{labels[term]}: {term}", linewidth=1)
     at = {(r["stage_index"], r["step"]): x for x, r in zip(xs, records)}
     evals = [(at[(r["stage_index"], r["step"])], r["loss"]) for r in every
-             if r.get("kind") == "eval" and (r["stage_index"], r["step"]) in at]
+             if r.get("kind") == "eval" and "loss" in r and (r["stage_index"], r["step"]) in at]
     if evals:
         ax.plot([e[0] for e in evals], [e[1] for e in evals], "o", color="black", markersize=4,
                 label="held-out loss (student)")

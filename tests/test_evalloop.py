@@ -280,8 +280,10 @@ def test_masked_lm_and_classifier_stages_are_evaluated_and_the_best_accuracy_kep
     ties = int(((logits[:, 0] - logits[:, 1]).abs() < 1e-3).sum())
     assert abs(got.value - evals[-1]["accuracy"]) * 20 <= ties + 1e-9
 
+    plan_before = (out / "plan.json").read_text()
     again = gkdc("run", str(spec), "--out", str(out))
     assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert (out / "plan.json").read_text() == plan_before  # the refused run left the folder as it was
     r2 = gkdc("run", str(spec), "--out", str(out), "--overwrite", "--max-steps", "1")
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "--overwrite: removed the previous run's" in r2.stderr
@@ -349,3 +351,97 @@ def test_wandb_missing_is_a_warning_not_an_error(tmp_path, monkeypatch):
     log = type("Log", (), {"warning": lambda self, m: warned.append(m)})()
     assert metrics._open_wandb(tmp_path, log) is None
     assert warned and "pip install 'gkdc[wandb]'" in warned[0]
+
+
+# ---------------------------------------------------------------- logs, plot, reruns (no training)
+
+
+def test_progress_labels_are_function_names_never_cut_tails():
+    from runtime.logs import step_line, term_labels
+
+    ids = ["kl[small.logits<-teacher.logits]", "mse[project(small.hidden[-1])<-teacher.hidden[3]]",
+           "mse[project(small.hidden[0])<-teacher.hidden[1]]", "kd.kd/ce[small.logits<-tokens]"]
+    labels = term_labels(ids)
+    assert list(labels.values()) == ["kl", "mse", "mse#2", "kd.kd/ce"]
+    record = {"stage": "s", "step": 3, "total": 1.5, "lr": 1e-3, "grad_norm": 0.5, "step_seconds": 0.2,
+              "tokens_per_second": 12345.0, "terms": dict(zip(ids, (0.5, 0.25, 0.25, 0.5)))}
+    line = step_line(record, 10, labels)
+    assert line.startswith("stage s  step 3/10  loss 1.5 (kl 0.5, mse 0.25, mse#2 0.25, kd.kd/ce 0.5)")
+    assert "~" not in line and "|g| 0.5" in line and "12.3k tok/s" in line
+
+
+def test_loss_plot_reads_evaluations_and_names_the_stages(tmp_path):
+    from runtime.metrics import plot_losses
+
+    rows = [{"kind": "train", "stage": st, "stage_index": i, "step": k, "total": 2.0 / k, "lr": 1e-3,
+             "terms": {"kl[a<-b]": 1.0 / k, "ce[a<-tokens]": 1.0 / k}} for i, st in enumerate(("a", "b"))
+            for k in range(1, 6)]
+    rows.insert(5, {"kind": "eval", "stage": "a", "stage_index": 0, "step": 5, "loss": 0.9, "examples": 3})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    real = plt.Figure.savefig
+    plt.Figure.savefig = lambda self, *a, **k: (made.append(self), real(self, *a, **k))[1]
+    try:
+        assert plot_losses(tmp_path / "m.jsonl", tmp_path / "c.png") == tmp_path / "c.png"
+    finally:
+        plt.Figure.savefig = real
+    (ax,) = made[0].axes
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["a", "b"]  # each stage named over its span
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()][-1] == "held-out loss (student)"
+    made[0].canvas.draw()
+    box, axes = legend.get_window_extent(), ax.get_window_extent()
+    assert box.x0 >= axes.x1  # outside the axes: it hides no curve
+
+
+def test_resume_line_names_stage_step_and_checkpoint(tmp_path):
+    from runtime.checkpoint import Progress
+    from runtime.rerun import resume_line
+
+    plan = load(make_plan(tmp_path, steps=(6, 4)))
+    mid = Progress(1, "stage1", 2, False, "stage1-step00000002", "x")
+    assert resume_line(plan, mid) == ("resume: restarting stage stage1 (2 of 2) after step 2 of 4, from checkpoint "
+                                      "stage1-step00000002")
+    done = Progress(0, "stage0", 6, True, None, "x")
+    assert resume_line(plan, done).startswith("resume: stage stage0 is done; restarting at stage stage1 (2 of 2)")
+    assert "every stage is done" in resume_line(plan, Progress(1, "stage1", 4, True, None, "x"))
+
+
+def test_overwrite_removes_only_run_outputs(tmp_path):
+    from runtime.rerun import clear_outputs
+
+    for name in ("checkpoints/x", "models/s/config.json", "best/stage-0.json", "tensorboard/e", "mine/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    for name in ("metrics.jsonl", "run.log", "plan.json", "notes.md"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "student").symlink_to("models/s")
+    removed = clear_outputs(tmp_path)
+    assert set(removed) == {"checkpoints", "models", "best", "tensorboard", "metrics.jsonl", "run.log", "student"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.md", "plan.json"]
+
+
+def test_run_flags_are_checked_and_a_gpu_plan_on_this_cpu_warns(tmp_path, capsys):
+    from clitools import gkdc
+
+    r = gkdc("run", "examples/tiny.gkd", "--resume", "--overwrite", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "give one of them" in r.stderr
+    r = gkdc("run", "examples/tiny.gkd", "--log-every", "0", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--log-every must be at least 1" in r.stderr
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from gkdc import cli
+
+    plan = load(make_plan(tmp_path / "p", steps=(1,)))
+    cluster = plan.spec.cluster.model_copy(update={"gpu": "RTX-4090"})
+    cli._warn_device(plan.model_copy(update={"spec": plan.spec.model_copy(update={"cluster": cluster})}))
+    err = capsys.readouterr().err
+    assert "[device-mismatch]" in err and "RTX-4090 GPUs, but this machine has no CUDA device" in err
+    cli._warn_device(plan)  # a CPU plan on a CPU machine: nothing
+    assert capsys.readouterr().err == ""

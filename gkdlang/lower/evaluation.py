@@ -29,7 +29,7 @@ def lower_evaluation(lw: Lowerer, opts: dict[str, ast.Expr], fields: dict[str, A
         return
     expr = opts["keep_best"]
     classifier = any(lw.models[s].head.kind == "classify" for s in students if s in lw.models)
-    default = "accuracy" if classifier else "loss"
+    default = ("accuracy" if lw.data[data].label is not None else "distill") if classifier else "loss"
     if isinstance(expr, ast.Bool):
         metric = default if expr.value else None
     elif isinstance(expr, ast.Name) and expr.id in KeepBest.options:
@@ -44,6 +44,10 @@ def lower_evaluation(lw: Lowerer, opts: dict[str, ast.Expr], fields: dict[str, A
     if metric == "accuracy" and not classifier:
         lw.err("bad-value", expr.span, "keep_best: accuracy needs a classifier student (head: classify)",
                "use keep_best: loss (or perplexity) for a language model")
+        return
+    if metric in ("accuracy", "loss") and classifier and lw.data[data].label is None:
+        lw.err("bad-value", expr.span, f"keep_best: {metric} of a classifier needs labels, and data '{data}' has none",
+               "give the data a label column, or use keep_best: distill")
         return
     if metric == "perplexity" and classifier:
         lw.err("bad-value", expr.span, "keep_best: perplexity is a language model's; this student is a classifier",

@@ -118,7 +118,7 @@ NOT_EXECUTED = {
     "eval_every": "`gkdc run` evaluates no held-out data during training; evaluate saved students with `gkdc eval`",
     "split": "`gkdc run` trains on every example and holds none out; evaluate with `gkdc eval` on a separate file",
 }
-DATA_FORMATS = ("text", "jsonl", "json", "parquet", "csv")
+DATA_FORMATS = ("text", "jsonl", "json", "parquet", "csv", "chat")
 DTYPES = ("fp32", "bf16", "fp16")
 #: bytes per element of each dtype: the one table (planner memory, signal sizes, cache storage)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -165,6 +165,9 @@ MODEL_KEYS = {
 }
 DATA_KEYS = {"seq_len": "int", "text": "column", "pair": "column", "label": "column", "split": "fraction",
              "packing": "bool"}
+#: ``chat(...)`` data: conversations, so no text/pair/label columns
+CHAT_DATA_KEYS = {"seq_len": "int", "messages": "column", "assistant_only": "bool", "split": "fraction",
+                  "packing": "bool"}
 VOCAB_KEYS = {"keep": "keep", "rank": "rank", "protect": "strings", "remap": "remap", "multiple": "int"}
 STAGE_KEYS = {
     "data": "data", "steps": "int", "epochs": "number", "batch": "int", "micro_batch": "int", "seq_len": "int",

@@ -151,7 +151,8 @@ class ModelSpec(Frozen):
 
 class DataSpec(Frozen):
     name: str
-    format: Literal["text", "jsonl", "json", "parquet", "csv"]
+    format: Literal["text", "jsonl", "json", "parquet", "csv", "chat"]
+    """``chat``: JSONL conversations rendered with the student tokenizer's chat template (runtime/chat.py)."""
     paths: list[str]
     """Glob patterns, relative to the spec file's directory unless absolute."""
     text: str = "text"
@@ -160,6 +161,10 @@ class DataSpec(Frozen):
     """Second text column for sentence-pair tasks."""
     label: str | None = None
     """Label column; None for unlabelled corpora."""
+    messages: str = "messages"
+    """Chat data: the column holding each row's list of ``{role, content}`` turns."""
+    assistant_only: bool = True
+    """Chat data: every per-token loss reads only the positions that predict an assistant token (False: all)."""
     seq_len: int = 512
     split: float | None = None
     """Fraction held out for evaluation, if any."""

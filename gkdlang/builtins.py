@@ -161,8 +161,10 @@ REWARDS = ("ce", "ce_kl")
 MODEL_KEYS = {
     "layers": "int", "hidden": "int", "heads": "int", "kv_heads": "int", "intermediate": "int", "vocab": "int",
     "embedding_size": "int", "max_positions": "int", "dtype": "symbol", "frozen": "bool", "init": "init",
-    "head": "head", "cache": "cache",
+    "head": "head", "cache": "cache", "adapter": "adapter",
 }
+#: ``adapter: lora(...)`` options -> kinds of value
+LORA_OPTIONS = {"r": "int", "alpha": "number", "dropout": "fraction", "targets": "names"}
 DATA_KEYS = {"seq_len": "int", "text": "column", "pair": "column", "label": "column", "split": "fraction",
              "packing": "bool"}
 #: ``chat(...)`` data: conversations, so no text/pair/label columns

@@ -124,6 +124,23 @@ class CacheSpec(Frozen):
     """Cache directory, relative to the spec file's directory unless absolute (default ``cache/<teacher>``)."""
 
 
+class LoraSpec(Frozen):
+    """A LoRA adapter on a student (``adapter: lora(...)``, peft): its own weights stay frozen, low-rank updates
+    ``B @ A`` (scaled by ``alpha / r``) of the ``targets`` modules of every block are trained."""
+
+    kind: Literal["lora"] = "lora"
+    r: int = 8
+    """Rank of each update."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by ``alpha / r`` (peft's ``lora_alpha``)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (peft's ``lora_dropout``)."""
+    targets: list[str]
+    """Module names (gkdlang.lora.LINEARS of the family); the family's peft default when the spec gives none."""
+    params: int
+    """Trainable parameters of the adapter (gkdlang.lora.adapter_params): what the planner prices."""
+
+
 class ModelSpec(Frozen):
     name: str
     role: Literal["teacher", "student", "assistant"]
@@ -143,6 +160,8 @@ class ModelSpec(Frozen):
     """Name of the vocab compression applied to this (student) model."""
     cache: CacheSpec | None = None
     """Offline teacher cache (``cache: topk(...)``); None = the teacher runs during training."""
+    adapter: LoraSpec | None = None
+    """A LoRA student (``adapter: lora(...)``): only the adapter trains; None = every weight trains."""
     span: Span
 
 

@@ -14,6 +14,7 @@ from gkdlang.parser import ParseError, parse
 from gkdlang.spec import CacheSpec, ClusterSpec, DataSpec, HeadSpec, InitSpec, ModelSpec, Span, StageSpec, VocabSpec
 from gkdlang.values import ItemSet, NumVal
 from gkdlang.digest import STDLIB
+from gkdlang.lower.adapters import check_adapters, lower_adapter
 from gkdlang.lower.context import Lowerer, MethodDef, Scope, Skip
 from gkdlang.lower.readers import (
     not_executed,
@@ -190,9 +191,10 @@ def lower_model(lw: Lowerer, decl: ast.ModelDecl) -> None:
         raise lw.err("bad-value", opts["head"].span, "GLM models have no sequence-classification head",
                      "use head: lm (cloze-style classification) or head: none")
     cache = lower_cache(lw, opts["cache"], name, role, arch) if "cache" in opts else None
+    adapter = lower_adapter(lw, opts["adapter"], name, role, arch, init) if "adapter" in opts else None
     lw.models[name] = ModelSpec(name=name, role=role, source_kind=kind, source=source_val, base=base,
                                 overrides=overrides, arch=arch, dtype=dtype, frozen=frozen, init=init,
-                                head=head, cache=cache, span=decl.span)
+                                head=head, cache=cache, adapter=adapter, span=decl.span)
 
 
 def lower_cache(lw: Lowerer, expr: ast.Expr, name: str, role: str, arch: ArchInfo) -> CacheSpec:
@@ -482,6 +484,7 @@ def check_teacher_weights(lw: Lowerer, stages: list[StageSpec]) -> None:
 def final_checks(lw: Lowerer, decls, stages: list[StageSpec]) -> None:
     check_teacher_weights(lw, stages)
     check_chat_templates(lw, stages)
+    check_adapters(lw)
     if not any(isinstance(d, ast.ModelDecl) and d.role in ("student", "assistant") for d in decls):
         lw.err("no-student", lw.module.span,
                "the spec declares no student (student <name> = like(<teacher>) { ... })")

@@ -135,7 +135,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 #: accepted keys whose behaviour the runtime does not execute yet: key -> what is missing (warning not-executed)
 NOT_EXECUTED: dict[str, str] = {}
-DATA_FORMATS = ("text", "jsonl", "json", "parquet", "csv")
+DATA_FORMATS = ("text", "jsonl", "json", "parquet", "csv", "chat")
 DTYPES = ("fp32", "bf16", "fp16")
 #: bytes per element of each dtype: the one table (planner memory, signal sizes, cache storage)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -178,10 +178,15 @@ REWARDS = ("ce", "ce_kl")
 MODEL_KEYS = {
     "layers": "int", "hidden": "int", "heads": "int", "kv_heads": "int", "intermediate": "int", "vocab": "int",
     "embedding_size": "int", "max_positions": "int", "dtype": "symbol", "frozen": "bool", "init": "init",
-    "head": "head", "cache": "cache",
+    "head": "head", "cache": "cache", "adapter": "adapter",
 }
+#: ``adapter: lora(...)`` options -> kinds of value
+LORA_OPTIONS = {"r": "int", "alpha": "number", "dropout": "fraction", "targets": "names"}
 DATA_KEYS = {"seq_len": "int", "text": "column", "pair": "column", "label": "column", "split": "fraction",
              "packing": "bool"}
+#: ``chat(...)`` data: conversations, so no text/pair/label columns
+CHAT_DATA_KEYS = {"seq_len": "int", "messages": "column", "assistant_only": "bool", "split": "fraction",
+                  "packing": "bool"}
 VOCAB_KEYS = {"keep": "keep", "rank": "rank", "protect": "strings", "remap": "remap", "multiple": "int"}
 STAGE_KEYS = {
     "data": "data", "steps": "int", "epochs": "number", "batch": "int", "micro_batch": "int", "seq_len": "int",

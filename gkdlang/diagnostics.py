@@ -111,6 +111,12 @@ CODES: dict[str, tuple[Severity, str]] = {
                          "resource, the per-rank breakdown and the placement the planner would pick."),
     "pin-unavailable": ("error", "A pinned choice this cluster or stage cannot run (NVMe offload without `nvme`, "
                         "`offline` for a teacher without a usable cache)."),
+    "adapter-random-base": ("warning", "A LoRA student (`adapter: lora(...)`) whose own weights start random: the "
+                            "adapter keeps them frozen, so only its low-rank updates would learn."),
+    "bad-chat-data": ("error", "A `chat(...)` file row that is not a conversation: not JSON, no `messages` list of "
+                      "`{role, content}` turns, or no assistant turn (the message names the file and line)."),
+    "no-chat-template": ("error", "Chat data read by a student whose tokenizer folder has no chat template "
+                         "(`chat_template.jinja` or `tokenizer_config.json`'s `chat_template`)."),
     "packing-unsupported": ("error", "`packing: true` on data that a stage cannot pack (labels, sentence pairs, a "
                             "masked LM, or a per-sequence signal)."),
     "no-cpu-memory": ("warning", "The cluster gives no `cpu_memory`: host memory was not checked; the message states "

@@ -146,6 +146,23 @@ class CacheSpec(Frozen):
     """Cache directory, relative to the spec file's directory unless absolute (default ``cache/<teacher>``)."""
 
 
+class LoraSpec(Frozen):
+    """A LoRA adapter on a student (``adapter: lora(...)``, peft): its own weights stay frozen, low-rank updates
+    ``B @ A`` (scaled by ``alpha / r``) of the ``targets`` modules of every block are trained."""
+
+    kind: Literal["lora"] = "lora"
+    r: int = 8
+    """Rank of each update."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by ``alpha / r`` (peft's ``lora_alpha``)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (peft's ``lora_dropout``)."""
+    targets: list[str]
+    """Module names (gkdlang.lora.LINEARS of the family); the family's peft default when the spec gives none."""
+    params: int
+    """Trainable parameters of the adapter (gkdlang.lora.adapter_params): what the planner prices."""
+
+
 class ModelSpec(Frozen):
     name: str
     role: Literal["teacher", "student", "assistant"]
@@ -165,6 +182,8 @@ class ModelSpec(Frozen):
     """Name of the vocab compression applied to this (student) model."""
     cache: CacheSpec | None = None
     """Offline teacher cache (``cache: topk(...)``); None = the teacher runs during training."""
+    adapter: LoraSpec | None = None
+    """A LoRA student (``adapter: lora(...)``): only the adapter trains; None = every weight trains."""
     span: Span
 
 
@@ -173,7 +192,8 @@ class ModelSpec(Frozen):
 
 class DataSpec(Frozen):
     name: str
-    format: Literal["text", "jsonl", "json", "parquet", "csv"]
+    format: Literal["text", "jsonl", "json", "parquet", "csv", "chat"]
+    """``chat``: JSONL conversations rendered with the student tokenizer's chat template (runtime/chat.py)."""
     paths: list[str]
     """Glob patterns, relative to the spec file's directory unless absolute."""
     text: str = "text"
@@ -182,6 +202,10 @@ class DataSpec(Frozen):
     """Second text column for sentence-pair tasks."""
     label: str | None = None
     """Label column; None for unlabelled corpora."""
+    messages: str = "messages"
+    """Chat data: the column holding each row's list of ``{role, content}`` turns."""
+    assistant_only: bool = True
+    """Chat data: every per-token loss reads only the positions that predict an assistant token (False: all)."""
     seq_len: int = 512
     split: float | None = None
     """Fraction held out for evaluation, if any."""

@@ -29,6 +29,7 @@ from planner.hardware import device_for
 from planner.hostmem import host_memory
 from planner.memory import fused_head
 from planner.params import ParamCounts, count_params_for
+from planner.trainable import trained_params
 from planner.plan import HostCheck, ModelCapture, PinReport, Plan, ResolvedModel, StagePlan, TokensPerStep, sealed
 from planner.datasize import count_rows
 from planner.describe import describe_capture, describe_placement, fmt_bytes
@@ -159,7 +160,7 @@ def resolved_model(model: ModelSpec, counts: ParamCounts) -> ResolvedModel:
     # students and assistants train in some stage; a teacher trains only if declared `frozen: false`
     trainable = model.role != "teacher" or not model.frozen
     return ResolvedModel(name=model.name, role=model.role, family=model.arch.family, parameters=counts.total,
-                         trainable_parameters=counts.total if trainable else 0)
+                         trainable_parameters=trained_params(model, counts) if trainable else 0)
 
 
 def world_size(cluster: ClusterSpec) -> int:

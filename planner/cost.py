@@ -2,7 +2,8 @@
 
 Per optimizer step on one rank (``tokens`` = micro_batch * seq_len * grad_accum):
 
-- ``compute_student``: 6 * N * tokens (forward + backward of every trainable parameter) plus the attention
+- ``compute_student``: 6 * N * tokens (forward + backward of every trainable parameter; a LoRA student:
+  (4 * N_own + 6 * N_adapter) * tokens, no weight gradients for its frozen weights) plus the attention
   score terms 12 * L * s * (H * head_dim) * tokens, at the training precision's peak times ``EFFICIENCY``;
 - ``recompute``: one more forward (2 * N * tokens + 4 * L * s * H * d * tokens) with activation checkpointing;
 - ``compute_teacher``: 2 * N_run * tokens (+ attention 4 * L_run * s * H * d * tokens) over the blocks a
@@ -65,11 +66,11 @@ def step_cost(models: StageModels, p: Placement, device: Device, world: int, gpu
     seq = models.step_seq(p.micro_batch)  # seq_len, or the expected padded width of unpacked data
     tokens = p.micro_batch * seq * p.grad_accum
     rate = _peak(device, p.precision) * EFFICIENCY
-    n = models.trainable
+    n, run = models.trainable, models.trainable + models.frozen  # frozen: LoRA students' own weights
     attn = sum(_attn_flops_per_token(m.arch.num_layers, seq, m.arch.num_heads * m.arch.head_dim)
                for m, _, _ in models.students)
-    parts = {"compute_student": (6 * n + 3 * attn) * tokens / rate,
-             "recompute": (2 * n + attn) * tokens / rate if p.activation_checkpointing else 0.0,
+    parts = {"compute_student": (4 * run + 2 * n + 3 * attn) * tokens / rate,
+             "recompute": (2 * run + attn) * tokens / rate if p.activation_checkpointing else 0.0,
              "compute_teacher": _teacher_compute(models, p, device, tokens, seq)}
     parts["zero_comm"] = _zero_comm(models, p, Topology.of(device, world, gpus_per_node))
     parts["offload"] = _offload(models, p, device, world, gpus_per_node)

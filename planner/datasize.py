@@ -1,4 +1,4 @@
-"""A data source -> its example count at plan time (one per non-empty line of text/jsonl files, as the
+"""A data source -> its example count at plan time (one per non-empty line of text/jsonl/chat files, as the
 runtime reads them), when its files exist and are small enough to count quickly; None otherwise."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ MAX_COUNTED_BYTES = 256 * 2**20
 def count_rows(data: DataSpec, spec_dir: Path) -> int | None:
     """Examples in a text or jsonl source (one per non-empty line, as the runtime reads them) when its files
     exist and are small enough to count."""
-    if data.format not in ("jsonl", "text"):
+    if data.format not in ("jsonl", "text", "chat"):
         return None
     files = sorted({f for pattern in data.paths for f in _glob(pattern, spec_dir)})
     if not files or sum(f.stat().st_size for f in files) > MAX_COUNTED_BYTES:

@@ -45,6 +45,7 @@ from planner.graph import numel, signal_shape
 from planner.hardware import Device
 from planner.params import ParamCounts
 from planner.plan import MemoryItem, ModelCapture, Placement, RankMemory
+from planner.trainable import frozen_params, trained_params
 
 GiB = 2**30
 MiB = 2**20
@@ -117,7 +118,12 @@ class StageModels:
 
     @property
     def trainable(self) -> int:
-        return sum(c.total for _, c, _ in self.students) + self.extra_trainable
+        return sum(trained_params(m, c) for m, c, _ in self.students) + self.extra_trainable
+
+    @property
+    def frozen(self) -> int:
+        """Student parameters run but not trained (LoRA students' own weights, planner.trainable)."""
+        return sum(frozen_params(m, c) for m, c, _ in self.students)
 
     @property
     def largest_layer(self) -> int:
@@ -621,6 +627,10 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
                                                 gpus_per_node=cluster.gpus_per_node, nodes=cluster.nodes,
                                                 precision=p.precision, zero_init=_zero_init(models)))
     fixed = [overhead_item(cluster.device), *states.rank_items]
+    if models.frozen:  # a LoRA student's own weights: cast to the compute dtype by DeepSpeed, no grads or states
+        w = 4 if p.precision == "fp32" else 2
+        fixed.append(MemoryItem(name="student.frozen_params", bytes=w * models.frozen,
+                                note=f"{w} B/param, frozen under the LoRA adapter (no grads, no optimizer states)"))
     # on CPU runs the host copy made while loading *is* the model: counting it again would double it
     cpu = list(_memo(models, ("states.cpu", p.zero_stage, p.offload_optimizer, p.offload_params, p.precision, *where),
                      lambda: [_per_rank(i, cluster.gpus_per_node) for i in states.node_cpu_items
@@ -710,7 +720,7 @@ def student_items(model: ModelSpec, cap: ModelCapture, micro: int, seq: int, d: 
                                eager_layers=cap.eager_attention_layers, loss_bytes=loss)
     # the backward ends with the dense gradient of the token embeddings (V x h, before it is accumulated), when
     # every activation and loss tensor is freed: it sets the peak of a step whose saved tensors are smaller
-    emb = model.arch.vocab_size * model.arch.hidden_size * d
+    emb = model.arch.vocab_size * model.arch.hidden_size * d if model.adapter is None else 0  # LoRA: frozen
     freed = sum(i.bytes for i in [*acts, *logits])
     tail = [MemoryItem(name="activations.embedding_grad", bytes=emb - freed,
                        note="embedding gradient at the end of backward, beyond the freed activations")] \

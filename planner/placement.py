@@ -267,9 +267,12 @@ def placements(spec: Spec, stage: StageSpec, models: StageModels, cluster: Clust
     nvme = cluster.nvme_per_node is not None
     ckpt = [stage.activation_checkpointing] if stage.activation_checkpointing is not None else [False, True]
     out = []
+    zeros = _zero_options(cluster.device, cluster.world, nvme, stage.pin)
+    if any(m.adapter is not None for m, _, _ in models.students):  # runtime/peft_student.py wraps a whole model
+        zeros = [z for z in zeros if z[0] < 3]
     for teachers, (zero, off_opt, off_par), ac, (micro, accum) in itertools.product(
             _teacher_options(models, cluster.device, cluster.world, nvme, stage.pin, cluster),
-            _zero_options(cluster.device, cluster.world, nvme, stage.pin), ckpt, micro_batches(stage, cluster.world)):
+            zeros, ckpt, micro_batches(stage, cluster.world)):
         out.append(Placement(teacher_strategy={n: s for n, (s, _) in teachers.items()}, zero_stage=zero,
                              offload_optimizer=off_opt, offload_params=off_par, micro_batch=micro, grad_accum=accum,
                              activation_checkpointing=ac, precision=precision,
@@ -395,6 +398,11 @@ def pin_problems(spec: Spec, stage: StageSpec, captures: list[ModelCapture]) -> 
         if getattr(pin, key) == "nvme" and not nvme:
             out.append(("pin-unavailable", pin.spans.get(key, pin.span), f"{key}: nvme needs NVMe in the cluster",
                         "give cluster.nvme (bytes per node), or pin cpu"))
+    lora = [n for n in stage.students if spec.models[n].adapter is not None]
+    if pin.zero_stage == 3 and lora:
+        out.append(("pin-unavailable", pin.spans.get("zero", pin.span), f"zero: 3 with the LoRA student "
+                    f"'{lora[0]}': peft wraps a whole model, and its frozen weights are small to replicate",
+                    "pin zero: 0, 1 or 2 (ZeRO-1/2 shard the adapter's optimizer states)"))
     for name, strategy in sorted(pin.teachers.items()):
         where = pin.spans.get(f"teacher {name}", pin.span)
         if name not in caps:

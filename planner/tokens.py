@@ -61,6 +61,9 @@ def packing_choice(spec: Spec, stage: StageSpec) -> PackingChoice:
 
 
 def _blocker(spec: Spec, stage: StageSpec, data: DataSpec) -> str | None:
+    if data.format == "chat":
+        return (f"data '{data.name}' is chat data: one conversation per row (packing would need a mask per "
+                f"conversation inside each block)")
     if data.label or data.pair:
         return f"data '{data.name}' has {'labels' if data.label else 'sentence pairs'}: one example per row"
     encoders = [m for m in [*stage.students, *stage.teachers] if spec.models[m].arch.is_encoder]
@@ -123,9 +126,9 @@ def document_lengths(spec: Spec, stage: StageSpec, spec_dir: Path) -> Lengths | 
     data = spec.data[stage.data]
     student = spec.models[stage.students[0]] if stage.students else None
     path = tokenizer_file(spec, student, spec_dir) if student is not None else None
-    if path is None or data.format not in ("text", "jsonl"):
+    if path is None or data.format not in ("text", "jsonl", "chat"):
         return None
-    docs = _documents(data, spec_dir)
+    docs = _documents(data, spec_dir) if data.format != "chat" else _conversations(data, spec_dir, path.parent)
     if not docs:
         return None
     step = max(1, math.ceil(sum(map(len, docs)) / MAX_COUNTED_CHARS))
@@ -133,10 +136,64 @@ def document_lengths(spec: Spec, stage: StageSpec, spec_dir: Path) -> Lengths | 
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(path))
-        counts = [len(e.ids) for e in tok.encode_batch(docs[::step])]
+        # a rendered conversation holds its special tokens as text: tokenised as transformers' apply_chat_template
+        # does it, without adding any
+        counts = [len(e.ids) for e in tok.encode_batch(docs[::step], add_special_tokens=data.format != "chat")]
     except Exception:  # a tokenizer file the Rust library cannot read: the figures fall back to full sequences
         return None
     return Lengths(counts, len(docs))
+
+
+def _conversations(data: DataSpec, spec_dir: Path, folder: Path) -> list[str]:
+    """Chat rows rendered with the tokenizer folder's chat template (gkdlang.chat.render), as the runtime renders
+    them; [] when there is no template or a row is not a conversation (the checker reports those)."""
+    from gkdlang import chat
+
+    template = chat.template_in(folder)
+    if template is None:
+        return []
+    special = _special_tokens(folder)
+    out = []
+    for row in _json_rows(data, spec_dir):
+        if chat.row_problem(row, data.messages):
+            return []
+        turns = [{"role": t["role"], "content": t["content"]} for t in row[data.messages]]
+        try:
+            out.append(chat.render(template, turns, special=special))
+        except chat.TemplateError:
+            return []
+    return out
+
+
+def _special_tokens(folder: Path) -> dict[str, str]:
+    """``bos_token``, ``eos_token``, ... as strings (what transformers passes a template)."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    for key, value in config.items():
+        value = value.get("content") if isinstance(value, dict) else value
+        if key.endswith("_token") and isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def _json_rows(data: DataSpec, spec_dir: Path) -> list:
+    from planner.datasize import MAX_COUNTED_BYTES, _glob
+
+    files = sorted({f for pattern in data.paths for f in _glob(pattern, spec_dir)})
+    if not files or sum(f.stat().st_size for f in files) > MAX_COUNTED_BYTES:
+        return []
+    rows = []
+    for f in files:
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    return []
+    return rows
 
 
 def _documents(data: DataSpec, spec_dir: Path) -> list[str]:

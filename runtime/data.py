@@ -18,6 +18,9 @@ File formats (paths are globs relative to the spec's directory unless absolute):
 - ``text``: one example per non-empty line of each file (blank lines are skipped); the column is ``text``.
 - ``jsonl`` / ``json``: one JSON object per line / a JSON array (or HF-style JSON) of objects.
 - ``parquet`` and ``csv`` (with a header row).
+- ``chat``: JSONL conversations (a ``messages`` list of role/content turns), rendered with the tokenizer's chat
+  template by ``runtime.chat``; the loss reads assistant tokens only (``target_mask`` -> ``tokens`` and
+  ``loss_mask`` in ``collate``). Never packed: one conversation per row, truncated to ``seq_len``.
 
 Problems in the files are found before training and named: a pattern matching no file, an empty file,
 bytes that are not UTF-8 (file and byte offset), a JSON line that does not parse (file and line), a missing
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
 
 IGNORE = -100
 """Target value of positions no loss reads (HF convention)."""
-_BUILDERS = {"text": "text", "jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
+_BUILDERS = {"text": "text", "jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "chat": "json"}
 _CHUNK = 1 << 20
 
 
@@ -108,12 +111,14 @@ def _check_file(data: DataSpec, path: Path) -> None:
         raise RunError(f"data '{data.name}': {path} is empty")
     if data.format != "parquet":
         _check_utf8(data, path)
-    if data.format == "jsonl":
+    if data.format in ("jsonl", "chat"):
         _check_jsonl(data, path)
 
 
 def _columns_needed(data: DataSpec) -> list[tuple[str, str]]:
     """(spec key, column name) pairs every row must have."""
+    if data.format == "chat":
+        return [("messages", data.messages)]
     need = [("text", data.text)]
     need += [("pair", data.pair)] if data.pair else []
     need += [("label", data.label)] if data.label else []
@@ -225,6 +230,8 @@ def _label_map(
 
 
 def _check_texts(data: DataSpec, ds: datasets.Dataset) -> None:
+    if data.format == "chat":  # conversations: runtime.chat.check_rows
+        return
     for key, column in _columns_needed(data)[: 2 if data.pair else 1]:
         bad = next((i for i, v in enumerate(ds[column]) if not isinstance(v, str)), None)
         if bad is not None:
@@ -280,6 +287,14 @@ def tokenize(
     if not 0.0 < mlm_probability < 1.0:
         raise RunError(f"data '{data.name}': mlm_probability must be in (0, 1), got {mlm_probability}")
     _check_texts(data, ds)
+    if data.format == "chat":
+        if packed:
+            raise RunError(f"data '{data.name}': chat data is never packed (the plan should not have packed it)")
+        from runtime.chat import encode_rows
+
+        return TokenizedData(dataset=encode_rows(ds, data, tokenizer, seq_len, owner="the stage's student"),
+                             label_names=None, pad_id=int(tokenizer.pad_token_id), mask_token_id=None, causal=True,
+                             mlm_probability=mlm_probability, vocab_size=len(tokenizer), vocab_map=vocab_map)
     if packed:
         return _tokenize_packed(ds, data, tokenizer, seq_len, causal=causal, vocab_map=vocab_map)
     labels, names = (None, None)
@@ -514,7 +529,8 @@ def collate(
     """Pad ``examples`` (right) into tensors.
 
     Gives ``input_ids``, ``attention_mask``, ``special_mask`` (bool, pads included), ``token_type_ids`` when
-    the examples have them, ``position_ids`` for packed blocks, ``labels`` [b] when labelled, and ``tokens`` [b, s]: next-token targets (causal,
+    the examples have them, ``position_ids`` for packed blocks, ``loss_mask`` for chat rows (the positions whose
+    next token is an assistant token: every per-token loss reads only them), ``labels`` [b] when labelled, and ``tokens`` [b, s]: next-token targets (causal,
     -100 on padding and the last position) or masked-LM targets (the original id at masked positions, else
     -100; ``input_ids`` then holds the masked input). Masking is a pure function of ``seed_for_step``.
     With ``vocab_map``, ``student_input_ids`` holds the remapped input and ``tokens`` are in the compressed
@@ -537,6 +553,10 @@ def collate(
         tokens = _causal_targets(ids, attention)
         if "position_ids" in batch:
             tokens[:, :-1][batch["position_ids"][:, 1:] == 0] = IGNORE
+        if "target_mask" in examples[0]:  # chat: only assistant tokens are targets, and only they count in any loss
+            trained = _pad([e["target_mask"] for e in examples], width, 0)
+            tokens[:, :-1][trained[:, 1:] == 0] = IGNORE
+            batch["loss_mask"] = tokens != IGNORE
     elif mask_token_id is not None:
         ids, tokens = _mask_tokens(ids, ~special, mask_token_id, seed_for_step, mlm_probability, vocab_size)
     else:

@@ -79,6 +79,18 @@ def _mask_not_special(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return batch["attention_mask"].bool() & ~batch["special_mask"].bool()
 
 
+def _chat_restricted(mask: torch.Tensor | None, batch: Mapping[str, torch.Tensor], pred: Any) -> torch.Tensor | None:
+    """Chat data (``loss_mask``, runtime/chat.py): a per-token term ([b, s, ...] or attention [b, H, s, s]) reads
+    only the positions that predict an assistant token, whatever its own mask; other terms are unchanged."""
+    keep = batch.get("loss_mask")
+    if keep is None or pred.dim() < 3 or pred.shape[0] != keep.shape[0]:
+        return mask
+    s = keep.shape[1]
+    if not (pred.dim() == 3 and pred.shape[1] == s) and not (pred.dim() == 4 and pred.shape[2] == s):
+        return mask
+    return keep if mask is None else mask & keep
+
+
 MASKS: dict[str, Callable[[Mapping[str, torch.Tensor]], torch.Tensor]] = {
     "not pad": _mask_not_pad,
     "masked": _mask_masked,
@@ -278,7 +290,7 @@ class LossGraph(nn.Module):
         options = {k: _value(v, ctx.progress, ctx.step, ctx.epoch) for k, v in term.options.items()}
         target = self._logit_operand(term, "target", term.target, signals, ctx, options)
         pred = self._logit_operand(term, "pred", term.pred, signals, ctx, options)
-        mask = MASKS[term.mask](batch) if term.mask is not None else None
+        mask = _chat_restricted(MASKS[term.mask](batch) if term.mask is not None else None, batch, pred)
         if (pred.dim() == 4 and "key_mask" not in options and term.id in self._key_masked
                 and pred.shape[-1] == batch["attention_mask"].shape[-1]):  # (relations of pooled spans have none)
             # attention-shaped signals: padded keys never count, whatever the query mask

@@ -29,6 +29,7 @@ from runtime import cache
 from runtime import checkpoint as ckpt
 from runtime import engine as eng
 from runtime import interventions as ivs
+from runtime import peft_student as lora
 from runtime import tensor_parallel
 from runtime.optim import build_lr_schedule, build_optimizer, lr_factor, optimizer_groups  # noqa: F401
 from runtime.adapters import capture
@@ -147,6 +148,10 @@ def run_stage(
     env.logger.end_stage()
 
     student = models.modules[live.student]
+    if lora.is_wrapped(student):  # the adapter saved, then merged: the stage's weights are a plain model's
+        student = lora.finish(student, env.plan.spec.models[live.student], lora.adapter_dirs(env.out_dir, live.student,
+                              index == len(env.plan.stages) - 1), models.tokenizer, rank=env.rank,
+                              base_dir=env.base_dir, first_stage=live.student not in trained)
     # gathered one tensor at a time and written by rank 0: no rank holds the whole trained model
     path = ckpt.stage_weights_path(env.out_dir, index)
     from runtime import models as M
@@ -183,6 +188,7 @@ def setup_stage(
     _seed_everything(SEED + 1000 * index)  # same init on every rank (replicas; ZeRO-3 inits on rank 0)
     env.placing = _placing(stage, stage_plan, captures, used, whole)
     models = build_models(env, stage, [*used, *blocks_only], trained)
+    lora.wrap_students(models.modules, stage, spec_models, stage_plan.placement.activation_checkpointing)
     data = StageData.build(env, stage, stage_plan, models, index)
     if total < 0:  # epochs over data the planner could not count: count the tokenised examples now
         total = steps_from_epochs(stage, data.sampler.n, max_steps)

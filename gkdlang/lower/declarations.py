@@ -14,6 +14,7 @@ from gkdlang.parser import ParseError, parse
 from gkdlang.spec import CacheSpec, ClusterSpec, DataSpec, HeadSpec, InitSpec, ModelSpec, Span, StageSpec, VocabSpec
 from gkdlang.values import ItemSet, NumVal
 from gkdlang.digest import STDLIB
+from gkdlang.lower.adapters import check_adapters, lower_adapter
 from gkdlang.lower.context import Lowerer, MethodDef, Scope, Skip
 from gkdlang.lower.readers import (
     check_arity,
@@ -205,9 +206,10 @@ def lower_model(lw: Lowerer, decl: ast.ModelDecl) -> None:
         raise lw.err("bad-value", opts["head"].span, "GLM models have no sequence-classification head",
                      "use head: lm (cloze-style classification) or head: none")
     cache = lower_cache(lw, opts["cache"], name, role, arch) if "cache" in opts else None
+    adapter = lower_adapter(lw, opts["adapter"], name, role, arch, init) if "adapter" in opts else None
     lw.models[name] = ModelSpec(name=name, role=role, source_kind=kind, source=source_val, base=base,
                                 overrides=overrides, arch=arch, dtype=dtype, frozen=frozen, init=init,
-                                head=head, cache=cache, span=decl.span)
+                                head=head, cache=cache, adapter=adapter, span=decl.span)
 
 
 def lower_cache(lw: Lowerer, expr: ast.Expr, name: str, role: str, arch: ArchInfo) -> CacheSpec:
@@ -309,11 +311,13 @@ def lower_data(lw: Lowerer, decl: ast.DataDecl) -> None:
     if not src.args:
         raise lw.err("bad-arity", src.span, f"{fmt}() needs at least one path or glob")
     paths = [read_string(lw, a, fmt) for a in src.args]
-    opts = read_block(lw, decl.options, B.DATA_KEYS, "data")
+    opts = read_block(lw, decl.options, B.CHAT_DATA_KEYS if fmt == "chat" else B.DATA_KEYS, "data")
     fields: dict[str, Any] = {}
-    for key in ("text", "pair", "label"):
+    for key in ("text", "pair", "label", "messages"):
         if key in opts:
             fields[key] = read_column(lw, opts[key], key)
+    if "assistant_only" in opts:
+        fields["assistant_only"] = read_bool(lw, opts["assistant_only"], "assistant_only")
     if "seq_len" in opts:
         fields["seq_len"] = read_int(lw, opts["seq_len"], "seq_len", minimum=1)
     if "split" in opts:
@@ -328,7 +332,48 @@ def lower_data(lw: Lowerer, decl: ast.DataDecl) -> None:
         full = Path(pattern) if Path(pattern).is_absolute() else lw.base_dir / pattern
         if not any(full.parent.glob(full.name)) if full.parent.exists() else True:
             lw.err("data-not-found", src.span, f"'{pattern}' matches no file (relative to {lw.base_dir})")
+        elif fmt == "chat":
+            check_chat_rows(lw, src.span, full, fields.get("messages", "messages"))
     lw.data[decl.name.name] = DataSpec(name=decl.name.name, format=fmt, paths=paths, span=decl.span, **fields)
+
+
+def check_chat_rows(lw: Lowerer, span, pattern: Path, column: str) -> None:
+    """Chat files hold conversations (gkdlang.chat.row_problem; the first rows of files up to a size)."""
+    from gkdlang import chat
+
+    for path in sorted(p for p in pattern.parent.glob(pattern.name) if p.is_file()):
+        for line, problem in chat.file_problems(path, column):
+            lw.err("bad-chat-data", span, f"{path.name} line {line} {problem}",
+                   'each line is {"messages": [{"role": "user", "content": "..."}, '
+                   '{"role": "assistant", "content": "..."}]}')
+
+
+def check_chat_templates(lw: Lowerer, stages: list[StageSpec]) -> None:
+    """A stage reading chat data has causal students whose local tokenizer folder holds a chat template."""
+    from gkdlang import chat
+
+    for stage in stages:
+        data = lw.data.get(stage.data)
+        if data is None or data.format != "chat":
+            continue
+        for name in [*stage.students, *stage.teachers]:
+            model = lw.models[name]
+            if model.arch.is_encoder:
+                lw.err("type-mismatch", model.span, f"stage '{stage.name}' reads chat data '{data.name}', whose loss "
+                       f"is next-token prediction on assistant turns, but '{name}' is a masked LM")
+        if not stage.students:
+            continue
+        owner = lw.models[stage.students[0]]
+        while owner.source_kind == "derived" and owner.base in lw.models:
+            owner = lw.models[owner.base]
+        if owner.source_kind != "local" or not owner.source:
+            continue  # a catalog or hub tokenizer is read at run time (runtime.chat.template_of)
+        folder = Path(owner.source) if Path(owner.source).is_absolute() else lw.base_dir / owner.source
+        if folder.is_dir() and chat.template_in(folder) is None:
+            lw.err("no-chat-template", lw.data_decls[data.name].span,
+                   f"data '{data.name}' is chat data, but the tokenizer of '{owner.name}' ({folder}) has no chat "
+                   f"template to render it with (stage '{stage.name}')",
+                   "add chat_template.jinja to the folder, or declare the data as jsonl(...) { text: ... }")
 
 
 def lower_vocab(lw: Lowerer, decl: ast.VocabDecl) -> None:
@@ -474,6 +519,8 @@ def check_teacher_weights(lw: Lowerer, stages: list[StageSpec]) -> None:
 
 def final_checks(lw: Lowerer, decls, stages: list[StageSpec]) -> None:
     check_teacher_weights(lw, stages)
+    check_chat_templates(lw, stages)
+    check_adapters(lw)
     if not any(isinstance(d, ast.ModelDecl) and d.role in ("student", "assistant") for d in decls):
         lw.err("no-student", lw.module.span,
                "the spec declares no student (student <name> = like(<teacher>) { ... })")

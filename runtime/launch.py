@@ -52,6 +52,20 @@ LOCK_FILE = ".lock"
 LOCK_ENV = "GKDC_RUN_LOCK"
 
 
+def lock_or_refuse(fh, mode: int, out: Path) -> None:
+    """``fcntl.flock(fh, mode)`` without waiting; a lock held elsewhere is refused naming its holder (the text the
+    holder wrote into the lock file). Shared by the launcher's lock and a directly started worker's."""
+    import fcntl
+
+    try:
+        fcntl.flock(fh, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        raise RunError(f"{out} is in use by another gkdc run ({holder}); wait for it to finish or choose "
+                       "another --out") from None
+
+
 @contextlib.contextmanager
 def run_folder_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive OS lock (fcntl.flock, released by the kernel if this process dies) on ``out/.lock``
@@ -62,13 +76,7 @@ def run_folder_lock(out: Path) -> Iterator[None]:
     path = out / LOCK_FILE
     fh = open(path, "a+", encoding="utf-8")
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise RunError(f"{out} is in use by another gkdc run ({holder}); wait for it to finish or choose "
-                           "another --out") from None
+        lock_or_refuse(fh, fcntl.LOCK_EX, out)
         fh.seek(0)
         fh.truncate()
         token = f"pid {os.getpid()} on {socket.gethostname()} run {os.urandom(8).hex()}"

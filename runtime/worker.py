@@ -57,7 +57,7 @@ def rank_lock(out: Path, rank: int) -> Iterator[None]:
     """Hold or verify the run folder's lock for one rank (module docstring); RunError when another run has it."""
     import fcntl
 
-    from runtime.launch import LOCK_ENV, LOCK_FILE
+    from runtime.launch import LOCK_ENV, LOCK_FILE, lock_or_refuse
 
     token = os.environ.get(LOCK_ENV)
     if token:  # launched by `gkdc run`, which holds the lock exclusively for the whole run
@@ -78,13 +78,7 @@ def rank_lock(out: Path, rank: int) -> Iterator[None]:
         raise RunError(f"cannot lock the run folder {out}: {err.strerror or err}") from None
     try:
         for fh, mode in ((shared, fcntl.LOCK_SH), (mine, fcntl.LOCK_EX)):
-            try:
-                fcntl.flock(fh, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                raise RunError(f"{out} is in use by another gkdc run ({holder}); wait for it to finish or choose "
-                               "another --out") from None
+            lock_or_refuse(fh, mode, out)
         mine.seek(0)
         mine.truncate()
         mine.write(f"rank {rank}, pid {os.getpid()}, started directly\n")

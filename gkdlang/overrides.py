@@ -191,12 +191,7 @@ class _Target:
                 raise self.fail(f"there is no '{key.name}' to set '{args[0].name}' in", key,
                                 f"set the whole value: --set {'.'.join(i.name for i in self.path[:-len(args)])}=...")
             value = self._set_kwarg(entries[at].value, key, args, value, whole)
-        entry = ast.Entry(whole, key, value)
-        if at is None:
-            entries.append(entry)
-        else:
-            entries[at] = entry
-        return dataclasses.replace(block, entries=tuple(entries))
+        return dataclasses.replace(block, entries=_put(entries, at, ast.Entry(whole, key, value)))
 
     def _set_kwarg(self, call, owner: ast.Ident, args: list[ast.Ident], value: ast.Expr, whole: Span) -> ast.Expr:
         if not isinstance(call, ast.Call):
@@ -210,12 +205,7 @@ class _Target:
             if at is None:
                 raise self.fail(f"there is no '{arg.name}' to set '{args[1].name}' in", arg)
             value = self._set_kwarg(kwargs[at].value, arg, args[1:], value, whole)
-        new = ast.Kwarg(whole, arg, value)
-        if at is None:
-            kwargs.append(new)
-        else:
-            kwargs[at] = new
-        return dataclasses.replace(call, kwargs=tuple(kwargs))
+        return dataclasses.replace(call, kwargs=_put(kwargs, at, ast.Kwarg(whole, arg, value)))
 
     def _set_source(self, kind: ast.Ident, name: ast.Ident, value: ast.Expr, whole: Span) -> ast.Module:
         """``data.NAME=text("x.txt")`` / ``teacher.NAME=hf("dir")``: the declaration's source expression."""
@@ -246,3 +236,12 @@ def _without(block: ast.Block, key: str | None) -> ast.Block:
         return block
     kept = tuple(e for e in block.entries if not (isinstance(e, ast.Entry) and e.key.name == key))
     return dataclasses.replace(block, entries=kept)
+
+
+def _put(items: list, at: int | None, new) -> tuple:
+    """``items`` with ``new`` at index ``at`` (replacing what is there), or appended when ``at`` is None."""
+    if at is None:
+        items.append(new)
+    else:
+        items[at] = new
+    return tuple(items)

@@ -656,6 +656,29 @@ class KeepBest(Frozen):
     options: ClassVar[tuple[str, ...]] = ("loss", "perplexity", "accuracy", "distill")
 
 
+class GenerateSpec(Frozen):
+    """``generate: on_policy(...)``: the stage trains on sequences generated during the run (Agarwal et al. 2024;
+    TRL's GKD trainer): with probability ``lmbda`` per optimizer step the student samples continuations of the
+    stage's prompts and the loss reads only the generated tokens; otherwise the batch is the prompt data itself
+    (teacher-forced), or, with ``seq_kd``, continuations the teacher generates (sequence-level KD)."""
+
+    prompts: str
+    """Name of the data source whose examples are the prompts (chat data: the conversation up to the last
+    assistant turn; text data: each example)."""
+    lmbda: float = 1.0
+    """Fraction of optimizer steps whose batch the student generates (1: always on-policy; 0: never)."""
+    seq_kd: bool = False
+    """On the other steps, the teacher generates the continuations (sequence-level KD) instead of the data's."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k cut."""
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end a generation besides the tokenizer's EOS token."""
+    span: Span
+
+
 class StageSpec(Frozen):
     name: str
     after: list[str] = Field(default_factory=list)
@@ -687,6 +710,8 @@ class StageSpec(Frozen):
     save_every: int | None = None
     pin: PlacementPin | None = None
     """Placement choices the spec pins for this stage; None: the planner chooses everything."""
+    generate: GenerateSpec | None = None
+    """On-policy / sequence-level generation for this stage's batches; None: batches come from ``data``."""
     span: Span
 
 

@@ -140,6 +140,19 @@ class PinReport(Frozen):
     """One line: fits with what headroom, and how it compares with the planner's choice."""
 
 
+class GenerationPlan(Frozen):
+    """What the planner predicts for a stage that generates its batches (``generate:``)."""
+
+    tokens_per_step: int
+    """Generated tokens per optimizer step, all ranks (the batch's sequences x max_new_tokens, an upper bound)."""
+    kv_cache_bytes: int
+    """Peak KV-cache bytes per rank while the generating model samples one micro-batch."""
+    generator: str
+    """The model that generates on on-policy steps (the student) and, with seq_kd, on the others (the teacher)."""
+    time_split: dict[str, float] = Field(default_factory=dict)
+    """Predicted seconds per optimizer step: ``generation``, ``teacher`` (scoring), ``training``."""
+
+
 class StagePlan(Frozen):
     name: str
     captures: list[ModelCapture]
@@ -164,6 +177,8 @@ class StagePlan(Frozen):
     """The host figure the placement search checked against ``cpu_memory`` (the worst phase of ``host``)."""
     pin: PinReport | None = None
     """Set when the spec pins part of the placement."""
+    generation: GenerationPlan | None = None
+    """Set for a stage that generates its batches (``generate:`` in the spec)."""
 
 
 class ResolvedModel(Frozen):

@@ -15,7 +15,6 @@ import json
 import math
 import time
 from contextlib import ExitStack
-from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -23,7 +22,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from gkdlang.spec import InitSpec, ModelSpec, StageSpec
+from gkdlang.spec import StageSpec
 from planner.plan import PLAN_SCHEMA_VERSION, ModelCapture, Plan, StagePlan
 from runtime import cache
 from runtime import checkpoint as ckpt
@@ -39,6 +38,7 @@ from runtime.export import exported_config
 from runtime.rerun import starting_point
 from runtime.lossgraph import LossGraph
 from runtime.metrics import METRICS_FILE, MetricsLogger, plain_grad_norm, step_grad_norm
+from runtime.stagemodels import Placing, StageModels, _placing, _single_student, build_models, build_vocab_map
 from runtime.stagekit import SEED, pruned as _pruned, seed_everything as _seed_everything  # noqa: F401 (SEED: used by callers)
 
 DEFAULT_SAVE_EVERY = 500
@@ -352,175 +352,6 @@ class DistillStep(nn.Module):
         return total, parts
 
 
-@dataclass
-class StageModels:
-    """The models of one stage, built and (for carried-over models) loaded."""
-
-    modules: dict[str, nn.Module]
-    archs: dict[str, Any]
-    tokenizer: Any
-    """The student's tokenizer (full vocabulary; compressed ids come from the vocab map)."""
-    vocab_maps: dict[str, Any] = field(default_factory=dict)
-    """Student name -> its VocabMap, for students with a compressed vocabulary."""
-
-
-@dataclass(frozen=True)
-class Placing:
-    """How the stage's models are built so they start where the plan puts them (set by ``setup_stage``)."""
-
-    keep_blocks: dict[str, int] = field(default_factory=dict)
-    """Teacher -> blocks it is built with (its forward stops after them and never reaches its head)."""
-    zero3: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Model -> the ZeRO-3 config it is partitioned under while it is built (sharded / offloaded teachers,
-    a ZeRO-3 student)."""
-    tp: dict[str, int] = field(default_factory=dict)  # teacher -> tensor-parallel degree (built into its shards)
-
-
-def _placing(stage: StageSpec, stage_plan: StagePlan, captures: Mapping[str, ModelCapture], used: list[str],
-             whole: set[str]) -> Placing:
-    keep = {}
-    for name in used:
-        cap = captures[name]
-        if name not in whole and cap.stop_after_layer is not None and not cap.needs_head:
-            keep[name] = cap.stop_after_layer + 1
-    zero3 = {name: cfg for name, cfg in stage_plan.teacher_configs.items() if cfg}
-    if stage_plan.placement.zero_stage == 3:
-        zero3.update({name: stage_plan.deepspeed_config for name in stage.students})
-    return Placing(keep, zero3, dict(stage_plan.placement.teacher_tp))
-
-
-def build_models(
-    env: "_RunEnv", stage: StageSpec, teachers: list[str], trained: Mapping[str, Path]
-) -> StageModels:
-    """The stage's used ``teachers`` first (a student may copy its init from one), then the student.
-
-    Each is built where the plan puts it (``env.placing``): a pruned teacher with only its blocks, a sharded
-    or offloaded teacher and a ZeRO-3 student partitioned while they are built. Weights a model got in an
-    earlier stage are streamed from their file into it (into its partitions under ZeRO-3). A replicated
-    student is built in fp32: DeepSpeed keeps the master weights and casts to the planned precision itself.
-    """
-    from runtime import models as M
-    from runtime import vocab as V
-
-    spec = env.plan.spec
-    placing = env.placing
-    copy_sources = {str(spec.models[n].init.source) for n in stage.students if spec.models[n].init.kind == "copy"}
-    # teachers built partitioned draw random numbers (zero.Init initialises before loading): keep the students'
-    # init the same whatever the teachers' placement
-    with torch.random.fork_rng(devices=[]):
-        built: dict[str, nn.Module] = {name: _build_teacher(env, name, placing, name in copy_sources)
-                                       for name in teachers}
-    for name in stage.students:
-        model_spec = spec.models[name]
-        if name in trained:  # its weights come from the earlier stage: skip copying an init that is overwritten
-            model_spec = model_spec.model_copy(update={"init": InitSpec(kind="random")})
-        elif model_spec.init.kind == "copy" and model_spec.init.source not in built:
-            source = str(model_spec.init.source)
-            built[source] = _copy_source(env, source, built, trained)
-        if model_spec.init.kind == "copy":
-            model_spec = _vocab_of_copy_source(model_spec, built[str(model_spec.init.source)])
-        zero3 = placing.zero3.get(name) if model_spec.vocab is None else None  # compression slices whole rows
-        if zero3 is not None:
-            built[name] = M.build_student_partitioned(model_spec, zero3, trust_remote_code=env.trust_remote_code)
-            if model_spec.init.kind == "copy":
-                M.copy_init(built[name], model_spec, built)
-        else:
-            built[name] = _build_one(env, model_spec, built).float()
-    vocab_maps = {}
-    for name in stage.students:
-        if spec.models[name].vocab is not None:
-            vmap = vocab_maps[name] = env.vocab_map(spec.models[name].vocab, built)
-            # a derived student may already be built at the compressed size (its arch holds the kept rows)
-            if built[name].get_input_embeddings().weight.shape[0] == vmap.full_size:
-                V.compress_student(built[name], vmap)
-    for name, path in trained.items():
-        if name in built:
-            M.load_weights(built[name], path, name)
-    tokenizer = M.load_tokenizer(spec.models[_single_student(stage)], spec.models, env.base_dir)
-    archs = {name: m.arch for name, m in spec.models.items()}
-    return StageModels({k: built[k] for k in [*teachers, *stage.students]}, archs, tokenizer, vocab_maps)
-
-
-def _vocab_of_copy_source(model_spec: ModelSpec, source: nn.Module) -> ModelSpec:
-    """A compressed student (its arch holds the kept rows) copying a full-vocabulary model is built at the full
-    size, so every row copies; the vocabulary step below then keeps its rows. Other models are unchanged."""
-    rows = source.get_input_embeddings().weight.shape[0]
-    if model_spec.vocab is None or rows == model_spec.arch.vocab_size:
-        return model_spec
-    arch = model_spec.arch.model_copy(update={"vocab_size": rows, "config": {**model_spec.arch.config, "vocab_size": rows}})
-    return model_spec.model_copy(update={"arch": arch})
-
-
-def _build_teacher(env: "_RunEnv", name: str, placing: Placing, copied_from: bool) -> nn.Module:
-    """A teacher as the plan places it; one a student copies its init from keeps every block."""
-    from runtime import models as M
-
-    model_spec = env.plan.spec.models[name]
-    keep = None if copied_from else placing.keep_blocks.get(name)
-    if model_spec.source_kind == "derived" or model_spec.init.kind in ("random", "copy"):
-        net = _build_one(env, model_spec, built={})  # a teacher of random weights (tests, architecture studies)
-        if keep is not None:
-            from runtime.adapters import adapter_for
-
-            adapter_for(net).prune(net, keep, drop_head=True)
-        return net
-    build = partial(tensor_parallel.build_teacher, size=placing.tp[name]) if name in placing.tp else \
-        partial(M.build_teacher, zero3=placing.zero3.get(name))
-    return build(model_spec, env.base_dir, keep_blocks=keep, drop_head=keep is not None,
-                 trust_remote_code=env.trust_remote_code, allow_pickle=env.allow_pickle)
-
-
-def _copy_source(
-    env: "_RunEnv", name: str, built: dict[str, nn.Module], trained: Mapping[str, Path]
-) -> nn.Module:
-    """The model a student copies its init from, holding the weights an earlier stage trained into it.
-
-    Copying from a student trained in an earlier stage (e.g. a classifier initialised from a distilled LM)
-    must read its trained weights, not the init it started that stage with.
-    """
-    spec = env.plan.spec
-    model_spec = spec.models[name]
-    if name in trained:
-        from runtime import models as M
-
-        net = _build_one(env, model_spec.model_copy(update={"init": InitSpec(kind="random")}), built)
-        M.load_weights(net, trained[name], name)
-        return net
-    if model_spec.init.kind == "copy" and model_spec.init.source not in built:
-        built[str(model_spec.init.source)] = _copy_source(env, str(model_spec.init.source), built, trained)
-    return _build_one(env, model_spec, built)
-
-
-def _build_one(env: "_RunEnv", model_spec: ModelSpec, built: dict[str, nn.Module]) -> nn.Module:
-    from runtime import models as M
-
-    return M.build_model(
-        model_spec, env.base_dir, built, trust_remote_code=env.trust_remote_code, allow_pickle=env.allow_pickle
-    )
-
-
-def build_vocab_map(env: "_RunEnv", vocab_name: str, built: dict[str, nn.Module]) -> Any:
-    """GLMD: rank the source tokenizer's ids by frequency on the ranking data, keep the top rows, remap the rest."""
-    from runtime import data as D
-    from runtime import models as M
-    from runtime import vocab as V
-
-    spec = env.plan.spec
-    vocab = spec.vocabs[vocab_name]
-    source = spec.models[vocab.source]
-    tokenizer = M.load_tokenizer(source, spec.models, env.base_dir)
-    ranking = spec.data[vocab.rank_data]
-    texts = D.load_texts(ranking, env.base_dir)
-    tokens = D.tokenize(texts, ranking, tokenizer, ranking.seq_len, causal=not source.arch.is_encoder)
-    kept = V.choose_kept(vocab, tokenizer, V.token_frequencies(tokens.dataset["input_ids"], vocab.full_size))
-    embeddings = None
-    if vocab.remap != "unk":
-        owner = built.get(vocab.source) or _build_one(env, source, built)
-        with eng.gathered(owner.get_input_embeddings()):  # one tensor, gathered when the owner is partitioned
-            embeddings = owner.get_input_embeddings().weight.detach().float().clone()
-    return V.build_vocab_map(vocab, kept, embeddings, tokenizer.unk_token_id)
-
-
 def _weights_file(path: Path) -> Path:
     if not path.exists():
         raise RunError(f"weights file {path} of a finished stage is missing; start the run again with another --out (this folder is kept)")
@@ -673,11 +504,6 @@ def steps_from_epochs(stage: StageSpec, examples: int, max_steps: int | None) ->
 def _capped(stage_plan: StagePlan, max_steps: int | None) -> int:
     return stage_plan.total_steps if max_steps is None else min(stage_plan.total_steps, max_steps)
 
-
-def _single_student(stage: StageSpec) -> str:
-    if len(stage.students) != 1:
-        raise RunError(f"stage '{stage.name}': trains {len(stage.students)} models; this runtime trains one per stage")
-    return stage.students[0]
 
 
 def _capture_of(captures: Mapping[str, ModelCapture], name: str, stage: StageSpec) -> ModelCapture:

@@ -190,7 +190,9 @@ def test_outer_gradient_scales_the_precomputed_gradient():
     (3.0 * L.kl(t, x)).backward()
     y = s.clone().requires_grad_(True)
     (3.0 * L.dense_kl(t, y)).backward()
-    assert torch.allclose(x.grad, y.grad, rtol=1e-5, atol=1e-9)
+    # relative to the gradient's scale: fp32 sums in another order differ by ~1e-9 absolute on near-zero entries
+    assert (x.grad - y.grad).abs().max().item() <= 1e-5 * y.grad.abs().max().item()
+    assert not torch.allclose(x.grad, y.grad / 3.0, rtol=1e-3)  # the outer 3x is really applied
     h, w = rnd(B, S, H), rnd(V, H, scale=0.3, seed=2)
     fused = [p.clone().requires_grad_(True) for p in (h, w)]
     plain = [p.clone().requires_grad_(True) for p in (h, w)]

@@ -192,6 +192,7 @@ STAGE_KEYS = {
     "data": "data", "steps": "int", "epochs": "number", "batch": "int", "micro_batch": "int", "seq_len": "int",
     "optimizer": "optimizer", "schedule": "lr_schedule", "loss": "objective", "activation_checkpointing": "bool",
     "eval_every": "int", "keep_best": "symbol", "save_every": "int",
+    "generate": "generate",
 }
 CLUSTER_KEYS = {
     "gpus": "gpus", "gpu": "string", "nodes": "int", "cpu_memory": "bytes", "nvme": "bytes",

@@ -50,6 +50,11 @@ CODES: dict[str, tuple[Severity, str]] = {
                                 "the run (no key is in this state today)."),
     "device-mismatch": ("warning", "`gkdc run` of a plan made for GPUs on a machine with none (or for CPU ranks on one "
                                    "with GPUs): it runs, but the plan's memory and time figures are not this machine's."),
+    "no-prompts": ("error", "A generating stage (`generate: on_policy(...)`) whose `prompts` names no data source, or "
+                   "data with no example usable as a prompt."),
+    "cannot-generate": ("error", "A generating stage whose student cannot sample (a masked LM, a classifier, no LM "
+                        "head), whose teacher cannot score generated tokens (cached, masked LM), or, with `seq_kd`, "
+                        "whose teacher cannot sample."),
     "no-held-out": ("error", "`eval_every` or `keep_best` on a stage whose data has no `split` (nothing held out)."),
     # models
     "model-source": ("error", "A model source that is neither a local directory with config.json nor a catalog model."),

@@ -350,30 +350,35 @@ def check_chat_rows(lw: Lowerer, span, pattern: Path, column: str) -> None:
 
 def check_chat_templates(lw: Lowerer, stages: list[StageSpec]) -> None:
     """A stage reading chat data has causal students whose local tokenizer folder holds a chat template."""
+    for stage in stages:
+        for name in dict.fromkeys([stage.data, *([stage.generate.prompts] if stage.generate else [])]):
+            check_chat_template(lw, stage, lw.data.get(name))
+
+
+def check_chat_template(lw: Lowerer, stage: StageSpec, data) -> None:
+    """One chat data source a stage reads (its data, or its prompts)."""
     from gkdlang import chat
 
-    for stage in stages:
-        data = lw.data.get(stage.data)
-        if data is None or data.format != "chat":
-            continue
-        for name in [*stage.students, *stage.teachers]:
-            model = lw.models[name]
-            if model.arch.is_encoder:
-                lw.err("type-mismatch", model.span, f"stage '{stage.name}' reads chat data '{data.name}', whose loss "
-                       f"is next-token prediction on assistant turns, but '{name}' is a masked LM")
-        if not stage.students:
-            continue
-        owner = lw.models[stage.students[0]]
-        while owner.source_kind == "derived" and owner.base in lw.models:
-            owner = lw.models[owner.base]
-        if owner.source_kind != "local" or not owner.source:
-            continue  # a catalog or hub tokenizer is read at run time (runtime.chat.template_of)
-        folder = Path(owner.source) if Path(owner.source).is_absolute() else lw.base_dir / owner.source
-        if folder.is_dir() and chat.template_in(folder) is None:
-            lw.err("no-chat-template", lw.data_decls[data.name].span,
-                   f"data '{data.name}' is chat data, but the tokenizer of '{owner.name}' ({folder}) has no chat "
-                   f"template to render it with (stage '{stage.name}')",
-                   "add chat_template.jinja to the folder, or declare the data as jsonl(...) { text: ... }")
+    if data is None or data.format != "chat":
+        return
+    for name in [*stage.students, *stage.teachers]:
+        model = lw.models[name]
+        if model.arch.is_encoder:
+            lw.err("type-mismatch", model.span, f"stage '{stage.name}' reads chat data '{data.name}', whose loss "
+                   f"is next-token prediction on assistant turns, but '{name}' is a masked LM")
+    if not stage.students:
+        return
+    owner = lw.models[stage.students[0]]
+    while owner.source_kind == "derived" and owner.base in lw.models:
+        owner = lw.models[owner.base]
+    if owner.source_kind != "local" or not owner.source:
+        return  # a catalog or hub tokenizer is read at run time (runtime.chat.template_of)
+    folder = Path(owner.source) if Path(owner.source).is_absolute() else lw.base_dir / owner.source
+    if folder.is_dir() and chat.template_in(folder) is None:
+        lw.err("no-chat-template", lw.data_decls[data.name].span,
+               f"data '{data.name}' is chat data, but the tokenizer of '{owner.name}' ({folder}) has no chat "
+               f"template to render it with (stage '{stage.name}')",
+               "add chat_template.jinja to the folder, or declare the data as jsonl(...) { text: ... }")
 
 
 def lower_vocab(lw: Lowerer, decl: ast.VocabDecl) -> None:

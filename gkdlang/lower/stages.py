@@ -11,6 +11,7 @@ from gkdlang.spec import Interchange, Intervention, LossTerm, LRScheduleSpec, Op
 from gkdlang.values import Objective, Symbol
 from gkdlang.lower.context import Lowerer, Scope, Skip, describe, kind_of, node_models
 from gkdlang.lower.evaluation import lower_evaluation
+from gkdlang.lower.generation import lower_generate
 from gkdlang.lower.placement import PinDraft, merge_stage_fields, stage_draft, stage_pin
 from gkdlang.lower.readers import (
     check_arity,
@@ -110,6 +111,10 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl, pins: dict[str | None, PinDraf
                  if m not in students and m not in teachers and lw.models[m].role != "student"]
     check_positions(lw, decl, opts, fields, data, [*students, *teachers])
     lower_evaluation(lw, opts, fields, data, students, bool(objective.interventions), bool(teachers))
+    if "generate" in opts:
+        generate = lw.guard(lower_generate, lw, opts["generate"], students, teachers, terms)
+        if generate is not None:
+            fields["generate"] = generate
     pin = stage_pin(lw, draft, own_opts, decl.name.name, teachers, own=decl.name.name in (pins or {}))
     if len(lw.d.errors) > errors_before:
         raise Skip()

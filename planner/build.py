@@ -18,19 +18,19 @@ Decisions made here (documented in the plan's ``notes``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gkdlang.diagnostics import Diagnostic
 from gkdlang.spec import ClusterSpec, DataSpec, ModelSpec, Spec, StageSpec
-from planner import dsconfig, evalcost, offline_notes, placement, tensor_parallel, tokens
+from planner import dsconfig, evalcost, generation, offline_notes, placement, tensor_parallel, tokens
 from planner.graph import SignalGraph, build_graph
 from planner.hardware import device_for
 from planner.hostmem import host_memory
 from planner.memory import fused_head
 from planner.params import ParamCounts, count_params_for
 from planner.trainable import trained_params
-from planner.plan import HostCheck, ModelCapture, PinReport, Plan, ResolvedModel, StagePlan, TokensPerStep, sealed
+from planner.plan import GenerationPlan, HostCheck, ModelCapture, PinReport, Plan, ResolvedModel, StagePlan, TokensPerStep, sealed
 from planner.datasize import count_rows
 from planner.describe import describe_capture, describe_placement, fmt_bytes
 
@@ -186,9 +186,10 @@ def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str,
         return problems
     # teachers that no term reads are not loaded, so the search must not count them
     loaded = {c.model for c in captures}
-    seq = st.seq_len or spec.data[st.data].seq_len
-    # packed blocks are full by construction: documents are tokenised only for padded data (or packed epochs)
-    lengths = None if packing.packed else stage_lengths(spec, st, spec_dir)
+    seq = generation.stage_seq(spec, st)
+    # packed blocks are full by construction: documents are tokenised only for padded data (or packed epochs);
+    # generated sequences are priced at their longest (prompt + max_new_tokens)
+    lengths = None if packing.packed or st.generate else stage_lengths(spec, st, spec_dir)
     clipped = () if lengths is None else tuple(sorted(min(n, seq) for n in lengths.counts))
     counts = {m: p for m, p in params.items() if m in loaded}
     result = placement.search(spec, st, captures, counts, world, clipped)
@@ -201,6 +202,9 @@ def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str,
     host, host_node = host_memory(models, placement.cluster_shape(spec, device_for(spec.cluster), world), chosen,
                                   result.memory)
     step = tokens.step_tokens(st.batch, chosen.micro_batch, seq, packing.packed, lengths)
+    if st.generate is not None:
+        step = replace(step, source=f"generated: each sequence at most its prompt ({generation.prompt_len(spec, st)} "
+                       f"positions) plus max_new_tokens ({st.generate.max_new_tokens}), an upper bound")
     return StagePlan(
         name=st.name, captures=captures, placement=chosen, memory=result.memory, step_time_s=result.step_time_s,
         step_time_parts=dict(result.step_time_parts), total_steps=total_steps(spec, st, spec_dir, packing.packed)[0],
@@ -209,7 +213,17 @@ def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str,
         tokens=TokensPerStep(packed=packing.packed, why=packing.why, seq_len=seq, real=step.real,
                              computed=step.computed, source=step.source),
         host_check=HostCheck(per_node=result.host_node, per_rank=result.host_rank, limit=spec.cluster.cpu_memory),
-        pin=pin_report(st, result, free))
+        pin=pin_report(st, result, free), generation=generation_plan(st, models, chosen, result.step_time_parts))
+
+
+def generation_plan(st: StageSpec, models, chosen, parts: dict[str, float]) -> GenerationPlan | None:
+    """StagePlan.generation: generated tokens, KV cache and the step's generation / teacher / training split."""
+    shape = models.generation
+    if shape is None:
+        return None
+    return GenerationPlan(tokens_per_step=st.batch * shape.max_new_tokens,
+                          kv_cache_bytes=generation.kv_cache_peak(shape, chosen.micro_batch, chosen.precision),
+                          generator=generation.generator_label(shape), time_split=generation.time_split(parts))
 
 
 _LENGTHS: dict[tuple, object] = {}

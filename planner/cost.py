@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import math
 
+from planner import generation as G
 from planner import tensor_parallel as TP
 from planner.collectives import Topology, all_gather, all_reduce, reduce_scatter
 from planner.hardware import Device
@@ -76,7 +77,21 @@ def step_cost(models: StageModels, p: Placement, device: Device, world: int, gpu
     parts["offload"] = _offload(models, p, device, world, gpus_per_node)
     parts["latency"] = _latency(models, p)
     parts["cache_read"] = _cache_read(models, p, device, tokens)
+    if models.generation is not None:
+        parts["generation"] = _generation(models, p, device, Topology.of(device, world, gpus_per_node))
     return StepCost(total=sum(parts.values()), parts=parts)
+
+
+def _generation(models: StageModels, p: Placement, device: Device, topo: Topology) -> float:
+    """Sampling of a generating stage (planner.generation), and a ZeRO-3 student's weights gathered for it once
+    per generating micro-batch."""
+    shape = models.generation
+    seconds = G.step_seconds(shape, p.micro_batch, p.grad_accum, device, p.precision)
+    if p.zero_stage == 3 and topo.ranks > 1:
+        blocks = sum(m.arch.num_layers for m, _, _ in models.students)
+        seconds += G.student_share(shape) * p.grad_accum * all_gather(
+            models.trainable * DTYPE_BYTES[p.precision], topo, blocks)
+    return seconds
 
 
 def _latency(models: StageModels, p: Placement) -> float:

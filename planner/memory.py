@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from gkdlang.arch import ArchInfo
 from gkdlang.builtins import DTYPE_BYTES
 from gkdlang.spec import ModelSpec, OpNode, Project, StageSpec
+from planner.generation import GenerationShape, phase_items
 from planner.graph import numel, signal_shape
 from planner.hardware import Device
 from planner.params import ParamCounts
@@ -102,6 +103,8 @@ class StageModels:
     """Sorted token counts of unpacked documents, clipped to seq_len (``planner.tokens``); empty: every
     sequence fills seq_len (packed data, or lengths unknown at plan time). Memory always plans for full
     sequences (a micro-batch may hold one); the step time uses the expected padded width."""
+    generation: GenerationShape | None = None
+    """A generating stage's generators and lengths (planner.generation); None: batches come from the data."""
     memo: dict = field(default_factory=dict, init=False, compare=False, repr=False, hash=False)
     """Item lists shared by the placements of one search (each depends on a few placement fields only)."""
 
@@ -665,6 +668,10 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
     phase2 = sum(i.bytes for i in signals) + sum(i.bytes for i in train)
     worst_teacher = max(teacher_fwd, key=lambda i: i.bytes, default=None)
     phase = [*signals, worst_teacher] if phase1 > phase2 and worst_teacher else [*signals, *train]
+    if models.generation is not None:  # phase 0: sampling, before any signal or activation of the step exists
+        gen = phase_items(models.generation, p.micro_batch, p.zero_stage, cluster.world, p.precision)
+        if sum(i.bytes for i in gen) > sum(i.bytes for i in phase):
+            phase = gen
     return fixed + phase + cpu
 
 

@@ -31,6 +31,7 @@ from typing import Literal
 from gkdlang.spec import PlacementPin, Spec, StageSpec
 from planner import tensor_parallel as TP
 from planner.cost import StepCost, step_cost
+from planner.generation import shape_of, stage_seq
 from planner.graph import logit_losses
 from planner.hardware import CATALOG, Device, device_for, training_precision
 from planner.hostmem import host_peaks
@@ -149,14 +150,15 @@ def stage_models(spec: Spec, stage: StageSpec, captures: list[ModelCapture],
     students = [(spec.models[s], params[s], caps.get(s) or _whole(s)) for s in stage.students if s in params]
     teachers = [(spec.models[c.model], params[c.model], c) for c in captures
                 if c.model not in stage.students and c.model in params]
-    seq = stage.seq_len or spec.data[stage.data].seq_len
+    seq = stage_seq(spec, stage)  # a generated sequence may be longer than the data's
     offline = frozenset(m.name for m, _, c in teachers if not offline_problems(spec, stage, m.name, c))
     gpn = spec.cluster.gpus_per_node
     tp = {m.name: TP.degrees(m, c, stage, gpn) for m, _, c in teachers if spec.cluster.gpu != "cpu" or gpn > 1}
     return StageModels(students=students, teachers=teachers, seq_len=seq, extra_trainable=learned_params(stage),
                        offline=offline, epochs=stage_epochs(spec, stage) if offline else 1.0,
                        logit_losses=logit_losses(stage), fusable=frozenset(c.model for c in captures if c.fused_head),
-                       tensor_parallel={k: v for k, v in tp.items() if v}, lengths=lengths)
+                       tensor_parallel={k: v for k, v in tp.items() if v}, lengths=lengths,
+                       generation=shape_of(spec, stage, {m: c.total for m, c in params.items()}))
 
 
 def _whole(model: str) -> ModelCapture:

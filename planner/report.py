@@ -84,6 +84,15 @@ def _stage_spec(plan: Plan, name: str) -> StageSpec:
     return next(s for s in plan.spec.stages if s.name == name)
 
 
+def _generation_line(sp: StagePlan) -> str:
+    """How a generating stage's step splits: generation / teacher scoring / training (planner.generation)."""
+    g = sp.generation
+    split = ", ".join(f"{k} {v:.3g}s ({v / sp.step_time_s:.0%})" if sp.step_time_s else f"{k} {v:.3g}s"
+                      for k, v in g.time_split.items())
+    return (f"generation: {g.generator} samples up to {g.tokens_per_step:,} tokens per step (KV cache "
+            f"{fmt_bytes(g.kv_cache_bytes)} per rank); step time split: {split}")
+
+
 def _print_stage(console: Console, plan: Plan, sp: StagePlan, explain: bool) -> None:
     st = _stage_spec(plan, sp.name)
     steps = "unknown (counted at run time)" if sp.total_steps < 0 else f"{sp.total_steps:,} steps"
@@ -97,6 +106,8 @@ def _print_stage(console: Console, plan: Plan, sp: StagePlan, explain: bool) -> 
         console.print(f"pinned: {', '.join(sp.pin.pinned)}: {sp.pin.verdict}", soft_wrap=True)
     parts = ", ".join(f"{k} {v:.3g}s" for k, v in sorted(sp.step_time_parts.items()))
     console.print(f"predicted step time: {sp.step_time_s:.3g}s" + (f" ({parts})" if parts else ""))
+    if sp.generation is not None:
+        console.print(_generation_line(sp), soft_wrap=True)
     if sp.tokens is not None:
         console.print(_tokens_line(sp), soft_wrap=True)
     if sp.host_check is not None:

@@ -61,6 +61,8 @@ def packing_choice(spec: Spec, stage: StageSpec) -> PackingChoice:
 
 
 def _blocker(spec: Spec, stage: StageSpec, data: DataSpec) -> str | None:
+    if stage.generate is not None:
+        return "the stage trains on generated sequences, one per prompt (generate: on_policy)"
     if data.format == "chat":
         return (f"data '{data.name}' is chat data: one conversation per row (packing would need a mask per "
                 f"conversation inside each block)")

@@ -31,7 +31,7 @@ MAX_PROMPT_ROWS = 20_000
 
 
 def lower_generate(lw: Lowerer, expr: ast.Expr, students: list[str], teachers: list[str],
-                   terms: list[LossTerm]) -> GenerateSpec:
+                   terms: list[LossTerm], data: str, seq_len: int | None) -> GenerateSpec:
     if isinstance(expr, ast.Name):
         expr = ast.Call(expr.span, expr, (), ())
     if not (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name)):
@@ -64,7 +64,23 @@ def lower_generate(lw: Lowerer, expr: ast.Expr, students: list[str], teachers: l
     spec = GenerateSpec(span=expr.span, **fields)
     check_terms(lw, expr, terms)
     check_models(lw, spec, expr, students, teachers)
+    check_length(lw, spec, kw.get("max_new_tokens", expr), [*students, *teachers], data, seq_len)
     return spec
+
+
+def check_length(lw: Lowerer, spec: GenerateSpec, where: ast.Expr, models: list[str], data: str,
+                 seq_len: int | None) -> None:
+    """A prompt (its data's seq_len) plus max_new_tokens fits every model's positions (planner.generation)."""
+    if spec.prompts not in lw.data or not models:
+        return
+    prompt = seq_len if spec.prompts == data and seq_len else lw.data[spec.prompts].seq_len
+    shortest = min(models, key=lambda m: lw.models[m].arch.max_positions)
+    limit = lw.models[shortest].arch.max_positions
+    if prompt + spec.max_new_tokens > limit:
+        raise lw.err("bad-value", where.span, f"a prompt of {prompt} positions (the seq_len of data "
+                     f"'{spec.prompts}') plus max_new_tokens {spec.max_new_tokens} is longer than model '{shortest}' "
+                     f"accepts ({limit} positions)", f"use max_new_tokens: {max(limit - prompt, 1)} or less, or "
+                     "a shorter seq_len for the prompts")
 
 
 def _in_range(lw: Lowerer, expr: ast.Expr, key: str, ok, what: str) -> float:

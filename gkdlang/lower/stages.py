@@ -112,7 +112,8 @@ def lower_stage(lw: Lowerer, decl: ast.StageDecl, pins: dict[str | None, PinDraf
     check_positions(lw, decl, opts, fields, data, [*students, *teachers])
     lower_evaluation(lw, opts, fields, data, students, bool(objective.interventions), bool(teachers))
     if "generate" in opts:
-        generate = lw.guard(lower_generate, lw, opts["generate"], students, teachers, terms)
+        generate = lw.guard(lower_generate, lw, opts["generate"], students, teachers, terms, data,
+                            fields.get("seq_len"))
         if generate is not None:
             fields["generate"] = generate
     pin = stage_pin(lw, draft, own_opts, decl.name.name, teachers, own=decl.name.name in (pins or {}))

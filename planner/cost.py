@@ -17,6 +17,9 @@ Per optimizer step on one rank (``tokens`` = micro_batch * seq_len * grad_accum)
   the node's NVMe bandwidth; an offline teacher's ``compute_teacher`` is its one pass over the data spread over
   the stage's epochs (online cost / epochs);
 - ``latency``: a fixed ``PER_BLOCK_LATENCY_S`` per block and pass of every micro-batch (kernel launches);
+- ``generation`` (stages with ``generate:``, planner.generation): prefill and bandwidth- or FLOP-bound decode of
+  the prompts by the student (``lambda`` of the steps) and, with ``seq_kd``, the teacher (the rest); a ZeRO-3
+  student's weights gathered once per generating micro-batch;
 - ``offload``: 16-bit gradients down and weights up over PCIe, the host Adam step (``CPU_ADAM_PARAMS_PER_S``),
   offloaded weights fetched every forward/backward, NVMe traffic at the node's NVMe bandwidth shared by its
   ranks.

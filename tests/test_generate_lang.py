@@ -93,3 +93,9 @@ def test_a_cached_teacher_cannot_score_generations():
               'stage s { data: corpus, steps: 2, loss: kl(t2.logits, small.logits), generate: on_policy(prompts: corpus) }\n')
     assert [c for c, _ in errors(r)] == ["cannot-generate"], errors(r)
     assert "cache" in errors(r)[0][1]
+
+
+def test_seq_kd_needs_a_teacher_to_generate():
+    r = check('stage s { data: corpus, steps: 2, loss: ce(tokens, small.logits), '
+              'generate: on_policy(prompts: corpus, seq_kd: true, lambda: 0.5) }\n')
+    assert [c for c, _ in errors(r)] == ["cannot-generate"] and "reads no teacher" in errors(r)[0][1]

@@ -162,6 +162,9 @@ def check_models(lw: Lowerer, spec: GenerateSpec, expr: ast.Call, students: list
                          related=[(lw.vocabs[model.vocab].span, "the vocab block is here")]
                          if model.vocab in lw.vocabs else [])
     student = students[0] if students else None
+    if spec.seq_kd and spec.lmbda < 1 and not teachers:
+        raise lw.err("cannot-generate", expr.span, "seq_kd: a teacher generates on the steps the student does not, "
+                     "but this stage reads no teacher", "read a teacher in the loss, or remove seq_kd")
     for name in teachers:
         model = lw.models[name]
         if model.cache is not None:

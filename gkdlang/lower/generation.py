@@ -122,7 +122,7 @@ def _has_prompt(path: Path, data) -> bool:
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, start=1):
             if number > MAX_PROMPT_ROWS:
-                return True  # not read to the end here: the runtime refuses a file with no prompt
+                return True  # not read further at check time (like bad-chat-data's row limit)
             if not line.strip():
                 continue
             if data.format == "text":
@@ -142,8 +142,7 @@ def _has_prompt(path: Path, data) -> bool:
 
 def _prompt_turns(roles: list[Any]) -> int:
     """Turns before the last assistant turn (the prompt of a conversation)."""
-    last = len(roles) - 1 - roles[::-1].index("assistant")
-    return last
+    return len(roles) - 1 - roles[::-1].index("assistant")
 
 
 def check_models(lw: Lowerer, spec: GenerateSpec, expr: ast.Call, students: list[str], teachers: list[str]) -> None:

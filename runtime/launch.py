@@ -122,6 +122,8 @@ def _run_node(plan: Plan, plan_path: Path, out: Path, opts: NodeOptions, *, resu
     if nodes.nodes == 1:
         raise RunError("--node-rank is for a plan of several nodes; this plan has one (plain `gkdc run` starts its "
                        "ranks)")
+    if not 0 <= opts.rank < nodes.nodes:
+        raise RunError(f"--node-rank {opts.rank} is outside the plan's {nodes.nodes} node(s) (0 to {nodes.nodes - 1})")
     if opts.hostfile is not None:
         nodes = parse_hostfile(opts.hostfile, nodes)
     check_plan(plan, plan_path, allowed_paths)

@@ -100,7 +100,9 @@ def parse_hostfile(path: Path, expect: Nodes | None = None) -> Nodes:
     except OSError as err:
         raise RunError(f"{path}: cannot read the hostfile: {err.strerror or err}  [bad-hostfile]") from None
     except UnicodeDecodeError as err:
-        raise RunError(f"{path}: the hostfile is not UTF-8 text (byte {err.start})  [bad-hostfile]") from None
+        head = err.object[:err.start]
+        line, col = head.count(b"\n") + 1, err.start - (head.rfind(b"\n") + 1) + 1
+        raise _bad(path, line, col, f"the hostfile is not UTF-8 text (byte {err.start})") from None
     hosts: list[str] = []
     slots: list[tuple[int, int]] = []  # (slots, line)
     seen: dict[str, int] = {}
@@ -281,8 +283,6 @@ def start_ranks(nodes: Nodes, node_rank: int, master_addr: str, master_port: int
 def run_node(plan, plan_path: Path, out: Path, argv: list[str], nodes: Nodes, node_rank: int, master_addr: str,
              master_port: int, base_env: dict[str, str]) -> None:
     """One node's part of a multi-node run (module docstring); RunError unless its ranks all finished."""
-    if not 0 <= node_rank < nodes.nodes:
-        raise RunError(f"--node-rank {node_rank} is outside the plan's {nodes.nodes} node(s) (0 to {nodes.nodes - 1})")
     if not 1 <= master_port <= 65534:
         raise RunError(f"--master-port {master_port} is outside 1..65534 (the launchers use it + 1)")
     with node_lock(out, node_rank):

@@ -134,7 +134,7 @@ def _run_node(plan: Plan, plan_path: Path, out: Path, opts: NodeOptions, *, resu
         if removed:
             print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
     addr = opts.master_addr or (nodes.hosts[0] if nodes.hosts else "127.0.0.1")
-    port = opts.master_port or _master_port(plan.spec_hash)
+    port = opts.master_port or _planned_port(plan.spec_hash)  # no free-port fallback: every node must agree
     argv = worker_argv(plan_path, out, resume=resume, max_steps=max_steps, trust_remote_code=trust_remote_code,
                        allow_pickle=allow_pickle, progress=progress, allowed_paths=allowed_paths)
     run_node(plan, plan_path, out, argv, nodes, opts.rank, addr, port, _env())
@@ -205,13 +205,18 @@ def worker_argv(plan_path: Path, out: Path, *, resume: bool, max_steps: int | No
     return argv
 
 
-def _master_port(spec_hash: str) -> int:
-    """The planner's port for this spec (29500 + hash mod 1000) unless something already listens there."""
+def _planned_port(spec_hash: str) -> int:
+    """The planner's port for this spec: 29500 + hash mod 1000."""
     from planner.build import master_port
 
     if not re.fullmatch(r"[0-9a-f]{8,128}", spec_hash or ""):
         raise RunError(f"the plan's spec_hash {spec_hash[:40]!r} is not a hex digest; re-run `gkdc plan`")
-    port = master_port(spec_hash)
+    return master_port(spec_hash)
+
+
+def _master_port(spec_hash: str) -> int:
+    """The planner's port for this spec unless something already listens there."""
+    port = _planned_port(spec_hash)
     with socket.socket() as probe:
         try:
             probe.bind(("127.0.0.1", port))

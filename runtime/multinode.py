@@ -32,6 +32,8 @@ from runtime.locks import LOCK_ENV, LOCK_FILE, LOCK_FILE_ENV, lock_or_refuse
 TIMEOUT_ENV = "GKDC_NODE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 MAX_RANKS_PER_NODE = 1024
+#: seconds a node's other ranks get to stop (SIGTERM) after one failed, before SIGKILL
+STOP_GRACE_S = 30.0
 TOKENS = "nodes"
 _HOST = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,253}")
 _LINE = re.compile(r"(?P<host>\S+)(?P<rest>.*)")
@@ -263,20 +265,29 @@ def start_ranks(nodes: Nodes, node_rank: int, master_addr: str, master_port: int
                 base_env: dict[str, str]) -> list[int]:
     """Start this node's ranks (``argv``: the worker command) and wait for them; their exit statuses. When one
     fails the others are stopped (their peers' collectives would otherwise wait for the backend's timeout)."""
+    def stop(signum, frame):  # SIGTERM to the launcher: unwind through the finally below, stopping the ranks
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
     procs = [subprocess.Popen(argv, env=rank_env(nodes, node_rank, local, master_addr, master_port, base_env))
              for local in range(nodes.per_node)]
+    stopping: float | None = None
     try:
         while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs) and stopping is None:
+                stopping = time.monotonic() + STOP_GRACE_S
                 for p in procs:
                     if p.poll() is None:
                         p.send_signal(signal.SIGTERM)
+            if stopping is not None and time.monotonic() > stopping:
+                break  # the finally kills what did not stop
             time.sleep(0.2)
     finally:
         for p in procs:  # this launcher interrupted (Ctrl-C, SIGTERM): its ranks go with it
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        signal.signal(signal.SIGTERM, before)
     return [p.returncode for p in procs]
 
 

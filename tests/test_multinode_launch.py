@@ -152,3 +152,12 @@ def test_the_command_line_reports_the_codes_without_a_traceback(tmp_path):
                        "--allow-path", str(ROOT))
     assert status == 1 and "[bad-hostfile]" in err, err
     assert "Traceback" not in err
+
+
+def test_one_failing_rank_stops_the_nodes_other_ranks():
+    import os
+    import sys
+
+    script = "import os, sys, time\nif os.environ['RANK'] == '2': sys.exit(3)\ntime.sleep(120)\n"
+    codes = M.start_ranks(M.Nodes(2, 2), 1, "127.0.0.1", 29999, [sys.executable, "-c", script], dict(os.environ))
+    assert codes[0] == 3 and codes[1] != 0  # rank 2 (local 0) failed; rank 3 was stopped, not left waiting

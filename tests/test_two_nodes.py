@@ -30,7 +30,7 @@ stage distill {{
 }}
 cluster {{ {cluster}, cpu_memory: 8GB }}
 """
-STEPS = 40
+STEPS = 12
 
 
 def _free_port() -> int:

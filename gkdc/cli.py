@@ -105,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="steps between plain progress lines (default: about 20 per stage)")
     r.add_argument("--wandb", action="store_true",
                    help="also log to Weights & Biases, offline, under <out>/wandb (needs pip install 'gkdc[wandb]')")
+    r.add_argument("--hostfile", type=Path, default=None, metavar="FILE",
+                   help="several nodes: DeepSpeed hostfile (`host slots=N` a line), checked against the plan")
+    r.add_argument("--node-rank", type=int, default=None, metavar="R",
+                   help="several nodes: run node R's ranks here (start `gkdc run` on every node; docs/runtime.md)")
+    r.add_argument("--master-addr", default=None, metavar="ADDR", help="several nodes: node 0's address")
+    r.add_argument("--master-port", type=int, default=None, metavar="PORT",
+                   help="several nodes: the ranks' rendezvous port (the launchers use PORT+1)")
     r.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
                     help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
     _add_set(r)
@@ -339,11 +346,13 @@ def cmd_run(args) -> int:
     _warn_device(plan)
     from runtime.errors import RunError
     from runtime.launch import run_plan
+    from runtime.multinode import NodeOptions
 
     try:
         run_plan(plan, plan_path, out, resume=args.resume, max_steps=args.max_steps,
                  trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                 progress=not args.no_progress, allowed_paths=tuple(args.allow_path), overwrite=args.overwrite)
+                 progress=not args.no_progress, allowed_paths=tuple(args.allow_path), overwrite=args.overwrite,
+                 nodes=NodeOptions(args.hostfile, args.node_rank, args.master_addr, args.master_port))
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERRORS

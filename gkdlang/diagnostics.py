@@ -55,6 +55,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     "cannot-generate": ("error", "A generating stage whose student cannot sample (a masked LM, a classifier, no LM "
                         "head), whose teacher cannot score generated tokens (cached, masked LM), or, with `seq_kd`, "
                         "whose teacher cannot sample."),
+    "bad-hostfile": ("error", "`gkdc run --hostfile` of a file that is not DeepSpeed's `host slots=N` lines, or whose "
+                     "hosts or slots do not match the plan's nodes and gpus per node (`file:line:col`)."),
+    "run-folder-not-shared": ("error", "A multi-node `gkdc run` whose `--out` is not one folder every node sees: node 0 "
+                              "did not find every node's token file there in time (or a node did not find node 0's)."),
     "no-held-out": ("error", "`eval_every` or `keep_best` on a stage whose data has no `split` (nothing held out)."),
     # models
     "model-source": ("error", "A model source that is neither a local directory with config.json nor a catalog model."),

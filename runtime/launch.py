@@ -23,14 +23,22 @@ from typing import Iterator
 
 from planner.plan import Plan
 from runtime.errors import RunError
+from runtime.locks import LOCK_ENV, LOCK_FILE, lock_or_refuse  # noqa: F401 (LOCK_FILE: re-exported)
+from runtime.multinode import NodeOptions, Nodes, count as _count, parse_hostfile, write_hostfile
 
 
 def run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool = False, max_steps: int | None = None,
              trust_remote_code: bool = False, allow_pickle: bool = False, progress: bool = True,
-             allowed_paths: tuple[str, ...] = (), overwrite: bool = False) -> None:
+             allowed_paths: tuple[str, ...] = (), overwrite: bool = False, nodes: NodeOptions | None = None) -> None:
     out = Path(out)
+    nodes = nodes or NodeOptions()
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if nodes.rank is not None:  # one node of several: its own lock, ranks and checks (runtime.multinode)
+            _run_node(plan, Path(plan_path), out, nodes, resume=resume, max_steps=max_steps, overwrite=overwrite,
+                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress,
+                      allowed_paths=allowed_paths)
+            return
         with run_folder_lock(out):
             if overwrite:  # under the lock: never another live run's files
                 from runtime.rerun import clear_outputs
@@ -40,30 +48,11 @@ def run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool = False, ma
                     print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
             _run_plan(plan, Path(plan_path), out, resume=resume, max_steps=max_steps,
                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress,
-                      allowed_paths=allowed_paths)
+                      allowed_paths=allowed_paths, hostfile=nodes.hostfile)
     except OSError as err:  # a full disk, a read-only folder: the file and the reason, not a traceback
         where = f" {err.filename}" if err.filename else f" under {out}"
         raise RunError(f"cannot write{where}: {err.strerror or err} (is the disk full or the folder "
                        "read-only?)") from err
-
-
-LOCK_FILE = ".lock"
-#: environment variable naming the run that holds ``out/.lock`` (its line in the file), set for the ranks it starts
-LOCK_ENV = "GKDC_RUN_LOCK"
-
-
-def lock_or_refuse(fh, mode: int, out: Path) -> None:
-    """``fcntl.flock(fh, mode)`` without waiting; a lock held elsewhere is refused naming its holder (the text the
-    holder wrote into the lock file). Shared by the launcher's lock and a directly started worker's."""
-    import fcntl
-
-    try:
-        fcntl.flock(fh, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "another process"
-        raise RunError(f"{out} is in use by another gkdc run ({holder}); wait for it to finish or choose "
-                       "another --out") from None
 
 
 @contextlib.contextmanager
@@ -90,7 +79,8 @@ def run_folder_lock(out: Path) -> Iterator[None]:
 
 
 def _run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool, max_steps: int | None,
-              trust_remote_code: bool, allow_pickle: bool, progress: bool, allowed_paths: tuple[str, ...]) -> None:
+              trust_remote_code: bool, allow_pickle: bool, progress: bool, allowed_paths: tuple[str, ...],
+              hostfile: Path | None = None) -> None:
     if plan.world_size == 1:
         from runtime.recipe import run
 
@@ -104,7 +94,7 @@ def _run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool, max_steps
     check_plan(plan, Path(plan_path), allowed_paths)  # before starting ranks: refuse an edited plan here, once
     argv = launch_argv(plan, Path(plan_path), out, resume=resume, max_steps=max_steps,
                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, progress=progress,
-                       allowed_paths=allowed_paths)
+                       allowed_paths=allowed_paths, hostfile=hostfile, out_dir=out)
     for stale in (out / "ranks").glob("rank*.json"):
         stale.unlink()
     print("launching: " + " ".join(argv), file=sys.stderr)
@@ -119,6 +109,37 @@ def _run_plan(plan: Plan, plan_path: Path, out: Path, *, resume: bool, max_steps
     raise RunError(f"the run failed: {len(done)} of {plan.world_size} ranks finished (launcher exit status "
                    f"{proc.returncode}); see the messages above. Resume with: gkdc run {Path(plan_path).resolve()} "
                    f"--out {out.resolve()} --resume")
+
+
+def _run_node(plan: Plan, plan_path: Path, out: Path, opts: NodeOptions, *, resume: bool, max_steps: int | None,
+              overwrite: bool, trust_remote_code: bool, allow_pickle: bool, progress: bool,
+              allowed_paths: tuple[str, ...]) -> None:
+    """Node ``opts.rank`` of a multi-node plan: checks, then runtime.multinode.run_node starts its ranks."""
+    from runtime.multinode import layout, run_node
+    from runtime.recipe import check_plan
+
+    nodes = layout(plan)
+    if nodes.nodes == 1:
+        raise RunError("--node-rank is for a plan of several nodes; this plan has one (plain `gkdc run` starts its "
+                       "ranks)")
+    if not 0 <= opts.rank < nodes.nodes:
+        raise RunError(f"--node-rank {opts.rank} is outside the plan's {nodes.nodes} node(s) (0 to {nodes.nodes - 1})")
+    if opts.hostfile is not None:
+        nodes = parse_hostfile(opts.hostfile, nodes)
+    check_plan(plan, plan_path, allowed_paths)
+    if overwrite and opts.rank == 0:
+        from runtime.rerun import clear_outputs
+
+        removed = clear_outputs(out)
+        if removed:
+            print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
+    addr = opts.master_addr or (nodes.hosts[0] if nodes.hosts else "127.0.0.1")
+    port = opts.master_port or _planned_port(plan.spec_hash)  # no free-port fallback: every node must agree
+    argv = worker_argv(plan_path, out, resume=resume, max_steps=max_steps, trust_remote_code=trust_remote_code,
+                       allow_pickle=allow_pickle, progress=progress, allowed_paths=allowed_paths)
+    run_node(plan, plan_path, out, argv, nodes, opts.rank, addr, port, _env())
+    if opts.rank == 0:
+        _summary(out, out / "student")
 
 
 RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -136,7 +157,8 @@ def _forget_inherited_rendezvous() -> None:
 
 def launch_argv(plan: Plan, plan_path: Path, out: Path, *, resume: bool, max_steps: int | None,
                 trust_remote_code: bool, allow_pickle: bool, progress: bool,
-                allowed_paths: tuple[str, ...] = ()) -> list[str]:
+                allowed_paths: tuple[str, ...] = (), hostfile: Path | None = None,
+                out_dir: Path | None = None) -> list[str]:
     """The launch command, built here from trusted parts; the plan's ``launch`` field is a record for people
     and is never executed (a plan is input: anyone may have written it).
 
@@ -155,12 +177,25 @@ def launch_argv(plan: Plan, plan_path: Path, out: Path, *, resume: bool, max_ste
         raise RunError("the deepspeed launcher is not installed in this environment (pip install deepspeed)")
     argv = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if nodes > 1:
-        hostfile = Path(plan_path).with_name("hostfile")
+        hostfile = Path(hostfile) if hostfile else Path(plan_path).with_name("hostfile")
         if not hostfile.is_file():
-            raise RunError(f"a {nodes}-node plan needs a hostfile at {hostfile} (see the plan's notes)")
+            template = write_hostfile(Path(out_dir or out) / "hostfile", Nodes(nodes, per_node))
+            raise RunError(f"a {nodes}-node plan needs --node-rank R on each node (docs/runtime.md, several nodes), "
+                           f"or --hostfile FILE for DeepSpeed's ssh launcher; a template with placeholder host "
+                           f"names was written to {template}")
+        parse_hostfile(hostfile, Nodes(nodes, per_node))
         argv += ["--hostfile", str(hostfile), "--num_nodes", str(nodes)]
     argv += ["--num_gpus", str(per_node), "--master_port", str(_master_port(plan.spec_hash)),
-             "--module", "runtime.worker", str(plan_path), str(out)]
+             "--module"] + worker_argv(plan_path, out, resume=resume, max_steps=max_steps,
+                                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                       progress=progress, allowed_paths=allowed_paths)[2:]
+    return argv
+
+
+def worker_argv(plan_path: Path, out: Path, *, resume: bool, max_steps: int | None, trust_remote_code: bool,
+                allow_pickle: bool, progress: bool, allowed_paths: tuple[str, ...] = ()) -> list[str]:
+    """``python -m runtime.worker PLAN OUT`` and the run's flags: one rank's command."""
+    argv = [sys.executable, "-m", "runtime.worker", str(plan_path), str(out)]
     argv += ["--resume"] * resume + ["--trust-remote-code"] * trust_remote_code + ["--allow-pickle"] * allow_pickle
     argv += ["--no-progress"] * (not progress)
     for root in allowed_paths:
@@ -170,23 +205,18 @@ def launch_argv(plan: Plan, plan_path: Path, out: Path, *, resume: bool, max_ste
     return argv
 
 
-MAX_RANKS_PER_NODE = 1024
-
-
-def _count(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_RANKS_PER_NODE:
-        raise RunError(f"the plan's cluster has {value!r} {what}; expected a whole number from 1 to "
-                       f"{MAX_RANKS_PER_NODE}: re-run `gkdc plan`")
-    return value
-
-
-def _master_port(spec_hash: str) -> int:
-    """The planner's port for this spec (29500 + hash mod 1000) unless something already listens there."""
+def _planned_port(spec_hash: str) -> int:
+    """The planner's port for this spec: 29500 + hash mod 1000."""
     from planner.build import master_port
 
     if not re.fullmatch(r"[0-9a-f]{8,128}", spec_hash or ""):
         raise RunError(f"the plan's spec_hash {spec_hash[:40]!r} is not a hex digest; re-run `gkdc plan`")
-    port = master_port(spec_hash)
+    return master_port(spec_hash)
+
+
+def _master_port(spec_hash: str) -> int:
+    """The planner's port for this spec unless something already listens there."""
+    port = _planned_port(spec_hash)
     with socket.socket() as probe:
         try:
             probe.bind(("127.0.0.1", port))

@@ -57,15 +57,16 @@ def rank_lock(out: Path, rank: int) -> Iterator[None]:
     """Hold or verify the run folder's lock for one rank (module docstring); RunError when another run has it."""
     import fcntl
 
-    from runtime.launch import LOCK_ENV, LOCK_FILE, lock_or_refuse
+    from runtime.locks import LOCK_ENV, LOCK_FILE, LOCK_FILE_ENV, lock_or_refuse
 
     token = os.environ.get(LOCK_ENV)
-    if token:  # launched by `gkdc run`, which holds the lock exclusively for the whole run
+    if token:  # launched by `gkdc run`, which holds the lock (.lock, or .lock.node<R>) exclusively for the run
+        lock = out / os.environ.get(LOCK_FILE_ENV, LOCK_FILE)
         try:
-            holder = (out / LOCK_FILE).read_text(encoding="utf-8").strip()
+            holder = lock.read_text(encoding="utf-8").strip()
         except OSError:
             holder = ""
-        if holder != token or not _held(out / LOCK_FILE):
+        if holder != token or not _held(lock):
             raise RunError(f"{out} is not locked by the gkdc run that started this rank ({token}; the lock file "
                            f"names {holder or 'nobody'}); choose another --out")
         yield

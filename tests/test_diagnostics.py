@@ -47,6 +47,8 @@ NOT_FROM_CASES = {
     "set-target": "comes from a --set override, not a spec file: tests/test_overrides.py",
     "not-executed": "registered for keys the runtime does not run yet; none is in that state (test_honoured.py)",
     "device-mismatch": "comes from `gkdc run` on a machine unlike the plan's: tests/test_evalloop.py",
+    "bad-hostfile": "comes from `gkdc run --hostfile`: tests/cases/hostfiles, tests/test_multinode_launch.py",
+    "run-folder-not-shared": "comes from a multi-node `gkdc run`: tests/test_multinode_launch.py",
 }
 
 _EXPECT = re.compile(r"(error|warning|note):\s*([a-z0-9-]+)\s*@(?:(<stdlib>/[\w.-]+):)?(?:(\d+):)?(\d+)")

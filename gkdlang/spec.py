@@ -213,13 +213,21 @@ class Project(OpNode):
     dim_in: int
     dim_out: int | None = None
     """None until the loss it feeds fixes it (the other side's width)."""
+    bias: bool = True
+    """False: a map without bias (GKD's Universal-KD and LRC-BERT maps)."""
 
     def param_count(self) -> int:
-        """Weights and bias of the linear map (0 while ``dim_out`` is open)."""
-        return self.dim_in * self.dim_out + self.dim_out if self.dim_out is not None else 0
+        """Weights (and bias) of the linear map (0 while ``dim_out`` is open)."""
+        if self.dim_out is None:
+            return 0
+        return self.dim_in * self.dim_out + (self.dim_out if self.bias else 0)
 
     transform: ClassVar[str | None] = "project"
-    options: ClassVar[dict[str, str]] = {"to": "model", "dim": "int", "shared": "bool"}
+    options: ClassVar[dict[str, str]] = {"to": "model", "dim": "int", "shared": "bool", "bias": "bool"}
+
+    @model_serializer(mode="wrap")
+    def _drop_default_bias(self, handler):
+        return _omit_defaults(handler(self), {"bias": True})
 
 
 class Relation(OpNode):

@@ -171,7 +171,7 @@ WEIGH_BY = ("teacher_ce", "student_entropy")
 PERTURB_NORMS = ("batch", "token")
 EVERY = ("step", "epoch")
 INTERCHANGE_WAYS = ("consecutive", "random", "masked")
-POLICIES = ("reinforce",)
+POLICIES = ("reinforce", "glmkd")
 REWARDS = ("ce", "ce_kl")
 
 #: block keys per declaration kind -> what the value must be

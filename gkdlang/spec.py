@@ -540,7 +540,8 @@ class Weigh(Intervention):
 class SelectTeacher(Intervention):
     kind: Literal["select_teacher"] = "select_teacher"
     group: str
-    policy: Literal["reinforce"] = "reinforce"
+    policy: Literal["reinforce", "glmkd"] = "reinforce"
+    """``glmkd``: GKD's agent (one step late, pi instead of log pi, no baseline; runtime/rl_agent.py)."""
     units: list[Unit]
     state_model: str | None = None
     """Model whose [CLS] state the agent reads; None: the student."""
@@ -549,10 +550,12 @@ class SelectTeacher(Intervention):
         "keep or skip each unit per example (Bernoulli per teacher)")
     reward: Literal["ce", "ce_kl"] = "ce"
     reward_meaning: str
-    baseline: Literal["running mean of the reward"] = "running mean of the reward"
+    baseline: Literal["running mean of the reward", "none"] = "running mean of the reward"
     lr: float | None = None
     """The agent's learning rate; None: the stage's."""
-    agent: Literal["two-layer MLP owned by the student wrapper"] = "two-layer MLP owned by the student wrapper"
+    agent: Literal["two-layer MLP owned by the student wrapper",
+                   "sigmoid of two summed linear maps owned by the student wrapper"] = (
+        "two-layer MLP owned by the student wrapper")
 
     options: ClassVar[dict[str, str]] = {"policy": "symbol", "state": "model", "reward": "symbol", "lr": "number"}
     doc: ClassVar[str] = "RL-KD: a REINFORCE agent picks the teachers of each example"

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,15 @@ from gkdlang.spec import Interchanged, ModelSpec, Node, Schedule, SignalNode, St
 from planner.plan import CapturePoint, ModelCapture
 from runtime.adapters import adapter_for, capture
 from runtime.errors import RunError
+from runtime.intervention_base import (  # noqa: F401 (StepInfo, ...: part of this module's interface)
+    Base,
+    Setup,
+    Signals,
+    StepInfo,
+    _classes,
+    _generator,
+    _hidden_point,
+)
 from runtime.intervention_kernels import (  # noqa: F401 (entropy, ...: part of this module's interface)
     entropy,
     entropy_weights,
@@ -49,35 +57,7 @@ from runtime.intervention_kernels import (  # noqa: F401 (entropy, ...: part of 
     f64_bits,
     bits_f64,
 )
-
-Signals = Mapping[str, Mapping[tuple[str, int | None], Tensor]]
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """Where training is: what every intervention may read at a step."""
-
-    step: int
-    epoch: int
-    progress: float
-    micro: int = 0
-    rank: int = 0
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What interventions are built from: the stage, the spec's models, the stage seed and base LR."""
-
-    stage: StageSpec
-    models: Mapping[str, ModelSpec]
-    seed: int
-    lr: float
-
-
-def _generator(*parts: Any) -> torch.Generator:
-    """A CPU generator seeded from ``parts`` (sha512 of their text: stable across processes, unlike hash())."""
-    return torch.Generator().manual_seed(random.Random(":".join(map(str, parts))).getrandbits(63))
-
+from runtime.rl_agent import GlmkdSelectTeacher
 
 def _unwrap(model: nn.Module) -> nn.Module:
     inner = getattr(model, "module", None)
@@ -96,58 +76,6 @@ def _leaves(node: Node) -> list[SignalNode]:
     if isinstance(node, SignalNode):
         return [node]
     return [leaf for child in node.inputs for leaf in _leaves(child)]
-
-
-def _hidden_point(layer: int) -> CapturePoint:
-    return CapturePoint(kind="hidden", layer=layer)
-
-
-class Base(nn.Module):
-    """No-op defaults for every call point; subclasses override what their method needs."""
-
-    kind: ClassVar[str] = ""
-
-    def __init__(self, *, seed: int) -> None:
-        super().__init__()
-        self.seed = seed
-
-    def built_models(self) -> set[str]:
-        """Models the stage must build although the plan captures nothing from them (no forward of their own)."""
-        return set()
-
-    def extra_points(self) -> dict[str, list[CapturePoint]]:
-        """Signals the first pass must capture besides the plan's, per model."""
-        return {}
-
-    def gate(self, active: set[str], info: StepInfo) -> set[str]:
-        return active
-
-    def student_context(self, student: nn.Module, info: StepInfo) -> ContextManager:
-        return nullcontext()
-
-    def teacher_passes(self, teachers: Mapping[str, nn.Module], batch: dict[str, Tensor], signals: Signals,
-                       info: StepInfo) -> dict[str, Any]:
-        return {}
-
-    def student_passes(self, name: str, student: nn.Module, batch: dict[str, Tensor], signals: Signals,
-                       info: StepInfo) -> dict[str, Any]:
-        return {}
-
-    def row_weights(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
-        return {}
-
-    def extra_loss(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
-        return {}
-
-    def lr_groups(self, student: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-        """Named parameter groups this intervention sets learning-rate factors for (see ``lr_scale``)."""
-        return []
-
-    def lr_scale(self, group: str, progress: float) -> float:
-        return 1.0
-
-    def observe(self, values: Mapping[str, float], info: StepInfo) -> None:
-        """The step's weighted term values (mean over its micro-batches, this rank), after the optimizer step."""
 
 
 def _terms_of(stage: StageSpec, group: str) -> list[str]:
@@ -222,13 +150,6 @@ class Weigh(Base):
     def row_weights(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
         w = self.weights(signals, batch)
         return {term: w[i] for i, (group, _) in enumerate(self.units) for term in self.terms[group]}
-
-
-def _classes(setup: Setup, model: str, head: str) -> int:
-    spec = setup.models[model]  # builders only
-    if head == "logits":
-        return int(spec.arch.vocab_size)
-    return int(spec.head.num_labels or spec.arch.config.get("num_labels") or 2)
 
 
 # ================================================================ select_teacher (RL-KD)
@@ -688,15 +609,35 @@ def _build_weigh(iv: S.Weigh, setup: Setup) -> Weigh:
                  classes=_classes(setup, student, head), seed=setup.seed)
 
 
-def _build_select_teacher(iv: S.SelectTeacher, setup: Setup) -> SelectTeacher:
+def _build_select_teacher(iv: S.SelectTeacher, setup: Setup) -> SelectTeacher | GlmkdSelectTeacher:
     units, terms = _units(iv, setup)
     student = setup.stage.students[0]
     state_model = iv.state_model or student
     arch = setup.models[state_model].arch
+    built = {"reinforce": ("running mean of the reward", "two-layer MLP owned by the student wrapper"),
+             "glmkd": ("none", "sigmoid of two summed linear maps owned by the student wrapper")}[iv.policy]
+    if (iv.baseline, iv.agent) != built:
+        raise RunError(f"stage '{setup.stage.name}': select_teacher(policy: {iv.policy}) builds an agent '{built[1]}' "
+                       f"with baseline '{built[0]}', not the plan's '{iv.agent}' with '{iv.baseline}'")
+    if iv.policy == "glmkd":
+        return GlmkdSelectTeacher(group=iv.group, units=units, terms=terms, student=student, state_model=state_model,
+                                  state_layer=int(arch.num_layers) - 1, width=int(arch.hidden_size),
+                                  classes=_classes(setup, student, "task_logits"), weight=_group_weight(iv, setup),
+                                  lr=iv.lr, seed=setup.seed)
     width = int(arch.hidden_size) + sum(_classes(setup, t, "task_logits") for _, t in units)
     return SelectTeacher(group=iv.group, units=units, terms=terms, student=student, state_model=state_model,
                          state_layer=int(arch.num_layers) - 1, width=width, reward=iv.reward, lr=iv.lr,
                          seed=setup.seed)
+
+
+def _group_weight(iv: S.SelectTeacher, setup: Setup) -> float:
+    """The one constant weight of the selected terms (GKD scales its policy loss with them by rl_kd_alpha)."""
+    groups = {u.group for u in iv.units}
+    weights = {t.weight for t in setup.stage.loss if t.gate.group in groups}
+    if len(weights) != 1 or next(iter(weights)).kind != "constant":
+        raise RunError(f"stage '{setup.stage.name}': select_teacher(policy: glmkd) scales its policy loss by the "
+                       f"weight of the selected terms, which must be one constant (got {len(weights)} weights)")
+    return next(iter(weights)).value
 
 
 def _build_replace_layers(iv: S.ReplaceLayers, setup: Setup) -> ReplaceLayers:

@@ -238,13 +238,31 @@ def select_teacher(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
                      "agent; it cannot also be a selectable teacher")
     group, terms, table = unit_terms(lw, e, units, "select")
     models = [t for _, t in units] + ([state] if state else [])
+    cls = "[CLS] state of state_model" if state else "student [CLS] state"
+    params: dict[str, Any] = {
+        "state": [cls, "each teacher's soft labels"],
+        "reward_meaning": "-CE(labels, student)" if reward == "ce" else "-(CE + KL to the kept teachers)"}
+    if policy == "glmkd":
+        glmkd_policy_checks(lw, e, kw, reward, units)
+        params = {"state": [cls, "each teacher's CE on the labels", "each teacher's task logits"],
+                  "reward_meaning": "-mean CE(labels, student) at the next step, for this step's selection",
+                  "baseline": "none", "agent": "sigmoid of two summed linear maps owned by the student wrapper"}
     iv = SelectTeacher(models=models, span=e.span, group=group, policy=policy, units=table, state_model=state,
-                       state=["[CLS] state of state_model" if state else "student [CLS] state",
-                              "each teacher's soft labels"],
-                       reward=reward, lr=lr,
-                       reward_meaning="-CE(labels, student)" if reward == "ce" else "-(CE + KL to the kept teachers)")
+                       reward=reward, lr=lr, **params)
     interventions = tuple(i for obj, _ in units for i in obj.interventions)
     return Objective(terms, interventions + (iv,))
+
+
+def glmkd_policy_checks(lw: Lowerer, e: ast.Call, kw, reward: str, units) -> None:
+    """GKD's agent reads each teacher's CE on the gold labels (so classification heads) and has reward -CE only."""
+    if reward != "ce":
+        raise lw.err("conflicting-options", kw["reward"].span, "policy: glmkd has GKD's reward -CE(labels, "
+                     "student) only: use reward: ce")
+    for _, teacher in units:
+        if lw.models[teacher].head.kind != "classify":
+            raise lw.err("no-task-head", e.span, f"select_teacher(policy: glmkd) reads the CE of teacher "
+                         f"'{teacher}' on the labels, so a classification head",
+                         f"add `head: classify(<labels>)` to '{teacher}'")
 
 
 #: intervention name (builtins.INTERVENTIONS) -> lowering of its call

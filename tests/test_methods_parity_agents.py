@@ -12,6 +12,7 @@ from runtime import interventions as ivs
 from runtime.lossgraph import LossGraph
 from runtime.rl_agent import GlmkdSelectTeacher
 from test_methods_formula import SEED, stages, tdir  # noqa: F401 (tdir is a fixture)
+from test_methods_run import workdir  # noqa: F401 (a fixture)
 from test_methods_parity import MASKS, THREE, Signals, g_pre_loss, inputs
 
 RL_KD_GLMKD = ('use rl_kd\nteacher semantic = hf("{tdir}/t2") {{ head: none }}\n'
@@ -135,3 +136,17 @@ def test_rl_kd_glmkd_refuses_a_reward_it_does_not_have(tdir):
         "reward: ce_kl)")
     with pytest.raises(AssertionError, match="reward: ce"):
         stages(tdir, text)
+
+
+def test_rl_kd_glmkd_trains_end_to_end(workdir, monkeypatch):
+    """A real (tiny) run: the agent's policy term appears from the second step and the loss stays finite."""
+    import test_methods_run as R
+
+    body, _ = R.SPECS["rl_kd"]
+    body = body.replace("loss: rl_kd([base, bert], small, semantic, T: 10)",
+                        "loss: rl_kd.rl_kd_glmkd([base, bert], small, semantic, T: 10)")
+    assert "rl_kd_glmkd" in body
+    monkeypatch.setitem(R.SPECS, "rl_kd_glmkd", (body, ["select1/policy"]))
+    records = R.run_method(workdir, "rl_kd_glmkd", "bert")
+    select = [r for r in records if r["stage"] == "select"]
+    assert "select1/policy" not in select[0]["terms"] and "select1/policy" in select[1]["terms"]

@@ -171,6 +171,8 @@ WEIGH_BY = ("teacher_ce", "student_entropy")
 PERTURB_NORMS = ("batch", "token")
 EVERY = ("step", "epoch")
 INTERCHANGE_WAYS = ("consecutive", "random", "masked")
+INTERCHANGE_POSITIONS = ("same", "independent")
+INTERCHANGE_BLOCKS = ("aligned", "group")
 POLICIES = ("reinforce", "glmkd")
 REWARDS = ("ce", "ce_kl")
 

@@ -465,11 +465,23 @@ class Interchange(Intervention):
     """Share of each example's real positions whose states are swapped."""
     way: Literal["consecutive", "random", "masked"] = "consecutive"
     source: Literal["next example in the batch (roll by one)"] = "next example in the batch (roll by one)"
+    positions: Literal["same", "independent"] = "same"
+    """``same``: a position takes the source's state at the same position (round(fraction x n) real positions);
+    ``independent`` (DIITO's authors' code, GKD's): int(fraction x the shorter of the two examples' lengths)
+    positions, the span's start in the example and in the source drawn independently (way: consecutive)."""
+    blocks: Literal["aligned", "group"] = "aligned"
+    """``aligned``: the teacher's aligned block only; ``group`` (GKD's): every teacher block mapped to the student
+    block, from the block after the previous pair's teacher block up to the aligned one."""
     meaning: str = ("a second forward of both models in which the states of `fraction` of the token positions "
                     "(contiguous when way is consecutive) at an aligned layer pair [student, teacher] are "
                     "replaced by the source example's; ops 'interchanged' read that pass")
 
-    options: ClassVar[dict[str, str]] = {"fraction": "fraction", "map": "map", "way": "symbol"}
+    options: ClassVar[dict[str, str]] = {"fraction": "fraction", "map": "map", "way": "symbol", "positions": "symbol",
+                                         "blocks": "symbol"}
+
+    @model_serializer(mode="wrap")
+    def _drop_default_reading(self, handler):
+        return _omit_defaults(handler(self), {"positions": "same", "blocks": "aligned"})
     rewrites_forward: ClassVar[bool] = True
     doc: ClassVar[str] = "DIITO interchange intervention: a second pass with swapped token-span states"
 

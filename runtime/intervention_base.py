@@ -46,6 +46,19 @@ def _generator(*parts: Any) -> torch.Generator:
     return torch.Generator().manual_seed(random.Random(":".join(map(str, parts))).getrandbits(63))
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) and hasattr(inner, "config") else model
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_first(output: Any, first: Tensor) -> Any:
+    return (first, *output[1:]) if isinstance(output, (tuple, list)) else first
+
+
 def _hidden_point(layer: int) -> CapturePoint:
     return CapturePoint(kind="hidden", layer=layer)
 

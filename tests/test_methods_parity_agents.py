@@ -1,5 +1,6 @@
-"""Parity with GKD's own code (GitHub aitsc/GLMKD 8d6cf11) for the methods with state across steps: RL-KD's
-teacher selector, run for several training steps. Same conventions as ``tests/test_methods_parity.py``: the
+"""Parity with GKD's own code (GitHub aitsc/GLMKD 8d6cf11) for the methods with state across steps or a second
+forward pass: RL-KD's teacher selector, run for several training steps, and DIITO's interchange (its spans, the
+counterfactual pass of a real model, its losses). Same conventions as ``tests/test_methods_parity.py``: the
 ``Glmkd*`` classes are transcriptions written for this test from reading GLMKD's code (no code copied)."""
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import torch.nn.functional as F
 from runtime import interventions as ivs
 from runtime.lossgraph import LossGraph
 from runtime.rl_agent import GlmkdSelectTeacher
-from test_methods_formula import SEED, stages, tdir  # noqa: F401 (tdir is a fixture)
+from test_methods_formula import MASK, SEED, V, _additive, _bert, stages, tdir, total  # noqa: F401 (tdir: fixture)
 from test_methods_run import workdir  # noqa: F401 (a fixture)
-from test_methods_parity import MASKS, THREE, Signals, g_pre_loss, inputs
+from test_methods_parity import MASKS, THREE, Signals, close, g_kl, g_pre_loss, inputs, padded_differs
 
 RL_KD_GLMKD = ('use rl_kd\nteacher semantic = hf("{tdir}/t2") {{ head: none }}\n'
                'stage a {{ data: sst2, steps: 8, loss: rl_kd.rl_kd_glmkd([base, bert, third], small, semantic) }}')
@@ -150,3 +151,163 @@ def test_rl_kd_glmkd_trains_end_to_end(workdir, monkeypatch):
     records = R.run_method(workdir, "rl_kd_glmkd", "bert")
     select = [r for r in records if r["stage"] == "select"]
     assert "select1/policy" not in select[0]["terms"] and "select1/policy" in select[1]["terms"]
+
+
+# ---------------------------------------------------------------- DIITO (distill_model.py:1259-1498)
+
+
+def glmkd_interchange_masks(lengths, starts, dual_starts, prop=0.3):
+    """DIITO.prepare_interchange_mask, consecutive way, no max token (distill_model.py:1444-1462): dual_lengths =
+    the lengths rolled by one; per example count = int(min(len, dual_len) x prop), the span [start, start + count)
+    and the dual span [dual_start, dual_start + count); start in [0, len - count], dual_start in [0, dual_len -
+    count], each drawn by random.randint (given here)."""
+    dual = torch.cat([lengths[1:], lengths[0:1]])
+    mask = torch.zeros(len(lengths), S_MAX, dtype=torch.bool)
+    dual_mask = torch.zeros_like(mask)
+    for i in range(len(lengths)):
+        count = int(min(lengths[i].tolist(), dual[i].tolist()) * prop)
+        assert 0 <= starts[i] <= lengths[i] - count and 0 <= dual_starts[i] <= dual[i] - count
+        mask[i][starts[i]:starts[i] + count] = 1
+        dual_mask[i][dual_starts[i]:dual_starts[i] + count] = 1
+    return mask, dual_mask
+
+
+S_MAX = 6
+DIITO_SPEC = "use diito\nstage a {{ data: corpus, steps: 4, loss: {variant}(lmt, lm, T: 2, fraction: 30%) }}"
+LONG = torch.tensor([[1] * 6, [1] * 5 + [0], [1] * 4 + [0] * 2, [1] * 6, [1] * 3 + [0] * 3, [1] * 6], dtype=torch.bool)
+
+
+def _interchange(tdir, variant="diito"):
+    spec = stages(tdir, DIITO_SPEC.format(variant=variant))
+    (iv,) = ivs.build(spec.stages[0], spec.models, SEED, 1e-3)
+    return spec, iv
+
+
+def test_diito_spans_are_glmkd_s(tdir):
+    """Over 400 steps: each step's spans are GLMKD's masks for the drawn starts (int(0.3 x the shorter length),
+    target and source spans of equal count), and every admissible (start, source start) pair of a row occurs:
+    the two starts are drawn independently over their whole ranges."""
+    _, iv = _interchange(tdir)
+    assert iv.independent and iv.group
+    assert [int(min(a, b) * 0.3) for a, b in zip(LONG.sum(-1), LONG.sum(-1).roll(-1))] == [1, 1, 1, 0, 0, 1]
+    batch = {"attention_mask": LONG.long()}
+    lengths = LONG.sum(-1)
+    seen = [set() for _ in range(len(LONG))]
+    for step in range(400):
+        target, source = iv.masks(batch, ivs.StepInfo(step, 0, 0.0))
+        starts = [int(r.nonzero()[0]) if r.any() else 0 for r in target]
+        dual = [int(r.nonzero()[0]) if r.any() else 0 for r in source]
+        want_t, want_s = glmkd_interchange_masks(lengths, starts, dual)
+        assert torch.equal(target, want_t) and torch.equal(source, want_s)
+        for i in range(len(LONG)):
+            seen[i].add((starts[i], dual[i]))
+    dual_len = torch.roll(lengths, -1)
+    for i, n in enumerate(lengths.tolist()):
+        count = int(min(n, int(dual_len[i])) * 0.3)
+        admissible = {(a, d) for a in range(n - count + 1) for d in range(int(dual_len[i]) - count + 1)}
+        assert seen[i] == (admissible if count else {(0, 0)}), i  # count 0 (a row before one of 3): empty spans
+
+
+@pytest.mark.parametrize("pad", sorted(MASKS))
+def test_diito_counterfactual_teacher_pass_is_glmkd_s(tdir, pad):
+    """The teacher's interchanged pass on a real (tiny) 4-block model whose student has 2 blocks: at each step,
+    GLMKD's get_hook_op replaces, at every teacher block of the drawn student block's group
+    (--diito_alignment=full: blocks (l - 1) k + 1 .. l k in GLM's numbering, i.e. outputs 2j, 2j + 1 here),
+    var[interchange_mask] = a[dual_interchange_mask] with a = the first pass's states rolled by one
+    (torch.cat([a[1:], a[0:1]])); the transcription runs the blocks by hand and compares the logits, at steps
+    until both groups have been drawn."""
+    from planner.plan import CapturePoint, ModelCapture
+    from runtime.adapters import capture
+
+    _, iv = _interchange(tdir)
+    mask = MASKS[pad]
+    model = _bert(4, 5, classify=False)
+    batch = {"input_ids": torch.randint(1, V, mask.shape, generator=torch.Generator().manual_seed(3)),
+             "attention_mask": mask.long()}
+    first = capture(model, batch, ModelCapture(model="lmt", points=[CapturePoint(kind="hidden", layer=i)
+                                                                    for i in range(4)],
+                                               stop_after_layer=None, needs_head=False), grad=False)
+    groups_seen = set()
+    for step in range(16):
+        if len(groups_seen) == 2 and step >= 4:
+            break
+        info = ivs.StepInfo(step, 0, 0.0)
+        got = iv.teacher_passes({"lmt": model}, batch, {"lmt": first}, info)[f"lmt@{iv.ident}"][("logits", None)]
+        s_layer, _ = iv.pair(step)
+        group = [2 * s_layer, 2 * s_layer + 1]
+        assert iv.teacher_blocks(iv.pair(step)) == group
+        groups_seen.add(tuple(group))
+        target, source = iv.masks(batch, info)
+        ext = _additive(batch["attention_mask"])
+        with torch.no_grad():
+            h = model.bert.embeddings(input_ids=batch["input_ids"])
+            for j, blk in enumerate(model.bert.encoder.layer):
+                h = blk(h, attention_mask=ext)
+                h = (h[0] if isinstance(h, tuple) else h).clone()
+                if j in group:
+                    a = first[("hidden", j)]
+                    a = torch.cat([a[1:], a[0:1]])
+                    h[target] = a[source]
+            want = model.cls(h)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert groups_seen == {(0, 1), (2, 3)}
+
+
+def glmkd_diito_loss(sig, cf, batch, mask, T=2.0, alpha=0.25):
+    """DIITO.pre_loss / inter_loss (distill_model.py:1410-1436) with --distill_pt_soft --distill_pt_hard,
+    T = 2, alphas mlm = ce = causal_ce = cos = 0.25, causal_cos 0: first pass, KL(s / T, t / T) with input_mask =
+    GLM's loss_mask (the predicted positions) x T^2 x 0.25, averaged over every b x s row, + the model's MLM loss x
+    0.25, + cosine distance of the final states times the real-token mask over every b x s row x 0.25; the
+    interchanged pass: its KL x 0.25 (hard rate 0, no cos)."""
+    lm_mask = (batch["tokens"] != -100)[..., None].float()
+
+    def soft(t, s):
+        return g_kl(s[("logits", None)] * lm_mask / T, t[("logits", None)] * lm_mask / T).mean() * T ** 2 * alpha
+
+    t, s = sig["lmt"], sig["lm"]
+    mlm = F.cross_entropy(s[("logits", None)].reshape(-1, V), batch["tokens"].reshape(-1), ignore_index=-100)
+    real = mask[..., None].float()
+    so, to = (s[("hidden", 1)] * real).view(-1, 32), (t[("hidden", 3)] * real).view(-1, 32)
+    cos = F.cosine_embedding_loss(so, to, so.new_ones(so.shape[0]), reduction="none").mean()
+    return soft(t, s) + alpha * mlm + alpha * cos + soft(*cf)
+
+
+DIITO_AVG = ("GLMKD averages its KL over every b x s position (unmasked and padded ones add 0) and counts each "
+             "padded position's cosine as 1; diito averages over the masked (KL) and real (cosine) positions "
+             "(diito.diito_glmkd: as GLMKD)")
+
+
+@pytest.mark.parametrize("variant,pad", [
+    pytest.param("diito", "padded", marks=pytest.mark.xfail(strict=True, reason=DIITO_AVG)),
+    pytest.param("diito", "unpadded", marks=pytest.mark.xfail(strict=True, reason=DIITO_AVG)),
+    ("diito.diito_glmkd", "padded"), ("diito.diito_glmkd", "unpadded")])
+def test_diito_losses(tdir, variant, pad):
+    spec = stages(tdir, DIITO_SPEC.format(variant=variant))
+    mask = MASKS[pad]
+    sig, batch = inputs(spec, mask)
+    ident = spec.stages[0].interventions[0].id
+    for i, m in enumerate(("lmt", "lm")):
+        sig[f"{m}@{ident}"] = Signals(spec.models[m].arch, 91 + i, mask)
+    want = glmkd_diito_loss(sig, (sig[f"lmt@{ident}"], sig[f"lm@{ident}"]), batch, mask)
+    close(total(spec, 0, sig, batch)[0], want)
+
+
+@pytest.mark.parametrize("pad", sorted(MASKS))
+def test_diito_default_averages_over_masked_and_real_positions(tdir, pad):
+    """The default's own formula: KL x T^2 averaged over the masked positions, cosine over the real ones."""
+    spec = stages(tdir, DIITO_SPEC.format(variant="diito"))
+    mask = MASKS[pad]
+    sig, batch = inputs(spec, mask)
+    ident = spec.stages[0].interventions[0].id
+    for i, m in enumerate(("lmt", "lm")):
+        sig[f"{m}@{ident}"] = Signals(spec.models[m].arch, 91 + i, mask)
+    rows = batch["tokens"] != -100
+
+    def soft(t, s):
+        return g_kl(s[("logits", None)][rows] / 2, t[("logits", None)][rows] / 2).mean() * 4
+
+    t, s = sig["lmt"], sig["lm"]
+    mlm = F.cross_entropy(s[("logits", None)].reshape(-1, V), batch["tokens"].reshape(-1), ignore_index=-100)
+    cos = (1 - F.cosine_similarity(s[("hidden", 1)], t[("hidden", 3)], dim=-1))[mask].mean()
+    want = 0.25 * (soft(t, s) + mlm + cos + soft(sig[f"lmt@{ident}"], sig[f"lm@{ident}"]))
+    close(total(spec, 0, sig, batch)[0], want)

@@ -68,6 +68,11 @@ def interchange(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     if fraction <= 0:
         raise lw.err("bad-value", kw["fraction"].span, "fraction must be above 0%")
     way = read_symbol_value(lw, kw.get("way"), "way", B.INTERCHANGE_WAYS, scope, "consecutive")
+    positions = read_symbol_value(lw, kw.get("positions"), "positions", B.INTERCHANGE_POSITIONS, scope, "same")
+    blocks = read_symbol_value(lw, kw.get("blocks"), "blocks", B.INTERCHANGE_BLOCKS, scope, "aligned")
+    if positions == "independent" and way != "consecutive":
+        raise lw.err("conflicting-options", kw["positions"].span, "positions: independent draws a span in each "
+                     "example and in its source: use way: consecutive")
     teachers = sorted({m for t in obj.terms for m in node_models(t.target.node)})
     students = sorted({m for t in obj.terms for m in node_models(t.pred.node)})
     if len(teachers) != 1 or len(students) != 1:
@@ -83,7 +88,7 @@ def interchange(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     terms = tuple(replace(term, target=interchanged(term.target, group),
                           pred=interchanged(term.pred, group)) for term in obj.terms)
     iv = Interchange(models=[t, s], span=e.span, id=group, teacher=t, student=s, layers=layers, fraction=fraction,
-                     way=way)
+                     way=way, positions=positions, blocks=blocks)
     return Objective(terms, obj.interventions + (iv,))
 
 

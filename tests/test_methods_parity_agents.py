@@ -311,3 +311,22 @@ def test_diito_default_averages_over_masked_and_real_positions(tdir, pad):
     cos = (1 - F.cosine_similarity(s[("hidden", 1)], t[("hidden", 3)], dim=-1))[mask].mean()
     want = 0.25 * (soft(t, s) + mlm + cos + soft(sig[f"lmt@{ident}"], sig[f"lm@{ident}"]))
     close(total(spec, 0, sig, batch)[0], want)
+
+
+@pytest.mark.parametrize("options,message", [
+    ("way: random, positions: independent", "way: consecutive"),
+    ("positions: anywhere", "positions"),
+    ("blocks: every", "blocks")])
+def test_interchange_options_are_checked(tdir, options, message):
+    text = ("stage a { data: corpus, steps: 4, loss: interchange(kl(lmt.logits, lm.logits) where masked, "
+            f"fraction: 30%, {options}) }}")
+    with pytest.raises(AssertionError, match=message):
+        stages(tdir, text)
+
+
+def test_interchange_defaults_leave_the_spec_json_unchanged(tdir):
+    spec = stages(tdir, "stage a { data: corpus, steps: 4, loss: interchange(kl(lmt.logits, lm.logits), fraction: 30%) }")
+    dumped = spec.stages[0].interventions[0].model_dump()
+    assert "positions" not in dumped and "blocks" not in dumped
+    glmkd = stages(tdir, DIITO_SPEC.format(variant="diito")).stages[0].interventions[0].model_dump()
+    assert (glmkd["positions"], glmkd["blocks"]) == ("independent", "group")

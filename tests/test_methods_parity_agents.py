@@ -330,3 +330,40 @@ def test_interchange_defaults_leave_the_spec_json_unchanged(tdir):
     assert "positions" not in dumped and "blocks" not in dumped
     glmkd = stages(tdir, DIITO_SPEC.format(variant="diito")).stages[0].interventions[0].model_dump()
     assert (glmkd["positions"], glmkd["blocks"]) == ("independent", "group")
+
+
+@pytest.mark.parametrize("pad", sorted(MASKS))
+def test_diito_counterfactual_student_pass_is_glmkd_s(tdir, pad):
+    """The student's interchanged pass: GLMKD replaces the one drawn block's states (the student hook of
+    --diito_alignment=full) by the first pass's, rolled by one, at the step's spans; the first pass's states keep
+    their graph (no --checkpoint-activations), so the counterfactual logits have a gradient into them."""
+    from planner.plan import CapturePoint, ModelCapture
+    from runtime.adapters import capture
+
+    _, iv = _interchange(tdir)
+    mask = MASKS[pad]
+    model = _bert(2, 6, classify=False)
+    batch = {"input_ids": torch.randint(1, V, mask.shape, generator=torch.Generator().manual_seed(4)),
+             "attention_mask": mask.long()}
+    for step in (0, 1, 2, 3):
+        info = ivs.StepInfo(step, 0, 0.0)
+        s_layer, _ = iv.pair(step)
+        first = capture(model, batch, ModelCapture(model="lm", points=[CapturePoint(kind="hidden", layer=s_layer)],
+                                                   stop_after_layer=None, needs_head=False), grad=True)
+        got = iv.student_passes("lm", model, batch, {"lm": first}, info)[f"lm@{iv.ident}"][("logits", None)]
+        target, source = iv.masks(batch, info)
+        ext = _additive(batch["attention_mask"])
+        h = model.bert.embeddings(input_ids=batch["input_ids"])
+        for j, blk in enumerate(model.bert.encoder.layer):
+            h = blk(h, attention_mask=ext)
+            h = (h[0] if isinstance(h, tuple) else h).clone()
+            if j == s_layer:
+                a = first[("hidden", j)]
+                a = torch.cat([a[1:], a[0:1]])
+                h[target] = a[source]
+        want = model.cls(h)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        (g_got,) = torch.autograd.grad(got.sum(), first[("hidden", s_layer)], retain_graph=True)
+        (g_want,) = torch.autograd.grad(want.sum(), first[("hidden", s_layer)])
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+        assert float(g_got[source.roll(1, 0)].abs().sum()) > 0 or not source.any()

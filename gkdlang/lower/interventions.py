@@ -88,8 +88,21 @@ def interchange(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     terms = tuple(replace(term, target=interchanged(term.target, group),
                           pred=interchanged(term.pred, group)) for term in obj.terms)
     iv = Interchange(models=[t, s], span=e.span, id=group, teacher=t, student=s, layers=layers, fraction=fraction,
-                     way=way, positions=positions, blocks=blocks)
+                     way=way, positions=positions, blocks=blocks, **interchange_meaning(positions, blocks))
     return Objective(terms, obj.interventions + (iv,))
+
+
+def interchange_meaning(positions: str, blocks: str) -> dict[str, str]:
+    """The Spec's ``meaning`` where the reading is not the default one (the default text is left out)."""
+    if (positions, blocks) == ("same", "aligned"):
+        return {}
+    span = ("int(fraction x the shorter of the example's and the source's real lengths) consecutive positions take "
+            "the source's states from a span of its own (the two starts drawn independently)"
+            if positions == "independent" else "the states of `fraction` of the token positions are the source "
+            "example's at the same positions")
+    where = ("at a student block drawn per step and every teacher block of its group" if blocks == "group"
+             else "at an aligned layer pair [student, teacher] drawn per step")
+    return {"meaning": f"a second forward of both models in which {span}, {where}; ops 'interchanged' read that pass"}
 
 
 def interchanged(it: Item, group: str) -> Item:

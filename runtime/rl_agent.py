@@ -49,8 +49,18 @@ class GlmkdSelectTeacher(Base):
             self.agent_soft = nn.Linear(classes * n, n)
         self._now: tuple[Tensor, Tensor, Tensor] | None = None
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
-        """The previous call's (state, logits, selection): not checkpointed, as in GKD (a resumed run, like a
-        restarted GKD run, skips one update)."""
+        """The previous call's (state, logits, selection), saved with the student (``get_extra_state``) so a
+        resumed run makes the update an uninterrupted one makes (a restarted GKD run loses it)."""
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        if self._last is None:
+            return {}
+        return {name: x.detach().cpu() for name, x in zip(("state", "logits", "select"), self._last)}
+
+    def set_extra_state(self, state: dict[str, Tensor]) -> None:
+        device = self.agent_state.weight.device
+        self._last = (tuple(state[k].to(device) for k in ("state", "logits", "select"))  # type: ignore[assignment]
+                      if state else None)
 
     def extra_points(self) -> dict[str, list[CapturePoint]]:
         points: dict[str, list[CapturePoint]] = {t: [CapturePoint(kind="task_logits")] for _, t in self.units}

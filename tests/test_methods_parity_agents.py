@@ -367,3 +367,24 @@ def test_diito_counterfactual_student_pass_is_glmkd_s(tdir, pad):
         (g_want,) = torch.autograd.grad(want.sum(), first[("hidden", s_layer)])
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
         assert float(g_got[source.roll(1, 0)].abs().sum()) > 0 or not source.any()
+
+
+def test_rl_kd_glmkd_resumes_exactly(workdir, monkeypatch):
+    """The agent's one-step-late update reads the previous step's state and selection: they are saved with the
+    checkpoint, so a run that crashes after its step-2 checkpoint and is resumed ends with the uninterrupted
+    weights (agent included)."""
+    from test_methods_run import crash_and_resume, header, teacher
+    from test_recipe import student_tensors
+
+    text = header("bert") + teacher("bert", "bert") + teacher("base", "bert", 2) + teacher("semantic", "bert", 2, "none")
+    text += """use rl_kd
+student small = like(bert) { layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }
+stage select { data: sst2, steps: 5, batch: 8, micro_batch: 4, save_every: 2,
+  loss: rl_kd.rl_kd_glmkd([base, bert], small, semantic, T: 10) }
+"""
+    straight_dir, out, result = crash_and_resume(workdir, monkeypatch, text, "resume_glmkd", crash_after=3)
+    assert result.resumed_from == "select:2"
+    straight, resumed = student_tensors(straight_dir), student_tensors(out)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key

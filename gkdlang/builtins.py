@@ -171,7 +171,9 @@ WEIGH_BY = ("teacher_ce", "student_entropy")
 PERTURB_NORMS = ("batch", "token")
 EVERY = ("step", "epoch")
 INTERCHANGE_WAYS = ("consecutive", "random", "masked")
-POLICIES = ("reinforce",)
+INTERCHANGE_POSITIONS = ("same", "independent")
+INTERCHANGE_BLOCKS = ("aligned", "group")
+POLICIES = ("reinforce", "glmkd")
 REWARDS = ("ce", "ce_kl")
 
 #: block keys per declaration kind -> what the value must be

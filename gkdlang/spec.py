@@ -213,13 +213,21 @@ class Project(OpNode):
     dim_in: int
     dim_out: int | None = None
     """None until the loss it feeds fixes it (the other side's width)."""
+    bias: bool = True
+    """False: a map without bias (GKD's Universal-KD and LRC-BERT maps)."""
 
     def param_count(self) -> int:
-        """Weights and bias of the linear map (0 while ``dim_out`` is open)."""
-        return self.dim_in * self.dim_out + self.dim_out if self.dim_out is not None else 0
+        """Weights (and bias) of the linear map (0 while ``dim_out`` is open)."""
+        if self.dim_out is None:
+            return 0
+        return self.dim_in * self.dim_out + (self.dim_out if self.bias else 0)
 
     transform: ClassVar[str | None] = "project"
-    options: ClassVar[dict[str, str]] = {"to": "model", "dim": "int", "shared": "bool"}
+    options: ClassVar[dict[str, str]] = {"to": "model", "dim": "int", "shared": "bool", "bias": "bool"}
+
+    @model_serializer(mode="wrap")
+    def _drop_default_bias(self, handler):
+        return _omit_defaults(handler(self), {"bias": True})
 
 
 class Relation(OpNode):
@@ -457,11 +465,23 @@ class Interchange(Intervention):
     """Share of each example's real positions whose states are swapped."""
     way: Literal["consecutive", "random", "masked"] = "consecutive"
     source: Literal["next example in the batch (roll by one)"] = "next example in the batch (roll by one)"
+    positions: Literal["same", "independent"] = "same"
+    """``same``: a position takes the source's state at the same position (round(fraction x n) real positions);
+    ``independent`` (DIITO's authors' code, GKD's): int(fraction x the shorter of the two examples' lengths)
+    positions, the span's start in the example and in the source drawn independently (way: consecutive)."""
+    blocks: Literal["aligned", "group"] = "aligned"
+    """``aligned``: the teacher's aligned block only; ``group`` (GKD's): every teacher block mapped to the student
+    block, from the block after the previous pair's teacher block up to the aligned one."""
     meaning: str = ("a second forward of both models in which the states of `fraction` of the token positions "
                     "(contiguous when way is consecutive) at an aligned layer pair [student, teacher] are "
                     "replaced by the source example's; ops 'interchanged' read that pass")
 
-    options: ClassVar[dict[str, str]] = {"fraction": "fraction", "map": "map", "way": "symbol"}
+    options: ClassVar[dict[str, str]] = {"fraction": "fraction", "map": "map", "way": "symbol", "positions": "symbol",
+                                         "blocks": "symbol"}
+
+    @model_serializer(mode="wrap")
+    def _drop_default_reading(self, handler):
+        return _omit_defaults(handler(self), {"positions": "same", "blocks": "aligned"})
     rewrites_forward: ClassVar[bool] = True
     doc: ClassVar[str] = "DIITO interchange intervention: a second pass with swapped token-span states"
 
@@ -532,7 +552,8 @@ class Weigh(Intervention):
 class SelectTeacher(Intervention):
     kind: Literal["select_teacher"] = "select_teacher"
     group: str
-    policy: Literal["reinforce"] = "reinforce"
+    policy: Literal["reinforce", "glmkd"] = "reinforce"
+    """``glmkd``: GKD's agent (one step late, pi instead of log pi, no baseline; runtime/rl_agent.py)."""
     units: list[Unit]
     state_model: str | None = None
     """Model whose [CLS] state the agent reads; None: the student."""
@@ -541,10 +562,12 @@ class SelectTeacher(Intervention):
         "keep or skip each unit per example (Bernoulli per teacher)")
     reward: Literal["ce", "ce_kl"] = "ce"
     reward_meaning: str
-    baseline: Literal["running mean of the reward"] = "running mean of the reward"
+    baseline: Literal["running mean of the reward", "none"] = "running mean of the reward"
     lr: float | None = None
     """The agent's learning rate; None: the stage's."""
-    agent: Literal["two-layer MLP owned by the student wrapper"] = "two-layer MLP owned by the student wrapper"
+    agent: Literal["two-layer MLP owned by the student wrapper",
+                   "sigmoid of two summed linear maps owned by the student wrapper"] = (
+        "two-layer MLP owned by the student wrapper")
 
     options: ClassVar[dict[str, str]] = {"policy": "symbol", "state": "model", "reward": "symbol", "lr": "number"}
     doc: ClassVar[str] = "RL-KD: a REINFORCE agent picks the teachers of each example"

@@ -27,19 +27,30 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkdlang import spec as S
-from gkdlang.spec import Interchanged, ModelSpec, Node, Schedule, SignalNode, StageSpec
+from gkdlang.spec import ModelSpec, Node, Schedule, SignalNode, StageSpec
 from planner.plan import CapturePoint, ModelCapture
-from runtime.adapters import adapter_for, capture
+from runtime.adapters import adapter_for
 from runtime.errors import RunError
+from runtime.intervention_base import (  # noqa: F401 (StepInfo, ...: part of this module's interface)
+    Base,
+    Setup,
+    Signals,
+    StepInfo,
+    _classes,
+    _first,
+    _generator,
+    _hidden_point,
+    _unwrap,
+    _with_first,
+)
 from runtime.intervention_kernels import (  # noqa: F401 (entropy, ...: part of this module's interface)
     entropy,
     entropy_weights,
@@ -49,105 +60,13 @@ from runtime.intervention_kernels import (  # noqa: F401 (entropy, ...: part of 
     f64_bits,
     bits_f64,
 )
-
-Signals = Mapping[str, Mapping[tuple[str, int | None], Tensor]]
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """Where training is: what every intervention may read at a step."""
-
-    step: int
-    epoch: int
-    progress: float
-    micro: int = 0
-    rank: int = 0
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What interventions are built from: the stage, the spec's models, the stage seed and base LR."""
-
-    stage: StageSpec
-    models: Mapping[str, ModelSpec]
-    seed: int
-    lr: float
-
-
-def _generator(*parts: Any) -> torch.Generator:
-    """A CPU generator seeded from ``parts`` (sha512 of their text: stable across processes, unlike hash())."""
-    return torch.Generator().manual_seed(random.Random(":".join(map(str, parts))).getrandbits(63))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) and hasattr(inner, "config") else model
-
-
-def _first(output: Any) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _with_first(output: Any, first: Tensor) -> Any:
-    return (first, *output[1:]) if isinstance(output, (tuple, list)) else first
-
+from runtime.diito import Interchange, build_interchange
+from runtime.rl_agent import GlmkdSelectTeacher
 
 def _leaves(node: Node) -> list[SignalNode]:
     if isinstance(node, SignalNode):
         return [node]
     return [leaf for child in node.inputs for leaf in _leaves(child)]
-
-
-def _hidden_point(layer: int) -> CapturePoint:
-    return CapturePoint(kind="hidden", layer=layer)
-
-
-class Base(nn.Module):
-    """No-op defaults for every call point; subclasses override what their method needs."""
-
-    kind: ClassVar[str] = ""
-
-    def __init__(self, *, seed: int) -> None:
-        super().__init__()
-        self.seed = seed
-
-    def built_models(self) -> set[str]:
-        """Models the stage must build although the plan captures nothing from them (no forward of their own)."""
-        return set()
-
-    def extra_points(self) -> dict[str, list[CapturePoint]]:
-        """Signals the first pass must capture besides the plan's, per model."""
-        return {}
-
-    def gate(self, active: set[str], info: StepInfo) -> set[str]:
-        return active
-
-    def student_context(self, student: nn.Module, info: StepInfo) -> ContextManager:
-        return nullcontext()
-
-    def teacher_passes(self, teachers: Mapping[str, nn.Module], batch: dict[str, Tensor], signals: Signals,
-                       info: StepInfo) -> dict[str, Any]:
-        return {}
-
-    def student_passes(self, name: str, student: nn.Module, batch: dict[str, Tensor], signals: Signals,
-                       info: StepInfo) -> dict[str, Any]:
-        return {}
-
-    def row_weights(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
-        return {}
-
-    def extra_loss(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
-        return {}
-
-    def lr_groups(self, student: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-        """Named parameter groups this intervention sets learning-rate factors for (see ``lr_scale``)."""
-        return []
-
-    def lr_scale(self, group: str, progress: float) -> float:
-        return 1.0
-
-    def observe(self, values: Mapping[str, float], info: StepInfo) -> None:
-        """The step's weighted term values (mean over its micro-batches, this rank), after the optimizer step."""
 
 
 def _terms_of(stage: StageSpec, group: str) -> list[str]:
@@ -222,13 +141,6 @@ class Weigh(Base):
     def row_weights(self, signals: Signals, batch: Mapping[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
         w = self.weights(signals, batch)
         return {term: w[i] for i, (group, _) in enumerate(self.units) for term in self.terms[group]}
-
-
-def _classes(setup: Setup, model: str, head: str) -> int:
-    spec = setup.models[model]  # builders only
-    if head == "logits":
-        return int(spec.arch.vocab_size)
-    return int(spec.head.num_labels or spec.arch.config.get("num_labels") or 2)
 
 
 # ================================================================ select_teacher (RL-KD)
@@ -395,87 +307,6 @@ class ReplaceLayers(Base):
 
 
 # ================================================================ interchange (DIITO)
-
-
-@contextmanager
-def _output_edit(block: nn.Module, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    handle = block.register_forward_hook(lambda m, args, out: _with_first(out, edit(_first(out))))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-class Interchange(Base):
-    """DIITO: a second forward of teacher and student in which, at one aligned block pair (drawn per step),
-    the states of ``fraction`` of each example's positions are the next example's (batch rolled by one).
-
-    The source states come from the first pass (the student's keep their graph, so the counterfactual loss
-    trains the source pass too). The counterfactual signals are stored under ``model@id``.
-    """
-
-    kind = "interchange"
-
-    def __init__(self, *, ident: str, teacher: str, student: str, pairs: list[tuple[int, int]], fraction: float,
-                 way: str, pass_points: dict[str, list[CapturePoint]], seed: int) -> None:
-        """``pairs``: aligned (student block, teacher block); ``pass_points``: per model, the signals the loss
-        reads from the counterfactual pass."""
-        super().__init__(seed=seed)
-        self.ident, self.teacher, self.student, self.pairs = ident, teacher, student, list(pairs)
-        self.fraction, self.way, self.pass_points = fraction, way, dict(pass_points)
-        if not self.pairs:
-            raise RunError(f"interchange '{self.ident}': no aligned layer pair")
-
-    def extra_points(self) -> dict[str, list[CapturePoint]]:
-        points = {self.teacher: [_hidden_point(t) for _, t in self.pairs],
-                  self.student: [_hidden_point(s) for s, _ in self.pairs]}
-        for model, extra in self.pass_points.items():
-            points.setdefault(model, []).extend(extra)
-        return points
-
-    def pair(self, step: int) -> tuple[int, int]:
-        return random.Random(f"{self.seed}:{self.ident}:pair:{step}").choice(self.pairs)
-
-    def positions(self, batch: Mapping[str, Tensor], info: StepInfo) -> Tensor:
-        gen = _generator(self.seed, self.ident, info.step, info.micro, info.rank)
-        return interchange_positions(batch["attention_mask"], self.fraction, self.way, gen, batch.get("tokens"))
-
-    def _pass(self, model_name: str, model: nn.Module, layer: int, batch: dict[str, Tensor], signals: Signals,
-              info: StepInfo, grad: bool) -> Any:
-        source = torch.roll(signals[model_name][("hidden", layer)], shifts=-1, dims=0)  # example i gets i+1's
-        where = self.positions(batch, info)[..., None]
-        hf = _unwrap(model)
-        block = adapter_for(hf).layers(hf)[layer]
-        points = self.pass_points.get(model_name, [])
-        kinds = {p.kind for p in points}
-        wanted = ModelCapture(model=model_name, points=points, stop_after_layer=None,
-                              needs_head=bool(kinds & {"logits", "task_logits"}),
-                              eager_attention_layers=sorted({p.layer for p in points
-                                                             if p.kind in ("attn_scores", "attn_probs")}))
-        with _output_edit(block, lambda h: torch.where(where, source.to(h.dtype), h)):
-            return capture(model, batch, wanted, grad=grad)
-
-    def teacher_passes(self, teachers: Mapping[str, nn.Module], batch: dict[str, Tensor], signals: Signals,
-                       info: StepInfo) -> dict[str, Any]:
-        if self.teacher not in self.pass_points:
-            return {}
-        _, t_layer = self.pair(info.step)
-        return {f"{self.teacher}@{self.ident}": self._pass(self.teacher, teachers[self.teacher], t_layer, batch,
-                                                           signals, info, grad=False)}
-
-    def student_passes(self, name: str, student: nn.Module, batch: dict[str, Tensor], signals: Signals,
-                       info: StepInfo) -> dict[str, Any]:
-        if name != self.student or name not in self.pass_points:
-            return {}
-        s_layer, _ = self.pair(info.step)
-        return {f"{name}@{self.ident}": self._pass(name, student, s_layer, batch, signals, info, grad=True)}
-
-
-def _interchanged_leaves(node: Node, ident: str, inside: bool = False) -> list[SignalNode]:
-    if isinstance(node, SignalNode):
-        return [node] if inside else []
-    inside = inside or (isinstance(node, Interchanged) and node.intervention == ident)
-    return [leaf for child in node.inputs for leaf in _interchanged_leaves(child, ident, inside)]
 
 
 # ================================================================ perturb (LRC-BERT)
@@ -688,32 +519,39 @@ def _build_weigh(iv: S.Weigh, setup: Setup) -> Weigh:
                  classes=_classes(setup, student, head), seed=setup.seed)
 
 
-def _build_select_teacher(iv: S.SelectTeacher, setup: Setup) -> SelectTeacher:
+def _build_select_teacher(iv: S.SelectTeacher, setup: Setup) -> SelectTeacher | GlmkdSelectTeacher:
     units, terms = _units(iv, setup)
     student = setup.stage.students[0]
     state_model = iv.state_model or student
     arch = setup.models[state_model].arch
+    built = {"reinforce": ("running mean of the reward", "two-layer MLP owned by the student wrapper"),
+             "glmkd": ("none", "sigmoid of two summed linear maps owned by the student wrapper")}[iv.policy]
+    if (iv.baseline, iv.agent) != built:
+        raise RunError(f"stage '{setup.stage.name}': select_teacher(policy: {iv.policy}) builds an agent '{built[1]}' "
+                       f"with baseline '{built[0]}', not the plan's '{iv.agent}' with '{iv.baseline}'")
+    if iv.policy == "glmkd":
+        return GlmkdSelectTeacher(group=iv.group, units=units, terms=terms, student=student, state_model=state_model,
+                                  state_layer=int(arch.num_layers) - 1, width=int(arch.hidden_size),
+                                  classes=_classes(setup, student, "task_logits"), weight=_group_weight(iv, setup),
+                                  lr=iv.lr, seed=setup.seed)
     width = int(arch.hidden_size) + sum(_classes(setup, t, "task_logits") for _, t in units)
     return SelectTeacher(group=iv.group, units=units, terms=terms, student=student, state_model=state_model,
                          state_layer=int(arch.num_layers) - 1, width=width, reward=iv.reward, lr=iv.lr,
                          seed=setup.seed)
 
 
+def _group_weight(iv: S.SelectTeacher, setup: Setup) -> float:
+    """The one constant weight of the selected terms (GKD scales its policy loss with them by rl_kd_alpha)."""
+    groups = {u.group for u in iv.units}
+    weights = {t.weight for t in setup.stage.loss if t.gate.group in groups}
+    if len(weights) != 1 or next(iter(weights)).kind != "constant":
+        raise RunError(f"stage '{setup.stage.name}': select_teacher(policy: glmkd) scales its policy loss by the "
+                       f"weight of the selected terms, which must be one constant (got {len(weights)} weights)")
+    return next(iter(weights)).value
+
+
 def _build_replace_layers(iv: S.ReplaceLayers, setup: Setup) -> ReplaceLayers:
     return ReplaceLayers(teacher=iv.teacher, groups=iv.groups, p=iv.p, seed=setup.seed)
-
-
-def _build_interchange(iv: S.Interchange, setup: Setup) -> Interchange:
-    leaves: dict[str, dict[tuple[str, int | None], CapturePoint]] = {}
-    for term in setup.stage.loss:
-        for side in (term.target, term.pred):
-            for node in _interchanged_leaves(side, iv.id):
-                if node.model is not None:
-                    leaves.setdefault(node.model, {})[(node.kind, node.layer)] = CapturePoint(kind=node.kind,
-                                                                                             layer=node.layer)
-    return Interchange(ident=iv.id, teacher=iv.teacher, student=iv.student, pairs=[(s, t) for s, t in iv.layers],
-                       fraction=iv.fraction, way=iv.way,
-                       pass_points={m: list(points.values()) for m, points in leaves.items()}, seed=setup.seed)
 
 
 def _trained(iv: S.Perturb | S.ProgressiveLR, setup: Setup) -> None:
@@ -744,7 +582,7 @@ def _build_plateau(iv: S.Plateau, setup: Setup) -> Plateau:
 
 BUILDERS: dict[type[S.Intervention], Callable[[Any, Setup], Base]] = {
     S.Drop: _build_drop, S.Weigh: _build_weigh, S.SelectTeacher: _build_select_teacher,
-    S.ReplaceLayers: _build_replace_layers, S.Interchange: _build_interchange, S.Perturb: _build_perturb,
+    S.ReplaceLayers: _build_replace_layers, S.Interchange: build_interchange, S.Perturb: _build_perturb,
     S.ProgressiveLR: _build_progressive_lr, S.Plateau: _build_plateau,
 }
 """Spec intervention class -> the builder of its runtime component."""

@@ -202,7 +202,7 @@ class LossGraph(nn.Module):
             raise RunError(f"loss term '{term.id}': cannot infer the size of projection '{key}'")
         if _module_key(key) in self.projections:
             return  # shared key: one module, several uses
-        self.projections[_module_key(key)] = T.Projection(d_in, d_out)
+        self.projections[_module_key(key)] = T.Projection(d_in, d_out, bias=node.bias)
 
     # ------------------------------------------------------------ gates
 

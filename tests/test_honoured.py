@@ -72,7 +72,7 @@ def test_every_intervention_has_a_runtime_component_reading_its_fields(cls):
     assert cls in ivs.BUILDERS, f"{cls.__name__} has no builder in runtime/interventions.py"
     kind = cls.model_fields["kind"].default
     assert kind in ivs.INTERVENTIONS
-    builders = _source("runtime/interventions.py")
+    builders = _source("runtime/interventions.py", "runtime/diito.py", "runtime/rl_agent.py")
     fixed = {f for f, info in cls.model_fields.items() if typing.get_origin(info.annotation) is typing.Literal
              and len(typing.get_args(info.annotation)) == 1}  # one-value fields state a fixed runtime behaviour
     inputs = set(cls.model_fields) - set(S.Intervention.model_fields) - fixed - NOT_RUNTIME_INPUTS

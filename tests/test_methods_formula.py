@@ -383,7 +383,8 @@ def test_mgskd_token_span_and_sample_structure(tdir):
 
 
 def test_diito_reads_the_counterfactual_pass(tdir):
-    spec = stages(tdir, "use diito\nstage a { data: corpus, steps: 4, loss: diito(lmt, lm, T: 2, fraction: 30%) }")
+    """diito.same_positions, gkdc's earlier reading (the default, GKD's: tests/test_methods_parity_agents.py)."""
+    spec = stages(tdir, "use diito\nstage a { data: corpus, steps: 4, loss: diito.same_positions(lmt, lm, T: 2, fraction: 30%) }")
     sig, batch = make_inputs(spec)
     ident = spec.stages[0].interventions[0].id
     sig[f"lmt@{ident}"], sig[f"lm@{ident}"] = Fake(spec.models["lmt"].arch, 91, False), Fake(spec.models["lm"].arch, 92, False)
@@ -723,7 +724,7 @@ def test_diito_interchange_pass_takes_the_next_examples_states(tdir):
     from planner.plan import CapturePoint, ModelCapture
     from runtime.adapters import capture
 
-    spec = stages(tdir, "use diito\nstage a { data: corpus, steps: 4, loss: diito(lmt, lm, fraction: 30%) }")
+    spec = stages(tdir, "use diito\nstage a { data: corpus, steps: 4, loss: diito.same_positions(lmt, lm, fraction: 30%) }")
     (iv,) = ivs.build(spec.stages[0], spec.models, SEED, 1e-3)
     model = _bert(2, 3, classify=False)
     batch = {"input_ids": torch.randint(1, V, (B, S)), "attention_mask": MASK.long()}

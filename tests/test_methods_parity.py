@@ -741,17 +741,15 @@ def test_universal_kd(tdir, pad):
     --distill_ft_soft_kl --distill_soft_rate=0.5 --universal_kd_gamma=0.5 --universal_kd_size=0: block inputs
     1 .. L-1 (hidden[0 .. L-2]) on both sides, [CLS], one bias-free map per block on each side (t_fit_dense_0[i],
     s_fit_dense[j]); per student block alpha = softmax(s'_j . t'_l) over teacher blocks, KL(softmax(sum_l alpha
-    t'_l) || softmax(s'_j)) x gamma, summed; plus 0.5 x KL of the task logits (T = 1). GLMKD's maps are gkdc's
-    weights with the bias at 0 (gkdc's maps have one)."""
+    t'_l) || softmax(s'_j)) x gamma, summed; plus 0.5 x KL of the task logits (T = 1). gkdc's maps are bias-free
+    like GLMKD's (`bias: false`)."""
     spec = stages(tdir, "use universal_kd\nstage a { data: sst2, steps: 4, loss: universal_kd(bert, small) }",
                   "{ layers: 3, hidden: 16, heads: 2, head: classify(3) }")
     sig, batch = inputs(spec, MASKS[pad])
     archs = {n: m.arch for n, m in spec.models.items()}
     torch.manual_seed(0)
     graph = LossGraph(spec.stages[0].loss, archs, seed=7)
-    with torch.no_grad():
-        for p in graph.projections.values():
-            p.linear.bias.zero_()
+    assert all(p.linear.bias is None for p in graph.projections.values())  # GLMKD's maps have no bias
     feature = spec.stages[0].loss[0]
     fit_t = [graph.projections[n.module.replace(".", "_")] for n in feature.target.inputs[1:]]
     fit_s = graph.projections[feature.pred.module.replace(".", "_")]
@@ -766,6 +764,27 @@ def test_universal_kd(tdir, pad):
     want = want + g_pre_loss(tl(sig, "small"), tl(sig, "bert"), None, soft=True, kl=True, soft_rate=0.5)["soft"].mean()
     assert fit_s is not None
     close(value, want)
+
+
+def test_project_bias_option_reaches_the_spec_and_the_parameter_count(tdir):
+    """`project(x, bias: false)`: the Spec's op says so (the default, a bias, is left out of the JSON), the
+    planner counts no bias parameters, and a bias that is not a bool is a located error."""
+    from gkdlang.spec import Project
+    from test_methods_formula import check_source
+
+    def first_project(bias):
+        extra = "" if bias is None else f", bias: {bias}"
+        spec = stages(tdir, f"stage a {{ data: sst2, steps: 4, loss: mse(bert.hidden[-1], project(small.hidden[-1]{extra})) }}")
+        node = spec.stages[0].loss[0].pred
+        assert isinstance(node, Project)
+        return node
+
+    with_bias, without = first_project(None), first_project("false")
+    assert with_bias.bias and not without.bias and first_project("true").bias
+    assert "bias" not in with_bias.model_dump() and without.model_dump()["bias"] is False
+    assert with_bias.param_count() - without.param_count() == without.dim_out
+    with pytest.raises(AssertionError, match="bool|true or false"):
+        first_project("3")
 
 
 def glmkd_cos_nce(s_layers, t_layers):
@@ -790,6 +809,7 @@ def test_lrc_bert(tdir, pad):
     sig, batch = inputs(spec, MASKS[pad])
     value, _, graph, _ = total(spec, 0, sig, batch)
     p = proj(graph, spec.stages[0].loss[0].pred.module)
+    assert p.linear.bias is None  # GLMKD's s_fit_dense has no bias
     s_layers = [p(sig["small"][("hidden", j)]) for j in range(2)]
     t_layers = [sig["bert"][("hidden", i)] for i in (1, 3)]
     close(value, glmkd_cos_nce(s_layers, t_layers))
@@ -1045,13 +1065,12 @@ def test_alp_kd_gradient_reaches_the_student_through_alpha(tdir, pad):
 def test_universal_kd_gradients(tdir, pad):
     """Universal-KD's teacher maps, student maps and student states all get GLMKD's gradients."""
     spec = stages(tdir, "use universal_kd\nstage a { data: sst2, steps: 4, loss: universal_kd.attended("
-                        "project(bert.cls[0:-1], to: small, shared: false), project(small.cls[0:-1], shared: false)) }",
+                        "project(bert.cls[0:-1], to: small, shared: false, bias: false), "
+                        "project(small.cls[0:-1], shared: false, bias: false)) }",
                   "{ layers: 3, hidden: 16, heads: 2, head: classify(3) }")
     sig, batch = inputs(spec, MASKS[pad])
     graph = _graph(spec)
-    with torch.no_grad():
-        for p in graph.projections.values():
-            p.linear.bias.zero_()
+    assert all(p.linear.bias is None for p in graph.projections.values())  # GLMKD's maps have no bias
     sh = _leaves(sig, "small", [("hidden", 0), ("hidden", 1)])
     params = [p.linear.weight for p in graph.projections.values()]
     value, _ = graph(sig, batch, 0.0, graph.active_terms(0.0))

@@ -42,6 +42,14 @@ def test_projection_is_an_affine_map_with_gradients():
     assert proj(x.bfloat16()).dtype == torch.float32
 
 
+def test_projection_without_bias_is_linear():
+    proj = X.Projection(W, 7, bias=False)
+    x = rnd(B, S, W)
+    assert proj.linear.bias is None
+    assert torch.allclose(proj(x), x @ proj.linear.weight.T)
+    assert torch.allclose(proj(-x), -proj(x))
+
+
 def test_projection_rejects_wrong_width():
     with pytest.raises(RunError, match="width 5.*d_in=12"):
         X.Projection(W, 7)(rnd(B, S, 5))

@@ -68,6 +68,11 @@ def interchange(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     if fraction <= 0:
         raise lw.err("bad-value", kw["fraction"].span, "fraction must be above 0%")
     way = read_symbol_value(lw, kw.get("way"), "way", B.INTERCHANGE_WAYS, scope, "consecutive")
+    positions = read_symbol_value(lw, kw.get("positions"), "positions", B.INTERCHANGE_POSITIONS, scope, "same")
+    blocks = read_symbol_value(lw, kw.get("blocks"), "blocks", B.INTERCHANGE_BLOCKS, scope, "aligned")
+    if positions == "independent" and way != "consecutive":
+        raise lw.err("conflicting-options", kw["positions"].span, "positions: independent draws a span in each "
+                     "example and in its source: use way: consecutive")
     teachers = sorted({m for t in obj.terms for m in node_models(t.target.node)})
     students = sorted({m for t in obj.terms for m in node_models(t.pred.node)})
     if len(teachers) != 1 or len(students) != 1:
@@ -83,8 +88,21 @@ def interchange(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
     terms = tuple(replace(term, target=interchanged(term.target, group),
                           pred=interchanged(term.pred, group)) for term in obj.terms)
     iv = Interchange(models=[t, s], span=e.span, id=group, teacher=t, student=s, layers=layers, fraction=fraction,
-                     way=way)
+                     way=way, positions=positions, blocks=blocks, **interchange_meaning(positions, blocks))
     return Objective(terms, obj.interventions + (iv,))
+
+
+def interchange_meaning(positions: str, blocks: str) -> dict[str, str]:
+    """The Spec's ``meaning`` where the reading is not the default one (the default text is left out)."""
+    if (positions, blocks) == ("same", "aligned"):
+        return {}
+    span = ("int(fraction x the shorter of the example's and the source's real lengths) consecutive positions take "
+            "the source's states from a span of its own (the two starts drawn independently)"
+            if positions == "independent" else "the states of `fraction` of the token positions are the source "
+            "example's at the same positions")
+    where = ("at a student block drawn per step and every teacher block of its group" if blocks == "group"
+             else "at an aligned layer pair [student, teacher] drawn per step")
+    return {"meaning": f"a second forward of both models in which {span}, {where}; ops 'interchanged' read that pass"}
 
 
 def interchanged(it: Item, group: str) -> Item:
@@ -238,13 +256,31 @@ def select_teacher(lw: Lowerer, e: ast.Call, scope: Scope) -> Objective:
                      "agent; it cannot also be a selectable teacher")
     group, terms, table = unit_terms(lw, e, units, "select")
     models = [t for _, t in units] + ([state] if state else [])
+    cls = "[CLS] state of state_model" if state else "student [CLS] state"
+    params: dict[str, Any] = {
+        "state": [cls, "each teacher's soft labels"],
+        "reward_meaning": "-CE(labels, student)" if reward == "ce" else "-(CE + KL to the kept teachers)"}
+    if policy == "glmkd":
+        glmkd_policy_checks(lw, e, kw, reward, units)
+        params = {"state": [cls, "each teacher's CE on the labels", "each teacher's task logits"],
+                  "reward_meaning": "-mean CE(labels, student) at the next step, for this step's selection",
+                  "baseline": "none", "agent": "sigmoid of two summed linear maps owned by the student wrapper"}
     iv = SelectTeacher(models=models, span=e.span, group=group, policy=policy, units=table, state_model=state,
-                       state=["[CLS] state of state_model" if state else "student [CLS] state",
-                              "each teacher's soft labels"],
-                       reward=reward, lr=lr,
-                       reward_meaning="-CE(labels, student)" if reward == "ce" else "-(CE + KL to the kept teachers)")
+                       reward=reward, lr=lr, **params)
     interventions = tuple(i for obj, _ in units for i in obj.interventions)
     return Objective(terms, interventions + (iv,))
+
+
+def glmkd_policy_checks(lw: Lowerer, e: ast.Call, kw, reward: str, units) -> None:
+    """GKD's agent reads each teacher's CE on the gold labels (so classification heads) and has reward -CE only."""
+    if reward != "ce":
+        raise lw.err("conflicting-options", kw["reward"].span, "policy: glmkd has GKD's reward -CE(labels, "
+                     "student) only: use reward: ce")
+    for _, teacher in units:
+        if lw.models[teacher].head.kind != "classify":
+            raise lw.err("no-task-head", e.span, f"select_teacher(policy: glmkd) reads the CE of teacher "
+                         f"'{teacher}' on the labels, so a classification head",
+                         f"add `head: classify(<labels>)` to '{teacher}'")
 
 
 #: intervention name (builtins.INTERVENTIONS) -> lowering of its call

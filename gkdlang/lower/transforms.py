@@ -44,6 +44,7 @@ def project(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
     if "dim" in kw:
         out = read_int(lw, kw["dim"], "dim", minimum=1, scope=scope)
     shared = read_bool(lw, kw["shared"], "shared") if "shared" in kw else True
+    extra = {"bias": read_bool(lw, kw["bias"], "bias", scope)} if "bias" in kw else {}
     key = lw.new_module("project")
     items = []
     for it in xs.items:
@@ -51,7 +52,7 @@ def project(lw: Lowerer, e, xs: ItemSet, kw, scope) -> ItemSet:
             raise lw.err("type-mismatch", e.args[0].span, f"project() maps hidden-state-like signals, not "
                          f"{it.feat.kind}")
         module = key if shared else f"{key}.{it.layer}"
-        node = Project(inputs=[it.node], dim_in=it.feat.dim, dim_out=out, module=module)
+        node = Project(inputs=[it.node], dim_in=it.feat.dim, dim_out=out, module=module, **extra)
         items.append(replace(it, node=node, feat=replace(it.feat, dim=out)))
     return replace(xs, items=tuple(items))
 

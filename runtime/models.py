@@ -486,11 +486,17 @@ def _drop_head(net: nn.Module, drop: bool) -> nn.Module:
     return net
 
 
-def build_student_partitioned(model: ModelSpec, zero3: dict[str, Any], *, trust_remote_code: bool = False) -> nn.Module:
-    """A derived / random-init student partitioned while it is built (ZeRO-3): transformers initialises each
-    module gathered on rank 0 and re-partitions it, so no rank ever holds the whole model."""
+def build_student_partitioned(model: ModelSpec, zero3: dict[str, Any], *, trust_remote_code: bool = False,
+                              base_dir: Path = Path("."), allow_pickle: bool = False) -> nn.Module:
+    """A student partitioned while it is built (ZeRO-3): transformers initialises each module gathered on rank 0
+    and re-partitions it, so no rank ever holds the whole model. A pretrained (hub / local) student is loaded
+    by transformers' partitioned ``from_pretrained``; a derived or random-init one is built from its config."""
     from runtime import engine as eng
 
+    if model.source_kind != "derived" and model.init.kind == "pretrained":
+        net = _from_pretrained(model, base_dir, trust_remote_code, allow_pickle, zero3=zero3)
+        _pad_for_classify(net)
+        return net.train(True).requires_grad_(True)
     kwargs: dict[str, Any] = {"dtype": DTYPES[model.dtype], **({"trust_remote_code": True} if trust_remote_code else {})}
     with eng.zero3_build(zero3):
         try:

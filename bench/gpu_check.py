@@ -25,7 +25,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 GiB = 2**30
 
 
-def spec(teacher: Path, gpu_memory: str) -> str:
+def spec(teacher: Path, gpu_memory: str, strategy: str) -> str:
     return f"""# bench/gpu_check.py
 teacher t = hf("{teacher}") {{ dtype: bf16 }}
 student s = like(t) {{ layers: 2, hidden: 512, heads: 8, kv_heads: 4, intermediate: 1408 }}
@@ -37,6 +37,7 @@ stage distill {{
   optimizer: adamw(lr: 1e-4)
   loss: kl(t.logits, s.logits, T: 2)
 }}
+placement {{ zero: 0; teacher t: {strategy} }}
 cluster {{ gpus: 1 x H100-80GB, gpu_memory: {gpu_memory}, cpu_memory: 64GB }}
 """
 
@@ -88,7 +89,7 @@ def measure(plan_path: Path, out: Path, cap: int) -> dict[str, int]:
 def main() -> int:
     dry = "--dry-run" in sys.argv  # plan and print the predictions and caps only (no GPU needed)
     teacher, work = (Path(a) for a in [a for a in sys.argv[1:] if a != "--dry-run"][:2])
-    from scale import corpus, pin
+    from scale import corpus
 
     work.mkdir(parents=True, exist_ok=True)
     corpus(work / "corpus.txt")
@@ -98,11 +99,10 @@ def main() -> int:
     print(f"{'plan':12} {'cap GiB':>8} {'phase':6} {'predicted':>9} {'measured':>9} {'ratio':>6}")
     for strategy in ("cpu_offload", "sharded"):
         spec_path = work / f"{strategy}.gkd"
-        spec_path.write_text(spec(teacher, "4GB"))
+        spec_path.write_text(spec(teacher, "4GB", strategy))  # pinned in the spec: the planner checks it fits
         plan_path = work / f"{strategy}.json"
         subprocess.run([sys.executable, "-m", "gkdc.cli", "plan", str(spec_path), "-o", str(plan_path)], check=True,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, cwd=work, stdout=subprocess.DEVNULL)
-        pin(REPO, plan_path, {"teacher": strategy, "zero_stage": 0})
         pred = predicted(json.loads(plan_path.read_text()))
         cap = int(0.8 * t_bytes) if strategy == "cpu_offload" else int(1.1 * pred["train"])
         if dry:

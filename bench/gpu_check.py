@@ -7,7 +7,8 @@ cap is below the teacher's bytes, so any whole copy of the teacher on the GPU fa
 recipe runs in this process (one rank) with its phases timed by wrapping ``build_models`` (load),
 ``train_step`` (train) and ``runtime.models.write_weights`` (save); the peak is reset at each boundary.
 
-Usage: ``python bench/gpu_check.py TEACHER_DIR WORK_DIR``
+Usage: ``python bench/gpu_check.py TEACHER_DIR WORK_DIR [--dry-run]`` (``--dry-run``: plan both and print the
+predictions and caps, on a machine without a GPU)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 GiB = 2**30
 
 
-def spec(teacher: Path, gpu_memory: str) -> str:
+def spec(teacher: Path, gpu_memory: str, strategy: str) -> str:
     return f"""# bench/gpu_check.py
 teacher t = hf("{teacher}") {{ dtype: bf16 }}
 student s = like(t) {{ layers: 2, hidden: 512, heads: 8, kv_heads: 4, intermediate: 1408 }}
@@ -36,6 +37,7 @@ stage distill {{
   optimizer: adamw(lr: 1e-4)
   loss: kl(t.logits, s.logits, T: 2)
 }}
+placement {{ zero: 0; teacher t: {strategy} }}
 cluster {{ gpus: 1 x H100-80GB, gpu_memory: {gpu_memory}, cpu_memory: 64GB }}
 """
 
@@ -72,33 +74,40 @@ def measure(plan_path: Path, out: Path, cap: int) -> dict[str, int]:
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
         return wrapped
 
+    originals = R.build_models, R.train_step, M.write_weights
     R.build_models = phase("load", R.build_models)
     R.train_step = phase("train", R.train_step)
     M.write_weights = phase("save", M.write_weights)
-    plan = Plan.model_validate_json(plan_path.read_text())
-    R.run(plan, plan_path, out, resume=False, progress=False)
+    try:
+        plan = Plan.model_validate_json(plan_path.read_text())
+        R.run(plan, plan_path, out, resume=False, progress=False)
+    finally:  # the next plan wraps the originals, not these wrappers
+        R.build_models, R.train_step, M.write_weights = originals
     return peaks
 
 
 def main() -> int:
-    teacher, work = Path(sys.argv[1]), Path(sys.argv[2])
-    from scale import corpus, pin
+    dry = "--dry-run" in sys.argv  # plan and print the predictions and caps only (no GPU needed)
+    teacher, work = (Path(a) for a in [a for a in sys.argv[1:] if a != "--dry-run"][:2])
+    from scale import corpus
 
     work.mkdir(parents=True, exist_ok=True)
     corpus(work / "corpus.txt")
     t_bytes = sum(p.stat().st_size for p in teacher.glob("*.safetensors"))
     ok = True
-    print(f"teacher {t_bytes / GiB:.2f} GiB on {torch.cuda.get_device_name()}")
+    print(f"teacher {t_bytes / GiB:.2f} GiB on {'(dry run)' if dry else torch.cuda.get_device_name()}")
     print(f"{'plan':12} {'cap GiB':>8} {'phase':6} {'predicted':>9} {'measured':>9} {'ratio':>6}")
     for strategy in ("cpu_offload", "sharded"):
         spec_path = work / f"{strategy}.gkd"
-        spec_path.write_text(spec(teacher, "4GB"))
+        spec_path.write_text(spec(teacher, "4GB", strategy))  # pinned in the spec: the planner checks it fits
         plan_path = work / f"{strategy}.json"
         subprocess.run([sys.executable, "-m", "gkdc.cli", "plan", str(spec_path), "-o", str(plan_path)], check=True,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, cwd=work, stdout=subprocess.DEVNULL)
-        pin(REPO, plan_path, {"teacher": strategy, "zero_stage": 0})
         pred = predicted(json.loads(plan_path.read_text()))
         cap = int(0.8 * t_bytes) if strategy == "cpu_offload" else int(1.1 * pred["train"])
+        if dry:
+            print(f"{strategy:12} {cap / GiB:8.2f} " + ", ".join(f"{k} {v / GiB:.3f}" for k, v in pred.items()))
+            continue
         try:
             peaks = measure(plan_path, work / f"out-{strategy}", cap)
         except Exception as err:  # an out-of-memory is the finding: say it and go on to the next plan

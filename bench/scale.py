@@ -124,12 +124,21 @@ for sp, st in zip(plan.stages, spec.stages):
     host = host_memory(models, cluster, p, mem) if host_memory is not None else ([], 0)
     teachers = {c.model: dsconfig.teacher_ds_config(p, spec.models[c.model], world) for c in sp.captures
                 if c.model not in st.students}
-    update = {"placement": p, "memory": mem, "deepspeed_config": dsconfig.student_ds_config(p, st, world),
+    # a pinned teacher strategy may forbid the fused head the planner chose for the replicated one
+    fused = getattr(memory, "fused_head", None)
+    captures = [c.model_copy(update={"fused_head": fused(models, c.model, p)}) if fused else c for c in sp.captures]
+    update = {"captures": captures, "placement": p, "memory": mem, "deepspeed_config": dsconfig.student_ds_config(p, st, world),
               "teacher_configs": {k: v for k, v in teachers.items() if v}}
     if host_memory is not None:
         update |= {"host": host[0], "host_node_peak": host[1]}
     stages.append(sp.model_copy(update=update))
-open(path, "w").write(plan.model_copy(update={"stages": stages}).model_dump_json(indent=1))
+plan = plan.model_copy(update={"stages": stages})
+try:  # `gkdc run` refuses an edited plan unless it is sealed again (the old runtime's tree has no digest)
+    from planner.plan import sealed
+    plan = sealed(plan)
+except ImportError:
+    pass
+open(path, "w").write(plan.model_dump_json(indent=1))
 """
 
 

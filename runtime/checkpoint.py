@@ -5,7 +5,8 @@ Layout under ``<out>/checkpoints``::
     progress.json            the last *complete* checkpoint (written last, atomically: tmp + os.replace)
     <tag>/                   DeepSpeed engine state (model, optimizer, LR scheduler) of that checkpoint
     <tag>/rng-rank<r>.safetensors  this rank's RNG states (tensors) and sampler state (JSON metadata)
-    stage-<i>.safetensors    the trained model's full weights at the end of stage i (carried to stage i+1)
+    stage-<i>.safetensors    the trained model's full weights at the end of stage i (carried to stage i+1; the
+                             export's models/<name>/model.safetensors is a read-only hard link to it)
 
 A crash at any point leaves ``progress.json`` naming a checkpoint whose files are all on disk, so resume
 never reads a half-written one. Older tags are deleted only after the newer record is in place.

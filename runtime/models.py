@@ -27,7 +27,7 @@ from torch import nn
 
 from gkdlang.spec import ModelSpec
 from runtime.errors import RunError
-from runtime.vocab import VOCAB_FILE
+from runtime.vocab import VOCAB_FILE, vocab_params
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -337,11 +337,13 @@ def _copy_layers(model: ModelSpec, student_layers: int, source_layers: int) -> l
     return layers
 
 
-def copy_init(net: nn.Module, model: ModelSpec, built: dict[str, nn.Module]) -> int:
+def copy_init(net: nn.Module, model: ModelSpec, built: dict[str, nn.Module], *, rows: torch.Tensor | None = None) -> int:
     """Copy embeddings, blocks ``init.layers`` and final norm/head from ``built[init.source]``; returns tensors copied.
 
     Tensors the source lacks (a new classification head, a pooler) keep their random init; a tensor present
-    in both with different shapes is an error naming it.
+    in both with different shapes is an error naming it. With ``rows`` (a compressed vocabulary's kept ids, in
+    new-row order) ``net`` already has the compressed size: its vocabulary-indexed tensors take those rows of
+    the source's full-vocabulary ones (the same values as copying whole and then ``compress_student``).
     """
     source = built.get(str(model.init.source))
     if source is None:
@@ -353,10 +355,18 @@ def copy_init(net: nn.Module, model: ModelSpec, built: dict[str, nn.Module]) -> 
     from runtime import engine as eng
 
     src_state = dict(named_tensors(source))
+    by_row = set() if rows is None else {id(p) for p in vocab_params(net, int(rows.numel()))}
     copied = 0
     for key, tensor in named_tensors(net):
         value = src_state.get(_source_key(key, dst, src, layers))
         if value is None:
+            continue
+        pick = rows if id(tensor) in by_row and eng.full_shape(value)[0] != eng.full_shape(tensor)[0] else None
+        if pick is not None and eng.full_shape(value)[1:] == eng.full_shape(tensor)[1:]:
+            with eng.gathered_pair(value, tensor) as writes, torch.no_grad():  # kept rows of the full table
+                if writes:
+                    tensor.data.copy_(value.data.index_select(0, pick.to(value.device)).to(tensor.dtype))
+            copied += 1
             continue
         if eng.full_shape(value) != eng.full_shape(tensor):
             raise RunError(
@@ -476,11 +486,17 @@ def _drop_head(net: nn.Module, drop: bool) -> nn.Module:
     return net
 
 
-def build_student_partitioned(model: ModelSpec, zero3: dict[str, Any], *, trust_remote_code: bool = False) -> nn.Module:
-    """A derived / random-init student partitioned while it is built (ZeRO-3): transformers initialises each
-    module gathered on rank 0 and re-partitions it, so no rank ever holds the whole model."""
+def build_student_partitioned(model: ModelSpec, zero3: dict[str, Any], *, trust_remote_code: bool = False,
+                              base_dir: Path = Path("."), allow_pickle: bool = False) -> nn.Module:
+    """A student partitioned while it is built (ZeRO-3): transformers initialises each module gathered on rank 0
+    and re-partitions it, so no rank ever holds the whole model. A pretrained (hub / local) student is loaded
+    by transformers' partitioned ``from_pretrained``; a derived or random-init one is built from its config."""
     from runtime import engine as eng
 
+    if model.source_kind != "derived" and model.init.kind == "pretrained":
+        net = _from_pretrained(model, base_dir, trust_remote_code, allow_pickle, zero3=zero3)
+        _pad_for_classify(net)
+        return net.train(True).requires_grad_(True)
     kwargs: dict[str, Any] = {"dtype": DTYPES[model.dtype], **({"trust_remote_code": True} if trust_remote_code else {})}
     with eng.zero3_build(zero3):
         try:
@@ -580,16 +596,26 @@ def _out_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def export_student(config: Any, weights: Path, tokenizer: Any, out_dir: Path, vocab_map: VocabMap | None) -> None:
-    """Rank 0: an HF folder (config, sharded safetensors, tokenizer [, gkdc_vocab.json]) from a weights file,
-    copied one tensor at a time; ``from_pretrained`` loads it as is."""
-    from runtime.weights import WeightFiles, write_sharded
+    """Rank 0: an HF folder (config, safetensors, tokenizer [, gkdc_vocab.json]) from a weights file;
+    ``from_pretrained`` loads it as is.
+
+    Its ``model.safetensors`` is a hard link to ``weights`` (the stage hand-off file is already a safetensors
+    file of the model's state-dict keys), so the run stores the trained weights once; the shared file is made
+    read-only, because a tool that rewrote it in place would change the run's checkpoint too (gkdc itself only
+    replaces files). Where a link cannot be made (another file system), the weights are copied one tensor at
+    a time into sharded files instead.
+    """
+    from runtime.weights import INDEX_FILE, WeightFiles, write_sharded
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("model*.safetensors"), out_dir / INDEX_FILE]:  # an earlier export of this folder
+        old.unlink(missing_ok=True)
     files = WeightFiles(weights)
     try:
-        entries = [(k, s.dtype, s.shape) for k, s in files.tensors.items()]
-        write_sharded(out_dir, entries, ((k, files.read(k)) for k, _, _ in entries))
+        if not _shared(Path(weights), out_dir / "model.safetensors"):
+            entries = [(k, s.dtype, s.shape) for k, s in files.tensors.items()]
+            write_sharded(out_dir, entries, ((k, files.read(k)) for k, _, _ in entries))
         config.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
     except (OSError, ValueError, RuntimeError) as exc:
@@ -598,3 +624,18 @@ def export_student(config: Any, weights: Path, tokenizer: Any, out_dir: Path, vo
         files.close()
     if vocab_map is not None:
         (out_dir / VOCAB_FILE).write_text(vocab_map.to_json(), encoding="utf-8")
+
+
+def _shared(weights: Path, target: Path) -> bool:
+    """``target`` a read-only hard link to the one file ``weights``; False where none can be made."""
+    import os
+    import stat
+
+    if not weights.is_file():
+        return False  # a sharded folder: copied
+    try:
+        os.link(weights, target)
+    except OSError:
+        return False
+    os.chmod(target, stat.S_IMODE(os.stat(target).st_mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    return True

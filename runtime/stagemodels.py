@@ -88,11 +88,12 @@ def build_models(
             built[source] = _copy_source(env, source, built, trained)
         if model_spec.init.kind == "copy":
             model_spec = _vocab_of_copy_source(model_spec, built[str(model_spec.init.source)])
-        zero3 = placing.zero3.get(name) if model_spec.vocab is None else None  # compression slices whole rows
+        zero3 = placing.zero3.get(name)
+        if zero3 is not None and model_spec.vocab is not None and (
+                model_spec.init.kind == "pretrained" or spec.vocabs[model_spec.vocab].source == name):
+            zero3 = None  # its full-vocabulary rows come from its own files, or it ranks its own vocabulary
         if zero3 is not None:
-            built[name] = M.build_student_partitioned(model_spec, zero3, trust_remote_code=env.trust_remote_code)
-            if model_spec.init.kind == "copy":
-                M.copy_init(built[name], model_spec, built)
+            built[name] = _build_partitioned(env, model_spec, zero3, built)
         else:
             built[name] = _build_one(env, model_spec, built).float()
     vocab_maps = {}
@@ -100,7 +101,7 @@ def build_models(
         if spec.models[name].vocab is not None:
             vmap = vocab_maps[name] = env.vocab_map(spec.models[name].vocab, built)
             # a derived student may already be built at the compressed size (its arch holds the kept rows)
-            if built[name].get_input_embeddings().weight.shape[0] == vmap.full_size:
+            if eng.full_shape(built[name].get_input_embeddings().weight)[0] == vmap.full_size:
                 V.compress_student(built[name], vmap)
     for name, path in trained.items():
         if name in built:
@@ -113,11 +114,37 @@ def build_models(
 def _vocab_of_copy_source(model_spec: ModelSpec, source: nn.Module) -> ModelSpec:
     """A compressed student (its arch holds the kept rows) copying a full-vocabulary model is built at the full
     size, so every row copies; the vocabulary step below then keeps its rows. Other models are unchanged."""
-    rows = source.get_input_embeddings().weight.shape[0]
-    if model_spec.vocab is None or rows == model_spec.arch.vocab_size:
+    rows = eng.full_shape(source.get_input_embeddings().weight)[0]
+    if model_spec.vocab is None:
+        return model_spec
+    return _with_rows(model_spec, rows)
+
+
+def _with_rows(model_spec: ModelSpec, rows: int) -> ModelSpec:
+    if rows == model_spec.arch.vocab_size:
         return model_spec
     arch = model_spec.arch.model_copy(update={"vocab_size": rows, "config": {**model_spec.arch.config, "vocab_size": rows}})
     return model_spec.model_copy(update={"arch": arch})
+
+
+def _build_partitioned(env: RunEnv, model_spec: ModelSpec, zero3: dict[str, Any], built: dict[str, nn.Module]) -> nn.Module:
+    """A ZeRO-3 student partitioned while it is built, its copied init gathered one tensor pair at a time.
+
+    A student with a compressed vocabulary is built at the compressed size: its embedding and head rows are
+    copied from the kept rows of the source's (``copy_init`` ``rows``), so no rank ever holds the whole fp32
+    student, and the values equal the whole-built path's (copy whole, then ``compress_student``). Its vocabulary
+    map is made first, from the source built already. A random-init student whose arch has the full vocabulary
+    draws its compressed rows directly (the same distribution as drawing all rows and keeping some).
+    """
+    from runtime import models as M
+
+    vmap = None if model_spec.vocab is None else env.vocab_map(model_spec.vocab, built)
+    shaped = model_spec if vmap is None else _with_rows(model_spec, vmap.size)
+    net = M.build_student_partitioned(shaped, zero3, trust_remote_code=env.trust_remote_code,
+                                      base_dir=env.base_dir, allow_pickle=env.allow_pickle)
+    if model_spec.init.kind == "copy":
+        M.copy_init(net, model_spec, built, rows=None if vmap is None else vmap.kept_ids)
+    return net
 
 
 def _build_teacher(env: RunEnv, name: str, placing: Placing, copied_from: bool) -> nn.Module:

@@ -222,8 +222,9 @@ def _remap_removed(
 # ---------------------------------------------------------------- applying it to a student
 
 
-def _vocab_params(model: nn.Module, full: int) -> list[nn.Parameter]:
-    """Distinct parameters indexed by vocabulary row: input embedding, LM head weight/bias and their ties."""
+def vocab_params(model: nn.Module, rows: int) -> list[nn.Parameter]:
+    """Distinct parameters of ``rows`` vocabulary rows: input embedding, LM head weight/bias and their ties
+    (a ZeRO-3 parameter by its full shape; its ``data`` is an empty placeholder)."""
     found: list[Any] = [model.get_input_embeddings().weight]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
@@ -235,7 +236,8 @@ def _vocab_params(model: nn.Module, full: int) -> list[nn.Parameter]:
         found += [named.get(key), named.get(target) if target else None]
     out: dict[int, nn.Parameter] = {}
     for p in found:
-        if p is not None and p.dim() >= 1 and p.shape[0] == full:
+        shape = tuple(getattr(p, "ds_shape", p.shape)) if p is not None else ()
+        if len(shape) >= 1 and shape[0] == rows:
             out.setdefault(id(p), p)
     return list(out.values())
 
@@ -253,7 +255,7 @@ def compress_student(model: nn.Module, vmap: VocabMap) -> None:
             f"has {vmap.full_size}; compress a student that still has the full vocabulary"
         )
     with torch.no_grad():
-        for param in _vocab_params(model, vmap.full_size):
+        for param in vocab_params(model, vmap.full_size):
             param.data = param.data.index_select(0, vmap.kept_ids.to(param.device)).contiguous()
     emb.num_embeddings = vmap.size
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

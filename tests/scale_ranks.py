@@ -2,7 +2,9 @@
 partitions gives the replicated teacher's signals, and no rank materialises a whole teacher or a whole fp32
 student while building, loading or saving (peak resident memory, reset before each phase, from /proc).
 
-argv: teacher_dir student_dir out_json [whole]  (``whole``: the old whole-copy path, which must fail the check)
+argv: teacher_dir student_dir out_json [whole | vocab | vocab-whole]  (``whole``: the old whole-copy path, which
+must fail the check; ``vocab``: a ZeRO-3 student with a compressed vocabulary copying its init from the teacher,
+built at the compressed size, against the whole-built path; ``vocab-whole``: that student built whole)
 """
 
 from __future__ import annotations
@@ -101,6 +103,79 @@ def main(teacher_dir: str, student_dir: str, out_json: str, mode: str = "partiti
     Path(out_json).with_name(f"{Path(out_json).stem}-rank{rank}.json").write_text(json.dumps(result, indent=1))
 
 
+def _pruned(spec):
+    """The one-block model of ``spec`` (a warm-up build)."""
+    arch = spec.arch.model_copy(update={"num_layers": 1, "config": {**spec.arch.config, "num_hidden_layers": 1}})
+    return spec.model_copy(update={"arch": arch})
+
+
+def vocab_student(teacher_dir: str, out_json: str, mode: str) -> None:
+    """A ZeRO-3 student with a GLMD-compressed vocabulary, init copied from the teacher: its build's peak memory
+    (``vocab``: partitioned at the compressed size, as runtime/stagemodels.py builds it; ``vocab-whole``: whole
+    at the full size, then compressed and partitioned) and, on rank 0, its largest difference from the whole
+    build."""
+    from types import SimpleNamespace
+
+    from gkdlang.arch import arch_from_config
+    from gkdlang.spec import HeadSpec, InitSpec, ModelSpec, Span
+    from runtime import engine as eng
+    from runtime import models as M
+    from runtime import stagemodels as SM
+    from runtime import vocab as V
+
+    rank, world = eng.prepare_process()
+    span = Span(file="x.gkd", line=1, col=1, end_line=1, end_col=2)
+    cfg = json.loads((Path(teacher_dir) / "config.json").read_text())
+    t_spec = ModelSpec(name="t", role="teacher", source_kind="local", source=teacher_dir, arch=arch_from_config(cfg),
+                       dtype="fp32", span=span)
+    teacher = M.build_teacher(t_spec, Path("."), keep_blocks=None, drop_head=False, zero3=None)
+    with torch.no_grad():  # its weights may be mapped from the file: make them resident before measuring
+        for p in teacher.parameters():
+            p.data = p.data.clone()
+    full, keep = int(cfg["vocab_size"]), int(cfg["vocab_size"]) // 4
+    kept = torch.randperm(full, generator=torch.Generator().manual_seed(1))[:keep]
+    old_to_new = torch.zeros(full, dtype=torch.long)
+    old_to_new[kept] = torch.arange(keep)
+    vmap = V.VocabMap(name="v", remap="nearest", kept_ids=kept, old_to_new=old_to_new)
+    s_cfg = {**cfg, "vocab_size": keep}  # the planner's arch holds the kept rows
+    s_spec = ModelSpec(name="s", role="student", source_kind="derived", source=None, base="t", vocab="v",
+                       arch=arch_from_config(s_cfg), dtype="fp32", frozen=False, head=HeadSpec(kind="lm"),
+                       init=InitSpec(kind="copy", source="t"), span=span)
+    zero3 = {"train_batch_size": 2 * world, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+             "steps_per_print": 10**9, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    env = SimpleNamespace(trust_remote_code=False, allow_pickle=False, base_dir=Path("."),
+                          vocab_map=lambda name, built: vmap)
+    result: dict = {"rank": rank, "student_bytes": 4 * sum(
+        (keep if p.shape[0] == full else p.shape[0]) * p[0].numel() for p in teacher.parameters())}
+    # warm-up: the first partitioned build and gathers import torch._dynamo and the model code (not a copy)
+    at_full = SM._vocab_of_copy_source(s_spec, teacher)
+    warm = SM._build_partitioned(env, _pruned(at_full), zero3, {"t": teacher})
+    dict(eng.gathered_tensors(M.named_tensors(warm), torch.float32))
+    del warm
+    eng.barrier()
+    start = _reset_peak()
+    if mode == "vocab-whole":  # the path before: whole and fp32 on every rank, compressed, then partitioned
+        student = M.build_model(at_full, Path("."), {"t": teacher}).float()
+        V.compress_student(student, vmap)
+        student = eng.init_teacher(student, zero3, name="s", stage="check").module
+    else:
+        student = SM._build_partitioned(env, at_full, zero3, {"t": teacher})
+    result["student_build"] = _grown(start)
+    result["partitioned"] = all(eng.is_partitioned(p) and p.numel() == 0 for p in student.parameters())
+    got = dict(eng.gathered_tensors(M.named_tensors(student), torch.float32))
+    if rank == 0:
+        want = M.build_model(at_full, Path("."), {"t": teacher}).float()
+        V.compress_student(want, vmap)
+        ref = dict(M.named_tensors(want))
+        result["keys_equal"] = sorted(ref) == sorted(got)
+        result["max_abs_diff"] = max(float((got[k] - ref[k].detach()).abs().max()) for k in ref)
+        result["rows"] = list(got["model.embed_tokens.weight"].shape)
+    Path(out_json).with_name(f"{Path(out_json).stem}-rank{rank}.json").write_text(json.dumps(result, indent=1))
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(*args)
+    if args[3:4] in (["vocab"], ["vocab-whole"]):
+        vocab_student(args[0], args[2], args[3])
+    else:
+        main(*args)

@@ -175,3 +175,24 @@ def test_search_host_peaks_equal_the_plans_host_records(gpu, n):
         memory = estimate(models, cluster, p)
         records, node = host_memory(models, cluster, p, memory)
         assert host_peaks(models, cluster, p, memory) == (max(h.peak for h in records), node)
+
+
+@pytest.mark.parametrize("init, partitioned", [("copy", True), ("random", True), ("pretrained", False)])
+def test_a_zero3_student_with_a_compressed_vocabulary_is_charged_as_the_runtime_builds_it(init, partitioned):
+    """runtime/stagemodels.py builds such a student at its kept rows, partitioned, unless its full-vocabulary
+    rows come from its own files (a pretrained one): then whole, in fp32, on every rank."""
+    from gkdlang.spec import InitSpec
+    from planner.hardware import device_for
+    from planner.hostmem import host_load_items
+
+    spec, stage = _spec(TINY, TINY, ClusterSpec(gpus_per_node=2, gpu="cpu", span=SPAN), batch=8)
+    student = spec.models["s"].model_copy(update={
+        "vocab": "v", "init": InitSpec(kind=init, source="t" if init == "copy" else None),
+        "source_kind": "local" if init == "pretrained" else "derived"})
+    spec = spec.model_copy(update={"models": {**spec.models, "s": student}})
+    params = {name: count_params(m.arch) for name, m in spec.models.items()}
+    models = placement.stage_models(spec, stage, _captures(), params)
+    cluster = placement.cluster_shape(spec, device_for(spec.cluster), 2)
+    items = {i.name: i for i in host_load_items(models, cluster, _placement(zero_stage=3, precision="fp32"))}
+    whole = 4 * params["s"].total
+    assert items["host.student:s"].bytes == (-(-whole // 2) if partitioned else whole)

@@ -252,6 +252,10 @@ def test_student_is_a_loadable_hf_model_with_the_trained_weights(two_stage):
     saved = student_tensors(out)
     for key, value in saved.items():
         assert torch.equal(value.float(), final_stage[key]), key
+    # stored once: the exported weights are the hand-off file (one inode), read-only so no tool rewrites both
+    exported = (out / "student" / "model.safetensors").stat()
+    assert exported.st_ino == (out / "checkpoints" / "stage-1.safetensors").stat().st_ino and exported.st_nlink == 2
+    assert not exported.st_mode & 0o222
     # stage 1 continued from stage 0's weights, so they differ from stage 0's end but not wildly
     after0 = load_file(str(out / "checkpoints" / "stage-0.safetensors"))
     key = "transformer.h.0.attn.c_attn.weight"

@@ -603,9 +603,10 @@ def export_student(config: Any, weights: Path, tokenizer: Any, out_dir: Path, vo
     file of the model's state-dict keys), so the run stores the trained weights once; the shared file is made
     read-only, because a tool that rewrote it in place would change the run's checkpoint too (gkdc itself only
     replaces files). Where a link cannot be made (another file system), the weights are copied one tensor at
-    a time into sharded files instead.
+    a time into sharded files instead, and so is a model larger than one shard (``SHARD_BYTES``): the Hub's
+    convention of shards of at most a few GB is kept for large models, at the price of a second copy.
     """
-    from runtime.weights import INDEX_FILE, WeightFiles, write_sharded
+    from runtime.weights import INDEX_FILE, SHARD_BYTES, WeightFiles, write_sharded
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -613,7 +614,8 @@ def export_student(config: Any, weights: Path, tokenizer: Any, out_dir: Path, vo
         old.unlink(missing_ok=True)
     files = WeightFiles(weights)
     try:
-        if not _shared(Path(weights), out_dir / "model.safetensors"):
+        one_shard = Path(weights).is_file() and Path(weights).stat().st_size <= SHARD_BYTES
+        if not (one_shard and _shared(Path(weights), out_dir / "model.safetensors")):
             entries = [(k, s.dtype, s.shape) for k, s in files.tensors.items()]
             write_sharded(out_dir, entries, ((k, files.read(k)) for k, _, _ in entries))
         config.save_pretrained(str(out_dir))

@@ -119,3 +119,183 @@ def test_gjsd_and_reverse_kl_on_generated_token_masks(beta):
     assert L.gjsd(t, x, mask=mask, beta=beta).item() == pytest.approx(naive("gjsd", t, x, mask, beta=beta), rel=1e-5)
     assert L.kl(t, x, mask=mask, reverse=True, scale_t2=False).item() == pytest.approx(naive("rkl", t, x, mask),
                                                                                          rel=1e-5)
+
+
+# ---------------------------------------------------------------- generation (runtime/generation.py)
+
+
+def _tiny_lm(seed=0):
+    import transformers as tf
+
+    from test_chat import chat_tokenizer
+
+    tok = chat_tokenizer()
+    torch.manual_seed(seed)
+    cfg = tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=0,
+                        bos_token_id=2, eos_token_id=3)
+    return tf.GPT2LMHeadModel(cfg), tok
+
+
+def _settings(**kw):
+    from gkdlang.spec import GenerateSpec, Span
+
+    return GenerateSpec(prompts="conv", span=Span(file="t.gkd", line=1, col=1, end_line=1, end_col=2),
+                        **{"max_new_tokens": 6, **kw})
+
+
+def test_sampling_is_deterministic_in_its_seed_and_leaves_the_run_rng_and_mode_alone():
+    from runtime import generation as G
+
+    model, tok = _tiny_lm()
+    model.train()
+    prompts = [[2, 4, 7, 8], [2, 9]]
+    before = torch.random.get_rng_state()
+    a = G.sample(model, prompts, _settings(), tok, seed=11, keep_logits=True)
+    assert torch.equal(torch.random.get_rng_state(), before) and model.training
+    b = G.sample(model, prompts, _settings(), tok, seed=11)
+    c = G.sample(model, prompts, _settings(), tok, seed=12)
+    assert a.continuations == b.continuations
+    assert a.continuations != c.continuations  # 40 tokens, 12 draws: a clash has odds ~1e-19
+    assert all(1 <= n <= 6 for n in a.lengths)
+    assert a.logits.shape[:2] == (2, max(a.lengths)) and a.logits.shape[2] == len(tok)
+    # the sampler's logits are the model's own at those positions (the reverse-KL metric reads them)
+    model.eval()
+    for r in (0, 1):  # row 1 was left-padded for generation
+        row = prompts[r] + a.continuations[r]
+        with torch.no_grad():
+            full = model(torch.tensor([row])).logits[0, len(prompts[r]) - 1:len(row) - 1]
+        assert torch.allclose(a.logits[r, :a.lengths[r]], full, atol=1e-4)
+
+
+def test_the_loss_mask_covers_exactly_the_generated_tokens():
+    from runtime import generation as G
+
+    gen = G.Generated(prompts=[[2, 4, 5], [2, 6, 7, 8, 9]], continuations=[[10, 11, 3], [12]], logits=None,
+                      seconds=0.0)
+    batch = G.batch_of(gen, pad=0, device="cpu")
+    assert batch["input_ids"].tolist() == [[2, 4, 5, 10, 11, 3], [2, 6, 7, 8, 9, 12]]
+    assert batch["loss_mask"].tolist() == [[False, False, True, True, True, False],
+                                           [False, False, False, False, True, False]]
+    assert batch["tokens"][batch["loss_mask"]].tolist() == [10, 11, 3, 12]
+    gen = G.Generated(prompts=[[2, 4], [2, 6, 7, 8]], continuations=[[10], [12, 13]], logits=None, seconds=0.0)
+    batch = G.batch_of(gen, pad=0, device="cpu")
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert batch["loss_mask"].tolist() == [[False, True, False, False, False, False],
+                                           [False, False, False, True, True, False]]  # pad and prompt excluded
+    # the loss graph's chat restriction reads it: a per-token term sees only these positions
+    from runtime.lossgraph import _chat_restricted
+
+    assert torch.equal(_chat_restricted(None, batch, torch.zeros(2, 6, 5)), batch["loss_mask"])
+
+
+def test_lmbda_draws_are_the_same_on_every_rank_and_follow_lmbda():
+    from runtime.onpolicy import OnPolicyBatches, sample_seed
+
+    def batches(rank, lmbda, seq_kd=False):
+        b = OnPolicyBatches.__new__(OnPolicyBatches)
+        b.seed, b.index, b.rank, b.settings = 7, 1, rank, _settings(lmbda=lmbda, seq_kd=seq_kd)
+        b.prompts = [[i] for i in range(50)]
+        return b
+
+    r0, r1 = batches(0, 0.3), batches(1, 0.3)
+    modes = [r0.mode(s) for s in range(400)]
+    assert modes == [r1.mode(s) for s in range(400)]
+    assert set(modes) == {"student", "data"} and 0.22 < modes.count("student") / 400 < 0.38
+    assert {batches(0, 1.0).mode(s) for s in range(50)} == {"student"}
+    assert {batches(0, 0.0, seq_kd=True).mode(s) for s in range(50)} == {"teacher"}
+    # prompts and sampling seeds differ per rank (data parallel), and are a function of the step
+    assert r0.pick(3, 0, 4) == r0.pick(3, 0, 4) and r0.pick(3, 0, 4) != r1.pick(3, 0, 4)
+    assert sample_seed(7, 1, 3, 0, 0) != sample_seed(7, 1, 3, 0, 1)
+
+
+# ---------------------------------------------------------------- a run (runtime/onpolicy.py in the stage loop)
+
+
+def onpolicy_plan(root, *, steps=4, lmbda=1.0, seq_kd=False, loss="kl(t.logits, s.logits, reverse: true)",
+                  save_every=None):
+    """The tiny chat spec of tests/test_chat.py, its stage made on-policy (GenerateSpec set before planning)."""
+    from gkdlang.lower import check_source
+    from planner.build import build_plan
+    from test_chat import CONVERSATIONS, SPEC, model_folder, write_chat
+
+    root.mkdir(parents=True, exist_ok=True)
+    folder = model_folder(root)
+    data = write_chat(root / "c.jsonl", [{"messages": t} for t in CONVERSATIONS * 4])
+    text = SPEC.format(folder=folder, data=data, extra="").replace("steps: 3", f"steps: {steps}").replace(
+        "kl(t.logits, s.logits, T: 2) + ce(tokens, s.logits)", loss)
+    if save_every:
+        text = text.replace("batch: 2", f"batch: 2\n  save_every: {save_every}")
+    (root / "c.gkd").write_text(text)
+    r = check_source(text, "c.gkd", base_dir=root)
+    assert r.ok, r.diagnostics
+    stage = r.spec.stages[0]
+    gen = _settings(lmbda=lmbda, seq_kd=seq_kd, max_new_tokens=5)
+    spec = r.spec.model_copy(update={"stages": [stage.model_copy(update={"generate": gen})]})
+    plan = build_plan(spec, gkdc_version="t", spec_path=str(root / "c.gkd"))
+    path = root / "plan.json"
+    path.write_text(plan.model_dump_json(indent=1))
+    return path
+
+
+def _run(plan_path, out, resume=False):
+    from planner.plan import Plan
+    from runtime.recipe import run
+
+    return run(Plan.model_validate_json(plan_path.read_text()), plan_path, out, resume=resume, progress=False,
+               allowed_paths=(str(plan_path.parent),))
+
+
+def _train_records(out):
+    import json
+
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "train"]
+
+
+@pytest.mark.deepspeed
+def test_an_on_policy_run_trains_on_generations_and_logs_its_measurements(tmp_path):
+    plan = onpolicy_plan(tmp_path, steps=3)
+    _run(plan, tmp_path / "out")
+    recs = _train_records(tmp_path / "out")
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        m = r["onpolicy"]
+        assert m["on_policy"] == 1 and 1 <= m["mean_generated_length"] <= 5
+        assert m["reverse_kl_per_token"] > 0 and m["generation_tokens_per_second"] > 0
+        # the loss is the reverse KL over the same generated tokens; the metric reads the sampler's (eval-mode)
+        # logits, the loss the training forward's (dropout 0.1), so they agree only roughly
+        assert r["terms"]["kl[s.logits<-t.logits]"] == pytest.approx(m["reverse_kl_per_token"], rel=0.15)
+        split = m["generation_seconds"] + m["teacher_seconds"] + m["training_seconds"]
+        assert split == pytest.approx(r["step_seconds"], rel=1e-6)
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("lmbda", [1.0, 0.5])
+def test_a_sigkilled_on_policy_run_resumes_bit_for_bit(tmp_path, lmbda):
+    import random
+
+    from test_recipe import student_tensors
+    from test_resume import _kill_at
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    kill_after, delay = rng.randint(1, 4), rng.uniform(0.0, 0.3)
+    print(f"seed {seed}: kill after step {kill_after} + {delay:.3f} s")
+    ref = onpolicy_plan(tmp_path / "ref", steps=6, lmbda=lmbda, save_every=2)
+    _run(ref, tmp_path / "ref" / "out")
+    killed = onpolicy_plan(tmp_path / "killed", steps=6, lmbda=lmbda, save_every=2)
+    out = tmp_path / "killed" / "out"
+    _kill_at(killed, out, kill_after, delay)
+    _run(killed, out, resume=True)
+    expected, got = student_tensors(tmp_path / "ref" / "out"), student_tensors(out)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs after resume (seed {seed})"
+    ref_recs, recs = _train_records(tmp_path / "ref" / "out"), _train_records(out)
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    for field in ("total", "grad_norm", "tokens"):
+        assert [r[field] for r in recs] == [r[field] for r in ref_recs]
+    kept = ("on_policy", "mean_generated_length", "reverse_kl_per_token")
+    assert [{k: r["onpolicy"].get(k) for k in kept} for r in recs] == \
+        [{k: r["onpolicy"].get(k) for k in kept} for r in ref_recs]
+    if lmbda < 1:
+        assert {r["onpolicy"]["on_policy"] for r in recs} == {0, 1}, "lmbda 0.5 over 6 steps drew one mode only"

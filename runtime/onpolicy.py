@@ -90,6 +90,9 @@ class OnPolicyBatches:
             raise RunError(f"stage '{stage.name}': on-policy generation with a compressed vocabulary is not supported")
         if any(isinstance(t, cache.CachedTeacher) for t in live.teachers.values()):
             raise RunError(f"stage '{stage.name}': an offline (cached) teacher cannot score generated sequences")
+        if self.settings.seq_kd and self.settings.lmbda < 1 and not live.teachers:
+            raise RunError(f"stage '{stage.name}': seq_kd needs a teacher to generate, and the plan runs none (the "
+                           "planner drops a teacher the loss does not read)")
         self.live, self.inner, self.tokenizer = live, batches, models.tokenizer
         self.seed, self.index, self.rank = live.data.seed, live.index, env.rank
         self.accum = live.engine.gradient_accumulation_steps()

@@ -299,3 +299,16 @@ def test_a_sigkilled_on_policy_run_resumes_bit_for_bit(tmp_path, lmbda):
         [{k: r["onpolicy"].get(k) for k in kept} for r in ref_recs]
     if lmbda < 1:
         assert {r["onpolicy"]["on_policy"] for r in recs} == {0, 1}, "lmbda 0.5 over 6 steps drew one mode only"
+
+
+@pytest.mark.deepspeed
+def test_seq_kd_trains_on_the_teachers_generations(tmp_path):
+    plan = onpolicy_plan(tmp_path, steps=2, lmbda=0.0, seq_kd=True, loss="ce(tokens, s.logits) + kl(t.logits, s.logits)")
+    _run(plan, tmp_path / "out")
+    recs = _train_records(tmp_path / "out")
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        m = r["onpolicy"]
+        assert m["on_policy"] == 0 and 1 <= m["mean_generated_length"] <= 5
+        assert "reverse_kl_per_token" not in m  # measured on the student's own samples only
+        assert r["terms"]["ce[s.logits<-tokens]"] > 0 and r["terms"]["kl[s.logits<-t.logits]"] > 0

@@ -312,3 +312,33 @@ def test_seq_kd_trains_on_the_teachers_generations(tmp_path):
         assert m["on_policy"] == 0 and 1 <= m["mean_generated_length"] <= 5
         assert "reverse_kl_per_token" not in m  # measured on the student's own samples only
         assert r["terms"]["ce[s.logits<-tokens]"] > 0 and r["terms"]["kl[s.logits<-t.logits]"] > 0
+
+
+# ---------------------------------------------------------------- bench/onpolicy_demo.py's scoring
+
+
+def _demo():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "onpolicy_demo.py"
+    spec = importlib.util.spec_from_file_location("onpolicy_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_demo_scores_a_student_like_its_teacher_at_zero_reverse_kl():
+    demo = _demo()
+    teacher, tok = _tiny_lm(seed=0)
+    other, _ = _tiny_lm(seed=1)
+    prompts = [[2, 4, 7, 8], [2, 9], [2, 10, 11]]
+    same = demo.score(teacher, teacher, tok, prompts, _settings(), seed=5, batch=2)
+    assert same["sequences"] == 3 and abs(same["rkl"]) < 1e-5 and same["nll"] > 0 and same["nll_se"] > 0
+    differ = demo.score(teacher, other, tok, prompts, _settings(), seed=5, batch=2)
+    assert differ["rkl"] > 1e-3
+    assert demo.mean_se([1.0, 3.0]) == (2.0, 1.0)
+    table = demo.render({"prompts": 3, "settings": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6},
+                         "arms": {"on": {"heldout": same, "measured": {"step_seconds": 1.0, "generation": 0.5},
+                                         "planned": {"step_seconds": 2.0, "generation": 0.7}}}})
+    assert "| on | " in table and "0.500 (0.700)" in table

@@ -150,6 +150,8 @@ class OnPolicyBatches:
 
     def teacher_done(self, inputs: dict, signals: dict, started: float) -> None:
         """After the teacher's scoring pass of a micro-batch: its time, and the reverse KL of the student's samples."""
+        if inputs["student"]["input_ids"].is_cuda:  # the teacher's kernels are queued: wait for them to count them
+            torch.cuda.synchronize()
         self.m["teacher"] += time.perf_counter() - started
         if self._logits is None or not sum(self._lengths):
             return

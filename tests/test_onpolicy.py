@@ -342,3 +342,31 @@ def test_the_demo_scores_a_student_like_its_teacher_at_zero_reverse_kl():
                          "arms": {"on": {"heldout": same, "measured": {"step_seconds": 1.0, "generation": 0.5},
                                          "planned": {"step_seconds": 2.0, "generation": 0.7}}}})
     assert "| on | " in table and "0.500 (0.700)" in table
+
+
+@pytest.mark.deepspeed
+def test_two_zero3_ranks_generate_and_train(tmp_path):
+    """ZeRO-3 partitions the student over two ranks: generate gathers each layer on every rank (synced_gpus), and
+    both ranks step together although their prompts and sample lengths differ."""
+    import json
+
+    from planner.plan import sealed
+    from test_multirank import _launch
+    from test_recipe import load, make_plan
+
+    plan_path = make_plan(tmp_path, steps=(3,), zero=3, world=2, micro=2, accum=1, sharded_teacher=True)
+    plan = load(plan_path)
+    stage = plan.spec.stages[0].model_copy(update={"generate": _settings(lmbda=1.0, max_new_tokens=4).model_copy(
+        update={"prompts": "corpus"})})
+    plan = sealed(plan.model_copy(update={"spec": plan.spec.model_copy(update={"stages": [stage]})}))
+    plan_path.write_text(plan.model_dump_json(indent=1))
+    out = tmp_path / "out"
+    proc = _launch(plan_path, out)
+    done = [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank*.json"))]
+    log = (proc.stdout + proc.stderr)[-4000:]
+    assert len(done) == 2, f"a rank did not finish (exit {proc.returncode}):\n{log}"
+    assert proc.returncode == 0 or "terminate called" in log, log  # docs/deepspeed-cpu.md's exit abort only
+    assert done[0]["weight_sums"]["s"] == done[1]["weight_sums"]["s"]
+    recs = _train_records(out)
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(r["onpolicy"]["on_policy"] == 1 and r["onpolicy"]["mean_generated_length"] >= 1 for r in recs)

@@ -115,7 +115,11 @@ def sample(model: nn.Module, prompts: list[list[int]], settings: GenerateSpec, t
         raise RunError(f"model {type(model).__name__} cannot generate (no generate method)")
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
-    eos = _eos_ids(model, tokenizer)
+    # a stop string that is one token of the vocabulary (ChatML's <|im_end|>) ends a row as EOS does; longer ones
+    # go through transformers' stop-string matcher
+    vocab = tokenizer.get_vocab()
+    eos = _eos_ids(model, tokenizer) | {int(vocab[s]) for s in settings.stop if s in vocab}
+    stop_strings = [s for s in settings.stop if s not in vocab]
     ids, mask = _left_padded(prompts, pad, device)
     options: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": pad,
                                "eos_token_id": sorted(eos) or None, "use_cache": True, "synced_gpus": synced,
@@ -125,8 +129,8 @@ def sample(model: nn.Module, prompts: list[list[int]], settings: GenerateSpec, t
                        top_k=settings.top_k or None)
     else:
         options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if settings.stop:
-        options.update(stop_strings=list(settings.stop), tokenizer=tokenizer)
+    if stop_strings:
+        options.update(stop_strings=stop_strings, tokenizer=tokenizer)
     devices = [device] if device.type == "cuda" else []
     training = model.training
     started = time.perf_counter()

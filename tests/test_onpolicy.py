@@ -370,3 +370,17 @@ def test_two_zero3_ranks_generate_and_train(tmp_path):
     recs = _train_records(out)
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(r["onpolicy"]["on_policy"] == 1 and r["onpolicy"]["mean_generated_length"] >= 1 for r in recs)
+
+
+def test_a_stop_string_that_is_one_token_ends_the_row_with_it():
+    from runtime import generation as G
+
+    model, tok = _tiny_lm()
+    prompts = [[2, 4, 7, 8], [2, 9], [2, 10]]
+    free = G.sample(model, prompts, _settings(max_new_tokens=12), tok, seed=3)
+    word = tok.convert_ids_to_tokens(free.continuations[0][1])  # the row's second sampled token as the stop
+    stopped = G.sample(model, prompts, _settings(max_new_tokens=12, stop=[word]), tok, seed=3)
+    stop_id = tok.convert_tokens_to_ids(word)
+    assert stopped.continuations[0] == free.continuations[0][:free.continuations[0].index(stop_id) + 1]
+    for row in stopped.continuations:
+        assert stop_id not in row[:-1]

@@ -56,6 +56,10 @@ LOSSES: dict[str, LossDef] = {
     "gjsd": LossDef({"beta": "number", "T": "schedule", "scale_t2": "bool"}, _DISTS,
                     "generalized JSD as TRL's GKD trainer: beta 0 = forward KL, 1 = reverse KL, else "
                     "beta KL(t||m) + (1-beta) KL(s||m), m = beta t + (1-beta) s"),
+    "skew_kl": LossDef({"alpha": "number", "T": "schedule", "scale_t2": "bool"}, frozenset({"logits", "task_logits"}),
+                       "DistiLLM's skew KL: KL(t || alpha t + (1-alpha) s), alpha in [0, 1], default 0.1"),
+    "skew_rkl": LossDef({"alpha": "number", "T": "schedule", "scale_t2": "bool"}, frozenset({"logits", "task_logits"}),
+                        "DistiLLM's skew reverse KL: KL(s || alpha s + (1-alpha) t), alpha in [0, 1], default 0.1"),
     "ce": LossDef({}, frozenset({"labels", "tokens"}), "hard cross-entropy against data labels or tokens"),
     "mse": LossDef({}, _SHAPES, "mean squared error"),
     "sse": LossDef({"total": "bool"}, _SHAPES, "sum of squared errors over the feature dim, mean over positions "

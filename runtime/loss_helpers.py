@@ -1,5 +1,6 @@
-"""Shared pieces of the loss kernels (runtime/losses.py, runtime/relation_losses.py): shape checks, masks and
-masked means, the fp32 upcast, and the ``target_grad`` context under which a loss target keeps its graph."""
+"""Shared pieces of the loss kernels (runtime/losses.py, runtime/relation_losses.py, runtime/skew_losses.py): shape
+checks, masks and masked means, the fp32 upcast, the ``target_grad`` context under which a loss target keeps its
+graph, and the driver of the chunked distribution kernels."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextvars
 import torch
 from torch import Tensor
 
+from runtime.chunked import chunked_loss, row_weights
 from runtime.errors import RunError
 
 _NEG = torch.finfo(torch.float32).min
@@ -83,3 +85,22 @@ def _masked_mean(values: Tensor, keep: Tensor | None) -> Tensor:
 def _check_choice(name: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise RunError(f"{name}: option {key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _distribution(name: str, kernel, target, pred, mask: Tensor | None, T: float, scale: float,
+                  target_cols: Tensor | None, pred_cols: Tensor | None, chunk: int | None) -> Tensor:
+    """A row kernel of runtime/chunked.py over logits (or a fused head): masked mean over rows, times ``scale``."""
+    if T <= 0:
+        raise RunError(f"{name}: option T must be > 0, got {T}")
+    plain = target_cols is None and pred_cols is None
+    if tuple(target.shape[:-1]) != tuple(pred.shape[:-1]) or (plain and tuple(target.shape) != tuple(pred.shape)):
+        raise RunError(f"{name}: target shape {_shape(target)} and pred shape {_shape(pred)} differ")
+    rows = tuple(pred.shape[:-1])
+    weights = row_weights(rows, _row_mask(name, mask, torch.Size(rows)), scale, pred.device)
+    cols = [None if c is None else torch.as_tensor(c, dtype=torch.long, device=pred.device)
+            for c in (target_cols, pred_cols)]
+    try:
+        return chunked_loss(kernel, pred, target, row_w=weights, T=float(T), target_cols=cols[0], pred_cols=cols[1],
+                            chunk=chunk, target_grad=_TARGET_GRAD.get())
+    except RunError as err:
+        raise RunError(f"{name}: {err}") from None

@@ -41,11 +41,12 @@ from gkdlang.diagnostics import closest
 from runtime.chunked import (KERNELS, HeadLogits, _hard_ce, _log_softmax_ as _log_softmax_inplace, _weighted_nll,
                              chunked_loss, gjsd_kernel, row_weights)
 from runtime.errors import RunError
-from runtime.loss_helpers import (_NEG, _TARGET_GRAD, _check_choice, _f32, _key_mask, _masked_mean,  # noqa: F401
-                                  _row_mask, _same_shape, _shape, target_grad)
+from runtime.loss_helpers import (_NEG, _TARGET_GRAD, _check_choice, _distribution, _f32, _key_mask,  # noqa: F401
+                                  _masked_mean, _row_mask, _same_shape, _shape, target_grad)
 from runtime.contrastive_losses import nce  # noqa: F401 (re-exported)
 from runtime.relation_losses import angle, attended_triplets, distance  # noqa: F401 (re-exported)
 from runtime import glmkd_losses as G
+from runtime.skew_losses import skew_kl, skew_rkl
 
 LossFn = Callable[..., Tensor]
 # ---------------------------------------------------------------- distributions
@@ -219,24 +220,6 @@ def _dense_args(target: Logits, pred: Logits, target_cols, pred_cols) -> tuple[T
     if isinstance(target, HeadLogits):
         target = target.materialise()
     return _selected(target, target_cols), _selected(pred, pred_cols)
-
-
-def _distribution(name: str, kernel, target: Logits, pred: Logits, mask: Tensor | None, T: float, scale: float,
-                  target_cols: Tensor | None, pred_cols: Tensor | None, chunk: int | None) -> Tensor:
-    if T <= 0:
-        raise RunError(f"{name}: option T must be > 0, got {T}")
-    plain = target_cols is None and pred_cols is None
-    if tuple(target.shape[:-1]) != tuple(pred.shape[:-1]) or (plain and tuple(target.shape) != tuple(pred.shape)):
-        raise RunError(f"{name}: target shape {_shape(target)} and pred shape {_shape(pred)} differ")
-    rows = tuple(pred.shape[:-1])
-    weights = row_weights(rows, _row_mask(name, mask, torch.Size(rows)), scale, pred.device)
-    cols = [None if c is None else torch.as_tensor(c, dtype=torch.long, device=pred.device)
-            for c in (target_cols, pred_cols)]
-    try:
-        return chunked_loss(kernel, pred, target, row_w=weights, T=float(T), target_cols=cols[0], pred_cols=cols[1],
-                            chunk=chunk, target_grad=_TARGET_GRAD.get())
-    except RunError as err:
-        raise RunError(f"{name}: {err}") from None
 
 
 def kl(
@@ -729,6 +712,8 @@ LOSSES: dict[str, LossFn] = {
     "cos": cos,
     "jsd": jsd,
     "gjsd": gjsd,
+    "skew_kl": skew_kl,
+    "skew_rkl": skew_rkl,
     "nce": nce,
     "sse": sse,
     "hinge_mse": hinge_mse,

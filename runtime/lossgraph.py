@@ -535,7 +535,7 @@ LAZY_OPS: dict[str, Callable[[LossGraph, OpNode, Signals, _Ctx], torch.Tensor]] 
 """Ops that evaluate their own inputs: ``choose`` computes only the chosen one; ``interchanged`` reads the
 counterfactual pass of its intervention."""
 
-_CHUNKED = frozenset({"kl", "soft_ce", "jsd", "gjsd", "ce", "cached_kl", "cached_kl_bucket"})
+_CHUNKED = frozenset({"kl", "soft_ce", "jsd", "gjsd", "skew_kl", "skew_rkl", "ce", "cached_kl", "cached_kl_bucket"})
 """Kernels that take logits in the model's dtype (or a fused head) and upcast one chunk of rows at a time."""
 
 

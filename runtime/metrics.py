@@ -92,6 +92,7 @@ class MetricsLogger:
         self._jsonl.write(json.dumps(record) + "\n")
         scalars = {"loss/total": record["total"], "lr": record["lr"]}
         scalars.update({f"loss/{term}": value for term, value in record["terms"].items()})
+        scalars.update({f"onpolicy/{k}": v for k, v in record.get("onpolicy", {}).items()})  # runtime/onpolicy.py
         for key, tag in (("step_seconds", "perf/step_seconds"), ("tokens_per_second", "perf/tokens_per_second"),
                          ("grad_norm", "grad_norm")):
             if record.get(key) is not None:

@@ -28,6 +28,7 @@ from runtime import cache
 from runtime import checkpoint as ckpt
 from runtime import engine as eng
 from runtime import interventions as ivs
+from runtime import onpolicy
 from runtime import peft_student as lora
 from runtime import tensor_parallel
 from runtime.optim import build_lr_schedule, build_optimizer, lr_factor, optimizer_groups  # noqa: F401
@@ -136,7 +137,7 @@ def run_stage(
 
     env.logger.start_stage(stage.name, total, start, [t.id for t in live.graph.terms])
     save_every = stage.save_every or DEFAULT_SAVE_EVERY
-    batches = live.data.micro_batches(start, live.engine.device)
+    batches = onpolicy.wrap(env, live, models, live.data.micro_batches(start, live.engine.device), start)
     evaluator = Evaluator.for_stage(env, live)  # None when the stage's data holds nothing out
     last: dict[str, float] = {}
     for step in range(start, total):
@@ -267,12 +268,13 @@ def train_step(
     accum = engine.gradient_accumulation_steps()
     sums: dict[str, float] = {}
     fed = torch.zeros(2, dtype=torch.long)  # real tokens and positions run (with padding) on this rank
-    started, norm = time.perf_counter(), None
+    started, norm, watch = time.perf_counter(), None, onpolicy.observer(batches)
     for micro in range(accum):
         inputs = next(batches)
         mask = inputs["student"]["attention_mask"]
         fed += torch.tensor([int(mask.sum()), mask.numel()])
         info = ivs.StepInfo(step, epoch, progress, micro, env.rank)
+        scoring = time.perf_counter()
         signals = {
             name: model.signals(inputs["teacher"]) if isinstance(model, cache.CachedTeacher)
             else capture(model, inputs["teacher"], live.teacher_caps[name], grad=False)
@@ -280,6 +282,7 @@ def train_step(
         }
         for iv in live.interventions:  # counterfactual teacher passes (DIITO)
             signals.update(iv.teacher_passes(live.teachers, inputs["teacher"], signals, info))
+        watch.teacher_done(inputs, signals, scoring)
         loss, parts = engine(inputs["student"], signals, info, active)
         _check_finite(env, live.stage.name, step, loss, parts)
         engine.backward(loss)
@@ -294,7 +297,8 @@ def train_step(
     seconds = time.perf_counter() - started
     record = {"stage": live.stage.name, "stage_index": live.index, "step": step + 1, "lr": lr, "total": total,
               "terms": sums, "tokens": tokens, "positions": positions, "grad_norm": step_grad_norm(engine, norm),
-              "step_seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
+              "step_seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9),
+              **watch.step_record(seconds)}
     env.logger.log_step(record, env.next_global_step())
     return {"total": total, **sums}
 

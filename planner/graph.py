@@ -38,7 +38,7 @@ HEAD_KINDS = frozenset({"logits", "task_logits"})
 DATA_KINDS = frozenset({"labels", "tokens"})
 ATTENTION_KINDS = frozenset({"attn_scores", "attn_probs"})
 #: losses whose runtime kernels are row-chunked (runtime/chunked.py) and accept a fused head
-CHUNKED_LOSSES = frozenset({"kl", "soft_ce", "jsd", "gjsd", "ce"})
+CHUNKED_LOSSES = frozenset({"kl", "soft_ce", "jsd", "gjsd", "skew_kl", "skew_rkl", "ce"})
 #: families whose LM head is one linear layer applied to the base model's output (after its final norm)
 FUSABLE_FAMILIES = frozenset({"gpt2", "llama", "qwen2", "mistral"})
 #: order of capture points inside one block (and of the whole model), for deterministic output

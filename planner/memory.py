@@ -380,8 +380,8 @@ def head_width(model: ModelSpec) -> int:
 CHUNK_ELEMENTS = 1 << 21
 #: Chunk-sized fp32 tensors alive at the peak of each chunked kernel, measured (profiler, fp32 and bf16, exact
 #: to 0.01 operand; docs/cost-model.md): the kernel's peak minus its gradient buffer, in chunk operands.
-#: ``kl`` (either direction) 4, ``soft_ce`` 4, ``jsd`` / ``gjsd`` 5, ``ce`` 1.
-CHUNK_OPERANDS = {"kl": 4, "soft_ce": 4, "jsd": 5, "gjsd": 5, "ce": 1}
+#: ``kl`` (either direction) 4, ``soft_ce`` 4, ``jsd`` / ``gjsd`` / ``skew_kl`` / ``skew_rkl`` 5, ``ce`` 1.
+CHUNK_OPERANDS = {"kl": 4, "soft_ce": 4, "jsd": 5, "gjsd": 5, "skew_kl": 5, "skew_rkl": 5, "ce": 1}
 #: A fused head adds one chunk of logits in the model dtype (measured: +1.0 operand in fp32, +0.5 in bf16); a
 #: fused teacher head adds nothing at the peak (its chunk is freed into the kernel's fp32 copy).
 FUSED_CHUNK_DTYPE_OPERANDS = 1

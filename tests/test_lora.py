@@ -232,3 +232,31 @@ def test_a_killed_lora_run_resumes_to_the_same_adapter_and_student(tmp_path: Pat
     a = load_file(str(lora_run / "models" / "s" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(out / "models" / "s" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _lora_bench():
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))  # bench/lora.py imports bench/memory_accuracy.py
+    spec = importlib.util.spec_from_file_location("lora_bench", bench / "lora.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lora_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], [*LINEARS["llama"]]], ids=["default", "all"])
+def test_planned_lora_memory_matches_measured(targets) -> None:
+    """Model states and the step peak of a peft LoRA student, planned vs measured (bench/lora.py, small shape):
+    frozen weights keep no saved inputs, so the step peak is below the full student's."""
+    bench = _lora_bench()
+    config = {**LLAMA, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160}
+    model = bench.spec_for(targets, 4, config)
+    states, peak = bench.measured(bench.build(model), 2, 32)
+    p_states, p_peak = bench.planned(model, 2, 32)
+    assert abs(p_states / states - 1) < 1e-3, (p_states, states)  # AdamW's step counters: 4 B per tensor
+    assert abs(p_peak / peak - 1) < 0.05, (p_peak, peak)
+    _, full_peak = bench.planned(bench.spec_for(None, 4, config), 2, 32)
+    assert p_peak < full_peak

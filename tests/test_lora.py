@@ -260,3 +260,29 @@ def test_planned_lora_memory_matches_measured(targets) -> None:
     assert abs(p_peak / peak - 1) < 0.05, (p_peak, peak)
     _, full_peak = bench.planned(bench.spec_for(None, 4, config), 2, 32)
     assert p_peak < full_peak
+
+
+def test_the_tutorials_lora_example_saves_an_adapter_and_a_merged_student(tmp_path: Path) -> None:
+    """docs/tutorial.md's LoRA section, as written (a shorter stage): the run's adapter loads with peft, the
+    merged student with from_pretrained (the section's python block, run as is), and both give the same logits."""
+    import shlex
+
+    from clitools import doc_section_blocks
+
+    commands = [c for b in doc_section_blocks("tutorial.md", "## 10. LoRA students") for c in b.splitlines()]
+    out = tmp_path / "lora"
+    for command in commands:
+        argv = shlex.split(command.replace("runs/lora", str(out)))[1:]
+        r = gkdc(*argv, *(("--max-steps", "3", "--no-progress") if argv[0] == "run" else ()))
+        assert r.returncode == 0, r.stderr[-3000:]
+    (code,) = doc_section_blocks("tutorial.md", "## 10. LoRA students", "python")
+    names: dict = {}
+    exec(code.replace("runs/lora", str(out)), names)  # noqa: S102 (the tutorial's own block)
+    ids = torch.tensor([[2, 9, 31, 8, 3]])
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out / "models" / "small" / "adapter" / "base").eval()
+    with torch.no_grad():
+        got, want, before = names["adapted"].eval()(ids).logits, names["merged"].eval()(ids).logits, plain(ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.equal(before, want)  # three steps of the adapter changed the student

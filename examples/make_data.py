@@ -28,6 +28,10 @@ PLACES = ["in the garden", "near the river", "in the city", "at the village", "u
 NUMBERS = ["two", "three", "four", "five", "six", "seven"]
 ADVERBS = ["often", "never", "always", "sometimes", "rarely"]
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]", "[SEP]", "[CLS]"]
+#: the tiny tokenizer's chat template (examples/chat.gkd): [CLS] opens a user (or system) turn, [SEP] an assistant
+#: turn, [EOS] ends each; every token is a word of the word-level vocabulary
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '[SEP]' if m['role'] == 'assistant' else '[CLS]' }} {{ m['content'] }} "
+                 "[EOS]\n{% endfor %}{% if add_generation_prompt %}[SEP] {% endif %}")
 
 
 def _np(rng: random.Random, plural: bool = False, adj_pool=None) -> tuple[str, str]:
@@ -112,6 +116,24 @@ def entailment(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def conversations(lines: list[str]) -> list[dict]:
+    """Chat rows from corpus lines of two or more sentences: the user gives the first sentence, the assistant
+    answers with the rest (the built-in chat example, examples/chat.gkd)."""
+    out = []
+    for line in lines:
+        first, sep, rest = line.partition(" . ")
+        if sep and rest.strip():
+            out.append({"messages": [{"role": "user", "content": first + " ."},
+                                     {"role": "assistant", "content": rest.strip()}]})
+    return out
+
+
+def write_chat(train: list[str], held: list[str], data: Path) -> None:
+    for name, lines in (("chat", train), ("chat_heldout", held)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conversations(lines)),
+                                            encoding="utf-8")
+
+
 def vocabulary(lines: list[str]) -> list[str]:
     words = sorted({w for line in lines for w in line.split()})
     extra = sorted({w for w in ["yes", "no", *NOUNS, *PLURAL.values()] if w not in words})
@@ -128,6 +150,7 @@ def write_tokenizer(vocab: list[str], out: Path) -> None:
                                                        special_tokens=[("[SEP]", vocab.index("[SEP]"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
                                    eos_token="[EOS]", mask_token="[MASK]", sep_token="[SEP]", cls_token="[CLS]")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
 
@@ -150,6 +173,7 @@ def main() -> None:
     (data / "heldout.txt").write_text("\n".join(held) + "\n", encoding="utf-8")
     for name, rows in (("sst2", sentiment(rng, 2000)), ("rte", entailment(rng, 2000))):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_chat(train, held, data)
     vocab = vocabulary(train + held)
     write_tokenizer(vocab, HERE / "tiny")
     write_config(len(vocab), HERE / "tiny" / "config.json")

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from gkdlang.arch import ArchInfo
 from gkdlang.builtins import DTYPE_BYTES
-from gkdlang.spec import ModelSpec, OpNode, Project, StageSpec
+from gkdlang.spec import LoraSpec, ModelSpec, OpNode, Project, StageSpec
 from planner.generation import GenerationShape, phase_items
 from planner.graph import numel, signal_shape
 from planner.hardware import Device
@@ -274,6 +274,8 @@ class ActShape:
     """sdpa runs a fused kernel (no s^2 tensors) on non-eager blocks."""
     math_bytes: int
     """Bytes per element of sdpa's math fallback (fp32 on CPU)."""
+    lora: LoraSpec | None = None
+    """A LoRA student's adapter: its frozen weights need no saved inputs for weight gradients (gated blocks)."""
 
 
 def _dropouts(arch: ArchInfo) -> tuple[float, float]:
@@ -292,12 +294,13 @@ def _dropouts(arch: ArchInfo) -> tuple[float, float]:
     return 0.0, c.get("attention_dropout", 0.0)
 
 
-def act_shape(arch: ArchInfo, dtype_bytes: int, device: Device, training: bool = True) -> ActShape:
+def act_shape(arch: ArchInfo, dtype_bytes: int, device: Device, training: bool = True,
+              lora: LoraSpec | None = None) -> ActShape:
     hidden_p, attn_p = _dropouts(arch) if training else (0.0, 0.0)
     mask = 0 if hidden_p == 0 else (dtype_bytes if device.is_cpu else 1)
     # CPU sdpa has no fused kernel with dropout: it materialises the attention matrix in fp32
     fused = not (device.is_cpu and attn_p > 0)
-    return ActShape(dtype_bytes, mask, attn_p > 0, fused, 4 if device.is_cpu else dtype_bytes)
+    return ActShape(dtype_bytes, mask, attn_p > 0, fused, 4 if device.is_cpu else dtype_bytes, lora)
 
 
 _MLP_SAVED = {"gpt2": 5, "bert": 2, "roberta": 2, "glm": 2, "bloom": 2, "opt": 1}
@@ -312,6 +315,14 @@ def block_bytes_per_token(arch: ArchInfo, seq_len: int, a: ActShape, eager: bool
         norms = 2 * (4 * h + 2 * d * h + 4)  # fp32 input copy, normed output, linear input, rstd
         attn = d * (2 * h + 2 * kv)  # rotated q, k, v, attention output
         mlp = 4 * i * d  # gate, silu(gate), up, product
+        if a.lora is not None:  # frozen weights keep no inputs for their gradients (bench/lora.py measures it)
+            t = set(a.lora.targets)
+            # a norm's normed output is saved for its (frozen) weight only; its output, the projections' input,
+            # only when a LoRA layer reads it (lora_A); down_proj's input (the product) likewise
+            read = bool(t & {"q_proj", "k_proj", "v_proj"}) + bool(t & {"gate_proj", "up_proj"})
+            norms = 2 * (4 * h + 4) + d * h * read
+            mlp = (3 + ("down_proj" in t)) * i * d
+            attn += len(t) * a.lora.r * d  # lora_A's output, saved for lora_B's gradient
         if eager or not a.fused:
             attn += d * 2 * (h - kv)  # repeat_kv copies of k and v
             attn += heads * seq_len * (4 + (d if d != 4 else 0))  # fp32 softmax and its cast
@@ -340,8 +351,8 @@ def _edge_bytes_per_token(arch: ArchInfo, a: ActShape) -> float:
     """Embeddings (ids, first residual, embedding dropout) and the final norm before the head."""
     h, d = arch.hidden_size, a.dtype_bytes
     ids = 8 * 2  # input ids and position ids / mask (int64)
-    if arch.gated_ffn:
-        return ids + 4 * h + 2 * d * h + 4
+    if arch.gated_ffn:  # a LoRA student's final norm weight and head are frozen: neither keeps its input
+        return ids + 4 * h + 4 + (0 if a.lora is not None else 2 * d * h)
     return ids + d * h + a.mask_bytes * h + d * h + 2 * d
 
 
@@ -723,7 +734,8 @@ def student_items(model: ModelSpec, cap: ModelCapture, micro: int, seq: int, d: 
     the terms reading its logits; ``fused``: its head is fused into them)."""
     logits = student_logits(model, micro, seq, d, cap.needs_head or not cap.points, losses, fused)
     loss = sum(i.bytes for i in logits if i.name.startswith("loss.") and i.name != "loss.head_grads")
-    acts = student_activations(model.arch, micro, seq, act_shape(model.arch, d, device), checkpointing=checkpointing,
+    shape = act_shape(model.arch, d, device, lora=model.adapter)
+    acts = student_activations(model.arch, micro, seq, shape, checkpointing=checkpointing,
                                eager_layers=cap.eager_attention_layers, loss_bytes=loss)
     # the backward ends with the dense gradient of the token embeddings (V x h, before it is accumulated), when
     # every activation and loss tensor is freed: it sets the peak of a step whose saved tensors are smaller

@@ -296,3 +296,32 @@ def test_gkdc_runs_a_chat_spec(tmp_path: Path) -> None:
     steps = [m for m in metrics if "total" in m]
     assert [m["step"] for m in steps] == [1, 2, 3] and all(torch.isfinite(torch.tensor(m["total"])) for m in steps)
     assert all(m["terms"]["ce[s.logits<-tokens]"] > 0 and m["terms"]["kl[s.logits<-t.logits]"] > 0 for m in steps)
+
+
+def test_the_tutorials_chat_example_runs_and_scores(tmp_path: Path) -> None:
+    """docs/tutorial.md's chat section, as written (shorter stages): `gkdc run examples/chat.gkd` trains on the
+    example conversations and saves both models, which examples/real/chat_eval.py scores per assistant token."""
+    import shlex
+    import subprocess
+    import sys
+
+    from clitools import clean_env, doc_section_blocks
+
+    commands = [c for b in doc_section_blocks("tutorial.md", "## 9. Chat data") for c in b.splitlines()]
+    run = next(c for c in commands if c.startswith("gkdc run examples/chat.gkd"))
+    out = tmp_path / "chat"
+    r = gkdc(*shlex.split(run.replace("runs/chat", str(out)))[1:], "--max-steps", "3", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eval  stage distill" in r.stdout + r.stderr
+    score = next(c for c in commands if "chat_eval.py" in c)
+    argv = shlex.split(score.replace("runs/chat", str(out)))[1:] + ["--limit", "16", "--json", str(tmp_path / "s.json")]
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    figures = json.loads((tmp_path / "s.json").read_text())
+    assert len(figures) == 2 and all(0 < f["nll"] < 20 and f["se"] > 0 and f["conversations"] == 16
+                                     for f in figures.values()), figures
+    # assistant tokens only: each answer's words (one token each in the word-level vocabulary) and its [EOS]
+    rows = [json.loads(x) for x in (ROOT / "examples/data/chat_heldout.jsonl").read_text().splitlines()[:16]]
+    answers = sum(len(m["content"].split()) + 1 for row in rows for m in row["messages"] if m["role"] == "assistant")
+    assert all(f["tokens"] == answers for f in figures.values()), (answers, figures)

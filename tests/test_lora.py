@@ -232,3 +232,57 @@ def test_a_killed_lora_run_resumes_to_the_same_adapter_and_student(tmp_path: Pat
     a = load_file(str(lora_run / "models" / "s" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(out / "models" / "s" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _lora_bench():
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))  # bench/lora.py imports bench/memory_accuracy.py
+    spec = importlib.util.spec_from_file_location("lora_bench", bench / "lora.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lora_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], [*LINEARS["llama"]]], ids=["default", "all"])
+def test_planned_lora_memory_matches_measured(targets) -> None:
+    """Model states and the step peak of a peft LoRA student, planned vs measured (bench/lora.py, small shape):
+    frozen weights keep no saved inputs, so the step peak is below the full student's."""
+    bench = _lora_bench()
+    config = {**LLAMA, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160}
+    model = bench.spec_for(targets, 4, config)
+    states, peak = bench.measured(bench.build(model), 2, 32)
+    p_states, p_peak = bench.planned(model, 2, 32)
+    assert abs(p_states / states - 1) < 1e-3, (p_states, states)  # AdamW's step counters: 4 B per tensor
+    assert abs(p_peak / peak - 1) < 0.05, (p_peak, peak)
+    _, full_peak = bench.planned(bench.spec_for(None, 4, config), 2, 32)
+    assert p_peak < full_peak
+
+
+def test_the_tutorials_lora_example_saves_an_adapter_and_a_merged_student(tmp_path: Path) -> None:
+    """docs/tutorial.md's LoRA section, as written (a shorter stage): the run's adapter loads with peft, the
+    merged student with from_pretrained (the section's python block, run as is), and both give the same logits."""
+    import shlex
+
+    from clitools import doc_section_blocks
+
+    commands = [c for b in doc_section_blocks("tutorial.md", "## 10. LoRA students") for c in b.splitlines()]
+    out = tmp_path / "lora"
+    for command in commands:
+        argv = shlex.split(command.replace("runs/lora", str(out)))[1:]
+        r = gkdc(*argv, *(("--max-steps", "3", "--no-progress") if argv[0] == "run" else ()))
+        assert r.returncode == 0, r.stderr[-3000:]
+    (code,) = doc_section_blocks("tutorial.md", "## 10. LoRA students", "python")
+    names: dict = {}
+    exec(code.replace("runs/lora", str(out)), names)  # noqa: S102 (the tutorial's own block)
+    ids = torch.tensor([[2, 9, 31, 8, 3]])
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out / "models" / "small" / "adapter" / "base").eval()
+    with torch.no_grad():
+        got, want, before = names["adapted"].eval()(ids).logits, names["merged"].eval()(ids).logits, plain(ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.equal(before, want)  # three steps of the adapter changed the student

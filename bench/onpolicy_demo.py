@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs/onpolicy-demo")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--skip-train", action="store_true", help="score the students already under --out")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=FOLDER",
+                   help="score another Hugging Face model folder's generations the same way (e.g. the students' "
+                        "common init, or the teacher itself as a reference); repeatable")
     args = p.parse_args(argv)
 
     import torch
@@ -167,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         report["arms"][arm] = {"heldout": score(teacher, student, tokenizer, prompts, settings, seed=args.seed),
                                "measured": measured_split(run), "planned": planned_split(plans[arm])}
+    for item in args.also:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not Path(folder).is_dir():
+            raise SystemExit(f"--also {item!r}: expected LABEL=FOLDER with an existing model folder")
+        torch.manual_seed(0)
+        report["arms"][label] = {"heldout": score(teacher, _load(Path(folder), device), tokenizer, prompts, settings,
+                                                  seed=args.seed)}
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     table = render(report)
     (args.out / "report.md").write_text(table)
@@ -180,7 +190,11 @@ def render(report: dict) -> str:
              "| arm | teacher NLL / token | reverse KL / token | mean length | step s (plan) | generation s (plan) | "
              "teacher s (plan) | training s (plan) |", "|---|---|---|---|---|---|---|---|"]
     for arm, r in report["arms"].items():
-        h, m, p = r["heldout"], r["measured"], r["planned"]
+        h, m, p = r["heldout"], r.get("measured"), r.get("planned")
+        if m is None:  # an --also model: scored, not trained here
+            lines.append(f"| {arm} | {h['nll']:.3f} ± {h['nll_se']:.3f} | {h['rkl']:.3f} ± {h['rkl_se']:.3f} | "
+                         f"{h['mean_length']:.1f} | - | - | - | - |")
+            continue
 
         def cell(key):
             got, want = m.get(key), p.get(key)

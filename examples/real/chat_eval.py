@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         sums, counts = per_conversation(folder, args.data, args.limit, args.seq_len, args.batch)
         results[str(folder)] = (sums, counts)
     first_sums, first_counts = results[str(args.models[0])]
+    # each held-out row may name its task (make_chat.py writes "headline" / "topic"): figures per task beside the pool
+    rows = [json.loads(x) for x in args.data.read_text().splitlines() if x.strip()][:args.limit]
+    tasks = [r.get("task") for r in rows] if len(rows) == len(first_sums) else []
     print(f"{'model':<48} {'conv':>5} {'tokens':>7} {'NLL/token':>16} {'perplexity (-2SE, +2SE)':>28} "
-          f"{'NLL - first (paired)':>22}")
+          f"{'NLL - first (paired)':>22} {'pooled - first (paired)':>24}")
     out = {}
     for name, (sums, counts) in results.items():
         mean, se = summary(sums, counts)
@@ -86,11 +89,23 @@ def main(argv: list[str] | None = None) -> int:
         diffs = [s / c - fs / fc for s, c, fs, fc in zip(sums, counts, first_sums, first_counts) if c and fc]
         dmean = sum(diffs) / len(diffs)
         dse = math.sqrt(sum((d - dmean) ** 2 for d in diffs) / (len(diffs) * (len(diffs) - 1)))
+        # pooled paired: the difference of the token-pooled NLLs, its SE with conversations as clusters (the same
+        # ratio estimator as ``summary``, on each conversation's summed NLL difference)
+        pmean, pse = summary([s - fs for s, fs in zip(sums, first_sums)], counts)
         ppl = f"{math.exp(mean):,.1f} ({math.exp(mean - 2 * se):,.1f}, {math.exp(mean + 2 * se):,.1f})"
         print(f"{name:<48} {len(sums):>5} {sum(counts):>7} {mean:>9.3f} ± {se:.3f} {ppl:>28} "
-              f"{dmean:>+12.3f} ± {dse:.3f}")
+              f"{dmean:>+12.3f} ± {dse:.3f} {pmean:>+14.3f} ± {pse:.3f}")
         out[name] = {"conversations": len(sums), "tokens": sum(counts), "nll": mean, "se": se,
-                     "perplexity": math.exp(mean), "paired_vs_first": dmean, "paired_se": dse}
+                     "perplexity": math.exp(mean), "paired_vs_first": dmean, "paired_se": dse,
+                     "pooled_vs_first": pmean, "pooled_se": pse, "by_task": {}}
+        for task in sorted({t for t in tasks if t is not None}):
+            idx = [i for i, t in enumerate(tasks) if t == task]
+            t_mean, t_se = summary([sums[i] for i in idx], [counts[i] for i in idx])
+            d_mean, d_se = summary([sums[i] - first_sums[i] for i in idx], [counts[i] for i in idx])
+            out[name]["by_task"][task] = {"conversations": len(idx), "tokens": sum(counts[i] for i in idx),
+                                          "nll": t_mean, "se": t_se, "pooled_vs_first": d_mean, "pooled_se": d_se}
+            print(f"{'  task ' + task:<48} {len(idx):>5} {sum(counts[i] for i in idx):>7} {t_mean:>9.3f} ± "
+                  f"{t_se:.3f} {'':>28} {'':>22} {d_mean:>+14.3f} ± {d_se:.3f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -28,6 +28,8 @@ from runtime.glmkd_losses import step_span_lengths
 from runtime.lossgraph import LossGraph
 from test_methods_formula import B, C, H, S, V, proj, stages, tdir, total  # noqa: F401 (tdir is a fixture)
 
+from parity_tools import glmkd_variants, padded_differs
+
 PADDED = torch.tensor([[1] * 6, [1] * 5 + [0], [1] * 4 + [0] * 2, [1] * 6], dtype=torch.bool)
 MASKS = {"padded": PADDED, "unpadded": torch.ones(B, S, dtype=torch.bool)}
 THREE = 'teacher third = hf("{tdir}/t4") {{ head: classify(3) }}\n'
@@ -71,10 +73,6 @@ def close(got, want):
 both = pytest.mark.parametrize("pad", sorted(MASKS))
 
 
-def padded_differs(reason):
-    """Agrees without padding; with padding a strict xfail stating the difference."""
-    return pytest.mark.parametrize("pad", [pytest.param("padded", marks=pytest.mark.xfail(strict=True, reason=reason)),
-                                           "unpadded"])
 
 # ---------------------------------------------------------------- GLMKD's reductions (distill/custom_loss.py)
 
@@ -353,11 +351,8 @@ TINYBERT_ATT = ("GLMKD's attention MSE divides by every (query, key) entry, padd
                  "averages over real pairs")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("intermediate", "padded", marks=pytest.mark.xfail(
-        strict=True, reason=TINYBERT_ATT + ", and its embedding and hidden-state MSEs over real tokens")),
-    ("intermediate", "unpadded"),
-    ("intermediate_glmkd", "padded"), ("intermediate_glmkd", "unpadded")])
+@glmkd_variants("intermediate", "intermediate_glmkd",
+                TINYBERT_ATT + ", and its embedding and hidden-state MSEs over real tokens", padded_only=True)
 def test_tinybert_intermediate(tdir, variant, pad):
     """TinyBERT.inter_loss (distill_model.py:552-613), readme `## TinyBERT` 1-2: teacher block inputs 0, k, ..,
     Lt - k and the output against student block inputs 0 .. Ls - 1 and the output, all student states through
@@ -400,10 +395,7 @@ DISTILBERT_PAD = ("GLMKD's cosine loss counts each padded position as 1 - cos(0,
                   "positions' values over all b x s positions (distilbert.distilbert_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("distilbert", "padded", marks=pytest.mark.xfail(strict=True, reason=DISTILBERT_PAD)),
-    pytest.param("distilbert", "unpadded", marks=pytest.mark.xfail(strict=True, reason=DISTILBERT_PAD)),
-    ("distilbert.distilbert_glmkd", "padded"), ("distilbert.distilbert_glmkd", "unpadded")])
+@glmkd_variants("distilbert", "distilbert.distilbert_glmkd", DISTILBERT_PAD)
 def test_distilbert(tdir, variant, pad):
     """DistilBERT.inter_loss / pre_loss (distill_model.py:741-800), readme `## DistilBERT`: --distill_temperature=2
     --distilbert_alpha_ce=5 --distilbert_alpha_mlm=2 --distilbert_alpha_cos=1 --distilbert_cos_mask_padding."""
@@ -425,10 +417,7 @@ MINILM_BUG = ("GLMKD's MiniLM passes attention probabilities through a second so
               "the value relations (a bug of GLMKD's; gkdc's minilm follows the paper, minilm.glmkd is GLMKD's)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("minilm", "padded", marks=pytest.mark.xfail(strict=True, reason=MINILM_BUG)),
-    pytest.param("minilm", "unpadded", marks=pytest.mark.xfail(strict=True, reason=MINILM_BUG)),
-    ("minilm.glmkd", "padded"), ("minilm.glmkd", "unpadded")])
+@glmkd_variants("minilm", "minilm.glmkd", MINILM_BUG)
 def test_minilm(tdir, variant, pad):
     """MiniLM.inter_loss (distill_model.py:697-713): kl_div(s_probs, t_probs) softmaxes the probabilities again;
     value relations V_h V_h^T / sqrt(d_h) with no key mask; means over every (b, H, query) row."""
@@ -459,9 +448,7 @@ MINILMV2_PAD = ("with padding GLMKD's relations also attend to padded keys and i
                 "rows; gkdc's relation masks both (minilmv2.minilmv2_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("minilmv2", "padded", marks=pytest.mark.xfail(strict=True, reason=MINILMV2_PAD)),
-    ("minilmv2", "unpadded"), ("minilmv2.minilmv2_glmkd", "padded"), ("minilmv2.minilmv2_glmkd", "unpadded")])
+@glmkd_variants("minilmv2", "minilmv2.minilmv2_glmkd", MINILMV2_PAD, padded_only=True)
 def test_minilmv2(tdir, variant, pad):
     """readme `## MiniLMv2`: --minilmv2_relation_heads=48 --minilmv2_teacher_layer=12 (here: 4 heads, the last
     block)."""
@@ -819,10 +806,7 @@ RAIL_PAD = ("GLMKD's RAIL-KD mean-pools padded positions too and sums the square
             "rail_kd pools real tokens and averages over examples (rail_kd.rail_kd_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("rail_kd", "padded", marks=pytest.mark.xfail(strict=True, reason=RAIL_PAD)),
-    pytest.param("rail_kd", "unpadded", marks=pytest.mark.xfail(strict=True, reason=RAIL_PAD)),
-    ("rail_kd.rail_kd_glmkd", "padded"), ("rail_kd.rail_kd_glmkd", "unpadded")])
+@glmkd_variants("rail_kd", "rail_kd.rail_kd_glmkd", RAIL_PAD)
 def test_rail_kd(tdir, variant, pad):
     """RAIL_KD (distill_model.py:1052-1171), readme `## RAIL_KD` 2: --rail_kd_inter_rate=0.3333 --rail_kd_u=128
     --rail_kd_concatenated --rail_kd_epochs=1 plus soft CE (T = 10) and hard x 0.3333. For the teacher blocks
@@ -848,9 +832,7 @@ GLMD_PAD = ("GLMKD zeroes the padded positions' logits (their KL is 0) and avera
             "positions; gkdc's glmd averages over the real ones (glmd.glmd_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("glmd", "padded", marks=pytest.mark.xfail(strict=True, reason=GLMD_PAD)),
-    ("glmd", "unpadded"), ("glmd.glmd_glmkd", "padded"), ("glmd.glmd_glmkd", "unpadded")])
+@glmkd_variants("glmd", "glmd.glmd_glmkd", GLMD_PAD, padded_only=True)
 def test_glmd_word_prediction(tdir, variant, pad):
     """LogitsDistil.inter_loss (distill_model.py:1536-1648), readme `## LogitsDistil` new 1:
     --distill_temperature=15 --logitsdistil_mask_pad."""
@@ -866,9 +848,7 @@ TMKD_PAD = ("GLMKD's pre-training MSE multiplies by the pad mask and averages ov
             "gkdc's tmkd.pretrain averages over the real positions (tmkd.pretrain_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("pretrain", "padded", marks=pytest.mark.xfail(strict=True, reason=TMKD_PAD)),
-    ("pretrain", "unpadded"), ("pretrain_glmkd", "padded"), ("pretrain_glmkd", "unpadded")])
+@glmkd_variants("pretrain", "pretrain_glmkd", TMKD_PAD, padded_only=True)
 def test_tmkd_pretrain(tdir, variant, pad):
     """readme `## TMKD` 1: --distill_pt_soft --distill_pt_soft_mse --multi_teacher_model=tmkd
     --distill_only_mask_pad (pre_loss, distill_model.py:278-292: mask = labels > 0)."""

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from runtime import interventions as ivs
 from runtime.lossgraph import LossGraph
 from runtime.rl_agent import GlmkdSelectTeacher
-from test_methods_formula import MASK, SEED, V, _additive, _bert, stages, tdir, total  # noqa: F401 (tdir: fixture)
+from test_methods_formula import (  # noqa: F401 (tdir: fixture)
+    MASK, SEED, V, Signals, _additive, _bert, make_inputs, stages, tdir, total)
 from test_methods_run import workdir  # noqa: F401 (a fixture)
-from test_methods_parity import MASKS, THREE, Signals, close, g_kl, g_pre_loss, inputs
+from test_methods_parity import MASKS, THREE, close, g_kl, g_pre_loss
 
 from parity_tools import glmkd_variants, resumes_exactly, rl_kd_resume_spec
 
@@ -74,7 +75,7 @@ class GlmkdRLKD:
 
 def _step_signals(spec, pad, step):
     """Fresh signals per step (a new batch), the student's task logits a leaf that gets gradients."""
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     for i, (name, m) in enumerate(sorted(spec.models.items())):
         sig[name] = Signals(m.arch, 1000 * step + i + 11, MASKS[pad])
     batch["labels"] = torch.tensor([[0, 2, 1, 2], [1, 1, 0, 2], [2, 0, 0, 1], [0, 1, 2, 2]][step % 4])
@@ -291,7 +292,7 @@ def _diito_inputs(tdir, variant, pad):
     intervention id of a DIITO stage."""
     spec = stages(tdir, DIITO_SPEC.format(variant=variant))
     mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
+    sig, batch = make_inputs(spec, mask)
     ident = spec.stages[0].interventions[0].id
     for i, m in enumerate(("lmt", "lm")):
         sig[f"{m}@{ident}"] = Signals(spec.models[m].arch, 91 + i, mask)

@@ -44,9 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("files", nargs="+", type=Path)
     c.add_argument("--format", choices=("text", "json", "github"), default="text")
     c.add_argument("--no-plan", action="store_true", help="skip the memory feasibility check")
-    c.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
-                    help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
-    _add_set(c)
+    _add_spec_options(c)
     c.set_defaults(func=cmd_check)
 
     f = sub.add_parser("fmt", help="format specs canonically")
@@ -61,17 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--explain", action="store_true", help="say why each choice was made")
     pl.add_argument("--format", choices=("text", "json", "github"), default="text", help="diagnostics format")
     pl.add_argument("--schema", action="store_true", help="print the plan's JSON Schema and exit")
-    pl.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
-                    help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
-    _add_set(pl)
+    _add_spec_options(pl)
     pl.set_defaults(func=cmd_plan)
 
     g = sub.add_parser("graph", help="write the signal graph as .dot (or .svg/.png with Graphviz)")
     g.add_argument("file", type=Path)
     g.add_argument("-o", "--output", type=Path, required=True)
-    g.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
-                    help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
-    _add_set(g)
+    _add_spec_options(g)
     g.set_defaults(func=cmd_graph)
 
     e = sub.add_parser("eval", help="held-out perplexity or accuracy of saved models (e.g. runs/x/models/*)")
@@ -86,9 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("file", type=Path, help="spec.gkd")
     ca.add_argument("--stage", default=None, help="only this stage (default: every stage reading a cached teacher)")
     ca.add_argument("--out", type=Path, default=None, help="write under DIR/<stage> instead of the spec's cache path")
-    ca.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
-                    help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
-    _add_set(ca)
+    _add_spec_options(ca)
     ca.set_defaults(func=cmd_cache)
 
     r = sub.add_parser("run", help="execute a plan (or a spec, planning it first) with DeepSpeed")
@@ -112,14 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--master-addr", default=None, metavar="ADDR", help="several nodes: node 0's address")
     r.add_argument("--master-port", type=int, default=None, metavar="PORT",
                    help="several nodes: the ranks' rendezvous port (the launchers use PORT+1)")
-    r.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
-                    help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
-    _add_set(r)
+    _add_spec_options(r)
     r.set_defaults(func=cmd_run)
     return p
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+def _add_spec_options(p: argparse.ArgumentParser) -> None:
+    """The options of every command that reads a spec: --allow-path and --set."""
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR", dest="allow_path",
+                   help="also allow data and cache paths under DIR (repeatable; see docs/security.md)")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
                    help="change a spec value before checking, e.g. stage.train.steps=100 or cluster.cpu_memory=64GiB "
                         "(repeatable; recorded in the plan; see docs/language.md)")

@@ -43,6 +43,14 @@ def _log(a: float) -> float:
     return math.log(a) if a > 0 else -math.inf
 
 
+def _skew_rows(first: Tensor, second: Tensor, a: float) -> Tensor:
+    """Differentiable row loss KL(f || a f + (1 - a) s), f and s the softmaxes of the logits ``first`` and
+    ``second``: the kernels' ``target_rows`` (skew_kl: f = p; skew_rkl: f = q)."""
+    lf, ls = torch.log_softmax(first, -1), torch.log_softmax(second, -1)
+    lm = torch.logaddexp(lf + _log(a), ls + _log(1.0 - a))
+    return (lf.exp() * (lf - lm)).sum(-1)
+
+
 def skew_kl_kernel(alpha: float) -> Callable:
     """Row kernel of KL(p || m), m = alpha p + (1 - alpha) q."""
     a = _check_alpha("skew_kl", alpha)
@@ -58,12 +66,7 @@ def skew_kl_kernel(alpha: float) -> Callable:
         mean_u = torch.mul(q, u, out=x).sum(-1, keepdim=True)
         return row, u.sub_(mean_u).mul_(q)
 
-    def rows(x: Tensor, y: Tensor) -> Tensor:
-        lq, lp = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
-        lm = torch.logaddexp(lp + _log(a), lq + _log(1.0 - a))
-        return (lp.exp() * (lp - lm)).sum(-1)
-
-    kernel.target_rows = rows
+    kernel.target_rows = lambda x, y: _skew_rows(y, x, a)  # KL(p || m): the teacher's side first
     return kernel
 
 
@@ -83,12 +86,7 @@ def skew_rkl_kernel(alpha: float) -> Callable:
         mean_u = torch.mul(q, x, out=y).sum(-1, keepdim=True)
         return row, x.sub_(mean_u).mul_(q)
 
-    def rows(x: Tensor, y: Tensor) -> Tensor:
-        lq, lp = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
-        lm = torch.logaddexp(lq + _log(a), lp + _log(1.0 - a))
-        return (lq.exp() * (lq - lm)).sum(-1)
-
-    kernel.target_rows = rows
+    kernel.target_rows = lambda x, y: _skew_rows(x, y, a)  # KL(q || m): the student's side first
     return kernel
 
 

@@ -19,6 +19,26 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+TINY_SPEC = """
+teacher t = hf("{root}/examples/tiny") {{ init: random, dtype: fp32 }}
+student s = like(t) {{ layers: 1, hidden: 32, heads: 2, dtype: fp32 }}
+data corpus = text("{root}/examples/data/corpus.txt") {{ seq_len: 32 }}
+stage distill {{
+  data: corpus
+  steps: {steps}
+  batch: 8
+{stage}  loss: {loss}
+}}
+cluster {{ {cluster}, cpu_memory: 8GB }}
+"""
+
+
+def tiny_spec(*, steps: int, cluster: str, loss: str = "kl(t.logits, s.logits, T: 2)", stage: str = "") -> str:
+    """A spec of a random examples/tiny teacher and a 1-block student on the repository's corpus: one stage of
+    batch 8 on ``cluster`` (8GB of CPU memory); ``stage``: more lines of the stage (each ending in a newline)."""
+    return TINY_SPEC.format(root=ROOT, steps=steps, cluster=cluster, loss=loss, stage=stage)
+
+
 def gkdc(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gkdc", *args], cwd=ROOT, env=clean_env(), capture_output=True,
                           text=True, timeout=timeout)

@@ -7,27 +7,14 @@ import json
 
 import pytest
 
-from clitools import ROOT, gkdc
-
-
-SPEC = """
-teacher t = hf("{root}/examples/tiny") {{ init: random, dtype: fp32 }}
-student s = like(t) {{ layers: 1, hidden: 32, heads: 2, dtype: fp32 }}
-data corpus = text("{root}/examples/data/corpus.txt") {{ seq_len: 32 }}
-stage distill {{
-  data: corpus
-  steps: 3
-  batch: 8
-  loss: kl(t.logits, s.logits, T: 2) + mse(t.hidden[1], project(s.hidden[0])) where not pad
-}}
-cluster {{ gpus: 2 x cpu, cpu_memory: 8GB }}
-"""
+from clitools import ROOT, gkdc, tiny_spec
 
 
 @pytest.mark.deepspeed
 def test_gkdc_run_starts_two_ranks_with_the_runtimes_own_launch_command(tmp_path):
     spec = tmp_path / "two.gkd"
-    spec.write_text(SPEC.format(root=ROOT))
+    loss = "kl(t.logits, s.logits, T: 2) + mse(t.hidden[1], project(s.hidden[0])) where not pad"
+    spec.write_text(tiny_spec(steps=3, cluster="gpus: 2 x cpu", loss=loss))
     out = tmp_path / "run"
     # the spec reads the repository's corpus from a temporary folder: allowed explicitly (docs/security.md)
     r = gkdc("run", str(spec), "--out", str(out), "--no-progress", "--allow-path", str(ROOT), timeout=400)

@@ -29,6 +29,14 @@ TEACHER_FREE = {("pd", "pretrain"), ("sid", "pretrain"), ("annealing_kd", "hard"
                 ("mobilebert", "teacher_pretrain"), ("mobilebert", "finetune")}
 
 
+def one_error_at(text: str, name: str, code: str, line: int, piece: str, at: str) -> None:
+    """``text`` (checked as ``name``) has one error, ``code``, on its line ``line``, at the first ``at`` of the
+    first ``piece`` on that line."""
+    errors = [d for d in check_source(text, name, base_dir=CASES).diagnostics if d.severity == "error"]
+    assert [(d.code, d.span.file, d.span.line) for d in errors] == [(code, name, line)], errors
+    assert errors[0].span.col == text.splitlines()[line - 1].index(piece) + piece.index(at) + 1
+
+
 def test_every_method_has_a_spec_a_doc_and_a_library():
     assert len(METHODS) == 28
     for name in METHODS:
@@ -278,12 +286,7 @@ stage s {{ data: d, steps: 10,
     ("then: ce(labels, small.task_logits)", "bad-value", "ce("),
 ])
 def test_plateau_bad_input_has_a_code_and_position(opts, code, at):
-    text = PLATEAU.format(opts=opts)
-    result = check_source(text, "p.gkd", base_dir=CASES)
-    errors = [d for d in result.diagnostics if d.severity == "error"]
-    assert [(d.code, d.span.file, d.span.line) for d in errors] == [(code, "p.gkd", 5)], errors
-    loss_line = text.splitlines()[4]
-    assert errors[0].span.col == loss_line.index(opts) + opts.index(at) + 1
+    one_error_at(PLATEAU.format(opts=opts), "p.gkd", code, 5, opts, at)
 
 
 def test_progressive_then_after_fixed_windows():
@@ -327,12 +330,7 @@ def test_stairs_every_stage_splits_the_stage_into_equal_parts():
      "stairs"),
 ])
 def test_stairs_bad_input_has_a_code_and_position(loss, code, at):
-    text = STAIRS.format(loss=loss)
-    result = check_source(text, "s.gkd", base_dir=CASES)
-    errors = [d for d in result.diagnostics if d.severity == "error"]
-    assert [(d.code, d.span.line) for d in errors] == [(code, 4)], errors
-    line = text.splitlines()[3]
-    assert errors[0].span.col == line.index(loss) + loss.index(at) + 1
+    one_error_at(STAIRS.format(loss=loss), "s.gkd", code, 4, loss, at)
 
 
 # ---------------------------------------------------------------- lists of teachers
@@ -423,11 +421,7 @@ def test_relation_scores_option():
     ("drop(soft_ce(bert.task_logits, small.task_logits), min_kept: 0.5)", "bad-number", "0.5"),
 ])
 def test_drop_min_kept_bad_input_has_a_code_and_position(loss, code, at):
-    text = STAIRS.format(loss=loss)
-    result = check_source(text, "d.gkd", base_dir=CASES)
-    errors = [d for d in result.diagnostics if d.severity == "error"]
-    assert [(d.code, d.span.line) for d in errors] == [(code, 4)], errors
-    assert errors[0].span.col == text.splitlines()[3].index(loss) + loss.index(at) + 1
+    one_error_at(STAIRS.format(loss=loss), "d.gkd", code, 4, loss, at)
 
 
 def test_loss_average_reaches_the_term_and_bad_values_are_coded():

@@ -57,35 +57,36 @@ def stages(tdir: Path, body: str, student: str = "{ layers: 2, head: classify(3)
     return result.spec
 
 
-class Fake(dict):
-    """Signals of one model, made up (deterministically) on first use with the shape the model gives."""
+class Signals(dict):
+    """One model's signals, made up (deterministically) on first use with the shape the model gives; attention
+    probabilities put no mass on the keys ``mask`` pads (the parity tests pass theirs)."""
 
-    def __init__(self, arch, seed: int, task: bool):
+    def __init__(self, arch, seed: int, mask: torch.Tensor = MASK):
         super().__init__()
-        self.arch, self.gen, self.task = arch, torch.Generator().manual_seed(seed), task
+        self.arch, self.gen, self.mask = arch, torch.Generator().manual_seed(seed), mask
 
     def __missing__(self, key):
-        kind, layer = key
+        kind, _ = key
         h, heads = self.arch.hidden_size, self.arch.num_heads
         shapes = {"logits": (B, S, V), "task_logits": (B, C), "embeddings": (B, S, h), "hidden": (B, S, h),
                   "query": (B, S, h), "key": (B, S, h), "value": (B, S, h), "attn_scores": (B, heads, S, S),
                   "attn_probs": (B, heads, S, S)}
         x = torch.randn(shapes[kind], generator=self.gen)
         if kind == "attn_probs":  # like the model's own: no mass on padded keys
-            x = F.softmax(x.masked_fill(~MASK[:, None, None, :], -1e9), dim=-1)
+            x = F.softmax(x.masked_fill(~self.mask[:, None, None, :], -1e9), dim=-1)
         self[key] = x
         return x
 
 
-def make_inputs(spec, extra_models=()):
+def make_inputs(spec, mask: torch.Tensor = MASK):
+    """Every model's made-up signals and a batch of ``mask``'s padding (the parity tests: with and without)."""
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, V, (B, S), generator=gen).masked_fill(torch.rand(B, S, generator=gen) < 0.5, -100)
-    tokens = tokens.masked_fill(~MASK, -100)
+    tokens = tokens.masked_fill(~mask, -100)
     tokens[:, 1] = 3  # every example has a target
-    batch = {"attention_mask": MASK.long(), "labels": torch.tensor([0, 2, 1, 2]), "tokens": tokens,
+    batch = {"attention_mask": mask.long(), "labels": torch.tensor([0, 2, 1, 2]), "tokens": tokens,
              "special_mask": torch.zeros(B, S, dtype=torch.long), "input_ids": torch.ones(B, S, dtype=torch.long)}
-    signals = {name: Fake(m.arch, i + 11, m.head.kind == "classify") for i, (name, m) in
-               enumerate(sorted(spec.models.items()))}
+    signals = {name: Signals(m.arch, i + 11, mask) for i, (name, m) in enumerate(sorted(spec.models.items()))}
     return signals, batch
 
 
@@ -387,7 +388,7 @@ def test_diito_reads_the_counterfactual_pass(tdir):
     spec = stages(tdir, "use diito\nstage a { data: corpus, steps: 4, loss: diito.same_positions(lmt, lm, T: 2, fraction: 30%) }")
     sig, batch = make_inputs(spec)
     ident = spec.stages[0].interventions[0].id
-    sig[f"lmt@{ident}"], sig[f"lm@{ident}"] = Fake(spec.models["lmt"].arch, 91, False), Fake(spec.models["lm"].arch, 92, False)
+    sig[f"lmt@{ident}"], sig[f"lm@{ident}"] = Signals(spec.models["lmt"].arch, 91), Signals(spec.models["lm"].arch, 92)
     t, s, tc, sc = sig["lmt"], sig["lm"], sig[f"lmt@{ident}"], sig[f"lm@{ident}"]
     want = 0.25 * hard_ce(batch["tokens"], s[("logits", None)]) + 0.25 * kl(t[("logits", None)], s[("logits", None)], 2, MASK)
     want += 0.25 * cosine_loss(t[("hidden", 3)], s[("hidden", 1)], MASK)

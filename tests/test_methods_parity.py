@@ -26,42 +26,14 @@ import torch.nn.functional as F
 
 from runtime.glmkd_losses import step_span_lengths
 from runtime.lossgraph import LossGraph
-from test_methods_formula import B, C, H, S, V, proj, stages, tdir, total  # noqa: F401 (tdir is a fixture)
+from test_methods_formula import (  # noqa: F401 (tdir is a fixture)
+    B, C, H, MASK, S, V, make_inputs, proj, stages, tdir, total)
 
-PADDED = torch.tensor([[1] * 6, [1] * 5 + [0], [1] * 4 + [0] * 2, [1] * 6], dtype=torch.bool)
+from parity_tools import glmkd_variants, padded_differs
+
+PADDED = MASK
 MASKS = {"padded": PADDED, "unpadded": torch.ones(B, S, dtype=torch.bool)}
 THREE = 'teacher third = hf("{tdir}/t4") {{ head: classify(3) }}\n'
-
-
-class Signals(dict):
-    """One model's signals, random (seeded) on first use, with the shape the model gives."""
-
-    def __init__(self, arch, seed: int, mask: torch.Tensor):
-        super().__init__()
-        self.arch, self.gen, self.mask = arch, torch.Generator().manual_seed(seed), mask
-
-    def __missing__(self, key):
-        kind, _ = key
-        h, heads = self.arch.hidden_size, self.arch.num_heads
-        shapes = {"logits": (B, S, V), "task_logits": (B, C), "embeddings": (B, S, h), "hidden": (B, S, h),
-                  "query": (B, S, h), "key": (B, S, h), "value": (B, S, h), "attn_scores": (B, heads, S, S),
-                  "attn_probs": (B, heads, S, S)}
-        x = torch.randn(shapes[kind], generator=self.gen)
-        if kind == "attn_probs":
-            x = F.softmax(x.masked_fill(~self.mask[:, None, None, :], -1e9), dim=-1)
-        self[key] = x
-        return x
-
-
-def inputs(spec, mask):
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, V, (B, S), generator=gen).masked_fill(torch.rand(B, S, generator=gen) < 0.5, -100)
-    tokens = tokens.masked_fill(~mask, -100)
-    tokens[:, 1] = 3
-    batch = {"attention_mask": mask.long(), "labels": torch.tensor([0, 2, 1, 2]), "tokens": tokens,
-             "special_mask": torch.zeros(B, S, dtype=torch.long), "input_ids": torch.ones(B, S, dtype=torch.long)}
-    sig = {name: Signals(m.arch, i + 11, mask) for i, (name, m) in enumerate(sorted(spec.models.items()))}
-    return sig, batch
 
 
 def close(got, want):
@@ -71,10 +43,6 @@ def close(got, want):
 both = pytest.mark.parametrize("pad", sorted(MASKS))
 
 
-def padded_differs(reason):
-    """Agrees without padding; with padding a strict xfail stating the difference."""
-    return pytest.mark.parametrize("pad", [pytest.param("padded", marks=pytest.mark.xfail(strict=True, reason=reason)),
-                                           "unpadded"])
 
 # ---------------------------------------------------------------- GLMKD's reductions (distill/custom_loss.py)
 
@@ -131,7 +99,7 @@ def tl(sig, m):
 def test_kd(tdir, pad):
     """readme `## KD`: --student_model=kd --distill_ft_soft --distill_ft_hard --distill_temperature=10."""
     spec = stages(tdir, "use kd\nstage s { data: sst2, steps: 4, loss: kd(bert, small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s = tl(sig, "small")
     parts = g_pre_loss(s, tl(sig, "bert"), hard(batch, s), T=10, soft=True, hard_on=True)
     close(total(spec, 0, sig, batch)[0], parts["soft"].mean() + parts["hard"])
@@ -144,7 +112,7 @@ def test_pd_tinybert_prediction_glmd_task(tdir, pad):
     spec = stages(tdir, "use pd, tinybert, glmd\nstage a { data: sst2, steps: 4, loss: pd(bert, small) }\n"
                         "stage b after a { data: sst2, steps: 4, loss: tinybert.prediction(bert, small) }\n"
                         "stage c after b { data: sst2, steps: 4, loss: glmd.task(bert, small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s = tl(sig, "small")
     want = g_pre_loss(s, tl(sig, "bert"), hard(batch, s), soft=True)["soft"].mean()
     for i in range(3):
@@ -173,7 +141,7 @@ def test_pkd(tdir, pad):
     --pkd_normalized_patience --pkd_alpha=0.5 --pkd_beta=100 --pkd_wo_final --pkd_only_cls; PKD.pre_loss
     (distill_model.py:1043-1050) weighs hard by 1 - alpha and soft by alpha."""
     spec = stages(tdir, "use pkd\nstage a { data: sst2, steps: 4, loss: pkd(bert, small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s = tl(sig, "small")
     th = {i: sig["bert"][("hidden", i)] for i in range(4)}
     sh = {j: sig["small"][("hidden", j)] for j in range(2)}
@@ -203,7 +171,7 @@ def test_alp_kd(tdir, pad, variant):
     --distill_temperature=20 --distill_ft_soft --distill_ft_hard. `alp_kd` is the command as written (the
     flag read: 0.2), `alp_kd.glmkd` what GLMKD computes (weight 1)."""
     spec = stages(tdir, f"use alp_kd\nstage a {{ data: sst2, steps: 4, loss: {variant}(bert, small) }}")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s = tl(sig, "small")
     t_cls = [sig["bert"][("hidden", i)][:, 0] for i in range(4)]
     s_cls = [sig["small"][("hidden", j)][:, 0] for j in range(2)]
@@ -218,7 +186,7 @@ def test_takd(tdir, pad):
     """readme `## TAKD`: --student_model=kd --distill_ft_soft --distill_ft_soft_kl --distill_ft_hard
     --distill_temperature=10 (rates at their default 1, prepare.py:31-32)."""
     spec = stages(tdir, "use takd\nstage a { data: sst2, steps: 4, loss: takd(bert, small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s = tl(sig, "small")
     parts = g_pre_loss(s, tl(sig, "bert"), hard(batch, s), T=10, soft=True, kl=True, hard_on=True)
     close(total(spec, 0, sig, batch)[0], parts["soft"].mean() + parts["hard"])
@@ -233,7 +201,7 @@ def test_tmkd(tdir, pad):
     --multi_teacher_model=tmkd (AvgTeacher.compute, multi_teacher_model.py:92-130: per teacher pre_loss, then
     the mean over the teachers)."""
     spec = stages(tdir, THREE.format(tdir=tdir) + "use tmkd\nstage a { data: sst2, steps: 4, loss: tmkd([base, bert, third], small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s = tl(sig, "small")
     per = [sum(g_pre_loss(s, tl(sig, m), hard(batch, s), soft=True, mse=True, hard_on=True, hard_rate=1 / 3)[k].mean()
                for k in ("soft", "hard")) for m in ("base", "bert", "third")]
@@ -245,7 +213,7 @@ def test_rl_kd_average_stage(tdir, pad):
     """readme `## RL-KD` 1: --distill_ft_soft --distill_temperature=10 --rl_kd_only_avg --rl_kd_alpha=0.5
     (RL_KD.compute, multi_teacher_model.py:327-427: mean of the teachers' pre_loss, x alpha, + (1 - alpha) hard)."""
     spec = stages(tdir, THREE.format(tdir=tdir) + "use rl_kd\nstage a { data: sst2, steps: 4, loss: rl_kd.average([base, bert, third], small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s = tl(sig, "small")
     avg = sum(g_pre_loss(s, tl(sig, m), None, T=10, soft=True)["soft"].mean() for m in ("base", "bert", "third")) / 3
     close(total(spec, 0, sig, batch)[0], 0.5 * avg + 0.5 * hard(batch, s))
@@ -264,7 +232,7 @@ def test_dgkd(tdir, pad):
     """readme `## DGKD`. gkdc's draw decides which teachers are kept; for that set the value is GLMKD's."""
     spec = stages(tdir, THREE.format(tdir=tdir) + "use dgkd\nassistant mid = like(bert) { layers: 3, head: classify(3) }\n"
                   "stage a { data: sst2, steps: 4, loss: dgkd([bert, mid, third], small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s = tl(sig, "small")
     names = ("bert", "mid", "third")
     subsets = [c for r in (0, 1, 2, 3) for c in itertools.combinations(names, r)]
@@ -281,7 +249,7 @@ def test_dgkd_all_teachers_dropped(tdir):
     """GLMKD may drop every teacher (0.25^n per step); then the loss is 0.5 x hard (min_kept: 0)."""
     spec = stages(tdir, "use dgkd\nassistant mid = like(bert) { layers: 3, head: classify(3) }\n"
                         "stage a { data: sst2, steps: 4, loss: dgkd([bert, mid], small, p: 95%) }")
-    sig, batch = inputs(spec, PADDED)
+    sig, batch = make_inputs(spec, PADDED)
     s = tl(sig, "small")
     values = [total(spec, 0, sig, batch, step=step)[0] for step in range(60)]
     assert any(abs(v - float(glmkd_dgkd(sig, s, batch, ()))) <= 1e-5 * abs(v) for v in values)
@@ -309,7 +277,7 @@ def test_uncertainty(tdir, pad):
     list reversed."""
     spec = stages(tdir, THREE.format(tdir=tdir) + "use uncertainty\nstage a { data: sst2, steps: 4, micro_batch: 4, "
                   "loss: uncertainty([base, bert, third], small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s = tl(sig, "small")
     glmkd_order = ("third", "bert", "base")
     rate = glmkd_uncertainty_rate(s, 3).float()
@@ -327,7 +295,7 @@ def test_mt_bert(tdir, pad):
     beta 1), PKD's pre_loss (alpha x soft CE; no hard: --distill_ft_hard absent) per example x 1 / (1 + the
     teacher's CE), mean; summed over teachers, + the hard loss."""
     spec = stages(tdir, THREE.format(tdir=tdir) + "use mt_bert\nstage a { data: sst2, steps: 4, loss: mt_bert([base, bert, third], small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     value, _, graph, _ = total(spec, 0, sig, batch)
     s = tl(sig, "small")
     fit = {}
@@ -353,11 +321,8 @@ TINYBERT_ATT = ("GLMKD's attention MSE divides by every (query, key) entry, padd
                  "averages over real pairs")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("intermediate", "padded", marks=pytest.mark.xfail(
-        strict=True, reason=TINYBERT_ATT + ", and its embedding and hidden-state MSEs over real tokens")),
-    ("intermediate", "unpadded"),
-    ("intermediate_glmkd", "padded"), ("intermediate_glmkd", "unpadded")])
+@glmkd_variants("intermediate", "intermediate_glmkd",
+                TINYBERT_ATT + ", and its embedding and hidden-state MSEs over real tokens", padded_only=True)
 def test_tinybert_intermediate(tdir, variant, pad):
     """TinyBERT.inter_loss (distill_model.py:552-613), readme `## TinyBERT` 1-2: teacher block inputs 0, k, ..,
     Lt - k and the output against student block inputs 0 .. Ls - 1 and the output, all student states through
@@ -366,7 +331,7 @@ def test_tinybert_intermediate(tdir, variant, pad):
     spec = stages(tdir, f"use tinybert\nstage a {{ data: corpus, steps: 4, loss: tinybert.{variant}(bert, small) }}",
                   "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
     mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
+    sig, batch = make_inputs(spec, mask)
     value, _, graph, _ = total(spec, 0, sig, batch)
     fit = proj(graph, spec.stages[0].loss[0].pred.module)
     t, s = sig["bert"], sig["small"]
@@ -385,7 +350,7 @@ def test_tinybert_glmkd_embedding_and_hidden_terms(tdir, pad):
     position (all but the attention terms)."""
     spec = stages(tdir, "use tinybert\nstage a { data: corpus, steps: 4, loss: tinybert.intermediate_glmkd(bert, small) }",
                   "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     _, parts, graph, _ = total(spec, 0, sig, batch)
     fit = proj(graph, spec.stages[0].loss[0].pred.module)
     t, s = sig["bert"], sig["small"]
@@ -400,16 +365,13 @@ DISTILBERT_PAD = ("GLMKD's cosine loss counts each padded position as 1 - cos(0,
                   "positions' values over all b x s positions (distilbert.distilbert_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("distilbert", "padded", marks=pytest.mark.xfail(strict=True, reason=DISTILBERT_PAD)),
-    pytest.param("distilbert", "unpadded", marks=pytest.mark.xfail(strict=True, reason=DISTILBERT_PAD)),
-    ("distilbert.distilbert_glmkd", "padded"), ("distilbert.distilbert_glmkd", "unpadded")])
+@glmkd_variants("distilbert", "distilbert.distilbert_glmkd", DISTILBERT_PAD)
 def test_distilbert(tdir, variant, pad):
     """DistilBERT.inter_loss / pre_loss (distill_model.py:741-800), readme `## DistilBERT`: --distill_temperature=2
     --distilbert_alpha_ce=5 --distilbert_alpha_mlm=2 --distilbert_alpha_cos=1 --distilbert_cos_mask_padding."""
     spec = stages(tdir, f"use distilbert\nstage a {{ data: corpus, steps: 4, loss: {variant}(lmt, lm, T: 2) }}")
     mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
+    sig, batch = make_inputs(spec, mask)
     t, s = sig["lmt"], sig["lm"]
     real = mask[..., None].float()
     so, to = (s[("hidden", 1)] * real).view(-1, 32), (t[("hidden", 3)] * real).view(-1, 32)
@@ -425,15 +387,12 @@ MINILM_BUG = ("GLMKD's MiniLM passes attention probabilities through a second so
               "the value relations (a bug of GLMKD's; gkdc's minilm follows the paper, minilm.glmkd is GLMKD's)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("minilm", "padded", marks=pytest.mark.xfail(strict=True, reason=MINILM_BUG)),
-    pytest.param("minilm", "unpadded", marks=pytest.mark.xfail(strict=True, reason=MINILM_BUG)),
-    ("minilm.glmkd", "padded"), ("minilm.glmkd", "unpadded")])
+@glmkd_variants("minilm", "minilm.glmkd", MINILM_BUG)
 def test_minilm(tdir, variant, pad):
     """MiniLM.inter_loss (distill_model.py:697-713): kl_div(s_probs, t_probs) softmaxes the probabilities again;
     value relations V_h V_h^T / sqrt(d_h) with no key mask; means over every (b, H, query) row."""
     spec = stages(tdir, f"use minilm\nstage a {{ data: corpus, steps: 4, loss: {variant}(bert, small) }}")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     t, s = sig["bert"], sig["small"]
 
     def rel(v):
@@ -459,14 +418,12 @@ MINILMV2_PAD = ("with padding GLMKD's relations also attend to padded keys and i
                 "rows; gkdc's relation masks both (minilmv2.minilmv2_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("minilmv2", "padded", marks=pytest.mark.xfail(strict=True, reason=MINILMV2_PAD)),
-    ("minilmv2", "unpadded"), ("minilmv2.minilmv2_glmkd", "padded"), ("minilmv2.minilmv2_glmkd", "unpadded")])
+@glmkd_variants("minilmv2", "minilmv2.minilmv2_glmkd", MINILMV2_PAD, padded_only=True)
 def test_minilmv2(tdir, variant, pad):
     """readme `## MiniLMv2`: --minilmv2_relation_heads=48 --minilmv2_teacher_layer=12 (here: 4 heads, the last
     block)."""
     spec = stages(tdir, f"use minilmv2\nstage a {{ data: corpus, steps: 4, loss: {variant}(bert, small, heads: 4) }}")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     close(total(spec, 0, sig, batch)[0], glmkd_minilmv2(sig, 4, 3))
 
 
@@ -487,7 +444,7 @@ def test_annealing_kd_phi_agrees_on_a_seven_epoch_stage(tdir, every):
     (1 - it / N) x 7 just above an integer: at it = 60 of 70 it is 1.0000000000000004, so GLMKD's last level
     starts one iteration late (checked below)."""
     spec = stages(tdir, f"use annealing_kd\nstage a {{ data: sst2, steps: 4, loss: annealing_kd(bert, small, every: {every}) }}")
-    sig, batch = inputs(spec, PADDED)
+    sig, batch = make_inputs(spec, PADDED)
     s, t = tl(sig, "small"), tl(sig, "bert")
     n, per_epoch = 70, 10
     assert glmkd_stair(60, n, 7) == pytest.approx(6 / 7) and glmkd_stair(61, n, 7) == 1.0
@@ -504,7 +461,7 @@ def test_annealing_kd_phi_on_a_three_epoch_stage(tdir, every):
     """GLMKD's stair has 7 levels over the iterations whatever the epochs: `every: stage` follows it on a
     3-epoch stage of 31 iterations at every iteration (none of them on a float boundary)."""
     spec = stages(tdir, f"use annealing_kd\nstage a {{ data: sst2, steps: 4, loss: annealing_kd(bert, small, every: {every}) }}")
-    sig, batch = inputs(spec, PADDED)
+    sig, batch = make_inputs(spec, PADDED)
     s, t = tl(sig, "small"), tl(sig, "bert")
     n = 31
     for it in range(n):
@@ -529,7 +486,7 @@ def test_continuation_kd(tdir, pad, n):
     """Continuation_KD (distill_model.py:2226-2245) at every iteration of stages of 37 and 100 iterations and at
     points of one of 1000 (phi's 10 levels, psi's jump past 66.6%, the per-example gate opening and closing)."""
     spec = stages(tdir, "use continuation_kd\nstage a { data: sst2, steps: 4, loss: continuation_kd(bert, small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s, t = tl(sig, "small"), tl(sig, "bert")
     s = s * 0.6  # errors near the margin: some examples pass the gate, others not, as phi rises
     sig["small"][("task_logits", None)] = s
@@ -548,7 +505,7 @@ def test_continuation_kd(tdir, pad, n):
 def test_continuation_kd_hinge_is_not_glmkd(tdir, pad):
     """`continuation_kd.hinge`, gkdc's earlier reading, differs from GLMKD's at most points (kept for comparison)."""
     spec = stages(tdir, "use continuation_kd\nstage a { data: sst2, steps: 4, loss: continuation_kd.hinge(bert, small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     s, t = tl(sig, "small"), tl(sig, "bert")
     hard_b = F.cross_entropy(s, batch["labels"], reduction="none")
     far = [abs(total(spec, 0, sig, batch, progress=it / 100, step=it)[0] - float(glmkd_continuation(s, t, hard_b, it, 100)))
@@ -620,7 +577,7 @@ def test_ckd(tdir, pad):
     spec = stages(tdir, "use ckd\nstage a { data: sst2, steps: 4, loss: ckd(bert, small, window: 3) }",
                   "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
     mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
+    sig, batch = make_inputs(spec, mask)
     t, s = sig["bert"], sig["small"]
     ts = torch.stack([t[("embeddings", None)], t[("hidden", 1)], t[("hidden", 3)]], 1)
     ss = torch.stack([s[("embeddings", None)], s[("hidden", 0)], s[("hidden", 1)]], 1)
@@ -712,7 +669,7 @@ def test_mgskd(tdir, pad, step):
     its spans with torch.normal; for the step's draw gkdc made (from the same formula), GLMKD's value."""
     spec = stages(tdir, "use mgskd\nstage a { data: sst2, steps: 4, loss: mgskd(bert, small, m: 2, heads: 2, k: 3, span: 50%) }")
     mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
+    sig, batch = make_inputs(spec, mask)
     t, s = sig["bert"], sig["small"]
     ts = [t[("embeddings", None)], t[("hidden", 1)], t[("hidden", 3)]]
     ss = [s[("embeddings", None)], s[("hidden", 0)], s[("hidden", 1)]]
@@ -745,7 +702,7 @@ def test_universal_kd(tdir, pad):
     like GLMKD's (`bias: false`)."""
     spec = stages(tdir, "use universal_kd\nstage a { data: sst2, steps: 4, loss: universal_kd(bert, small) }",
                   "{ layers: 3, hidden: 16, heads: 2, head: classify(3) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     archs = {n: m.arch for n, m in spec.models.items()}
     torch.manual_seed(0)
     graph = LossGraph(spec.stages[0].loss, archs, seed=7)
@@ -806,7 +763,7 @@ def test_lrc_bert(tdir, pad):
     test_methods_formula.py)."""
     spec = stages(tdir, "use lrc_bert\nstage a { data: sst2, steps: 4, micro_batch: 4, batch: 4, loss: lrc_bert(bert, small) }",
                   "{ layers: 2, hidden: 16, heads: 2, head: classify(3) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     value, _, graph, _ = total(spec, 0, sig, batch)
     p = proj(graph, spec.stages[0].loss[0].pred.module)
     assert p.linear.bias is None  # GLMKD's s_fit_dense has no bias
@@ -819,17 +776,14 @@ RAIL_PAD = ("GLMKD's RAIL-KD mean-pools padded positions too and sums the square
             "rail_kd pools real tokens and averages over examples (rail_kd.rail_kd_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("rail_kd", "padded", marks=pytest.mark.xfail(strict=True, reason=RAIL_PAD)),
-    pytest.param("rail_kd", "unpadded", marks=pytest.mark.xfail(strict=True, reason=RAIL_PAD)),
-    ("rail_kd.rail_kd_glmkd", "padded"), ("rail_kd.rail_kd_glmkd", "unpadded")])
+@glmkd_variants("rail_kd", "rail_kd.rail_kd_glmkd", RAIL_PAD)
 def test_rail_kd(tdir, variant, pad):
     """RAIL_KD (distill_model.py:1052-1171), readme `## RAIL_KD` 2: --rail_kd_inter_rate=0.3333 --rail_kd_u=128
     --rail_kd_concatenated --rail_kd_epochs=1 plus soft CE (T = 10) and hard x 0.3333. For the teacher blocks
     gkdc drew, GLMKD's value (its own draw is python's random.sample)."""
     spec = stages(tdir, f"use rail_kd\nstage a {{ data: sst2, steps: 4, loss: {variant}(bert, small, dim: 8) }}",
                   "{ layers: 3, head: classify(3) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     value, _, graph, _ = total(spec, 0, sig, batch)
     term = spec.stages[0].loss[0]
     p_t, p_s = proj(graph, term.target.inputs[0].module), proj(graph, term.pred.inputs[0].module)
@@ -848,15 +802,13 @@ GLMD_PAD = ("GLMKD zeroes the padded positions' logits (their KL is 0) and avera
             "positions; gkdc's glmd averages over the real ones (glmd.glmd_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("glmd", "padded", marks=pytest.mark.xfail(strict=True, reason=GLMD_PAD)),
-    ("glmd", "unpadded"), ("glmd.glmd_glmkd", "padded"), ("glmd.glmd_glmkd", "unpadded")])
+@glmkd_variants("glmd", "glmd.glmd_glmkd", GLMD_PAD, padded_only=True)
 def test_glmd_word_prediction(tdir, variant, pad):
     """LogitsDistil.inter_loss (distill_model.py:1536-1648), readme `## LogitsDistil` new 1:
     --distill_temperature=15 --logitsdistil_mask_pad."""
     spec = stages(tdir, f"use glmd\nstage a {{ data: corpus, steps: 4, loss: {variant}(lmt, lm) }}")
     mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
+    sig, batch = make_inputs(spec, mask)
     m = mask[..., None].float()
     s, t = sig["lm"][("logits", None)] * m, sig["lmt"][("logits", None)] * m
     close(total(spec, 0, sig, batch)[0], g_kl(s / 15, t / 15).mean() * 225)
@@ -866,16 +818,14 @@ TMKD_PAD = ("GLMKD's pre-training MSE multiplies by the pad mask and averages ov
             "gkdc's tmkd.pretrain averages over the real positions (tmkd.pretrain_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("pretrain", "padded", marks=pytest.mark.xfail(strict=True, reason=TMKD_PAD)),
-    ("pretrain", "unpadded"), ("pretrain_glmkd", "padded"), ("pretrain_glmkd", "unpadded")])
+@glmkd_variants("pretrain", "pretrain_glmkd", TMKD_PAD, padded_only=True)
 def test_tmkd_pretrain(tdir, variant, pad):
     """readme `## TMKD` 1: --distill_pt_soft --distill_pt_soft_mse --multi_teacher_model=tmkd
     --distill_only_mask_pad (pre_loss, distill_model.py:278-292: mask = labels > 0)."""
     spec = stages(tdir, "use tmkd\nteacher lmt2 = hf(\"" + str(tdir) + "/t2\") { head: lm }\n"
                         f"stage a {{ data: corpus, steps: 4, loss: tmkd.{variant}([lmt, lmt2], lm) }}")
     mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
+    sig, batch = make_inputs(spec, mask)
     s = sig["lm"][("logits", None)]
     want = sum(g_mean(F.mse_loss(s, sig[m][("logits", None)], reduction="none"), mask[..., None].float())
                for m in ("lmt", "lmt2")) / 2
@@ -924,7 +874,7 @@ def test_mobilebert_stages(tdir, variant, pad):
     iterations of a 90-iteration stage, each side of its stage boundaries 30 and 60 (whole numbers) included."""
     spec = stages(tdir, f"use mobilebert\nstage a {{ data: corpus, steps: 90, loss: {variant}(lmt, lm) }}")
     mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
+    sig, batch = make_inputs(spec, mask)
     n = 90
     for it in sorted(set(range(0, n, 5)) | {1, 29, 30, 31, 59, 60, 61, 62, 89}):
         close(total(spec, 0, sig, batch, progress=it / n, step=it)[0], glmkd_mobilebert(sig, batch, mask, it, n))
@@ -935,7 +885,7 @@ def test_mobilebert_glmkd_boundary_between_iterations(tdir):
     progress > k / (L + 1). Where k N / (L + 1) is not whole (N = 91: 30.33, 60.67) GLMKD's next stage starts
     one iteration later (checked); everywhere else the two agree."""
     spec = stages(tdir, "use mobilebert\nstage a { data: corpus, steps: 91, loss: mobilebert.mobilebert_glmkd(lmt, lm) }")
-    sig, batch = inputs(spec, PADDED)
+    sig, batch = make_inputs(spec, PADDED)
     n = 91
     late = []
     for it in (0, 12, 29, 30, 31, 32, 45, 59, 60, 61, 62, 77, 90):
@@ -974,7 +924,7 @@ def test_sid_glmkd(tdir, pad):
     """readme `## SID` 2, at iterations on both sides of the part boundaries 30 and 60 of a 90-iteration stage."""
     spec = stages(tdir, "use sid\nstage a { data: sst2, steps: 90, loss: sid.sid_glmkd(bert, small) }")
     mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
+    sig, batch = make_inputs(spec, mask)
     n = 90
     for it in (0, 1, 15, 29, 30, 31, 45, 59, 60, 61, 62, 75, 89):
         close(total(spec, 0, sig, batch, progress=it / n, step=it)[0], glmkd_sid(sig, mask, it, n))
@@ -1034,7 +984,7 @@ def test_mt_bert_trains_each_teachers_projection(tdir, pad):
     """GLMKD's MT-BERT passes the teachers' states through fit_dense_i and F.mse_loss keeps the target's graph
     (multi_teacher_model.py:179-186): the maps learn; gkdc keeps a target's graph when learned maps build it."""
     spec = stages(tdir, "use mt_bert\nstage a { data: sst2, steps: 4, loss: mt_bert.patience([base, bert], small) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     graph = _graph(spec)
     sh = _leaves(sig, "small", [("hidden", 0), ("hidden", 1)])
     params = [p for p in graph.parameters()]
@@ -1052,7 +1002,7 @@ def test_alp_kd_gradient_reaches_the_student_through_alpha(tdir, pad):
     """GLMKD's ALP-KD target sum_l alpha_l t_l depends on the student through alpha and is not detached
     (distill_model.py:1794-1804)."""
     spec = stages(tdir, "use alp_kd\nstage a { data: sst2, steps: 4, loss: 0.2 * mse(attend(bert.cls, small.cls), small.cls) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     graph = _graph(spec)
     sh = _leaves(sig, "small", [("hidden", 0), ("hidden", 1)])
     value, _ = graph(sig, batch, 0.0, graph.active_terms(0.0))
@@ -1068,7 +1018,7 @@ def test_universal_kd_gradients(tdir, pad):
                         "project(bert.cls[0:-1], to: small, shared: false, bias: false), "
                         "project(small.cls[0:-1], shared: false, bias: false)) }",
                   "{ layers: 3, hidden: 16, heads: 2, head: classify(3) }")
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     graph = _graph(spec)
     assert all(p.linear.bias is None for p in graph.projections.values())  # GLMKD's maps have no bias
     sh = _leaves(sig, "small", [("hidden", 0), ("hidden", 1)])

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from runtime import interventions as ivs
 from runtime.lossgraph import LossGraph
 from runtime.rl_agent import GlmkdSelectTeacher
-from test_methods_formula import MASK, SEED, V, _additive, _bert, stages, tdir, total  # noqa: F401 (tdir: fixture)
+from test_methods_formula import (  # noqa: F401 (tdir: fixture)
+    MASK, SEED, V, Signals, _additive, _bert, make_inputs, stages, tdir, total)
 from test_methods_run import workdir  # noqa: F401 (a fixture)
-from test_methods_parity import MASKS, THREE, Signals, close, g_kl, g_pre_loss, inputs, padded_differs
+from test_methods_parity import MASKS, THREE, close, g_kl, g_pre_loss
+
+from parity_tools import glmkd_variants, resumes_exactly, rl_kd_resume_spec
 
 RL_KD_GLMKD = ('use rl_kd\nteacher semantic = hf("{tdir}/t2") {{ head: none }}\n'
                'stage a {{ data: sst2, steps: 8, loss: rl_kd.rl_kd_glmkd([base, bert, third], small, semantic) }}')
@@ -72,7 +75,7 @@ class GlmkdRLKD:
 
 def _step_signals(spec, pad, step):
     """Fresh signals per step (a new batch), the student's task logits a leaf that gets gradients."""
-    sig, batch = inputs(spec, MASKS[pad])
+    sig, batch = make_inputs(spec, MASKS[pad])
     for i, (name, m) in enumerate(sorted(spec.models.items())):
         sig[name] = Signals(m.arch, 1000 * step + i + 11, MASKS[pad])
     batch["labels"] = torch.tensor([[0, 2, 1, 2], [1, 1, 0, 2], [2, 0, 0, 1], [0, 1, 2, 2]][step % 4])
@@ -208,6 +211,22 @@ def test_diito_spans_are_glmkd_s(tdir):
         assert seen[i] == (admissible if count else {(0, 0)}), i  # count 0 (a row before one of 3): empty spans
 
 
+def glmkd_interchanged_logits(model, batch, first, blocks, target, source):
+    """GLMKD's get_hook_op on a Hugging Face BERT run block by hand: after each block j of ``blocks``, var[target] =
+    a[source] with a = the first pass's states of block j rolled by one (torch.cat([a[1:], a[0:1]])); the MLM
+    head's logits of the result."""
+    ext = _additive(batch["attention_mask"])
+    h = model.bert.embeddings(input_ids=batch["input_ids"])
+    for j, blk in enumerate(model.bert.encoder.layer):
+        h = blk(h, attention_mask=ext)
+        h = (h[0] if isinstance(h, tuple) else h).clone()
+        if j in blocks:
+            a = first[("hidden", j)]
+            a = torch.cat([a[1:], a[0:1]])
+            h[target] = a[source]
+    return model.cls(h)
+
+
 @pytest.mark.parametrize("pad", sorted(MASKS))
 def test_diito_counterfactual_teacher_pass_is_glmkd_s(tdir, pad):
     """The teacher's interchanged pass on a real (tiny) 4-block model whose student has 2 blocks: at each step,
@@ -238,17 +257,8 @@ def test_diito_counterfactual_teacher_pass_is_glmkd_s(tdir, pad):
         assert iv.teacher_blocks(iv.pair(step)) == group
         groups_seen.add(tuple(group))
         target, source = iv.masks(batch, info)
-        ext = _additive(batch["attention_mask"])
         with torch.no_grad():
-            h = model.bert.embeddings(input_ids=batch["input_ids"])
-            for j, blk in enumerate(model.bert.encoder.layer):
-                h = blk(h, attention_mask=ext)
-                h = (h[0] if isinstance(h, tuple) else h).clone()
-                if j in group:
-                    a = first[("hidden", j)]
-                    a = torch.cat([a[1:], a[0:1]])
-                    h[target] = a[source]
-            want = model.cls(h)
+            want = glmkd_interchanged_logits(model, batch, first, group, target, source)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert groups_seen == {(0, 1), (2, 3)}
 
@@ -277,17 +287,21 @@ DIITO_AVG = ("GLMKD averages its KL over every b x s position (unmasked and padd
              "(diito.diito_glmkd: as GLMKD)")
 
 
-@pytest.mark.parametrize("variant,pad", [
-    pytest.param("diito", "padded", marks=pytest.mark.xfail(strict=True, reason=DIITO_AVG)),
-    pytest.param("diito", "unpadded", marks=pytest.mark.xfail(strict=True, reason=DIITO_AVG)),
-    ("diito.diito_glmkd", "padded"), ("diito.diito_glmkd", "unpadded")])
-def test_diito_losses(tdir, variant, pad):
+def _diito_inputs(tdir, variant, pad):
+    """The spec, mask, signals (the interchanged passes' too, under ``<model>@<intervention id>``), batch and
+    intervention id of a DIITO stage."""
     spec = stages(tdir, DIITO_SPEC.format(variant=variant))
     mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
+    sig, batch = make_inputs(spec, mask)
     ident = spec.stages[0].interventions[0].id
     for i, m in enumerate(("lmt", "lm")):
         sig[f"{m}@{ident}"] = Signals(spec.models[m].arch, 91 + i, mask)
+    return spec, mask, sig, batch, ident
+
+
+@glmkd_variants("diito", "diito.diito_glmkd", DIITO_AVG)
+def test_diito_losses(tdir, variant, pad):
+    spec, mask, sig, batch, ident = _diito_inputs(tdir, variant, pad)
     want = glmkd_diito_loss(sig, (sig[f"lmt@{ident}"], sig[f"lm@{ident}"]), batch, mask)
     close(total(spec, 0, sig, batch)[0], want)
 
@@ -295,12 +309,7 @@ def test_diito_losses(tdir, variant, pad):
 @pytest.mark.parametrize("pad", sorted(MASKS))
 def test_diito_default_averages_over_masked_and_real_positions(tdir, pad):
     """The default's own formula: KL x T^2 averaged over the masked positions, cosine over the real ones."""
-    spec = stages(tdir, DIITO_SPEC.format(variant="diito"))
-    mask = MASKS[pad]
-    sig, batch = inputs(spec, mask)
-    ident = spec.stages[0].interventions[0].id
-    for i, m in enumerate(("lmt", "lm")):
-        sig[f"{m}@{ident}"] = Signals(spec.models[m].arch, 91 + i, mask)
+    spec, mask, sig, batch, ident = _diito_inputs(tdir, "diito", pad)
     rows = batch["tokens"] != -100
 
     def soft(t, s):
@@ -352,16 +361,7 @@ def test_diito_counterfactual_student_pass_is_glmkd_s(tdir, pad):
                                                    stop_after_layer=None, needs_head=False), grad=True)
         got = iv.student_passes("lm", model, batch, {"lm": first}, info)[f"lm@{iv.ident}"][("logits", None)]
         target, source = iv.masks(batch, info)
-        ext = _additive(batch["attention_mask"])
-        h = model.bert.embeddings(input_ids=batch["input_ids"])
-        for j, blk in enumerate(model.bert.encoder.layer):
-            h = blk(h, attention_mask=ext)
-            h = (h[0] if isinstance(h, tuple) else h).clone()
-            if j == s_layer:
-                a = first[("hidden", j)]
-                a = torch.cat([a[1:], a[0:1]])
-                h[target] = a[source]
-        want = model.cls(h)
+        want = glmkd_interchanged_logits(model, batch, first, [s_layer], target, source)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         (g_got,) = torch.autograd.grad(got.sum(), first[("hidden", s_layer)], retain_graph=True)
         (g_want,) = torch.autograd.grad(want.sum(), first[("hidden", s_layer)])
@@ -373,18 +373,5 @@ def test_rl_kd_glmkd_resumes_exactly(workdir, monkeypatch):
     """The agent's one-step-late update reads the previous step's state and selection: they are saved with the
     checkpoint, so a run that crashes after its step-2 checkpoint and is resumed ends with the uninterrupted
     weights (agent included)."""
-    from test_methods_run import crash_and_resume, header, teacher
-    from test_recipe import student_tensors
-
-    text = header("bert") + teacher("bert", "bert") + teacher("base", "bert", 2) + teacher("semantic", "bert", 2, "none")
-    text += """use rl_kd
-student small = like(bert) { layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }
-stage select { data: sst2, steps: 5, batch: 8, micro_batch: 4, save_every: 2,
-  loss: rl_kd.rl_kd_glmkd([base, bert], small, semantic, T: 10) }
-"""
-    straight_dir, out, result = crash_and_resume(workdir, monkeypatch, text, "resume_glmkd", crash_after=3)
-    assert result.resumed_from == "select:2"
-    straight, resumed = student_tensors(straight_dir), student_tensors(out)
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    text = rl_kd_resume_spec("rl_kd.rl_kd_glmkd([base, bert], small, semantic, T: 10)")
+    resumes_exactly(workdir, monkeypatch, text, "resume_glmkd", crash_after=3, resumed_from="select:2")

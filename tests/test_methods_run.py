@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+
+from parity_tools import header, resumes_exactly, rl_kd_resume_spec, teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
@@ -48,15 +49,6 @@ def workdir(tmp_path_factory) -> Path:
     (root / "sst2.jsonl").write_text("".join((DATA / "sst2.jsonl").read_text().splitlines(True)[:64]))
     (root / "corpus.txt").write_text("".join((DATA / "corpus.txt").read_text().splitlines(True)[:64]))
     return root
-
-
-def header(family: str) -> str:
-    return (f'data sst2 = jsonl("sst2.jsonl") {{ text: sentence, label: label, seq_len: 12 }}\n'
-            f'data corpus = text("corpus.txt") {{ seq_len: 12 }}\n')
-
-
-def teacher(name: str, family: str, layers: int = 4, head: str = "classify(2)") -> str:
-    return f'teacher {name} = hf("{family}{layers}") {{ head: {head}, init: random }}\n'
 
 
 # method -> (spec body, terms or intervention losses that must appear in the metrics); {f} is the family
@@ -265,71 +257,22 @@ def test_every_method_spec_has_a_tiny_variant():
     assert names == set(SPECS)
 
 
-def crash_and_resume(workdir: Path, monkeypatch, text: str, name: str, crash_after: int):
-    """Run ``text`` straight, then again crashing at step ``crash_after + 1`` and resuming from the checkpoint.
-
-    Returns (straight run dir, resumed run dir, the resumed run's result)."""
-    from gkdlang.lower import check_file
-    from planner.build import build_plan
-    from runtime import recipe
-    from runtime.errors import RunError
-
-    path = workdir / f"{name}.gkd"
-    path.write_text(text)
-    spec = check_file(path).spec
-    outs = {}
-    for arm in ("straight", "crashed"):
-        plan_path = workdir / f"{name}-{arm}.json"
-        plan_path.write_text(build_plan(spec, gkdc_version="t", spec_path=str(path)).model_dump_json())
-        outs[arm] = (plan_path, workdir / f"{name}-{arm}")
-    plan_path, out = outs["straight"]
-    recipe.run(recipe.Plan.model_validate_json(plan_path.read_text()), plan_path, out, resume=False, progress=False)
-    real_step = recipe.train_step
-
-    def crash(env, live, batches, step):
-        if step == crash_after:
-            raise RunError("simulated crash")
-        return real_step(env, live, batches, step)
-
-    plan_path, out = outs["crashed"]
-    plan = recipe.Plan.model_validate_json(plan_path.read_text())
-    monkeypatch.setattr(recipe, "train_step", crash)
-    with pytest.raises(RunError, match="simulated crash"):
-        recipe.run(plan, plan_path, out, resume=False, progress=False)
-    monkeypatch.setattr(recipe, "train_step", real_step)
-    return outs["straight"][1], out, recipe.run(plan, plan_path, out, resume=True, progress=False)
-
-
 def test_interrupted_run_with_random_interventions_resumes_exactly(workdir, monkeypatch):
     """RL-KD's agent (trained, with a reward baseline), Theseus' random replacement and per-micro-batch draws:
     a run that crashes after its step-2 checkpoint and is resumed ends with the uninterrupted weights."""
-    from test_recipe import student_tensors
-
-    text = header("bert") + teacher("bert", "bert") + teacher("base", "bert", 2) + teacher("semantic", "bert", 2, "none")
-    text += """use rl_kd
-student small = like(bert) { layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }
-stage select { data: sst2, steps: 5, batch: 8, micro_batch: 4, save_every: 2,
-  loss: rl_kd([base, bert], small, semantic, T: 10) + replace_layers(bert, small, p: linear(0.3, 1, until: 66%)) }
-"""
-    straight_dir, out, result = crash_and_resume(workdir, monkeypatch, text, "resume", crash_after=3)
-    assert result.resumed_from == "select:2"
-    straight, resumed = student_tensors(straight_dir), student_tensors(out)
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    text = rl_kd_resume_spec("rl_kd([base, bert], small, semantic, T: 10) + replace_layers(bert, small, "
+                             "p: linear(0.3, 1, until: 66%))")
+    resumes_exactly(workdir, monkeypatch, text, "resume", crash_after=3, resumed_from="select:2")
 
 
 def test_sid_plateau_unlocks_during_a_run_and_resumes_exactly(workdir, monkeypatch):
     """SID's plateau state (current layer, best window, count) is checkpointed with the student: a run that crashes
     after its step-4 checkpoint and is resumed unlocks at the same steps and ends with the uninterrupted weights."""
-    from test_recipe import student_tensors
-
     text = header("bert") + teacher("bert", "bert") + """use sid
 student small = like(bert) { layers: 2, head: classify(2), init: copy(bert, layers: [0, 2]) }
 stage finetune { data: sst2, steps: 9, batch: 8, save_every: 4, loss: sid(bert, small, patience: 1, window: 2, min_delta: 10) }
 """
-    straight_dir, out, result = crash_and_resume(workdir, monkeypatch, text, "sid", crash_after=5)
-    assert result.resumed_from == "finetune:4"
+    straight_dir, out = resumes_exactly(workdir, monkeypatch, text, "sid", crash_after=5, resumed_from="finetune:4")
 
     def phases(out_dir):
         records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -345,8 +288,6 @@ stage finetune { data: sst2, steps: 9, batch: 8, save_every: 4, loss: sid(bert, 
     assert [step for step, terms in straight if cos0 in terms] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert straight[-1] == (9, ["sid.sid/soft_ce[small.task_logits"])
     assert phases(out)[-5:] == straight[-5:]
-    a, b = student_tensors(straight_dir), student_tensors(out)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 #: the multi-teacher methods with three teachers (the library takes a list of any length)

@@ -48,11 +48,13 @@ def naive(kind, t, s, mask, alpha=0.1, beta=0.5, T=1.0):
     return total / rows
 
 
-def naive_grad(kind, t, s, mask, **opts):
-    """d loss / d student logits by autograd through the float64 formula written with torch ops."""
-    x = s.double().clone().requires_grad_(True)
+def naive_grad(kind, t, s, mask, wrt="pred", **opts):
+    """d loss / d student logits (``wrt="target"``: d loss / d teacher logits) by autograd through the float64
+    formula written with torch ops."""
+    x = s.double().clone().requires_grad_(wrt == "pred")
+    y = t.double().clone().requires_grad_(wrt == "target")
     T = opts.get("T", 1.0)
-    lq, lp = torch.log_softmax(x / T, -1), torch.log_softmax(t.double() / T, -1)
+    lq, lp = torch.log_softmax(x / T, -1), torch.log_softmax(y / T, -1)
     a = opts.get("alpha", 0.1)
     if kind == "skew_kl":
         lm = torch.log(a * lp.exp() + (1 - a) * lq.exp())
@@ -62,7 +64,7 @@ def naive_grad(kind, t, s, mask, **opts):
         rows = (lq.exp() * (lq - lm)).sum(-1)
     keep = mask.double()
     ((rows * keep).sum() / keep.sum()).backward()
-    return x.grad.float()
+    return (x if wrt == "pred" else y).grad.float()
 
 
 def padded_mask(b, s):
@@ -91,6 +93,22 @@ def test_skew_losses_match_the_naive_formula_with_padding(kind, alpha, T, chunk)
     want = naive_grad(kind, t, x, mask, alpha=alpha, T=T)
     assert torch.allclose(pred.grad, want, rtol=1e-5, atol=1e-7)
     assert (pred.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["skew_kl", "skew_rkl"])
+@pytest.mark.parametrize("alpha", [0.1, 0.5])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_skew_losses_train_a_target_with_a_graph_as_the_naive_formula_does(kind, alpha, chunk):
+    """Inside ``target_grad()`` the skew kernels' differentiable row form gives the teacher-side gradient."""
+    b, s, v = 3, 7, 29
+    t, x = rnd(b, s, v, seed=11), rnd(b, s, v, seed=12)
+    mask = padded_mask(b, s)
+    target = t.clone().requires_grad_(True)
+    with L.target_grad():
+        L.LOSSES[kind](target, x.clone().requires_grad_(True), mask=mask, alpha=alpha, T=2.0, chunk=chunk).backward()
+    want = naive_grad(kind, t, x, mask, wrt="target", alpha=alpha, T=2.0)
+    assert torch.allclose(target.grad, want, rtol=1e-5, atol=1e-7)
+    assert (target.grad[~mask] == 0).all()
 
 
 def test_skew_endpoints_are_the_plain_divergences():

@@ -320,9 +320,17 @@ def test_unusable_data_paths_get_a_code_not_a_traceback(tmp_path, data, code):
 # ---------------------------------------------------------------- runtime faults
 
 
-def test_non_finite_loss_then_the_documented_recovery_resumes_and_names_the_change(tmp_path, capsys):
+def _replanned(tmp_path: Path, plan_path: Path, plan, stage, text: str) -> None:
+    """Re-planning an edited spec, by hand: ``text`` becomes the spec file and ``plan``, its one stage replaced by
+    ``stage``, is resealed with that file's hash and written over ``plan_path``."""
     import hashlib
 
+    (tmp_path / "spec.gkd").write_text(text)
+    _write(sealed(plan.model_copy(update={"spec_hash": hashlib.sha256(text.encode()).hexdigest(),
+                                          "spec": plan.spec.model_copy(update={"stages": [stage]})})), plan_path)
+
+
+def test_non_finite_loss_then_the_documented_recovery_resumes_and_names_the_change(tmp_path, capsys):
     from gkdlang.spec import Schedule
     from runtime.checkpoint import read_progress
 
@@ -337,11 +345,7 @@ def test_non_finite_loss_then_the_documented_recovery_resumes_and_names_the_chan
     plan = load(plan_path)
     loss = load(make_plan(tmp_path / "fixed", steps=(8,), save_every=2)).spec.stages[0].loss
     stage = plan.spec.stages[0].model_copy(update={"loss": loss})
-    text = "# hand-built plan for tests, weight fixed\n"
-    (tmp_path / "spec.gkd").write_text(text)
-    fixed = sealed(plan.model_copy(update={"spec_hash": hashlib.sha256(text.encode()).hexdigest(),
-                                           "spec": plan.spec.model_copy(update={"stages": [stage]})}))
-    _write(fixed, plan_path)
+    _replanned(tmp_path, plan_path, plan, stage, "# hand-built plan for tests, weight fixed\n")
     code, err = _cli("run", str(plan_path), "--out", str(out), "--resume", "--no-progress")
     assert code == 0, err
     assert "note: resuming stage0:4 with a changed spec: stage 'stage0'.loss" in err and "weight" in err, err
@@ -350,16 +354,10 @@ def test_non_finite_loss_then_the_documented_recovery_resumes_and_names_the_chan
 
 
 def test_resume_refuses_a_spec_change_that_makes_the_checkpoint_another_runs(tmp_path):
-    import hashlib
-
     plan_path, out, _ = _checkpoint_at_step_two(tmp_path)
     plan = load(plan_path)
     stage = plan.spec.stages[0].model_copy(update={"batch": 8, "micro_batch": 4})
-    text = "# another spec\n"
-    (tmp_path / "spec.gkd").write_text(text)
-    other = sealed(plan.model_copy(update={"spec_hash": hashlib.sha256(text.encode()).hexdigest(),
-                                           "spec": plan.spec.model_copy(update={"stages": [stage]})}))
-    _write(other, plan_path)
+    _replanned(tmp_path, plan_path, plan, stage, "# another spec\n")
     code, err = _cli("run", str(plan_path), "--out", str(out), "--resume", "--no-progress")
     assert code == 1 and "stage 'stage0'.batch: 4 -> 8" in err and "another --out" in err, err
     assert "delete" not in err

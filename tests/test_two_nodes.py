@@ -19,21 +19,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from clitools import ROOT, clean_env, gkdc
+from clitools import ROOT, clean_env, gkdc, tiny_spec
 
-SPEC = """
-teacher t = hf("{root}/examples/tiny") {{ init: random, dtype: fp32 }}
-student s = like(t) {{ layers: 1, hidden: 32, heads: 2, dtype: fp32 }}
-data corpus = text("{root}/examples/data/corpus.txt") {{ seq_len: 32 }}
-stage distill {{
-  data: corpus
-  steps: {steps}
-  batch: 8
-  save_every: 4
-  loss: kl(t.logits, s.logits, T: 2)
-}}
-cluster {{ {cluster}, cpu_memory: 8GB }}
-"""
 STEPS = 12
 
 
@@ -53,7 +40,7 @@ def _free_port() -> int:
 
 def _plan(tmp_path, name: str, cluster: str) -> dict:
     spec = tmp_path / f"{name}.gkd"
-    spec.write_text(SPEC.format(root=ROOT, steps=STEPS, cluster=cluster))
+    spec.write_text(tiny_spec(steps=STEPS, cluster=cluster, stage="  save_every: 4\n"))
     r = gkdc("plan", str(spec), "-o", str(tmp_path / f"{name}.json"), "--allow-path", str(ROOT), timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((tmp_path / f"{name}.json").read_text())

@@ -204,6 +204,57 @@ def profiled_peak(fn) -> tuple[int, int]:
     return saved, peak
 
 
+def peak_breakdown(fn, min_bytes: int = 2**20) -> tuple[int, list[tuple[int, int, str, str]]]:
+    """(peak, live tensors at it) while ``fn()`` runs: the peak as ``profiled_peak`` takes it (live bytes at an op's
+    end), and the tensors alive then grouped as (bytes, count, category, "autograd node / aten op that allocated
+    them"), largest first, groups under ``min_bytes`` left out. Uses the profiler's memory timeline
+    (``torch.profiler._memory_profiler``, private but the source of ``export_memory_timeline``): what
+    ``planner.memory.backward_grad_items`` was measured with."""
+    from collections import Counter
+
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    memory = prof._memory_profile()
+    ops = [(e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+           if e.name().startswith(("aten::", "autograd::engine"))]
+    boundaries = sorted(end for _, end, name in ops if name.startswith("aten::"))
+    timeline = sorted((t for t in memory.timeline if t[1] in (Action.CREATE, Action.DESTROY)), key=lambda t: t[0])
+
+    def replay(stop: int | None = None):
+        live, now, peak, when, b = {}, 0, 0, None, 0
+        for t, action, key, size in timeline:
+            while b < len(boundaries) and boundaries[b] < t:
+                if now > peak:
+                    peak, when = now, boundaries[b]
+                b += 1
+            if stop is not None and t > stop:
+                break
+            if action == Action.CREATE:
+                live[key[0]] = (t, size, key)
+                now += size
+            elif key[0] in live:
+                now -= live.pop(key[0])[1]
+        return (peak, when) if stop is None else live
+
+    def origin(t: int) -> str:
+        around = [o for o in ops if o[0] <= t <= o[1]]
+        inner = lambda prefix: min((o for o in around if o[2].startswith(prefix)), key=lambda o: o[1] - o[0],  # noqa: E731
+                                   default=None)
+        node, op = inner("autograd::engine"), inner("aten::")
+        return (f"{node[2].split(': ')[-1] if node else 'forward'} / {op[2] if op else '?'}")
+
+    peak, when = replay()
+    groups, counts = Counter(), Counter()
+    for t, size, key in replay(when).values():
+        group = (str(memory._categories.get(*key)).split(".")[-1], origin(t))
+        groups[group] += size
+        counts[group] += 1
+    rows = [(n, counts[g], *g) for g, n in groups.most_common() if n >= min_bytes]
+    return peak, rows
+
+
 def measure_gpu(model: torch.nn.Module, batch: int, seq: int, case: Case | None = None,
                 teacher: torch.nn.Module | None = None) -> tuple[int, int]:
     model.cuda()
@@ -244,7 +295,8 @@ def predict(case: Case, device_key: str) -> tuple[int, int]:
         counts = count_params_for(teacher.arch, "lm", 2)
         teacher_phase = signals + teacher_forward_peak(teacher, counts, t_cap, case.batch, case.seq)
     # backward-only and forward-only items; a chunked kernel does not keep the logits (their gradient is written)
-    transient = ("activations.recompute", "activations.embedding_grad", "loss.backward", "loss.chunks") + \
+    transient = ("activations.recompute", "activations.embedding_grad", "activations.head_weight_grad",
+                 "activations.tied_head_grad", "loss.backward", "loss.chunks") + \
         (("logits.student",) if all(f in CHUNKED for f in losses) and losses else ())
     peak = max(teacher_phase, signals + sum(i.bytes for i in items))
     saved = signals + sum(i.bytes for i in items if i.name not in transient)

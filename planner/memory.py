@@ -24,6 +24,9 @@ What one rank holds while training one micro-batch of a stage:
 - logits and loss (``student_logits``): ``b*s*V`` in the model dtype (none with a fused head), and per loss
   kernel its measured bytes: a chunked kernel's logit gradient (model dtype) and chunk-sized fp32 temporaries,
   a fused head's hidden-state and head-weight gradients (docs/cost-model.md, bench/loss_memory.py).
+- weight gradients in backward (``backward_grad_items``): the head's and the token embeddings' ``V x h``
+  gradients where they are temporaries beyond ``student.grads`` (``grads_held``): at the head's backward, and
+  at the end of backward, three of them for a tied head (measured, bench/lora.py).
 - ZeRO communication buckets and a fixed runtime overhead: the catalog's ``Device.context`` but at least
   ``RUNTIME_OVERHEAD_GPU`` = 1 GiB on GPUs (CUDA context ~0.5 GiB, cuBLAS workspaces, NCCL buffers, allocator
   slack) and ``RUNTIME_OVERHEAD_CPU`` = 512 MiB on CPU (torch + DeepSpeed + transformers process, gloo).
@@ -672,7 +675,8 @@ def _student_rank_items(models: StageModels, cluster: ClusterShape, p: Placement
                     + (tp - 1) * teacher_signal_bytes(m, cap, p.micro_batch, models.seq_len))))
     fixed += bucket_items(p.zero_stage, zero_buckets(), p.precision, cluster.world, models.trainable)
     fused = tuple(sorted(n for n in models.fusable if fused_head(models, n, p)))
-    train = _memo(models, ("train", *where, p.micro_batch, p.activation_checkpointing, p.precision, fused),
+    held = grads_held(p.zero_stage, p.grad_accum)
+    train = _memo(models, ("train", *where, p.micro_batch, p.activation_checkpointing, p.precision, fused, held),
                   lambda: _student_training_items(models, cluster.device, p))
     # phase 1: teachers run (their temporaries + signals); phase 2: student loss and backward
     phase1 = sum(i.bytes for i in signals) + max((i.bytes for i in teacher_fwd), default=0)
@@ -712,7 +716,8 @@ def _student_training_items(models: StageModels, device: Device, p: Placement) -
     for m, _, cap in models.students:
         items += student_items(m, cap, p.micro_batch, models.seq_len, d, device, p.activation_checkpointing,
                                suffix="" if len(models.students) == 1 else f":{m.name}",
-                               losses=models.logit_losses.get(m.name, ()), fused=fused_head(models, m.name, p))
+                               losses=models.logit_losses.get(m.name, ()), fused=fused_head(models, m.name, p),
+                               grads_held=grads_held(p.zero_stage, p.grad_accum))
     return items
 
 
@@ -729,22 +734,87 @@ def fused_head(models: StageModels, name: str, p: Placement) -> bool:
 
 def student_items(model: ModelSpec, cap: ModelCapture, micro: int, seq: int, d: int, device: Device,
                   checkpointing: bool, suffix: str = "", losses: tuple[str, ...] = (),
-                  fused: bool = False) -> list[MemoryItem]:
+                  fused: bool = False, grads_held: bool = True) -> list[MemoryItem]:
     """Activations, logits and loss temporaries of one trained model for one micro-batch (``losses``: kernels of
-    the terms reading its logits; ``fused``: its head is fused into them)."""
+    the terms reading its logits; ``fused``: its head is fused into them; ``grads_held``: its weights' gradients
+    exist, or are not among the priced model states, when autograd forms them: see ``grads_held``)."""
     logits = student_logits(model, micro, seq, d, cap.needs_head or not cap.points, losses, fused)
     loss = sum(i.bytes for i in logits if i.name.startswith("loss.") and i.name != "loss.head_grads")
     shape = act_shape(model.arch, d, device, lora=model.adapter)
     acts = student_activations(model.arch, micro, seq, shape, checkpointing=checkpointing,
                                eager_layers=cap.eager_attention_layers, loss_bytes=loss)
-    # the backward ends with the dense gradient of the token embeddings (V x h, before it is accumulated), when
-    # every activation and loss tensor is freed: it sets the peak of a step whose saved tensors are smaller
-    emb = model.arch.vocab_size * model.arch.hidden_size * d if model.adapter is None else 0  # LoRA: frozen
-    freed = sum(i.bytes for i in [*acts, *logits])
-    tail = [MemoryItem(name="activations.embedding_grad", bytes=emb - freed,
-                       note="embedding gradient at the end of backward, beyond the freed activations")] \
-        if emb > freed else []
-    return [i.model_copy(update={"name": i.name + suffix}) for i in [*acts, *logits, *tail]]
+    items = [*acts, *logits, *backward_grad_items(model, acts, logits, micro, seq, d,
+                                                   head_run=cap.needs_head or not cap.points, fused=fused,
+                                                   grads_held=grads_held)]
+    return [i.model_copy(update={"name": i.name + suffix}) for i in items]
+
+
+def grads_held(zero_stage: int, grad_accum: int) -> bool:
+    """Whether a weight's gradient is a temporary beyond the priced model states when backward forms it.
+
+    ZeRO-0/1 keep ``.grad`` between the micro-batches of an accumulation (ZeRO-1 reduces only at the boundary;
+    DeepSpeed's bf16 optimizer without ``immediate_grad_update`` accumulates in the 16-bit ``.grad`` too): from
+    the second micro-batch on, autograd forms each gradient as a new tensor and adds it into ``.grad``. With
+    ``grad_accum`` 1 the engine sets ``.grad`` to None after every step, and the first gradient formed *becomes*
+    ``.grad`` (priced as ``student.grads``). ZeRO-2/3 copy every gradient into a reduce bucket and drop it, so
+    the full-size gradient is never among the (sharded) states: a temporary on every micro-batch.
+    """
+    return zero_stage >= 2 or grad_accum > 1
+
+
+def backward_grad_items(model: ModelSpec, acts: list[MemoryItem], logits: list[MemoryItem], micro: int, seq: int,
+                        d: int, *, head_run: bool, fused: bool, grads_held: bool) -> list[MemoryItem]:
+    """The ``V x h`` weight gradients of the head and the token embeddings, beyond the forward + loss peak.
+
+    Measured (bench/lora.py ``--explain``: the torch profiler's allocator events, live tensors at the peak, by the
+    op and autograd node that allocated them; Llama 4 x 576, V = 49,152, fp32, micro-batch 2 x 128, chunked
+    ``ce``; V x h = 108.0 MiB):
+
+    - tied head, ``.grad`` existing: peak 324.3 MiB at the end of backward = exactly three V x h tensors and no
+      activation: the head's weight gradient (``MmBackward0``, held by autograd until the weight's other use has
+      contributed), the embedding's dense gradient (``EmbeddingBackward0``) and their out-of-place sum (the
+      ``aten::add`` that accumulates the two before ``.grad += sum``);
+    - tied head, no ``.grad`` yet: the same three at the end, the sum becoming ``.grad``: two beyond the states;
+    - untied head, ``.grad`` existing: peak 201.9 MiB at the head's backward = its V x h weight gradient (108.0,
+      added into ``.grad`` and freed right after) + the chunked kernel's logit gradient (48.0) + the
+      activations; the logits themselves are already freed (the chunked kernel keeps only its gradient);
+    - untied head, no ``.grad`` yet: both V x h gradients become ``.grad``; nothing beyond the states.
+
+    So, when the head's weight is trained and not fused (a fused head's weight gradient is ``loss.head_grads``,
+    alive from the loss's forward on): ``activations.head_weight_grad`` = (activations + logit gradient + V x h)
+    beyond the forward + loss peak, when ``grads_held``. At the end of backward, when every activation is freed:
+    a tied weight run by the head holds 3 V x h (2 without ``grads_held``: the sum is ``.grad``),
+    ``activations.tied_head_grad``; an untied embedding 1 V x h (0), ``activations.embedding_grad``; each
+    beyond the larger of the two earlier phases. Frozen embeddings and head (a LoRA student) form neither.
+    ZeRO-2/3 were not measured here (DeepSpeed on one CPU rank runs ZeRO-0): assumed the same tensors as
+    ``grads_held`` (autograd forms the gradients the same way; the hook that copies them into the reduce bucket
+    runs after the sum), and ZeRO-3's ``student.gathered_layer`` gradient is not subtracted (conservative).
+    A dense kernel reading the logits is assumed to leave an fp32 logit gradient at the head's backward.
+    """
+    vh = model.arch.vocab_size * model.arch.hidden_size * d
+    if model.adapter is not None or vh == 0:  # LoRA: embeddings and head frozen, no weight gradient of either
+        return []
+    forward = sum(i.bytes for i in [*acts, *logits])
+    lm_head = head_run and model.head.kind == "lm"
+    items, backward = [], forward
+    if lm_head and not fused and grads_held:
+        dense = micro * seq * head_width(model) * 4 if any(i.name == "loss.saved" for i in logits) else 0
+        logit_grad = sum(i.bytes for i in logits if i.name == "loss.grad") + dense
+        at_head = sum(i.bytes for i in acts) + logit_grad + vh
+        if at_head > forward:
+            items.append(MemoryItem(name="activations.head_weight_grad", bytes=at_head - forward,
+                                    note="head weight's V x h gradient formed while the activations and the logit "
+                                         "gradient are alive, beyond the forward + loss peak"))
+            backward = at_head
+    tied = lm_head and model.arch.tie_word_embeddings
+    end = ((3 if tied else 1) - (0 if grads_held else 1)) * vh
+    if end > backward:
+        name, note = ("activations.tied_head_grad", "end of backward: the tied weight's head and embedding "
+                      "gradients and their sum") if tied else \
+            ("activations.embedding_grad", "embedding gradient at the end of backward")
+        items.append(MemoryItem(name=name, bytes=end - backward, note=f"{note} ({end // vh} x V x h), beyond the "
+                                                                      "freed activations"))
+    return items
 
 
 def _per_rank(item: MemoryItem, gpus_per_node: int) -> MemoryItem:

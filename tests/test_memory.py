@@ -222,3 +222,75 @@ def test_fused_head_needs_a_whole_head_on_the_rank():
     assert fused_head(models, "s", _placement(zero_stage=2)) and not fused_head(models, "s", _placement(zero_stage=3))
     assert fused_head(models, "t", _placement(teacher_strategy={"t": "replicated"}))
     assert not fused_head(models, "t", _placement(teacher_strategy={"t": "sharded"}))
+
+
+# ---------------------------------------------------------------- head / embedding weight gradients in backward
+
+
+def _items(model, **kw) -> dict[str, int]:
+    from planner.memory import student_items
+
+    cap = ModelCapture(model="s", points=[CapturePoint(kind="logits")], stop_after_layer=None, needs_head=True)
+    args = dict(losses=("ce",), grads_held=True) | kw
+    return {i.name: i.bytes for i in student_items(model, cap, 2, 128, 4, hardware.lookup("cpu"), False, **args)}
+
+
+def _tied(tied: bool, adapter=None) -> ModelSpec:
+    arch = arch_from_config({**_lm().arch.config, "tie_word_embeddings": tied})
+    return ModelSpec(name="s", role="student", source_kind="catalog", source="x", arch=arch, dtype="fp32",
+                     adapter=adapter, span=SPAN)
+
+
+VH = 49152 * 576 * 4  # one fp32 V x h gradient
+
+
+def test_tied_head_gradient_sets_the_end_of_backward_peak():
+    # bench/lora.py measured 3 V x h at the end of backward (head grad, embedding grad, their sum), nothing else
+    items = _items(_tied(True))
+    forward = sum(b for n, b in items.items() if not n.startswith(("activations.head_weight_grad",
+                                                                    "activations.tied_head_grad")))
+    at_head = items["activations.blocks"] + items["activations.embeddings_norm"] + items["loss.grad"] + VH
+    assert items["activations.head_weight_grad"] == at_head - forward > 0
+    assert items["activations.tied_head_grad"] == 3 * VH - at_head > 0
+    assert sum(items.values()) == 3 * VH and "activations.embedding_grad" not in items
+    # first micro-batch (no .grad yet): the sum becomes .grad, two V x h beyond the states; no head temporary
+    first = _items(_tied(True), grads_held=False)
+    assert sum(first.values()) == 2 * VH and "activations.head_weight_grad" not in first
+
+
+def test_untied_head_gradient_is_a_temporary_only_while_grads_are_held():
+    items = _items(_tied(False))
+    assert "activations.tied_head_grad" not in items and "activations.embedding_grad" not in items
+    at_head = items["activations.blocks"] + items["activations.embeddings_norm"] + items["loss.grad"] + VH
+    assert sum(items.values()) == at_head  # measured 201.9 MiB vs 201.2 planned (bench/lora.py)
+    first = _items(_tied(False), grads_held=False)
+    assert not {n for n in first if n.startswith(("activations.head", "activations.tied", "activations.embedding_g"))}
+
+
+def test_frozen_embeddings_and_fused_heads_form_no_head_gradient_temporary():
+    from gkdlang.lora import adapter_params
+    from gkdlang.spec import LoraSpec
+
+    arch = _tied(True).arch
+    lora = LoraSpec(r=8, alpha=16.0, targets=["q_proj", "v_proj"], params=adapter_params(arch, 8, ["q_proj", "v_proj"]))
+    assert not {n for n in _items(_tied(True, lora)) if "grad" in n and n.startswith("activations.")}
+    fused = _items(_tied(True), fused=True)  # the head's weight gradient is loss.head_grads, priced from the loss on
+    assert "activations.head_weight_grad" not in fused and "loss.head_grads" in fused
+    assert sum(fused.values()) == max(3 * VH, sum(b for n, b in fused.items() if n != "activations.tied_head_grad"))
+
+
+@pytest.mark.parametrize("zero,accum,held", [(0, 1, False), (0, 4, True), (1, 1, False), (1, 2, True),
+                                             (2, 1, True), (3, 1, True)])
+def test_placements_price_the_gradient_temporaries_when_grads_are_held(zero, accum, held):
+    from planner.memory import grads_held
+
+    assert grads_held(zero, accum) is held
+    s = _tied(True)
+    models = StageModels(students=[(s, count_params(s.arch), ModelCapture(
+        model="s", points=[CapturePoint(kind="logits")], stop_after_layer=None, needs_head=True))], teachers=[],
+        seq_len=128, logit_losses={"s": ("ce",)})
+    cluster = ClusterShape(hardware.lookup("cpu"), 1, 1, 1)
+    p = Placement(teacher_strategy={}, zero_stage=zero, micro_batch=2, grad_accum=accum,
+                  activation_checkpointing=False, precision="fp32")
+    names = {i.name for i in estimate(models, cluster, p)[0].items}
+    assert ("activations.head_weight_grad" in names) is held and "activations.tied_head_grad" in names

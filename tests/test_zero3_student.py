@@ -1,29 +1,24 @@
 """A pretrained (local) student placed under ZeRO-3 starts from its files' weights: loaded by transformers'
 partitioned ``from_pretrained`` (runtime/models.py build_student_partitioned), so a one-rank ZeRO-3 run ends
-with the student a ZeRO-0 run trains from the same files."""
+with the student a ZeRO-0 run trains from the same files. With a compressed vocabulary it is built partitioned
+at its kept rows and streamed from its files (two ranks, ``zero3_vocab_ranks.py``): no rank holds the whole
+fp32 student, and the values are the whole-built path's."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-from clitools import ROOT, gkdc
+from clitools import ROOT, clean_env, gkdc
+from tinyspec import tiny_spec
 
-SPEC = """
-teacher t = hf("{root}/examples/tiny") {{ init: random, dtype: fp32 }}
-student s = hf("{student}") {{ dtype: fp32, frozen: false }}
-data corpus = text("{root}/examples/data/corpus.txt") {{ seq_len: 32 }}
-stage pretrain {{
-  data: corpus
-  steps: 2
-  batch: 4
-  optimizer: adamw(lr: 1e-3)
-  loss: kl(t.logits, s.logits, T: 2) where not pad
-}}
-placement {{ zero: {zero} }}
-"""
 
 
 def test_a_pretrained_zero3_student_starts_from_its_files(tmp_path):
@@ -39,7 +34,7 @@ def test_a_pretrained_zero3_student_starts_from_its_files(tmp_path):
     students = []
     for zero in (0, 3):
         spec = tmp_path / f"zero{zero}.gkd"
-        spec.write_text(SPEC.format(root=ROOT, student=folder, zero=zero))
+        spec.write_text(tiny_spec(f'student s = hf("{folder}") {{ dtype: fp32, frozen: false }}', steps=2, zero=zero))
         out = tmp_path / f"run{zero}"
         r = gkdc("run", str(spec), "--out", str(out), "--no-progress", "--allow-path", str(ROOT),
                  "--allow-path", str(tmp_path))
@@ -52,3 +47,85 @@ def test_a_pretrained_zero3_student_starts_from_its_files(tmp_path):
     assert (whole[key] - start[key]).abs().max() < 0.05  # two small steps from the files' weights
     for key in whole:
         torch.testing.assert_close(partitioned[key], whole[key], rtol=1e-5, atol=1e-6)
+
+
+# Bound on a rank's peak growth while the compressed student is built, in the compressed fp32 student's bytes
+# (its whole full-vocabulary copy, which the whole-built path holds on every rank, is 1.21 of them here).
+# Measured (2 ranks, 90 MB compressed of a 109 MB student): partitioned ~0.5 on both ranks, ranked from the
+# teacher or from itself; the code before (built whole, then partitioned) above 1.2.
+COMPRESSED_BOUND = 0.9
+CORPUS_WORDS = 2000  # bench/make_teacher.py's word-level tokenizer: w0 .. w1999
+
+
+def _llama(folder: Path, *, layers: int, seed: int) -> Path:
+    import transformers as tf
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from make_teacher import tokenizer
+
+    # 8000 rows (the tokenizer uses 2003): a quarter kept; wide enough that the embedding and head dominate
+    cfg = tf.LlamaConfig(vocab_size=8000, hidden_size=384, num_hidden_layers=layers, intermediate_size=1024,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    torch.manual_seed(seed)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer(folder)
+    return folder
+
+
+def _plan(root: Path, teacher: Path, student: Path, source: str) -> Path:
+    import random
+
+    rng = random.Random(0)
+    (root / "corpus.txt").write_text("\n".join(" ".join(f"w{int(rng.paretovariate(1.2)) % CORPUS_WORDS}"
+                                                         for _ in range(40)) for _ in range(64)))
+    # logits over the student's own compressed vocabulary are not the teacher's: ranked from itself it learns
+    # the teacher's hidden states and the corpus's tokens
+    loss = "kl(t.logits, s.logits, T: 2)" if source == "t" else "mse(t.hidden[1], s.hidden[1]) + ce(tokens, s.logits)"
+    spec = root / f"vocab-{source}.gkd"
+    spec.write_text(f"""teacher t = hf("{teacher}") {{ dtype: fp32 }}
+student s = hf("{student}") {{ dtype: fp32, frozen: false }}
+data corpus = text("corpus.txt") {{ seq_len: 32 }}
+vocab s from {source} {{
+  keep: 25%
+  rank: frequency(corpus)
+  remap: nearest({source}.embeddings)
+}}
+stage distill {{ data: corpus, steps: 1, batch: 2, optimizer: adamw(lr: 1e-4), loss: {loss} }}
+cluster {{ gpus: 2 x cpu }}
+placement {{ zero: 3 }}
+""")
+    out = root / f"plan-{source}.json"
+    r = gkdc("plan", str(spec), "-o", str(out), "--allow-path", str(root))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.deepspeed
+def test_a_pretrained_zero3_student_with_a_compressed_vocabulary_is_built_partitioned(tmp_path):
+    teacher = _llama(tmp_path / "teacher", layers=2, seed=1)
+    student = _llama(tmp_path / "student", layers=12, seed=2)
+    plans = [_plan(tmp_path, teacher, student, source) for source in ("t", "s")]
+    argv = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
+            str(ROOT / "tests" / "zero3_vocab_ranks.py"), str(tmp_path / "check.json"), *map(str, plans)]
+    proc = subprocess.run(argv, env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = [tmp_path / f"check-rank{r}.json" for r in (0, 1)]
+    assert all(p.exists() for p in done), f"a rank did not finish (exit {proc.returncode}):\n" \
+                                          f"{(proc.stdout + proc.stderr)[-4000:]}"
+    ranks = [json.loads(p.read_text()) for p in done]
+    full = sum(p.stat().st_size for p in student.glob("*.safetensors"))  # the whole fp32 student (fp32 files)
+    for r in ranks:
+        for row in r["plans"]:
+            assert row["partitioned"] and row["rows"] == 2048, row  # 25% of 8000, to a multiple of 64
+            assert row["compressed_bytes"] < full
+            # no rank holds the whole fp32 student, at the full or the compressed size
+            assert row["student_build"] < COMPRESSED_BOUND * row["compressed_bytes"], ranks
+    for row in ranks[0]["plans"]:  # ranked from the teacher, then from itself: the whole-built path's values
+        assert row["keys_equal"] and row["same_map"], row
+        assert row["max_abs_diff"] == 0.0, row

@@ -11,6 +11,7 @@ argv: out_json plan_json [plan_json ...]
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,11 +32,16 @@ def _env(plan_path: Path, rank: int, world: int):
     return env
 
 
-def _warm_up(env) -> None:
-    """The first partitioned build and gathers import torch._dynamo and the model code (not a copy)."""
+def _warm_up(env, plans: list[Path]) -> None:
+    """The first partitioned build and gathers import torch._dynamo and the model code, the first vocabulary map
+    the data and tokenizer code (~100 MB, not a copy): done once beforehand, on envs thrown away."""
     from gkdlang.spec import InitSpec
     from runtime import engine as eng
     from runtime import models as M
+    from runtime.stagemodels import build_vocab_map
+
+    for path in plans:
+        build_vocab_map(_env(path, env.rank, env.world), "s", {})
 
     spec = env.plan.spec.models["s"]
     arch = spec.arch.model_copy(update={"num_layers": 1, "vocab_size": 64,
@@ -69,7 +75,7 @@ def main(out_json: str, *plans: str) -> None:
 
     rank, world = eng.prepare_process()
     envs = [_env(Path(p), rank, world) for p in plans]
-    _warm_up(envs[0])
+    _warm_up(envs[0], [Path(p) for p in plans])
     eng.barrier()
     result: dict = {"rank": rank, "world": world, "plans": []}
     kept = []  # every build stays alive: memory freed by one cannot hide the next one's
@@ -84,7 +90,8 @@ def main(out_json: str, *plans: str) -> None:
         got = dict(eng.gathered_tensors(M.named_tensors(student), torch.float32))
         row = {"source": spec.vocabs["s"].source, "student_build": grown,
                "partitioned": all(eng.is_partitioned(p) and p.numel() == 0 for p in student.parameters()),
-               "compressed_bytes": 4 * sum(p.ds_numel for p in student.parameters()), "rows": vmap.size}
+               "compressed_bytes": 4 * sum(math.prod(eng.full_shape(p)) for p in student.parameters()),
+               "rows": vmap.size}
         if rank == 0:
             want, same_map = _whole(env, vmap)
             row.update(keys_equal=sorted(want) == sorted(got), same_map=same_map,

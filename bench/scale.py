@@ -60,6 +60,9 @@ class Case:
     """The student is a pretrained local folder (``student_folder``: fp32, 6 blocks at the teacher's width) with
     a compressed vocabulary (GLMD: a quarter of the teacher's rows, ranked on the corpus, remapped by the
     teacher's embeddings); ``student`` is then unused."""
+    student_files: str = "fp32"
+    """dtype of the pretrained student's files (it trains in fp32): with bf16 files a whole build converts
+    every tensor into memory of its own; fp32 files are mapped by ``from_pretrained`` (file pages)."""
     old_rev: str | None = None
     """The old runtime of this case when it is not ``--old-rev`` (the code path this case's work replaced)."""
 
@@ -74,6 +77,9 @@ CASES = {
     # main at e3c510b built a pretrained ZeRO-3 student with a compressed vocabulary whole on every rank
     "zero3_vocab": Case("zero3_vocab", "", "kl(t.logits, s.logits, T: 2)", "16GB",
                         {"zero_stage": 3, "teacher": "sharded"}, pretrained=True, old_rev="e3c510b"),
+    "zero3_vocab_bf16": Case("zero3_vocab_bf16", "", "kl(t.logits, s.logits, T: 2)", "16GB",
+                             {"zero_stage": 3, "teacher": "sharded"}, pretrained=True, student_files="bf16",
+                             old_rev="e3c510b"),
 }
 STUDENT_SHAPE = {"layers": 6, "hidden": 2048, "intermediate": 5632, "heads": 32, "kv_heads": 4, "vocab": 32000}
 """The pretrained student of ``zero3_vocab``: 1.58 GB fp32 whole, 1.19 GB at its 8000 kept rows."""
@@ -273,16 +279,17 @@ def predicted(plan_path: Path) -> dict:
     return {"placement": st["placement"], "host": host, "train": st["memory"][0]["total_gpu"]}
 
 
-def student_folder(teacher: Path) -> Path:
-    """The pretrained fp32 student of ``zero3_vocab`` beside the teacher (made once, one tensor at a time)."""
-    folder = teacher.with_name("student-fp32")
+def student_folder(teacher: Path, files: str = "fp32") -> Path:
+    """The pretrained student of the ``zero3_vocab`` cases beside the teacher, its files in ``files``
+    (made once, one tensor at a time)."""
+    folder = teacher.with_name(f"student-{files}")
     if not (folder / "config.json").exists():
         import torch
 
         sys.path[:0] = [str(REPO), str(REPO / "bench")]
         from make_teacher import make
 
-        make(folder, dtype=torch.float32, seed=1, **STUDENT_SHAPE)
+        make(folder, dtype=torch.float32 if files == "fp32" else torch.bfloat16, seed=1, **STUDENT_SHAPE)
     return folder
 
 
@@ -290,7 +297,7 @@ def run_case(case: Case, teacher: Path, old: Path | None, timeout: float) -> lis
     root = WORK / case.name
     root.mkdir(parents=True, exist_ok=True)
     spec = root / "spec.gkd"
-    spec.write_text(spec_text(case, teacher, student_folder(teacher) if case.pretrained else None))
+    spec.write_text(spec_text(case, teacher, student_folder(teacher, case.student_files) if case.pretrained else None))
     if case.old_rev is not None and old is not None:
         old = old_tree(case.old_rev)
     corpus(root / "corpus.txt")

@@ -137,5 +137,7 @@ def test_a_pretrained_zero3_compressed_student_trains_as_the_replicated_one(tmp_
     assert maps[0] == maps[1]  # the same kept rows and nearest-neighbour remap
     whole, partitioned = students
     assert whole.keys() == partitioned.keys() and whole["transformer.wte.weight"].shape[0] == 80
+    # ranked from itself the two steps train on the hidden and CE gradients, summed in another order under ZeRO-3
+    # (measured: 1.5e-6 at most); a wrong row or remap would differ by the init's scale (0.02)
     for key in whole:
-        torch.testing.assert_close(partitioned[key], whole[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(partitioned[key], whole[key], rtol=1e-5, atol=1e-6 if source == "t" else 1e-5)

@@ -16,6 +16,9 @@ Cases (the teacher: Llama-style, random bf16 weights, 3.08 GB, ``bench/make_teac
   plan; ``cpu_memory: 14GB``), MSE on hidden states of block 3, so the teacher is pruned to blocks 0..3 and sharded.
 - ``cpu_offload``: the ``sharded`` spec with the teacher pinned to ``cpu_offload`` (ZeRO-3, parameters
   offloaded to host memory: on CPU the same memory as sharded, a different DeepSpeed path).
+- ``zero3_vocab``: a pretrained 1.58 GB fp32 student (a local folder, 6 blocks at the teacher's width) with a
+  compressed vocabulary (GLMD, 8000 of 32000 rows: 1.19 GB) under ZeRO-3 (pinned), KL on the teacher's logits
+  (teacher sharded). Its old runtime is main at e3c510b, which built such a student whole on every rank.
 
 Pinned placements are applied to the Plan object with the planner's own functions (estimate, DeepSpeed configs,
 host phases) until the language can pin them. Pass criteria printed per rank: VmHWM within 15% of the predicted
@@ -53,6 +56,15 @@ class Case:
     cpu_memory: str
     pin: dict
     """Placement fields to pin (applied to the plan) and ``teacher`` -> strategy."""
+    pretrained: bool = False
+    """The student is a pretrained local folder (``student_folder``: fp32, 6 blocks at the teacher's width) with
+    a compressed vocabulary (GLMD: a quarter of the teacher's rows, ranked on the corpus, remapped by the
+    teacher's embeddings); ``student`` is then unused."""
+    student_files: str = "fp32"
+    """dtype of the pretrained student's files (it trains in fp32): with bf16 files a whole build converts
+    every tensor into memory of its own; fp32 files are mapped by ``from_pretrained`` (file pages)."""
+    old_rev: str | None = None
+    """The old runtime of this case when it is not ``--old-rev`` (the code path this case's work replaced)."""
 
 
 CASES = {
@@ -62,15 +74,27 @@ CASES = {
                   {"zero_stage": 3, "teacher": "sharded"}),
     "cpu_offload": Case("cpu_offload", "layers: 2, hidden: 512, heads: 8, kv_heads: 4, intermediate: 1408",
                         "kl(t.logits, s.logits, T: 2)", "8GB", {"teacher": "cpu_offload"}),
+    # main at e3c510b built a pretrained ZeRO-3 student with a compressed vocabulary whole on every rank
+    "zero3_vocab": Case("zero3_vocab", "", "kl(t.logits, s.logits, T: 2)", "16GB",
+                        {"zero_stage": 3, "teacher": "sharded"}, pretrained=True, old_rev="e3c510b"),
+    "zero3_vocab_bf16": Case("zero3_vocab_bf16", "", "kl(t.logits, s.logits, T: 2)", "16GB",
+                             {"zero_stage": 3, "teacher": "sharded"}, pretrained=True, student_files="bf16",
+                             old_rev="e3c510b"),
 }
+STUDENT_SHAPE = {"layers": 6, "hidden": 2048, "intermediate": 5632, "heads": 32, "kv_heads": 4, "vocab": 32000}
+"""The pretrained student of ``zero3_vocab``: 1.58 GB fp32 whole, 1.19 GB at its 8000 kept rows."""
 
 
-def spec_text(case: Case, teacher: Path) -> str:
+def spec_text(case: Case, teacher: Path, student: Path | None = None) -> str:
+    model = f'student s = like(t) {{ {case.student} }}' if not case.pretrained else \
+        f'student s = hf("{student}") {{ dtype: fp32, frozen: false }}'
+    vocab = "" if not case.pretrained else \
+        "vocab s from t {\n  keep: 25%\n  rank: frequency(corpus)\n  remap: nearest(t.embeddings)\n}\n"
     return f"""# bench/scale.py case {case.name}
 teacher t = hf("{teacher}") {{ dtype: bf16 }}
-student s = like(t) {{ {case.student} }}
+{model}
 data corpus = text("corpus.txt") {{ seq_len: 64 }}
-stage distill {{
+{vocab}stage distill {{
   data: corpus
   steps: 3
   batch: 2
@@ -116,6 +140,8 @@ for sp, st in zip(plan.stages, spec.stages):
     fields = {k: v for k, v in pin.items() if k != "teacher"}
     if "teacher" in pin:
         fields["teacher_strategy"] = {t: pin["teacher"] for t in sp.placement.teacher_strategy}
+        # the degree of a strategy the planner picked (tensor_parallel, hpZ) is not the pinned one's
+        fields |= {"teacher_tp": {}, "teacher_hpz": {}} if pin["teacher"] != "tensor_parallel" else {}
     p = sp.placement.model_copy(update=fields)
     params = {c.model: model_params(spec.models[c.model]) for c in sp.captures}
     models = P.stage_models(spec, st, sp.captures, params)
@@ -253,11 +279,27 @@ def predicted(plan_path: Path) -> dict:
     return {"placement": st["placement"], "host": host, "train": st["memory"][0]["total_gpu"]}
 
 
+def student_folder(teacher: Path, files: str = "fp32") -> Path:
+    """The pretrained student of the ``zero3_vocab`` cases beside the teacher, its files in ``files``
+    (made once, one tensor at a time)."""
+    folder = teacher.with_name(f"student-{files}")
+    if not (folder / "config.json").exists():
+        import torch
+
+        sys.path[:0] = [str(REPO), str(REPO / "bench")]
+        from make_teacher import make
+
+        make(folder, dtype=torch.float32 if files == "fp32" else torch.bfloat16, seed=1, **STUDENT_SHAPE)
+    return folder
+
+
 def run_case(case: Case, teacher: Path, old: Path | None, timeout: float) -> list[dict]:
     root = WORK / case.name
     root.mkdir(parents=True, exist_ok=True)
     spec = root / "spec.gkd"
-    spec.write_text(spec_text(case, teacher))
+    spec.write_text(spec_text(case, teacher, student_folder(teacher, case.student_files) if case.pretrained else None))
+    if case.old_rev is not None and old is not None:
+        old = old_tree(case.old_rev)
     corpus(root / "corpus.txt")
     rows = []
     for label, code in (("new", REPO), ("old", old)):
@@ -320,7 +362,7 @@ def report(rows: list[dict], teacher: Path) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="sharded,zero3,cpu_offload")
+    ap.add_argument("--cases", default="sharded,zero3,cpu_offload,zero3_vocab")
     ap.add_argument("--teacher", type=Path, default=WORK / "teacher")
     ap.add_argument("--old-rev", default=OLD_REV, help="commit of the old runtime ('' to skip the old path)")
     ap.add_argument("--timeout", type=float, default=420)

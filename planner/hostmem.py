@@ -78,8 +78,8 @@ def host_load_items(models: StageModels, cluster: ClusterShape, p: Placement) ->
                                     kept * d, device="cpu", note=f"1/{t} of its blocks read from the files" if streamed
                                     else f"whole on every rank's host while loaded, then split 1/{t}"))
     for m, c, _ in models.students:
-        # a compressed vocabulary is built at its kept rows, partitioned, unless the rows come from its own files
-        if p.zero_stage == 3 and (m.vocab is None or m.init.kind != "pretrained" or m.source_kind == "derived"):
+        # a compressed vocabulary is built at its kept rows, partitioned (a pretrained one streamed from its files)
+        if p.zero_stage == 3:
             w = DTYPE_BYTES[p.precision]
             on_host = cpu or p.offload_params != "none"
             items.append(MemoryItem(name=f"host.student:{m.name}", bytes=math.ceil(c.total * w / world) if on_host else 0,

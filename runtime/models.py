@@ -361,7 +361,7 @@ def copy_init(net: nn.Module, model: ModelSpec, built: dict[str, nn.Module], *, 
         value = src_state.get(_source_key(key, dst, src, layers))
         if value is None:
             continue
-        pick = rows if id(tensor) in by_row and eng.full_shape(value)[0] != eng.full_shape(tensor)[0] else None
+        pick = rows if id(tensor) in by_row else None  # in the map's order, even when every row is kept
         if pick is not None and eng.full_shape(value)[1:] == eng.full_shape(tensor)[1:]:
             with eng.gathered_pair(value, tensor) as writes, torch.no_grad():  # kept rows of the full table
                 if writes:
@@ -486,13 +486,49 @@ def _drop_head(net: nn.Module, drop: bool) -> nn.Module:
     return net
 
 
+def streams_from_files(model: ModelSpec, base_dir: Path) -> bool:
+    """Whether ``model``'s weights are local safetensors files that gkdc reads tensor by tensor (and row by row)."""
+    if model.source_kind == "derived" or model.init.kind != "pretrained":
+        return False
+    try:
+        where, local = _where(model, base_dir)
+    except RunError:
+        return False
+    return local and _has_safetensors(Path(where))
+
+
 def build_student_partitioned(model: ModelSpec, zero3: dict[str, Any], *, trust_remote_code: bool = False,
-                              base_dir: Path = Path("."), allow_pickle: bool = False) -> nn.Module:
+                              base_dir: Path = Path("."), allow_pickle: bool = False,
+                              rows: torch.Tensor | None = None) -> nn.Module:
     """A student partitioned while it is built (ZeRO-3): transformers initialises each module gathered on rank 0
     and re-partitions it, so no rank ever holds the whole model. A pretrained (hub / local) student is loaded
-    by transformers' partitioned ``from_pretrained``; a derived or random-init one is built from its config."""
+    by transformers' partitioned ``from_pretrained``; a derived or random-init one is built from its config.
+
+    With ``rows`` (a compressed vocabulary's kept ids, in new-row order) a pretrained student from local
+    safetensors is built at ``len(rows)`` vocabulary rows from its folder's config and streamed from its files:
+    each rank reads its partition of every tensor, and of the embedding / head only the kept rows' bytes (the
+    values of loading whole and then ``compress_student``). Other pretrained students need ``rows`` None.
+    """
     from runtime import engine as eng
 
+    if rows is not None and model.init.kind == "pretrained":
+        if not streams_from_files(model, base_dir):
+            raise RunError(f"model '{model.name}': a compressed vocabulary is read row by row from local "
+                           f"safetensors files only")
+        where = Path(_where(model, base_dir)[0])
+        _check_weights(model, where, allow_pickle)
+        cfg = _pretrained_config(model, str(where), trust_remote_code)
+        cfg.vocab_size = int(rows.numel())
+        kwargs = {"dtype": DTYPES[model.dtype], **({"trust_remote_code": True} if trust_remote_code else {})}
+        with eng.zero3_build(zero3):
+            try:
+                net = _auto_class(model).from_config(cfg, **kwargs)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RunError(f"model '{model.name}': transformers cannot build it from its config: {exc}") from None
+        # a tensor the files lack (a new classification head) keeps its init, as from_pretrained leaves it
+        load_weights(net, where, model.name, strict=model.head.kind != "classify", rows=rows)
+        _pad_for_classify(net)
+        return net.train(True).requires_grad_(True)
     if model.source_kind != "derived" and model.init.kind == "pretrained":
         net = _from_pretrained(model, base_dir, trust_remote_code, allow_pickle, zero3=zero3)
         _pad_for_classify(net)
@@ -519,16 +555,21 @@ def named_tensors(net: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def load_weights(net: nn.Module, where: Path, name: str, *, strict: bool = True) -> int:
+def load_weights(net: nn.Module, where: Path, name: str, *, strict: bool = True,
+                 rows: torch.Tensor | None = None) -> int:
     """Stream weights from the safetensors folder or file ``where`` into ``net``, tensor by tensor: a ZeRO-3
     parameter receives only this rank's partition (read from its byte range of the file), any other tensor its
     whole value. Keys may lack the base model's prefix (files saved from a bare base model). Returns tensors read.
+
+    With ``rows`` (kept ids of a compressed vocabulary) ``net``'s vocabulary-indexed tensors have ``len(rows)``
+    rows and take those rows of the files' full-vocabulary ones, read row by row (never the whole table).
     """
     from runtime import engine as eng
     from runtime.weights import WeightFiles
 
     files = WeightFiles(where)
     prefix = getattr(net, "base_model_prefix", "")
+    by_row = set() if rows is None else {id(p) for p in vocab_params(net, int(rows.numel()))}
     done: set[int] = set()
     missing: list[str] = []
     keys_of: dict[int, list[str]] = {}
@@ -544,6 +585,11 @@ def load_weights(net: nn.Module, where: Path, name: str, *, strict: bool = True)
                     missing.append(key)
                 continue
             stored = files.tensors[found]
+            if id(tensor) in by_row and stored.shape[1:] == eng.full_shape(tensor)[1:]:  # map order, always
+                eng.load_partition(tensor, lambda start, out, k=found: files.read_rows_flat(k, rows, start, out),
+                                   lambda k=found, t=tensor: files.read_rows(k, rows, t.dtype))
+                done.add(id(tensor))
+                continue
             if stored.shape != eng.full_shape(tensor):
                 raise RunError(f"model '{name}': tensor {key} has shape {eng.full_shape(tensor)} in the model but "
                                f"{stored.shape} in {stored.file}")
@@ -556,6 +602,33 @@ def load_weights(net: nn.Module, where: Path, name: str, *, strict: bool = True)
         raise RunError(f"model '{name}': {len(missing)} tensors are not in {where} (e.g. {missing[:3]}); "
                        f"are these the weights of this model?")
     return len(done)
+
+
+def input_embeddings_from_files(model: ModelSpec, base_dir: Path, *, trust_remote_code: bool = False) -> torch.Tensor:
+    """``model``'s input embedding table (fp32, the values its loaded model holds) read from its local
+    safetensors files: that one tensor, the model never built (its key comes from a meta-device instance)."""
+    from runtime.weights import WeightFiles
+
+    where = _where(model, base_dir)[0]
+    cfg = _pretrained_config(model, where, trust_remote_code)
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    with torch.device("meta"):
+        try:
+            skeleton = _auto_class(model).from_config(cfg, **kwargs)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunError(f"model '{model.name}': transformers cannot build it from its config: {exc}") from None
+    weight = skeleton.get_input_embeddings().weight
+    keys = [k for k, p in skeleton.named_parameters(remove_duplicate=False) if p is weight]
+    files = WeightFiles(Path(where))
+    try:
+        prefix = getattr(skeleton, "base_model_prefix", "")
+        found = next((f for f in (_file_key(k, prefix, files) for k in keys) if f is not None), None)
+        if found is None:
+            raise RunError(f"model '{model.name}': its input embeddings ({keys[0]}) are not in {where}")
+        # the dtype the loaded model holds them in, then fp32, as the remap reads a built model's
+        return files.read(found, DTYPES[model.dtype]).float()
+    finally:
+        files.close()
 
 
 def _file_key(key: str, prefix: str, files: Any) -> str | None:

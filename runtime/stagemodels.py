@@ -89,9 +89,6 @@ def build_models(
         if model_spec.init.kind == "copy":
             model_spec = _vocab_of_copy_source(model_spec, built[str(model_spec.init.source)])
         zero3 = placing.zero3.get(name)
-        if zero3 is not None and model_spec.vocab is not None and (
-                model_spec.init.kind == "pretrained" or spec.vocabs[model_spec.vocab].source == name):
-            zero3 = None  # its full-vocabulary rows come from its own files, or it ranks its own vocabulary
         if zero3 is not None:
             built[name] = _build_partitioned(env, model_spec, zero3, built)
         else:
@@ -100,8 +97,10 @@ def build_models(
     for name in stage.students:
         if spec.models[name].vocab is not None:
             vmap = vocab_maps[name] = env.vocab_map(spec.models[name].vocab, built)
-            # a derived student may already be built at the compressed size (its arch holds the kept rows)
-            if eng.full_shape(built[name].get_input_embeddings().weight)[0] == vmap.full_size:
+            # a derived student may already be built at the compressed size (its arch holds the kept rows); a
+            # partitioned one always is, its rows in the map's order (even when it keeps every row)
+            weight = built[name].get_input_embeddings().weight
+            if not eng.is_partitioned(weight) and eng.full_shape(weight)[0] == vmap.full_size:
                 V.compress_student(built[name], vmap)
     for name, path in trained.items():
         if name in built:
@@ -130,20 +129,61 @@ def _with_rows(model_spec: ModelSpec, rows: int) -> ModelSpec:
 def _build_partitioned(env: RunEnv, model_spec: ModelSpec, zero3: dict[str, Any], built: dict[str, nn.Module]) -> nn.Module:
     """A ZeRO-3 student partitioned while it is built, its copied init gathered one tensor pair at a time.
 
-    A student with a compressed vocabulary is built at the compressed size: its embedding and head rows are
-    copied from the kept rows of the source's (``copy_init`` ``rows``), so no rank ever holds the whole fp32
-    student, and the values equal the whole-built path's (copy whole, then ``compress_student``). Its vocabulary
-    map is made first, from the source built already. A random-init student whose arch has the full vocabulary
-    draws its compressed rows directly (the same distribution as drawing all rows and keeping some).
+    A student with a compressed vocabulary is built at the compressed size, so no rank ever holds the whole
+    fp32 student, with the values of the whole-built path (build whole, then ``compress_student``):
+
+    - ``init: copy(src)``: its embedding and head rows are the kept rows of the source's (``copy_init`` ``rows``);
+    - pretrained from local safetensors: streamed from its files, of the embedding / head only the kept rows;
+    - a random-init student whose arch has the full vocabulary draws its compressed rows directly (the same
+      distribution as drawing all rows and keeping some).
+
+    Its vocabulary map is made first: from the source built already, or, when the source is this student and
+    is pretrained from local files, from the one embedding tensor read from them. Where the kept rows can only
+    come from a built full-vocabulary student (a hub or pickle student; a random one ranking its own rows by
+    its own embeddings) that student is built partitioned at the full size first, the map made from its
+    gathered embeddings, its values copied into the compressed one, and it is dropped: its share (1 / ranks)
+    is held twice for a moment, never a whole copy.
     """
     from runtime import models as M
 
-    vmap = None if model_spec.vocab is None else env.vocab_map(model_spec.vocab, built)
+    if model_spec.vocab is None:
+        return _built_partitioned(env, model_spec, zero3, built, None)
+    plan = getattr(env, "plan", None)  # None: a caller whose env hands out its own vocabulary map (tests)
+    vocab, name = None if plan is None else plan.spec.vocabs[model_spec.vocab], model_spec.name
+    streamed = model_spec.init.kind == "pretrained" and M.streams_from_files(model_spec, env.base_dir)
+    self_ranked = vocab is not None and vocab.source == name and vocab.remap != "unk" and \
+        model_spec.vocab not in getattr(env, "vocab_maps", {})
+    if vocab is None and model_spec.init.kind == "pretrained" and not streamed:
+        raise RunError(f"model '{name}': its vocabulary's full size is not known here (no plan)")
+    if model_spec.init.kind == "pretrained" and not streamed or self_ranked and model_spec.init.kind != "pretrained":
+        full = _built_partitioned(env, _with_rows(model_spec, vocab.full_size), zero3, built, None)
+        built[name] = full  # the vocabulary map's embeddings, when it ranks itself (gathered, one tensor)
+        try:
+            vmap = env.vocab_map(model_spec.vocab, built)
+        finally:
+            del built[name]
+        net = M.build_student_partitioned(_with_rows(model_spec.model_copy(update={"init": InitSpec(kind="random")}),
+                                                     vmap.size), zero3, trust_remote_code=env.trust_remote_code,
+                                          base_dir=env.base_dir, allow_pickle=env.allow_pickle)
+        M.copy_init(net, model_spec.model_copy(update={"init": InitSpec(kind="copy", source=name)}), {name: full},
+                    rows=vmap.kept_ids)
+        del full
+        return net
+    # a pretrained, streamed student ranking itself: build_vocab_map reads the one embedding tensor from its files
+    return _built_partitioned(env, model_spec, zero3, built, env.vocab_map(model_spec.vocab, built))
+
+
+def _built_partitioned(env: RunEnv, model_spec: ModelSpec, zero3: dict[str, Any], built: dict[str, nn.Module],
+                       vmap: Any) -> nn.Module:
+    from runtime import models as M
+
+    rows = None if vmap is None else vmap.kept_ids
     shaped = model_spec if vmap is None else _with_rows(model_spec, vmap.size)
-    net = M.build_student_partitioned(shaped, zero3, trust_remote_code=env.trust_remote_code,
-                                      base_dir=env.base_dir, allow_pickle=env.allow_pickle)
+    net = M.build_student_partitioned(shaped, zero3, trust_remote_code=env.trust_remote_code, base_dir=env.base_dir,
+                                      allow_pickle=env.allow_pickle,
+                                      rows=rows if model_spec.init.kind == "pretrained" else None)
     if model_spec.init.kind == "copy":
-        M.copy_init(net, model_spec, built, rows=None if vmap is None else vmap.kept_ids)
+        M.copy_init(net, model_spec, built, rows=rows)
     return net
 
 
@@ -210,7 +250,10 @@ def build_vocab_map(env: RunEnv, vocab_name: str, built: dict[str, nn.Module]) -
     tokens = D.tokenize(texts, ranking, tokenizer, ranking.seq_len, causal=not source.arch.is_encoder)
     kept = V.choose_kept(vocab, tokenizer, V.token_frequencies(tokens.dataset["input_ids"], vocab.full_size))
     embeddings = None
-    if vocab.remap != "unk":
+    if vocab.remap != "unk" and vocab.source not in built and M.streams_from_files(source, env.base_dir):
+        # one tensor read from the source's files (the values its loaded model holds), the model never built
+        embeddings = M.input_embeddings_from_files(source, env.base_dir, trust_remote_code=env.trust_remote_code)
+    elif vocab.remap != "unk":
         owner = built.get(vocab.source) or _build_one(env, source, built)
         with eng.gathered(owner.get_input_embeddings()):  # one tensor, gathered when the owner is partitioned
             embeddings = owner.get_input_embeddings().weight.detach().float().clone()

@@ -2,7 +2,7 @@
 
 Takes a folder (``model.safetensors``, sharded ``*.safetensors`` with or without an index) or one file; gives
 ``WeightFiles`` (which file and byte offset holds each tensor; ``read_flat`` reads elements ``[start, stop)``
-of a tensor, flattened, straight into a caller's buffer) and ``StreamWriter`` / ``write_sharded`` (a file
+of a tensor, flattened, straight into a caller's buffer; ``read_rows_flat`` the same of some rows of it) and ``StreamWriter`` / ``write_sharded`` (a file
 whose header is written first and whose tensors are then written one at a time).
 
 This is what lets a ZeRO-3 rank read only its own partition of every weight (its bytes of the file and no
@@ -132,6 +132,32 @@ class WeightFiles:
             self._pread(st, (start + i) * size, buf[:n].view(torch.uint8))
             out[i:i + n].copy_(buf[:n])
         return count
+
+    def read_rows_flat(self, key: str, rows: torch.Tensor, start: int, out: torch.Tensor) -> int:
+        """Fill the 1-D ``out`` with elements ``start..`` of the rows ``rows`` of ``key`` stacked in that order,
+        flattened (a compressed vocabulary's kept rows of a full-vocabulary table): only those rows' bytes are
+        read. Elements past the end are zeroed, as ``read_flat``; returns the number read from the file."""
+        st = self.tensors[key]
+        width = st.numel // st.shape[0] if st.shape and st.shape[0] else 0
+        count = max(0, min(out.numel(), rows.numel() * width - start))
+        if count < out.numel():
+            out[count:].zero_()
+        ids, done = rows.tolist(), 0
+        while done < count:
+            row, col = divmod(start + done, width)
+            n = min(width - col, count - done)
+            if not 0 <= ids[row] < st.shape[0]:
+                raise RunError(f"{st.file}: tensor {key} has {st.shape[0]} rows; row {ids[row]} was asked for")
+            self.read_flat(key, ids[row] * width + col, out[done:done + n])
+            done += n
+        return count
+
+    def read_rows(self, key: str, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The rows ``rows`` of ``key`` (in that order), in its stored shape otherwise."""
+        st = self.tensors[key]
+        out = torch.empty(rows.numel() * (st.numel // st.shape[0]), dtype=dtype or st.dtype)
+        self.read_rows_flat(key, rows, 0, out)
+        return out.view(rows.numel(), *st.shape[1:])
 
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole tensor ``key`` in its stored shape (and ``dtype`` when given)."""

@@ -177,10 +177,10 @@ def test_search_host_peaks_equal_the_plans_host_records(gpu, n):
         assert host_peaks(models, cluster, p, memory) == (max(h.peak for h in records), node)
 
 
-@pytest.mark.parametrize("init, partitioned", [("copy", True), ("random", True), ("pretrained", False)])
+@pytest.mark.parametrize("init, partitioned", [("copy", True), ("random", True), ("pretrained", True)])
 def test_a_zero3_student_with_a_compressed_vocabulary_is_charged_as_the_runtime_builds_it(init, partitioned):
-    """runtime/stagemodels.py builds such a student at its kept rows, partitioned, unless its full-vocabulary
-    rows come from its own files (a pretrained one): then whole, in fp32, on every rank."""
+    """runtime/stagemodels.py builds such a student at its kept rows, partitioned (a pretrained one streamed
+    from its files, of its embedding / head only the kept rows)."""
     from gkdlang.spec import InitSpec
     from planner.hardware import device_for
     from planner.hostmem import host_load_items

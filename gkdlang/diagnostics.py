@@ -91,6 +91,8 @@ CODES: dict[str, tuple[Severity, str]] = {
     # vocab, stages, cluster
     "vocab-too-large": ("error", "A vocabulary keep larger than the model's vocabulary."),
     "vocab-target": ("error", "Vocabulary compression declared for a model that is not a student."),
+    "vocab-remap-random": ("error", "A student ranking its own vocabulary remaps dropped tokens by its own embeddings, "
+                           "but starts from random weights (remap by a pretrained model's, or use unk)."),
     "stage-cycle": ("error", "Stages whose `after` dependencies form a cycle."),
     "no-stages": ("error", "The spec declares no stage."),
     "bad-duration": ("error", "A stage with neither `steps` nor `epochs`, or a non-positive duration."),

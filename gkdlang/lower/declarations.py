@@ -417,6 +417,14 @@ def lower_vocab(lw: Lowerer, decl: ast.VocabDecl) -> None:
     rank_data = read_data_name(lw, rank.args[0])
     protect = read_strings(lw, opts["protect"], "protect") if "protect" in opts else []
     remap = lower_remap(lw, opts.get("remap"), source)
+    if source == name and remap != "unk" and student.init.kind == "random":
+        # the remap compares the source's embedding rows; a random student's carry no meaning (and a derived one
+        # is built at the kept rows, so there are no dropped rows to compare)
+        raise lw.err("vocab-remap-random", (opts.get("remap") or decl.base).span,
+                     f"vocab '{name}' ranks its own rows and remaps dropped tokens by the embeddings of '{name}', "
+                     "which starts from random weights: the nearest kept row would be chosen by noise",
+                     "rank from a pretrained model (vocab s from <teacher> { ... }), give the student a pretrained or "
+                     "copied init, or use remap: unk")
     lw.vocabs[name] = VocabSpec(name=name, source=source, full_size=full, keep_fraction=fraction,
                                 keep_rows=rows, multiple=multiple, rank_data=rank_data, protect=protect,
                                 remap=remap, span=decl.span)

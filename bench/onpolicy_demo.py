@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from gkdlang.spec import DataSpec, Span
+    from planner.generation import prompt_len
     from planner.plan import Plan
     from runtime import generation as G
 
@@ -161,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     span = Span(file=str(args.prompts), line=1, col=1, end_line=1, end_col=2)
     data = DataSpec(name="heldout", format="chat", paths=[str(args.prompts.resolve())], span=span)
-    max_len = max(1, on_plan.spec.data[stage.data].seq_len - settings.max_new_tokens)
-    prompts = G.prompt_rows(data, ROOT, tokenizer, max_len)[:args.n]
+    prompts = G.prompt_rows(data, ROOT, tokenizer, prompt_len(on_plan.spec, stage))[:args.n]  # as the run cuts them
     report: dict = {"prompts": len(prompts), "settings": settings.model_dump(exclude={"span"}), "arms": {}}
     for arm in arms:
         run = args.out / arm / "run"

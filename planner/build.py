@@ -188,8 +188,10 @@ def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str,
     loaded = {c.model for c in captures}
     seq = generation.stage_seq(spec, st)
     # packed blocks are full by construction: documents are tokenised only for padded data (or packed epochs);
-    # generated sequences are priced at their longest (prompt + max_new_tokens)
-    lengths = None if packing.packed or st.generate else stage_lengths(spec, st, spec_dir)
+    # generated sequences are priced at their longest, each prompt plus max_new_tokens (memory: the longest prompt)
+    lengths = None if packing.packed else stage_lengths(spec, st, spec_dir)
+    if st.generate:
+        lengths = generation.generated_lengths(spec, st, lengths)
     clipped = () if lengths is None else tuple(sorted(min(n, seq) for n in lengths.counts))
     counts = {m: p for m, p in params.items() if m in loaded}
     result = placement.search(spec, st, captures, counts, world, clipped)
@@ -204,7 +206,9 @@ def _plan_stage(spec: Spec, graph: SignalGraph, st: StageSpec, params: dict[str,
     step = tokens.step_tokens(st.batch, chosen.micro_batch, seq, packing.packed, lengths)
     if st.generate is not None:
         step = replace(step, source=f"generated: each sequence at most its prompt ({generation.prompt_len(spec, st)} "
-                       f"positions) plus max_new_tokens ({st.generate.max_new_tokens}), an upper bound")
+                       f"positions) plus max_new_tokens ({st.generate.max_new_tokens}), an upper bound"
+                       + ("" if lengths is None else "; the prompts' lengths from their documents, tokenised at plan "
+                          "time (each micro-batch left-padded to its longest prompt)"))
     return StagePlan(
         name=st.name, captures=captures, placement=chosen, memory=result.memory, step_time_s=result.step_time_s,
         step_time_parts=dict(result.step_time_parts), total_steps=total_steps(spec, st, spec_dir, packing.packed)[0],

@@ -87,6 +87,21 @@ def stage_seq(spec: Spec, stage: StageSpec) -> int:
     return max(seq, prompt_len(spec, stage) + stage.generate.max_new_tokens)
 
 
+def generated_lengths(spec: Spec, stage: StageSpec, lengths):
+    """A generating stage's sequences at their longest, for the step time (``planner.tokens.Lengths``): each
+    prompt, cut to ``prompt_len`` as the runtime cuts it, plus ``max_new_tokens``. A prompt's length is taken as
+    its document's token count (for chat data the whole rendered conversation, its answer included: an upper
+    bound on the prompt). None when the prompts are not the stage's data or their lengths are not known at plan
+    time (the stage is then priced at ``prompt_len + max_new_tokens`` per sequence)."""
+    from planner.tokens import Lengths
+
+    g = stage.generate
+    if g is None or lengths is None or not lengths.counts or g.prompts != stage.data:
+        return None
+    cut = prompt_len(spec, stage)
+    return Lengths([min(n, cut) + g.max_new_tokens for n in lengths.counts], lengths.total_docs)
+
+
 def shape_of(spec: Spec, stage: StageSpec, params: dict[str, int]) -> GenerationShape | None:
     """The stage's generators with their parameters (``params``: model -> total parameters)."""
     g = stage.generate

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from planner.generation import prompt_len
 from runtime import generation as G
 from runtime.chunked import HeadLogits
 from runtime.errors import RunError
@@ -98,8 +99,9 @@ class OnPolicyBatches:
         self.accum = live.engine.gradient_accumulation_steps()
         self.k, self.start = 0, start
         data = spec.data[self.settings.prompts]
-        max_len = max(1, (stage.seq_len or data.seq_len) - self.settings.max_new_tokens)
-        prompts = G.prompt_rows(data, env.base_dir, self.tokenizer, max_len)
+        # at most the prompts' seq_len (the stage's own when they are its data), as the checker and the planner
+        # take it (planner.generation.prompt_len): a sequence is at most that plus max_new_tokens
+        prompts = G.prompt_rows(data, env.base_dir, self.tokenizer, prompt_len(spec, stage))
         train_ids, _ = split_ids(len(prompts), data.split, data.name, SEED)  # held-out prompts stay unseen
         self.prompts = prompts if train_ids is None else [prompts[i] for i in train_ids]
         zero = getattr(live.engine, "zero_optimization_stage", lambda: 0)()

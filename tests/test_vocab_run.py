@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from clitools import ROOT, gkdc
-from tinyspec import tiny_spec, vocab_block
+from tinyspec import run_at_zero_stages, tiny_spec, vocab_block
 
 
 STUDENT = "student s = like(t) { layers: 1, hidden: 32, heads: 2, dtype: fp32 }"
@@ -123,17 +123,9 @@ def test_a_pretrained_zero3_compressed_student_trains_as_the_replicated_one(tmp_
     vocab = vocab_block(source, remap=f"nearest({source}.embeddings)")
     # logits over the student's own compressed vocabulary are not the teacher's: it learns its hidden states
     loss = "" if source == "t" else "mse(t.hidden[0], s.hidden[0]) + ce(tokens, s.logits)"
-    students, maps = [], []
-    for zero in (0, 3):
-        spec = tmp_path / f"zero{zero}.gkd"
-        spec.write_text(tiny_spec(student, steps=2, vocab=vocab, zero=zero, loss=loss))
-        out = tmp_path / f"run{zero}"
-        r = gkdc("run", str(spec), "--out", str(out), "--no-progress", "--allow-path", str(ROOT),
-                 "--allow-path", str(tmp_path))
-        assert r.returncode == 0, r.stderr
-        assert json.loads((out / "plan.json").read_text())["stages"][0]["placement"]["zero_stage"] == zero
-        students.append(load_file(str(out / "student" / "model.safetensors")))
-        maps.append(json.loads((out / "student" / "gkdc_vocab.json").read_text()))
+    outs = run_at_zero_stages(tmp_path, student, steps=2, vocab=vocab, loss=loss)
+    students = [load_file(str(out / "student" / "model.safetensors")) for out in outs]
+    maps = [json.loads((out / "student" / "gkdc_vocab.json").read_text()) for out in outs]
     assert maps[0] == maps[1]  # the same kept rows and nearest-neighbour remap
     whole, partitioned = students
     assert whole.keys() == partitioned.keys() and whole["transformer.wte.weight"].shape[0] == 80

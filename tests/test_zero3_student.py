@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from clitools import ROOT, clean_env, gkdc
-from tinyspec import tiny_spec
+from tinyspec import run_at_zero_stages
 
 
 
@@ -31,16 +31,8 @@ def test_a_pretrained_zero3_student_starts_from_its_files(tmp_path):
     tf.GPT2LMHeadModel(cfg).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ROOT / "examples" / "tiny" / name, folder / name)
-    students = []
-    for zero in (0, 3):
-        spec = tmp_path / f"zero{zero}.gkd"
-        spec.write_text(tiny_spec(f'student s = hf("{folder}") {{ dtype: fp32, frozen: false }}', steps=2, zero=zero))
-        out = tmp_path / f"run{zero}"
-        r = gkdc("run", str(spec), "--out", str(out), "--no-progress", "--allow-path", str(ROOT),
-                 "--allow-path", str(tmp_path))
-        assert r.returncode == 0, r.stderr
-        assert json.loads((out / "plan.json").read_text())["stages"][0]["placement"]["zero_stage"] == zero
-        students.append(load_file(str(out / "student" / "model.safetensors")))
+    outs = run_at_zero_stages(tmp_path, f'student s = hf("{folder}") {{ dtype: fp32, frozen: false }}', steps=2)
+    students = [load_file(str(out / "student" / "model.safetensors")) for out in outs]
     whole, partitioned = students
     start = load_file(str(folder / "model.safetensors"))
     key = "transformer.h.0.attn.c_attn.weight"

@@ -4,7 +4,10 @@ where it compresses the student's vocabulary, the GLMD vocab block."""
 
 from __future__ import annotations
 
-from clitools import ROOT
+import json
+from pathlib import Path
+
+from clitools import ROOT, gkdc
 
 TEACHER = f'teacher t = hf("{ROOT}/examples/tiny") {{ init: random, dtype: fp32 }}'
 DATA = f'data corpus = text("{ROOT}/examples/data/corpus.txt") {{ seq_len: 32 }}'
@@ -38,3 +41,19 @@ stage pretrain {{
   loss: {loss or f"kl(t.logits, s.logits, T: {temperature:g}) where not pad"}
 }}
 {placement}"""
+
+
+def run_at_zero_stages(tmp_path: Path, student: str, zeros: tuple[int, ...] = (0, 3), **spec) -> list[Path]:
+    """Run ``tiny_spec(student, **spec)`` pinned to each ZeRO stage of ``zeros`` with ``gkdc run`` (paths under
+    the project and ``tmp_path`` allowed), checking that each plan placed the student there; the run folders."""
+    outs = []
+    for zero in zeros:
+        path = tmp_path / f"zero{zero}.gkd"
+        path.write_text(tiny_spec(student, zero=zero, **spec))
+        out = tmp_path / f"run{zero}"
+        r = gkdc("run", str(path), "--out", str(out), "--no-progress", "--allow-path", str(ROOT),
+                 "--allow-path", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "plan.json").read_text())["stages"][0]["placement"]["zero_stage"] == zero
+        outs.append(out)
+    return outs

@@ -133,3 +133,33 @@ def test_a_pretrained_zero3_compressed_student_trains_as_the_replicated_one(tmp_
     # (measured: 1.5e-6 at most); a wrong row or remap would differ by the init's scale (0.02)
     for key in whole:
         torch.testing.assert_close(partitioned[key], whole[key], rtol=1e-5, atol=1e-6 if source == "t" else 1e-5)
+
+
+def test_a_pickle_zero3_student_ranking_its_own_vocabulary_is_built_partitioned_as_the_whole_one(tmp_path):
+    # a student whose weights are a pickle (.bin, --allow-pickle) cannot be streamed from safetensors: ranked by its
+    # own embeddings under ZeRO-3 it is built partitioned at the full size, its vocabulary map made from its gathered
+    # embeddings, its kept rows copied into the compressed partitioned student and the full one dropped
+    # (runtime/stagemodels.py). The run ends with the student of a whole-built (ZeRO-0) run and the same map
+    from safetensors.torch import load_file
+
+    import shutil
+
+    import transformers as tf
+
+    source, folder = _pretrained_student(tmp_path / "st"), tmp_path / "student"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    # transformers 5 writes only safetensors: the pickle is written as older checkpoints hold it
+    torch.save(tf.GPT2LMHeadModel.from_pretrained(source).state_dict(), folder / "pytorch_model.bin")
+    assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.safetensors"))
+    student = f'student s = hf("{folder}") {{ dtype: fp32, frozen: false }}'
+    outs = run_at_zero_stages(tmp_path, student, run_args=("--allow-pickle",), steps=2,
+                              vocab=vocab_block("s", remap="nearest(s.embeddings)"),
+                              loss="mse(t.hidden[0], s.hidden[0]) + ce(tokens, s.logits)")
+    whole, partitioned = (load_file(str(out / "student" / "model.safetensors")) for out in outs)
+    maps = [json.loads((out / "student" / "gkdc_vocab.json").read_text()) for out in outs]
+    assert maps[0] == maps[1]
+    assert whole.keys() == partitioned.keys() and whole["transformer.wte.weight"].shape[0] == 80
+    for key in whole:  # as the safetensors self-ranked case: gradients summed in another order under ZeRO-3
+        torch.testing.assert_close(partitioned[key], whole[key], rtol=1e-5, atol=1e-5)

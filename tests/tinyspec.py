@@ -43,16 +43,18 @@ stage pretrain {{
 {placement}"""
 
 
-def run_at_zero_stages(tmp_path: Path, student: str, zeros: tuple[int, ...] = (0, 3), **spec) -> list[Path]:
+def run_at_zero_stages(tmp_path: Path, student: str, zeros: tuple[int, ...] = (0, 3), run_args: tuple[str, ...] = (),
+                       **spec) -> list[Path]:
     """Run ``tiny_spec(student, **spec)`` pinned to each ZeRO stage of ``zeros`` with ``gkdc run`` (paths under
-    the project and ``tmp_path`` allowed), checking that each plan placed the student there; the run folders."""
+    the project and ``tmp_path`` allowed, ``run_args`` added), checking that each plan placed the student there;
+    the run folders."""
     outs = []
     for zero in zeros:
         path = tmp_path / f"zero{zero}.gkd"
         path.write_text(tiny_spec(student, zero=zero, **spec))
         out = tmp_path / f"run{zero}"
         r = gkdc("run", str(path), "--out", str(out), "--no-progress", "--allow-path", str(ROOT),
-                 "--allow-path", str(tmp_path))
+                 "--allow-path", str(tmp_path), *run_args)
         assert r.returncode == 0, r.stderr
         assert json.loads((out / "plan.json").read_text())["stages"][0]["placement"]["zero_stage"] == zero
         outs.append(out)

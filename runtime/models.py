@@ -225,12 +225,14 @@ def _config(model: ModelSpec) -> Any:
     return cfg
 
 
-def _from_config(model: ModelSpec, remote: bool) -> nn.Module:
+def _from_config(model: ModelSpec, remote: bool, config: Any = None) -> nn.Module:
+    """``model``'s transformers class built from ``config`` (default: the one its spec describes), in its dtype;
+    inside ``eng.zero3_build`` or a meta-device context as the caller sets it."""
     kwargs: dict[str, Any] = {"dtype": DTYPES[model.dtype]}
     if remote:
         kwargs["trust_remote_code"] = True
     try:
-        return _auto_class(model).from_config(_config(model), **kwargs)
+        return _auto_class(model).from_config(_config(model) if config is None else config, **kwargs)
     except (ValueError, KeyError, TypeError) as exc:
         raise RunError(f"model '{model.name}': transformers cannot build it from its config: {exc}") from None
 
@@ -457,12 +459,8 @@ def build_teacher(
     from runtime import engine as eng
 
     cfg = _keep_blocks(_pretrained_config(model, where, trust_remote_code), keep_blocks)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[model.dtype], **({"trust_remote_code": True} if trust_remote_code else {})}
     with eng.zero3_build(zero3):
-        try:
-            net = _auto_class(model).from_config(cfg, **kwargs)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RunError(f"model '{model.name}': transformers cannot build it from its config: {exc}") from None
+        net = _from_config(model, trust_remote_code, cfg)
     net = _drop_head(net, drop_head)
     load_weights(net, Path(where), model.name)
     return _frozen(net)
@@ -519,12 +517,8 @@ def build_student_partitioned(model: ModelSpec, zero3: dict[str, Any], *, trust_
         _check_weights(model, where, allow_pickle)
         cfg = _pretrained_config(model, str(where), trust_remote_code)
         cfg.vocab_size = int(rows.numel())
-        kwargs = {"dtype": DTYPES[model.dtype], **({"trust_remote_code": True} if trust_remote_code else {})}
         with eng.zero3_build(zero3):
-            try:
-                net = _auto_class(model).from_config(cfg, **kwargs)
-            except (ValueError, KeyError, TypeError) as exc:
-                raise RunError(f"model '{model.name}': transformers cannot build it from its config: {exc}") from None
+            net = _from_config(model, trust_remote_code, cfg)
         # a tensor the files lack (a new classification head) keeps its init, as from_pretrained leaves it
         load_weights(net, where, model.name, strict=model.head.kind != "classify", rows=rows)
         _pad_for_classify(net)
@@ -533,12 +527,8 @@ def build_student_partitioned(model: ModelSpec, zero3: dict[str, Any], *, trust_
         net = _from_pretrained(model, base_dir, trust_remote_code, allow_pickle, zero3=zero3)
         _pad_for_classify(net)
         return net.train(True).requires_grad_(True)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[model.dtype], **({"trust_remote_code": True} if trust_remote_code else {})}
     with eng.zero3_build(zero3):
-        try:
-            net = _auto_class(model).from_config(_config(model), **kwargs)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RunError(f"model '{model.name}': transformers cannot build it from its config: {exc}") from None
+        net = _from_config(model, trust_remote_code)
     _pad_for_classify(net)
     net.train(True)
     return net.requires_grad_(True)
@@ -610,13 +600,8 @@ def input_embeddings_from_files(model: ModelSpec, base_dir: Path, *, trust_remot
     from runtime.weights import WeightFiles
 
     where = _where(model, base_dir)[0]
-    cfg = _pretrained_config(model, where, trust_remote_code)
-    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     with torch.device("meta"):
-        try:
-            skeleton = _auto_class(model).from_config(cfg, **kwargs)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RunError(f"model '{model.name}': transformers cannot build it from its config: {exc}") from None
+        skeleton = _from_config(model, trust_remote_code, _pretrained_config(model, where, trust_remote_code))
     weight = skeleton.get_input_embeddings().weight
     keys = [k for k, p in skeleton.named_parameters(remove_duplicate=False) if p is weight]
     files = WeightFiles(Path(where))

@@ -45,7 +45,7 @@ from gkdlang.arch import ArchInfo
 from gkdlang.builtins import DTYPE_BYTES
 from gkdlang.spec import LoraSpec, ModelSpec, OpNode, Project, StageSpec
 from planner.generation import GenerationShape, phase_items
-from planner.gradmem import backward_grad_items, grads_held, head_width  # noqa: F401  (re-exported)
+from planner.gradmem import backward_grad_items, grads_held, head_width
 from planner.graph import numel, signal_shape
 from planner.hardware import Device
 from planner.params import ParamCounts
@@ -735,13 +735,13 @@ def student_items(model: ModelSpec, cap: ModelCapture, micro: int, seq: int, d: 
     """Activations, logits and loss temporaries of one trained model for one micro-batch (``losses``: kernels of
     the terms reading its logits; ``fused``: its head is fused into them; ``grads_held``: its weights' gradients
     exist, or are not among the priced model states, when autograd forms them: see ``grads_held``)."""
-    logits = student_logits(model, micro, seq, d, cap.needs_head or not cap.points, losses, fused)
+    head_run = cap.needs_head or not cap.points
+    logits = student_logits(model, micro, seq, d, head_run, losses, fused)
     loss = sum(i.bytes for i in logits if i.name.startswith("loss.") and i.name != "loss.head_grads")
     shape = act_shape(model.arch, d, device, lora=model.adapter)
     acts = student_activations(model.arch, micro, seq, shape, checkpointing=checkpointing,
                                eager_layers=cap.eager_attention_layers, loss_bytes=loss)
-    items = [*acts, *logits, *backward_grad_items(model, acts, logits, micro, seq, d,
-                                                   head_run=cap.needs_head or not cap.points, fused=fused,
+    items = [*acts, *logits, *backward_grad_items(model, acts, logits, micro, seq, d, head_run=head_run, fused=fused,
                                                    grads_held=grads_held)]
     return [i.model_copy(update={"name": i.name + suffix}) for i in items]
 

@@ -155,7 +155,7 @@ def _build_partitioned(env: RunEnv, model_spec: ModelSpec, zero3: dict[str, Any]
         model_spec.vocab not in getattr(env, "vocab_maps", {})
     if vocab is None and model_spec.init.kind == "pretrained" and not streamed:
         raise RunError(f"model '{name}': its vocabulary's full size is not known here (no plan)")
-    if model_spec.init.kind == "pretrained" and not streamed or self_ranked and model_spec.init.kind != "pretrained":
+    if (model_spec.init.kind == "pretrained" and not streamed) or (self_ranked and model_spec.init.kind != "pretrained"):
         full = _built_partitioned(env, _with_rows(model_spec, vocab.full_size), zero3, built, None)
         built[name] = full  # the vocabulary map's embeddings, when it ranks itself (gathered, one tensor)
         try:
